@@ -1,0 +1,63 @@
+"""Projected Landweber deconvolution."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rqml_dask.arrays import Array, ArrayBackend
+from rqml_dask.models import RefinementModel
+from rqml_plugins.deconvolution._convolution import Convolver
+
+
+class Landweber(RefinementModel):
+    """Projected Landweber: ``x <- max(0, x + tau * adjoint(image - forward(x)))``.
+
+    ``problem`` is ``{"image": float32 array, "psf": float32 array}`` as for Richardson-Lucy
+    (the PSF is normalised to unit sum, so ``|OTF| <= 1``). ``step_size`` is ``tau``, in
+    ``(0, 2)`` for convergence. The default start is the image clamped at 0. ``misfit()`` is
+    ``||psf * estimate - image||_2 / ||image||_2`` in float64.
+    """
+
+    task_class = "deconvolution"
+    family = "landweber"
+    size = 1
+
+    def __init__(
+        self,
+        problem: Mapping[str, Array],
+        backend: ArrayBackend,
+        *,
+        step_size: float = 1.0,
+    ) -> None:
+        if not 0.0 < step_size < 2.0:
+            raise ValueError(f"step_size must be in (0, 2), not {step_size!r}")
+        super().__init__(problem, backend)
+        xp = self.xp
+        self.step_size = float(step_size)
+        self.image = xp.astype(problem["image"], xp.float32, copy=False)
+        self.convolver = Convolver(problem["psf"], tuple(self.image.shape), backend)
+        self.start()
+
+    def start(self, estimate: Array | None = None) -> None:
+        xp = self.xp
+        if estimate is None:
+            self._estimate = xp.maximum(self.image, 0.0)
+            return
+        if tuple(estimate.shape) != tuple(self.image.shape):
+            raise ValueError(f"estimate shape {estimate.shape} != image shape {self.image.shape}")
+        self._estimate = xp.astype(estimate, xp.float32, copy=True)
+
+    def step(self) -> None:
+        residual = self.convolver.forward(self._estimate)
+        residual -= self.image
+        update = self.convolver.adjoint(residual)
+        update *= -self.step_size
+        update += self._estimate
+        self._estimate = self.xp.maximum(update, 0.0)
+
+    @property
+    def estimate(self) -> Array:
+        return self._estimate
+
+    def misfit(self) -> float:
+        return self.convolver.residual_norm(self._estimate, self.image)

@@ -1,0 +1,96 @@
+"""The array backend: which array module a process computes with, and its FFTs.
+
+The module is chosen once per process (:func:`default_backend`): CuPy when a CUDA GPU is
+visible, NumPy otherwise. Model code never imports either; it receives an
+:class:`ArrayBackend` and uses ``backend.xp`` (an array-API namespace) and the backend's
+real-to-complex FFTs, so one implementation serves NumPy, CuPy and a strict array-API
+namespace alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+Array = Any  # an array of the backend's module: numpy.ndarray, cupy.ndarray, ...
+
+
+@dataclass(frozen=True)
+class ArrayBackend:
+    """An array module plus the real FFTs models need.
+
+    ``fft_workers`` is the number of threads SciPy's FFT may use on NumPy (ignored elsewhere).
+    """
+
+    xp: ModuleType
+    name: str
+    fft_workers: int = 1
+    _scipy_fft: ModuleType | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name == "cupy"
+
+    def rfftn(self, x: Array, s: tuple[int, ...]) -> Array:
+        if self._scipy_fft is not None:
+            return self._scipy_fft.rfftn(x, s=s, workers=self.fft_workers)
+        return self.xp.fft.rfftn(x, s=s, axes=tuple(range(-len(s), 0)))
+
+    def irfftn(self, x: Array, s: tuple[int, ...]) -> Array:
+        if self._scipy_fft is not None:
+            return self._scipy_fft.irfftn(x, s=s, workers=self.fft_workers)
+        return self.xp.fft.irfftn(x, s=s, axes=tuple(range(-len(s), 0)))
+
+    def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
+        """Move a host (NumPy) array onto this backend."""
+        out = self.xp.asarray(host)
+        return out if dtype is None else self.xp.astype(out, dtype)
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """Copy an array of this backend back to host memory."""
+        if self.name == "cupy":
+            return x.get()
+        return np.asarray(x)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on the host)."""
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+def numpy_backend(fft_workers: int = 1) -> ArrayBackend:
+    import scipy.fft
+
+    return ArrayBackend(np, "numpy", fft_workers, scipy.fft)
+
+
+def cupy_backend() -> ArrayBackend:
+    import cupy
+
+    return ArrayBackend(cupy, "cupy")
+
+
+def gpu_count() -> int:
+    """Number of CUDA devices CuPy can see; 0 without CuPy or a driver."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+@functools.cache
+def default_backend() -> ArrayBackend:
+    """CuPy when a GPU is visible (and ``RQML_ARRAY_BACKEND`` does not say otherwise), else NumPy."""
+    choice = os.environ.get("RQML_ARRAY_BACKEND", "auto")
+    if choice not in ("auto", "numpy", "cupy"):
+        raise ValueError(f"RQML_ARRAY_BACKEND={choice!r}: expected auto, numpy or cupy")
+    if choice == "cupy" or (choice == "auto" and gpu_count() > 0):
+        return cupy_backend()
+    return numpy_backend()

@@ -1,0 +1,67 @@
+"""Convergence heuristics: stability, consistency and novelty.
+
+:class:`ConvergenceMonitor` reads two figures at each check, both supplied by the engine:
+the estimate's relative change over the last iteration, and the data misfit recomputed in
+float64 by the model. It keeps the misfit history of the current model only; a model switch
+starts a new monitor. Its verdict is one of ``continue``, ``converged`` or ``stalled``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rqml_dask.task import ConvergenceSettings
+
+Verdict = Literal["continue", "converged", "stalled"]
+
+
+@dataclass(frozen=True)
+class ConvergenceFigures:
+    """The three heuristics at the latest check (``None`` until there is enough history)."""
+
+    iteration: int
+    misfit: float
+    stability: float
+    consistency: float | None
+    novelty: float | None
+
+
+@dataclass
+class ConvergenceMonitor:
+    """Evaluates the heuristics of one model's run on one task."""
+
+    settings: ConvergenceSettings
+    history: deque[tuple[int, float]] = field(default_factory=deque)
+    latest: ConvergenceFigures | None = None
+
+    def observe(self, iteration: int, change: float, misfit: float) -> Verdict:
+        """Record a check at ``iteration`` (iterations counted within this model's run)."""
+        s = self.settings
+        if not math.isfinite(misfit) or not math.isfinite(change):
+            self.latest = ConvergenceFigures(iteration, misfit, change, None, None)
+            return "stalled"
+        consistency = None
+        if self.history:
+            last_iteration, last_misfit = self.history[-1]
+            consistency = abs(last_misfit - misfit) / max(last_misfit, 1e-300) / (iteration - last_iteration)
+        self.history.append((iteration, misfit))
+        novelty = self._novelty(iteration, misfit)
+        self.latest = ConvergenceFigures(iteration, misfit, change, consistency, novelty)
+        if consistency is not None and change <= s.stability_tol and consistency <= s.consistency_tol:
+            return "converged"
+        if novelty is not None and novelty < s.min_progress:
+            return "stalled"
+        return "continue"
+
+    def _novelty(self, iteration: int, misfit: float) -> float | None:
+        """Relative misfit improvement over the last ``novelty_window`` iterations."""
+        window = self.settings.novelty_window
+        while len(self.history) > 1 and self.history[1][0] <= iteration - window:
+            self.history.popleft()
+        first_iteration, first_misfit = self.history[0]
+        if iteration - first_iteration < window:
+            return None
+        return (first_misfit - misfit) / max(first_misfit, 1e-300)

@@ -1,0 +1,121 @@
+"""Running one RQML task on a worker: read its window, refine, validate, write its core.
+
+:func:`run_task` is what the Dask task that carries an RQML task executes. All iterations
+run here, inside the worker; the scheduler sees one Dask task per RQML task.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rqml_dask.arrays import ArrayBackend, default_backend
+from rqml_dask.convergence import ConvergenceFigures
+from rqml_dask.refinement import ModelRun, Refinement
+from rqml_dask.task import RQMLTask
+from rqml_dask.volumes import InputError, open_array, read_core, read_window, write_core
+
+
+@dataclass(frozen=True)
+class ErrorFigures:
+    """Sums over a task's core against the ground truth, for a volume-wide relative RMSE."""
+
+    output_sse: float
+    input_sse: float
+    truth_ss: float
+
+
+@dataclass
+class TaskOutcome:
+    """What a finished RQML task reports to whoever submitted it."""
+
+    task_id: str
+    status: str
+    iterations: int
+    model: str
+    escalations: int
+    models: list[ModelRun]
+    convergence: ConvergenceFigures | None
+    validation_failures: list[str]
+    output: str
+    elapsed_s: float
+    backend: str
+    error: ErrorFigures | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        return not self.validation_failures
+
+
+def load_problem(task: RQMLTask, backend: ArrayBackend) -> dict:
+    """The task's image window and PSF, on ``backend``, as float32."""
+    image = read_window(task.input.image, task.region)
+    psf = np.asarray(open_array(task.input.psf)[...], dtype=np.float32)
+    if psf.ndim != image.ndim:
+        raise InputError(f"PSF {task.input.psf} has rank {psf.ndim}, image {task.input.image} has rank {image.ndim}")
+    if not np.all(np.isfinite(psf)) or psf.sum() <= 0:
+        raise InputError(f"PSF {task.input.psf} must be finite with a positive sum")
+    return {"image": backend.asarray(image), "psf": backend.asarray(psf)}
+
+
+def validate(refinement: Refinement) -> list[str]:
+    """The task's validation rules applied to the final estimate; returns the failures."""
+    rules = refinement.task.validation
+    xp = refinement.backend.xp
+    estimate = refinement.estimate
+    failures = []
+    if rules.require_finite and not bool(xp.all(xp.isfinite(estimate))):
+        failures.append("estimate has non-finite values")
+    if rules.require_nonnegative and float(xp.min(estimate)) < 0:
+        failures.append(f"estimate has negative values (min {float(xp.min(estimate)):.3g})")
+    if rules.max_misfit is not None:
+        misfit = refinement.model.misfit()
+        if misfit > rules.max_misfit:
+            failures.append(f"misfit {misfit:.4g} above max_misfit {rules.max_misfit:.4g}")
+    return failures
+
+
+def error_figures(task: RQMLTask, core: np.ndarray) -> ErrorFigures | None:
+    if task.input.truth is None:
+        return None
+    truth = read_core(task.input.truth, task.region, np.float64)
+    observed = read_core(task.input.image, task.region, np.float64)
+    return ErrorFigures(
+        output_sse=float(np.sum((core.astype(np.float64) - truth) ** 2)),
+        input_sse=float(np.sum((observed - truth) ** 2)),
+        truth_ss=float(np.sum(truth**2)),
+    )
+
+
+def run_task(task: RQMLTask, backend: ArrayBackend | None = None) -> TaskOutcome:
+    """Refine ``task`` to the end of its ladder and write its core to the output array."""
+    backend = backend or default_backend()
+    started = time.perf_counter()
+    refinement = Refinement.start(task, load_problem(task, backend), backend)
+    refinement.run_to_end()
+    return finish_task(refinement, started)
+
+
+def finish_task(refinement: Refinement, started: float) -> TaskOutcome:
+    """Validate, write the core, and build the outcome of a finished refinement."""
+    task = refinement.task
+    failures = validate(refinement)
+    core = refinement.backend.to_numpy(refinement.estimate[task.region.core_in_window])
+    write_core(task.output, task.region, core)
+    return TaskOutcome(
+        task_id=task.task_id,
+        status=refinement.status,
+        iterations=refinement.iteration,
+        model=refinement.model_name,
+        escalations=refinement.escalations,
+        models=refinement.runs,
+        convergence=refinement.last_figures,
+        validation_failures=failures,
+        output=f"{task.output}{task.region}",
+        elapsed_s=time.perf_counter() - started,
+        backend=refinement.backend.name,
+        error=error_figures(task, core),
+    )

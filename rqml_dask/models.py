@@ -1,0 +1,99 @@
+"""The model-plugin contract and the registry that finds model families.
+
+A *model* is one refinement operator for one task class (``deconvolution``...). A model
+family is an algorithm (Richardson-Lucy, Landweber); models of one family are ranked by
+``size`` along an escalation ladder; switching family adds diversity. The engine imports no
+model by name: built-in models are found like any a user adds, through the
+``rqml_dask.models`` entry-point group, or given directly as ``"package.module:Class"``.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import importlib
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from rqml_dask.arrays import Array, ArrayBackend
+
+ENTRY_POINT_GROUP = "rqml_dask.models"
+
+
+class RefinementModel(abc.ABC):
+    """One model refining one task, written once for every array backend.
+
+    Contract:
+
+    * ``__init__(problem, backend, **params)`` prepares the per-task constants (e.g. a PSF's
+      transfer function) once. ``problem`` maps names (``"image"``, ``"psf"``) to arrays
+      already on ``backend``. Unknown ``params`` raise ``TypeError``.
+    * ``start(estimate)`` sets the starting point: ``None`` for the model's own default, or
+      the estimate another model left (escalation keeps the current estimate).
+    * ``step()`` advances exactly one iteration, in place where the model can.
+    * ``estimate`` is the current estimate (float32, the image's shape); callers must not
+      modify it.
+    * ``misfit()`` is the data-fit of the current estimate, recomputed independently in
+      float64, dimensionless (e.g. ``||forward(x) - data|| / ||data||``); the convergence
+      heuristics read it.
+    * ``state()`` returns every array needed to resume exactly (always including
+      ``"estimate"``); ``restore(state)`` resumes from it. Restored and uninterrupted runs
+      give the same iterates. The arrays are live: a caller that keeps them past the next
+      ``step()`` copies them.
+    """
+
+    task_class: ClassVar[str]
+    family: ClassVar[str]
+    size: ClassVar[int] = 1
+
+    def __init__(self, problem: Mapping[str, Array], backend: ArrayBackend, **params: Any) -> None:
+        self.problem = problem
+        self.backend = backend
+        self.xp = backend.xp
+
+    @abc.abstractmethod
+    def start(self, estimate: Array | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def step(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def estimate(self) -> Array: ...
+
+    @abc.abstractmethod
+    def misfit(self) -> float: ...
+
+    def state(self) -> dict[str, Array]:
+        return {"estimate": self.estimate}
+
+    def restore(self, state: Mapping[str, Array]) -> None:
+        self.start(state["estimate"])
+
+
+class UnknownModelError(LookupError):
+    """A model name that is neither a registered entry point nor ``module:Class``."""
+
+
+@functools.cache
+def load_model(name: str) -> type[RefinementModel]:
+    """The model class registered as ``name``, or imported from ``"module:Class"``."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        cls = getattr(importlib.import_module(module_name), attr)
+    else:
+        found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+        if not found:
+            raise UnknownModelError(
+                f"unknown model {name!r}; registered models: {', '.join(registered_models())}"
+            )
+        cls = next(iter(found)).load()
+    if not (isinstance(cls, type) and issubclass(cls, RefinementModel)):
+        raise UnknownModelError(f"model {name!r} is {cls!r}, not a RefinementModel subclass")
+    return cls
+
+
+def registered_models() -> list[str]:
+    """Names of every model in the ``rqml_dask.models`` entry-point group."""
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))

@@ -1,0 +1,252 @@
+"""A pipeline: a volume cut into RQML tasks, run on a Dask cluster, stitched into Zarr.
+
+Interactive use::
+
+    from distributed import Client
+    from rqml_dask import Pipeline
+
+    pipeline = Pipeline.from_yaml("pipelines/quickstart.yaml")
+    futures = pipeline.submit(client)          # one Dask future per RQML task
+    outcome = futures[0].result()              # a TaskOutcome
+    report = pipeline.run(client)              # or: submit, wait, and mark the output complete
+
+The output group's ``rqml`` attribute says ``"status": "incomplete"`` from the moment the
+output is created until every task has finished and passed validation; only then does
+:meth:`Pipeline.finalize` set it to ``"complete"`` with the run's summary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from dask.base import tokenize
+from distributed import Client, Future, as_completed
+
+from rqml_dask.execution import TaskOutcome, run_task
+from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
+from rqml_dask.synthetic import write_synthetic
+from rqml_dask.task import ArrayRef, RQMLTask, TaskInput
+from rqml_dask.tiling import auto_halo, plan_regions
+from rqml_dask.volumes import InputError, open_array
+
+
+class PipelineError(RuntimeError):
+    """A run that could not finish: a task failed, or the input was refused."""
+
+
+@dataclass
+class RunReport:
+    """The whole run, as the summary shows it."""
+
+    pipeline: str
+    outcomes: list[TaskOutcome]
+    elapsed_s: float
+    output: str
+    input_error: float | None
+    output_error: float | None
+
+    @property
+    def iterations(self) -> int:
+        return sum(o.iterations for o in self.outcomes)
+
+    @property
+    def escalations(self) -> int:
+        return sum(o.escalations for o in self.outcomes)
+
+    @property
+    def rejected(self) -> list[TaskOutcome]:
+        return [o for o in self.outcomes if not o.accepted]
+
+    def summary(self) -> str:
+        statuses: dict[str, int] = {}
+        for o in self.outcomes:
+            statuses[o.status] = statuses.get(o.status, 0) + 1
+        lines = [
+            f"pipeline     {self.pipeline}",
+            f"tasks        {len(self.outcomes)} ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})",
+            f"iterations   {self.iterations} (mean {self.iterations / max(len(self.outcomes), 1):.1f} per task)",
+            f"escalations  {self.escalations}",
+            f"rejected     {len(self.rejected)}",
+            f"time         {self.elapsed_s:.1f} s",
+            f"output       {self.output}",
+        ]
+        if self.output_error is not None:
+            lines.append(
+                f"error vs truth (relative RMSE): input {self.input_error:.4f} -> output {self.output_error:.4f}"
+            )
+        return "\n".join(lines)
+
+
+class Pipeline:
+    """A validated pipeline configuration and the RQML tasks it cuts the volume into."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Pipeline:
+        return cls(load_pipeline_config(path))
+
+    @property
+    def output_ref(self) -> ArrayRef:
+        return ArrayRef(str(self.config.output.store), self.config.output.array)
+
+    @property
+    def input_refs(self) -> TaskInput:
+        spec = self.config.input
+        store = str(spec.store)
+        truth = spec.truth
+        if truth is None and spec.synthesize is not None:
+            truth = "truth"
+        return TaskInput(
+            image=ArrayRef(store, spec.image),
+            psf=ArrayRef(store, spec.psf),
+            truth=ArrayRef(store, truth) if truth else None,
+        )
+
+    def ensure_input(self) -> None:
+        """Generate the synthetic input if the pipeline asks for it and it is missing."""
+        spec = self.config.input
+        if spec.synthesize is not None and not spec.store.exists():
+            write_synthetic(spec.store, spec.synthesize)
+
+    def tasks(self) -> list[RQMLTask]:
+        """The pipeline's RQML tasks; reads only array metadata, and checks it."""
+        self.ensure_input()
+        refs = self.input_refs
+        image = open_array(refs.image)
+        psf = open_array(refs.psf)
+        if refs.truth is not None and open_array(refs.truth).shape != image.shape:
+            raise InputError(f"truth {refs.truth} has shape {open_array(refs.truth).shape}, image {image.shape}")
+        if psf.ndim != image.ndim:
+            raise InputError(f"PSF {refs.psf} has rank {psf.ndim} but image {refs.image} has rank {image.ndim}")
+        if any(p > n for p, n in zip(psf.shape, image.shape)):
+            raise InputError(f"PSF {refs.psf} {psf.shape} is larger than image {refs.image} {image.shape}")
+        psf_values = np.asarray(psf[...])
+        if not np.all(np.isfinite(psf_values)) or psf_values.sum() <= 0 or psf_values.min() < 0:
+            raise InputError(f"PSF {refs.psf} must be finite, non-negative and have a positive sum")
+        tiling = self.config.tiling
+        if len(tiling.tile) != image.ndim:
+            raise InputError(f"tiling.tile {tiling.tile} has rank {len(tiling.tile)}, image {refs.image} has rank {image.ndim}")
+        halo = tiling.halo
+        halo = auto_halo(psf.shape) if halo == "auto" else (halo,) * image.ndim if isinstance(halo, int) else halo
+        regions = plan_regions(image.shape, tiling.tile, halo)
+        models = self.config.models
+        width = len(str(len(regions) - 1))
+        return [
+            RQMLTask(
+                task_id=f"{self.config.name}/{i:0{width}d}",
+                task_class=self.config.task_class,
+                region=region,
+                input=refs,
+                output=self.output_ref,
+                model_ladder=tuple(models.ladder),
+                model_params={k: dict(v) for k, v in models.params.items()},
+                priority=self.config.tasks.priority,
+                expected_difficulty=self.config.tasks.expected_difficulty,
+                convergence=self.config.convergence,
+                validation=self.config.validation,
+            )
+            for i, region in enumerate(regions)
+        ]
+
+    def create_output(self, tasks: list[RQMLTask]) -> None:
+        """Create (or reset) the output array, marked incomplete, chunked by task core."""
+        image = open_array(self.input_refs.image)
+        tile = tuple(min(t, n) for t, n in zip(self.config.tiling.tile, image.shape))
+        group = zarr.open_group(self.config.output.store, mode="a")
+        group.create_array(self.config.output.array, shape=image.shape, chunks=tile, dtype="float32", overwrite=True)
+        group.attrs["rqml"] = {
+            "status": "incomplete",
+            "pipeline": self.config.name,
+            "tasks": len(tasks),
+            "started": datetime.now(timezone.utc).isoformat(),
+        }
+
+    def submit(self, client: Client) -> list[Future]:
+        """Check the input, create the output, and submit one Dask task per RQML task."""
+        tasks = self.tasks()
+        self.create_output(tasks)
+        return [
+            client.submit(run_task, task, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
+            for task in tasks
+        ]
+
+    def run(self, client: Client, progress: bool = True) -> RunReport:
+        """Submit every task, wait for all of them, and finalize the output."""
+        started = time.perf_counter()
+        futures = self.submit(client)
+        outcomes: list[TaskOutcome] = []
+        bar = _progress_bar(len(futures), self.config.name, progress)
+        try:
+            for future in as_completed(futures):
+                try:
+                    outcome = future.result()
+                except Exception as exc:
+                    raise PipelineError(f"task {_task_of(future)} failed: {exc}") from exc
+                outcomes.append(outcome)
+                bar.update(1)
+                bar.set_postfix(iterations=sum(o.iterations for o in outcomes), escalations=sum(o.escalations for o in outcomes))
+        except BaseException:
+            client.cancel(futures)
+            raise
+        finally:
+            bar.close()
+        outcomes.sort(key=lambda o: o.task_id)
+        return self.finalize(outcomes, time.perf_counter() - started)
+
+    def finalize(self, outcomes: list[TaskOutcome], elapsed_s: float) -> RunReport:
+        """Build the report; mark the output complete only if every task was accepted."""
+        errors = [o.error for o in outcomes if o.error is not None]
+        truth_ss = sum(e.truth_ss for e in errors)
+        report = RunReport(
+            pipeline=self.config.name,
+            outcomes=outcomes,
+            elapsed_s=elapsed_s,
+            output=str(self.output_ref),
+            input_error=math.sqrt(sum(e.input_sse for e in errors) / truth_ss) if errors else None,
+            output_error=math.sqrt(sum(e.output_sse for e in errors) / truth_ss) if errors else None,
+        )
+        group = zarr.open_group(self.config.output.store, mode="r+")
+        attrs: dict[str, Any] = dict(group.attrs["rqml"])
+        attrs.update(
+            status="complete" if not report.rejected else "rejected",
+            finished=datetime.now(timezone.utc).isoformat(),
+            iterations=report.iterations,
+            escalations=report.escalations,
+            rejected=[o.task_id for o in report.rejected],
+            input_error=report.input_error,
+            output_error=report.output_error,
+            outcomes=[_outcome_record(o) for o in outcomes],
+        )
+        group.attrs["rqml"] = attrs
+        return report
+
+
+def _outcome_record(outcome: TaskOutcome) -> dict[str, Any]:
+    return {
+        "task_id": outcome.task_id,
+        "status": outcome.status,
+        "iterations": outcome.iterations,
+        "model": outcome.model,
+        "models": [asdict(run) for run in outcome.models],
+        "validation_failures": outcome.validation_failures,
+    }
+
+
+def _task_of(future: Future) -> str:
+    key = str(future.key)
+    return key.removeprefix("rqml-").rsplit("-", 1)[0]
+
+
+def _progress_bar(total: int, name: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=name, unit="task", disable=not enabled, dynamic_ncols=True)

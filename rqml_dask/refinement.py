@@ -1,0 +1,137 @@
+"""The refinement engine: one task, one iteration per :meth:`Refinement.step`, up its ladder.
+
+:class:`Refinement` owns the running model and the convergence monitor of one task. A caller
+(the node's refinement queue, or :func:`rqml_dask.execution.run_task`) calls ``step()`` until
+``done``; nothing here waits on the scheduler, the network or the disk, so many refinements
+can be interleaved on one worker. A stall escalates to the next model of the ladder, which
+starts from the current estimate; the outcome records every model run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rqml_dask.arrays import Array, ArrayBackend
+from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
+from rqml_dask.models import RefinementModel, load_model
+from rqml_dask.task import RQMLTask
+
+Status = Literal["running", "converged", "stalled", "max_iterations"]
+
+
+@dataclass
+class ModelRun:
+    """One model's stint on a task: how many iterations, why it stopped, misfit at the end."""
+
+    model: str
+    iterations: int = 0
+    stop: str = "running"
+    misfit: float | None = None
+
+
+@dataclass
+class Refinement:
+    """Refines one task's problem along the task's model ladder.
+
+    ``problem`` maps names to arrays already on ``backend``. Build with :meth:`start`.
+    """
+
+    task: RQMLTask
+    problem: dict[str, Array]
+    backend: ArrayBackend
+    status: Status = "running"
+    iteration: int = 0
+    ladder_position: int = 0
+    runs: list[ModelRun] = field(default_factory=list)
+    model: RefinementModel | None = None
+    monitor: ConvergenceMonitor | None = None
+    last_figures: ConvergenceFigures | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend) -> Refinement:
+        refinement = cls(task, problem, backend)
+        refinement._switch_model(0, estimate=None)
+        return refinement
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+    @property
+    def model_name(self) -> str:
+        return self.task.model_ladder[self.ladder_position]
+
+    @property
+    def escalations(self) -> int:
+        return len(self.runs) - 1
+
+    @property
+    def estimate(self) -> Array:
+        assert self.model is not None
+        return self.model.estimate
+
+    def step(self) -> None:
+        """Advance one iteration; after it, run the checks that fall due."""
+        assert self.model is not None and self.monitor is not None and not self.done
+        settings = self.task.convergence
+        run = self.runs[-1]
+        xp = self.backend.xp
+        check = (run.iterations + 1) % settings.check_every == 0
+        previous = xp.asarray(self.model.estimate, copy=True) if check else None
+        self.model.step()
+        run.iterations += 1
+        self.iteration += 1
+        if previous is not None:
+            change = _relative_change(xp, self.model.estimate, previous)
+            verdict = self.monitor.observe(run.iterations, change, self.model.misfit())
+            self.last_figures = self.monitor.latest
+            if verdict == "converged":
+                self._finish("converged")
+                return
+            if verdict == "stalled":
+                self._escalate_or_finish("stalled")
+                return
+        if self.iteration >= settings.max_iterations:
+            self._finish("max_iterations")
+        elif settings.max_iterations_per_model and run.iterations >= settings.max_iterations_per_model:
+            self._escalate_or_finish("max_iterations")
+
+    def run_to_end(self) -> None:
+        while not self.done:
+            self.step()
+
+    def _escalate_or_finish(self, reason: Status) -> None:
+        if self.ladder_position + 1 < len(self.task.model_ladder):
+            self._close_run(reason)
+            self._switch_model(self.ladder_position + 1, estimate=self.model.estimate)
+        else:
+            self._finish(reason)
+
+    def _switch_model(self, position: int, estimate: Array | None) -> None:
+        name = self.task.model_ladder[position]
+        model_cls = load_model(name)
+        model = model_cls(self.problem, self.backend, **self.task.model_params.get(name, {}))
+        model.start(estimate)
+        self.ladder_position = position
+        self.model = model
+        self.monitor = ConvergenceMonitor(self.task.convergence)
+        self.runs.append(ModelRun(name))
+
+    def _close_run(self, stop: str) -> None:
+        run = self.runs[-1]
+        run.stop = stop
+        run.misfit = self.last_figures.misfit if self.last_figures else self.model.misfit()
+
+    def _finish(self, status: Status) -> None:
+        self._close_run(status)
+        self.status = status
+
+
+def _relative_change(xp, current: Array, previous: Array) -> float:
+    diff = current - previous
+    diff *= diff
+    denominator = float(xp.sum(previous * previous))
+    return (float(xp.sum(diff)) / denominator) ** 0.5 if denominator > 0 else float("inf")

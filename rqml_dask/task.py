@@ -1,0 +1,161 @@
+"""RQMLTask: one region of a large array, refined by a ladder of models until it converges.
+
+Tasks are plain frozen dataclasses. They travel inside Dask tasks (pickled), and as msgpack or
+JSON (:meth:`RQMLTask.to_msgpack`, :meth:`RQMLTask.from_json`...) to stores, events and other
+nodes; decoding validates every field, so a malformed message is refused with the field path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import msgpack
+from pydantic import ConfigDict, Field, TypeAdapter
+from typing_extensions import Annotated
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+@dataclass(frozen=True)
+class ConvergenceSettings:
+    """When refinement stops. Every figure is relative and dimensionless.
+
+    * stability: the estimate's relative change over one iteration is at most ``stability_tol``;
+    * consistency: the data misfit, recomputed independently in float64, changes by at most
+      ``consistency_tol`` per iteration;
+    * novelty: over the last ``novelty_window`` iterations the misfit improved by at least
+      ``min_progress``; less is a *stall*, which escalates to the next model of the ladder.
+
+    A task converges when stability and consistency both hold. The heuristics are evaluated
+    every ``check_every`` iterations (each check costs a float64 misfit and one state copy).
+    ``max_iterations`` bounds the whole task, ``max_iterations_per_model`` each model on the ladder.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    max_iterations: PositiveInt = 200
+    max_iterations_per_model: PositiveInt | None = None
+    check_every: PositiveInt = 5
+    stability_tol: NonNegativeFloat = 1e-3
+    consistency_tol: NonNegativeFloat = 1e-3
+    novelty_window: PositiveInt = 20
+    min_progress: NonNegativeFloat = 1e-3
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What a finished estimate must satisfy to be accepted."""
+
+    __pydantic_config__ = _STRICT
+
+    require_finite: bool = True
+    require_nonnegative: bool = True
+    max_misfit: NonNegativeFloat | None = None
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of the volume a task owns (``core``) and the larger ``window`` it reads.
+
+    Both are ``(start, stop)`` per axis in volume coordinates; ``window`` contains ``core``
+    and extends it by the halo, reaching past the volume's border where the core touches it
+    (readers mirror the volume there).
+    """
+
+    __pydantic_config__ = _STRICT
+
+    core: tuple[tuple[int, int], ...]
+    window: tuple[tuple[int, int], ...]
+
+    @property
+    def core_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.core)
+
+    @property
+    def window_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.window)
+
+    @property
+    def core_in_window(self) -> tuple[slice, ...]:
+        """Where the core lies inside an array holding the window."""
+        return tuple(slice(c0 - w0, c1 - w0) for (c0, c1), (w0, _) in zip(self.core, self.window))
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(f"{a}:{b}" for a, b in self.core) + "]"
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """An array in a Zarr store: ``store`` is a local path (or URL zarr understands)."""
+
+    __pydantic_config__ = _STRICT
+
+    store: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.store}::{self.path}"
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    """Where a deconvolution task reads its data; ``truth`` is optional (synthetic data)."""
+
+    __pydantic_config__ = _STRICT
+
+    image: ArrayRef
+    psf: ArrayRef
+    truth: ArrayRef | None = None
+
+
+@dataclass(frozen=True)
+class RQMLTask:
+    """One unit of refinement work.
+
+    ``model_ladder`` lists model names from smallest to largest; a stall escalates to the
+    next one, keeping the current estimate. ``model_params`` maps a model name to the
+    keyword arguments it is built with. ``priority`` (higher first) and
+    ``expected_difficulty`` order a node's inbound queue.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    task_id: str
+    task_class: str
+    region: Region
+    input: TaskInput
+    output: ArrayRef
+    model_ladder: tuple[str, ...]
+    model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    priority: int = 0
+    expected_difficulty: float = 1.0
+    convergence: ConvergenceSettings = ConvergenceSettings()
+    validation: ValidationSettings = ValidationSettings()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _TASK.dump_python(self, mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Self:
+        return _TASK.validate_python(data)
+
+    def to_msgpack(self) -> bytes:
+        return msgpack.packb(self.to_dict())
+
+    @classmethod
+    def from_msgpack(cls, payload: bytes) -> Self:
+        return cls.from_dict(msgpack.unpackb(payload, strict_map_key=False))
+
+    def to_json(self) -> str:
+        return _TASK.dump_json(self).decode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Self:
+        return _TASK.validate_json(text)
+
+
+_TASK = TypeAdapter(RQMLTask)

@@ -1,0 +1,38 @@
+"""Cutting a volume into task regions with halos, and what a halo must be for a PSF.
+
+Each task owns a ``tile``-shaped core (the last ones along an axis may be smaller) and reads
+a window that extends the core by ``halo`` on every side. Where the window reaches past the
+volume, the reader mirrors the volume (:func:`rqml_dask.volumes.read_window`), so a task at
+the border sees the same boundary as an untiled run with the same halo. Tasks write only
+their cores, so the stitched volume has no overlaps to blend; seams are avoided by making
+the halo wide enough that the zero boundary each task's convolution sees at its window edge
+does not reach its core within the iterations it runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from rqml_dask.task import Region
+
+
+def auto_halo(psf_shape: Sequence[int]) -> tuple[int, ...]:
+    """The default halo: one full PSF width per axis (twice its half-width)."""
+    return tuple(int(n) for n in psf_shape)
+
+
+def plan_regions(shape: Sequence[int], tile: Sequence[int], halo: Sequence[int]) -> list[Region]:
+    """Regions covering ``shape`` exactly once with their cores, in C order of tile index."""
+    if not (len(shape) == len(tile) == len(halo)):
+        raise ValueError(f"volume shape {tuple(shape)}, tile {tuple(tile)} and halo {tuple(halo)} differ in rank")
+    if any(t <= 0 for t in tile) or any(h < 0 for h in halo):
+        raise ValueError(f"tile {tuple(tile)} must be positive and halo {tuple(halo)} non-negative")
+    per_axis = [
+        [((start, min(start + t, n)), (start - h, min(start + t, n) + h)) for start in range(0, n, t)]
+        for n, t, h in zip(shape, tile, halo)
+    ]
+    return [
+        Region(core=tuple(axis[0] for axis in combo), window=tuple(axis[1] for axis in combo))
+        for combo in itertools.product(*per_axis)
+    ]

@@ -1,0 +1,73 @@
+"""Zarr I/O of task data: open arrays with clear errors, read windows, write cores.
+
+Every reader here validates what it reads (present, right rank, finite) and raises
+:class:`InputError` naming the store, the array and the region; nothing is written then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from rqml_dask.task import ArrayRef, Region
+
+
+class InputError(ValueError):
+    """Input data that cannot be used as it is: missing, wrong shape, or not finite."""
+
+
+def open_array(ref: ArrayRef, mode: str = "r") -> zarr.Array:
+    """Open ``ref`` or raise :class:`InputError` saying which store or array is missing."""
+    if "://" not in ref.store and not Path(ref.store).exists():
+        raise InputError(f"Zarr store {ref.store} does not exist")
+    try:
+        group = zarr.open_group(ref.store, mode="r" if mode == "r" else "r+")
+    except Exception as exc:
+        raise InputError(f"{ref.store} is not a readable Zarr group: {exc}") from None
+    try:
+        node = group[ref.path]
+    except KeyError:
+        raise InputError(
+            f"Zarr store {ref.store} has no array {ref.path!r} (it has: {', '.join(sorted(group.keys())) or 'nothing'})"
+        ) from None
+    if not isinstance(node, zarr.Array):
+        raise InputError(f"{ref} is a group, not an array")
+    return node
+
+
+def read_window(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.ndarray:
+    """The region's window of ``ref`` as a host array; refuses NaN or infinite values.
+
+    Parts of the window outside the volume are the volume mirrored at its border
+    (``numpy.pad`` mode ``symmetric``).
+    """
+    array = open_array(ref)
+    inside = tuple(slice(max(a, 0), min(b, n)) for (a, b), n in zip(region.window, array.shape))
+    data = np.asarray(array[inside], dtype=dtype)
+    finite = np.isfinite(data)
+    if not finite.all():
+        first = tuple(int(i) + s.start for i, s in zip(np.argwhere(~finite)[0], inside))
+        raise InputError(
+            f"{ref}{_fmt(tuple((s.start, s.stop) for s in inside))} contains {data.size - int(finite.sum())} "
+            f"NaN or infinite value(s), the first at {first}"
+        )
+    pad = [(s.start - a, b - s.stop) for (a, b), s in zip(region.window, inside)]
+    if any(p for pair in pad for p in pair):
+        data = np.pad(data, pad, mode="symmetric")
+    return data
+
+
+def read_core(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.ndarray:
+    return np.asarray(open_array(ref)[region.core_slices], dtype=dtype)
+
+
+def write_core(ref: ArrayRef, region: Region, data: np.ndarray) -> None:
+    """Write a task's core into the output array (cores are chunk-aligned: no write races)."""
+    open_array(ref, mode="r+")[region.core_slices] = data
+
+
+def _fmt(box: tuple[tuple[int, int], ...]) -> str:
+    return "[" + ", ".join(f"{a}:{b}" for a, b in box) + "]"

@@ -1,0 +1,48 @@
+"""Shared fixtures: small synthetic inputs on disk and a real multi-process Dask cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from distributed import Client, LocalCluster
+
+from rqml_dask.synthetic import SynthSpec, write_synthetic
+
+SMALL = SynthSpec(kind="cells", shape=(24, 48, 48), psf_sigma=(1.5, 1.0, 1.0), photons=300, seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_volume(tmp_path_factory) -> Path:
+    """A 24x48x48 synthetic cell volume (truth, observed, psf) in a Zarr store."""
+    return write_synthetic(tmp_path_factory.mktemp("data") / "small.zarr", SMALL)
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two worker processes on loopback, one thread each."""
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
+    """A small, valid pipeline over ``store``; ``overrides`` replace top-level sections."""
+    config = {
+        "name": "test",
+        "input": {"store": str(store), "truth": "truth"},
+        "output": {"store": str(out)},
+        "tiling": {"tile": [12, 24, 24], "halo": "auto"},
+        "models": {"ladder": ["richardson_lucy", "richardson_lucy_accelerated"]},
+        "convergence": {"max_iterations": 60, "check_every": 5},
+        "cluster": {"n_workers": 2, "dashboard_address": "127.0.0.1:0"},
+    }
+    config.update(overrides)
+    return config
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -1,0 +1,205 @@
+"""The built-in deconvolution models: scikit-image agreement, convergence, resume, backends."""
+
+from __future__ import annotations
+
+import array_api_strict
+import numpy as np
+import pytest
+import scipy.signal
+from skimage.restoration import richardson_lucy
+
+from rqml_dask.arrays import ArrayBackend, numpy_backend
+from rqml_dask.models import load_model, registered_models
+from rqml_plugins.deconvolution._convolution import Convolver
+from rqml_plugins.deconvolution.landweber import Landweber
+from rqml_plugins.deconvolution.richardson_lucy import (
+    AcceleratedRichardsonLucy,
+    RichardsonLucy,
+    TotalVariationRichardsonLucy,
+)
+
+DECONVOLUTION_MODELS = [
+    name for name in registered_models() if load_model(name).task_class == "deconvolution"
+]
+STRICT = ArrayBackend(xp=array_api_strict, name="array_api_strict")
+
+
+def gaussian_psf(shape: tuple[int, ...], sigma: float = 1.5) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float64)
+    r2 = sum(((g - (n - 1) / 2) / sigma) ** 2 for g, n in zip(grid, shape, strict=True))
+    psf = np.exp(-r2 / 2)
+    return (psf / psf.sum()).astype(np.float32)
+
+
+def blurred_beads(
+    shape: tuple[int, ...], psf: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, image): bright beads on a dim textured background, blurred by ``psf``."""
+    rng = np.random.default_rng(seed)
+    truth = (0.2 + 0.1 * rng.random(shape)).astype(np.float32)
+    truth[tuple(rng.integers(0, n, 30) for n in shape)] += 5.0
+    return truth, scipy.signal.convolve(truth, psf, mode="same").astype(np.float32)
+
+
+def run(model, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        model.step()
+    return np.asarray(model.backend.to_numpy(model.estimate))
+
+
+@pytest.mark.parametrize(
+    ("image_shape", "psf_shape"),
+    [((63, 64), (5, 6)), ((64, 63), (4, 7)), ((31, 32, 33), (4, 5, 6)), ((32, 31, 33), (7, 5, 3))],
+)
+def test_convolver_is_scipy_same_convolution_and_its_exact_adjoint(image_shape, psf_shape):
+    rng = np.random.default_rng(1)
+    psf = rng.random(psf_shape).astype(np.float32)
+    psf /= psf.sum()
+    x, y = (rng.random(image_shape).astype(np.float32) for _ in range(2))
+    convolver = Convolver(psf, image_shape, numpy_backend())
+
+    forward = convolver.forward(x)
+    assert forward.dtype == np.float32 and forward.shape == image_shape
+    expected = scipy.signal.convolve(x.astype(np.float64), psf.astype(np.float64), mode="same")
+    np.testing.assert_allclose(forward, expected, rtol=0, atol=1e-6 * expected.max())
+    np.testing.assert_allclose(convolver.forward64(x), expected, rtol=1e-6)
+    # <forward x, y> == <x, adjoint y>, to float32 rounding.
+    lhs = np.vdot(forward.astype(np.float64), y)
+    rhs = np.vdot(x, convolver.adjoint(y).astype(np.float64))
+    assert abs(lhs - rhs) <= 1e-6 * abs(lhs)
+
+
+@pytest.mark.parametrize(
+    ("image_shape", "psf_shape"),
+    [
+        ((63, 64), (5, 5)),
+        ((64, 63), (7, 3)),
+        ((63, 64), (4, 6)),
+        ((31, 32, 33), (5, 5, 5)),
+        ((31, 32, 33), (4, 5, 6)),
+    ],
+)
+def test_richardson_lucy_matches_skimage(image_shape, psf_shape):
+    psf = gaussian_psf(psf_shape)
+    _, image = blurred_beads(image_shape, psf)
+    # scikit-image back-projects an even-sized PSF one pixel off the adjoint; zero-padding
+    # such a PSF in front to an odd size gives the same forward model and the exact adjoint.
+    odd_psf = np.pad(psf, [(1 - n % 2, 0) for n in psf_shape])
+    iterations = 30
+    expected = richardson_lucy(image, odd_psf, num_iter=iterations, clip=False)
+
+    ours = run(RichardsonLucy({"image": image, "psf": psf}, numpy_backend()), iterations)
+
+    assert ours.dtype == np.float32
+    # Measured: identical for odd PSFs, <= 5e-6 relative for even ones (other FFT sizes).
+    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("psf_shape", [(7, 7), (6, 6)])
+@pytest.mark.parametrize("name", DECONVOLUTION_MODELS)
+def test_model_lowers_misfit_and_stays_nonnegative(name, psf_shape):
+    # An even-sized PSF is where a back-projection one pixel off the adjoint made the
+    # accelerated model diverge.
+    psf = gaussian_psf(psf_shape)
+    _, image = blurred_beads((48, 50), psf)
+    model = load_model(name)({"image": image, "psf": psf}, numpy_backend())
+    misfits = [model.misfit()]
+    for _ in range(20):
+        model.step()
+        misfits.append(model.misfit())
+
+    estimate = model.estimate
+    assert estimate.dtype == np.float32 and estimate.shape == image.shape
+    assert np.all(np.isfinite(estimate)) and estimate.min() >= 0
+    assert all(isinstance(m, float) and np.isfinite(m) for m in misfits)
+    assert misfits[-1] < 0.5 * misfits[0]
+
+
+@pytest.mark.parametrize("name", DECONVOLUTION_MODELS)
+def test_restored_model_continues_exactly(name):
+    psf = gaussian_psf((5, 5, 5))
+    _, image = blurred_beads((20, 21, 22), psf)
+    problem = {"image": image, "psf": psf}
+    cls = load_model(name)
+
+    interrupted = cls(problem, numpy_backend())
+    run(interrupted, 10)
+    state = {key: np.array(value) for key, value in interrupted.state().items()}
+    resumed = cls(problem, numpy_backend())
+    resumed.restore(state)
+
+    np.testing.assert_array_equal(run(resumed, 5), run(cls(problem, numpy_backend()), 15))
+
+
+def test_accelerated_start_forgets_history():
+    psf = gaussian_psf((5, 5))
+    _, image = blurred_beads((32, 33), psf)
+    problem = {"image": image, "psf": psf}
+    accelerated = AcceleratedRichardsonLucy(problem, numpy_backend())
+    run(accelerated, 5)
+    estimate = np.array(accelerated.estimate)
+    accelerated.start(estimate)
+    assert set(accelerated.state()) == {"estimate", "alpha"}
+
+    # The first step after start() is a plain Richardson-Lucy step.
+    plain = RichardsonLucy(problem, numpy_backend())
+    plain.start(estimate)
+    np.testing.assert_array_equal(run(accelerated, 1), run(plain, 1))
+
+
+@pytest.mark.parametrize("name", DECONVOLUTION_MODELS)
+def test_model_runs_under_strict_array_api(name):
+    psf = gaussian_psf((4, 5, 5))
+    _, image = blurred_beads((16, 17, 18), psf)
+    cls = load_model(name)
+    on_numpy = cls({"image": image, "psf": psf}, numpy_backend())
+    strict_problem = {"image": STRICT.asarray(image), "psf": STRICT.asarray(psf)}
+    on_strict = cls(strict_problem, STRICT)
+
+    expected, got = run(on_numpy, 8), run(on_strict, 8)
+
+    assert got.dtype == np.float32
+    # numpy.fft and scipy.fft round float32 differently: measured <= 6e-7 of the maximum.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=5e-6 * expected.max())
+    assert on_strict.misfit() == pytest.approx(on_numpy.misfit(), rel=1e-6)
+    restored = cls(strict_problem, STRICT)
+    restored.restore(on_strict.state())
+    assert np.array_equal(STRICT.to_numpy(restored.estimate), got)
+
+
+@pytest.mark.parametrize(
+    ("cls", "params"),
+    [
+        (RichardsonLucy, {"regularization": 0.01}),
+        (AcceleratedRichardsonLucy, {"step_size": 1.0}),
+        (TotalVariationRichardsonLucy, {"lam": 0.01}),
+        (Landweber, {"iterations": 3}),
+    ],
+)
+def test_unknown_params_raise_type_error(cls, params):
+    psf = gaussian_psf((3, 3))
+    with pytest.raises(TypeError):
+        cls({"image": np.ones((8, 8), np.float32), "psf": psf}, numpy_backend(), **params)
+
+
+@pytest.mark.parametrize("step_size", [0.0, -0.5, 2.0, 3.0, float("nan")])
+def test_landweber_rejects_step_size_outside_open_interval(step_size):
+    problem = {"image": np.ones((8, 8), np.float32), "psf": gaussian_psf((3, 3))}
+    with pytest.raises(ValueError, match="step_size"):
+        Landweber(problem, numpy_backend(), step_size=step_size)
+
+
+def test_documented_params_are_accepted():
+    problem = {"image": np.ones((8, 8), np.float32), "psf": gaussian_psf((3, 3))}
+    assert Landweber(problem, numpy_backend(), step_size=1.9).step_size == 1.9
+    tv = TotalVariationRichardsonLucy(problem, numpy_backend(), regularization=0.01)
+    assert tv.regularization == 0.01
+    with pytest.raises(ValueError, match="regularization"):
+        TotalVariationRichardsonLucy(problem, numpy_backend(), regularization=-1.0)
+
+
+def test_psf_larger_than_image_is_rejected():
+    with pytest.raises(ValueError, match="psf"):
+        RichardsonLucy(
+            {"image": np.ones((8, 8), np.float32), "psf": gaussian_psf((9, 3))}, numpy_backend()
+        )

@@ -1,0 +1,104 @@
+"""End-to-end pipeline runs on a real multi-process LocalCluster with real Zarr on disk."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from rqml_dask import Pipeline, TaskOutcome
+from rqml_dask.pipeline import PipelineError
+from rqml_dask.volumes import InputError
+
+from conftest import pipeline_dict, write_yaml
+
+pytestmark = pytest.mark.slow
+
+
+def make_pipeline(tmp_path, store, **overrides) -> Pipeline:
+    data = pipeline_dict(store, tmp_path / "out.zarr", **overrides)
+    return Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", data))
+
+
+def test_run_deconvolves_and_marks_output_complete(tmp_path, small_volume, client):
+    pipeline = make_pipeline(tmp_path, small_volume)
+    report = pipeline.run(client, progress=False)
+    assert len(report.outcomes) == 2 * 2 * 2
+    assert not report.rejected
+    assert report.output_error < 0.85 * report.input_error
+    group = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    assert group.attrs["rqml"]["status"] == "complete"
+    result = group["deconvolved"][...]
+    assert np.isfinite(result).all() and (result >= 0).all() and result.max() > 0
+    truth = zarr.open_group(small_volume, mode="r")["truth"][...]
+    assert np.sqrt(((result - truth) ** 2).sum() / (truth**2).sum()) == pytest.approx(report.output_error, rel=1e-4)
+
+
+def test_submit_returns_one_future_per_task_with_its_outcome(tmp_path, small_volume, client):
+    pipeline = make_pipeline(tmp_path, small_volume)
+    futures = pipeline.submit(client)
+    outcomes = client.gather(futures)
+    assert len(futures) == len(pipeline.tasks())
+    for outcome in outcomes:
+        assert isinstance(outcome, TaskOutcome)
+        assert outcome.iterations > 0 and outcome.model in pipeline.config.models.ladder
+        assert outcome.convergence is not None and outcome.convergence.misfit > 0
+        assert outcome.output.startswith(str(tmp_path / "out.zarr")) and "deconvolved[" in outcome.output
+
+
+def test_stalled_tasks_escalate_along_the_ladder(tmp_path, small_volume, client):
+    ladder = ["richardson_lucy", "richardson_lucy_accelerated", "richardson_lucy_tv"]
+    pipeline = make_pipeline(
+        tmp_path,
+        small_volume,
+        models={"ladder": ladder},
+        # a stability no model reaches, and a progress bar none keeps up with: every model stalls
+        convergence={"max_iterations": 300, "check_every": 5, "stability_tol": 1e-12, "novelty_window": 10, "min_progress": 0.5},
+    )
+    report = pipeline.run(client, progress=False)
+    assert report.escalations == 2 * len(report.outcomes)
+    for outcome in report.outcomes:
+        assert outcome.status == "stalled"
+        assert [run.model for run in outcome.models] == ladder
+        assert all(run.stop == "stalled" and run.iterations >= 10 for run in outcome.models)
+        assert outcome.iterations == sum(run.iterations for run in outcome.models)
+
+
+def test_stitched_tiles_equal_the_untiled_deconvolution(tmp_path, small_volume, client):
+    fixed = {"max_iterations": 15, "check_every": 5, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 1000}
+    shape = zarr.open_group(small_volume, mode="r")["observed"].shape
+    results = {}
+    halo = [16, 14, 14]  # two PSF widths  # the untiled run mirrors its border by the same halo, as tiles at the border do
+    for name, tile in (("tiled", [12, 24, 24]), ("whole", list(shape))):
+        out = tmp_path / name
+        out.mkdir()
+        pipeline = make_pipeline(out, small_volume, models={"ladder": ["richardson_lucy"]},
+                                 convergence=fixed, tiling={"tile": tile, "halo": halo})
+        report = pipeline.run(client, progress=False)
+        assert {o.iterations for o in report.outcomes} == {15}
+        results[name] = zarr.open_group(out / "out.zarr", mode="r")["deconvolved"][...]
+    tiled, whole = results["tiled"], results["whole"]
+    scale = whole.max()
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-3 * scale)
+
+
+def test_nan_input_fails_the_run_and_leaves_output_incomplete(tmp_path, small_volume, client):
+    store = tmp_path / "nan.zarr"
+    shutil.copytree(small_volume, store)
+    observed = zarr.open_group(store, mode="r+")["observed"]
+    observed[20, 40, 40] = np.nan
+    pipeline = make_pipeline(tmp_path, store)
+    with pytest.raises(PipelineError, match=r"::observed\[[0-9:, ]+\] contains 1 NaN or infinite value\(s\), the first at \(20, 40, 40\)"):
+        pipeline.run(client, progress=False)
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "incomplete"
+
+
+def test_psf_of_wrong_rank_is_refused(tmp_path, small_volume):
+    store = tmp_path / "psf2d.zarr"
+    shutil.copytree(small_volume, store)
+    group = zarr.open_group(store, mode="r+")
+    group.create_array("psf", data=np.ones((5, 5), np.float32) / 25, overwrite=True)
+    with pytest.raises(InputError, match="has rank 2 but image .* has rank 3"):
+        make_pipeline(tmp_path, store).tasks()

@@ -1,0 +1,68 @@
+"""Tiling plans and the convergence monitor's verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rqml_dask.convergence import ConvergenceMonitor
+from rqml_dask.task import ConvergenceSettings
+from rqml_dask.tiling import plan_regions
+
+
+@pytest.mark.parametrize("shape,tile,halo", [((10, 13), (4, 5), (2, 3)), ((7, 8, 9), (7, 3, 4), (0, 1, 5))])
+def test_cores_cover_the_volume_exactly_once_and_windows_hold_the_halo(shape, tile, halo):
+    cover = np.zeros(shape, int)
+    for region in plan_regions(shape, tile, halo):
+        cover[region.core_slices] += 1
+        for (c0, c1), (w0, w1), h, n in zip(region.core, region.window, halo, shape):
+            assert (w0, w1) == (c0 - h, c1 + h)
+        window = np.zeros([b - a for a, b in region.window], bool)
+        assert window[region.core_in_window].shape == tuple(b - a for a, b in region.core)
+    assert (cover == 1).all()
+
+
+def test_plan_refuses_mismatched_rank():
+    with pytest.raises(ValueError, match="differ in rank"):
+        plan_regions((10, 10), (5,), (1, 1))
+
+
+def run_monitor(settings, misfits, change=0.0):
+    monitor = ConvergenceMonitor(settings)
+    verdicts = [monitor.observe(5 * (i + 1), change, m) for i, m in enumerate(misfits)]
+    return verdicts, monitor.latest
+
+
+def test_converges_when_estimate_and_misfit_both_settle():
+    settings = ConvergenceSettings(check_every=5, stability_tol=1e-3, consistency_tol=1e-3, novelty_window=20)
+    verdicts, figures = run_monitor(settings, [1.0, 0.9999], change=1e-4)
+    assert verdicts == ["continue", "converged"]
+    assert figures.consistency == pytest.approx(0.0001 / 5)
+
+
+def test_unsettled_estimate_with_no_progress_is_a_stall():
+    settings = ConvergenceSettings(check_every=5, stability_tol=1e-6, novelty_window=10, min_progress=1e-2)
+    verdicts, figures = run_monitor(settings, [1.0, 0.999, 0.998, 0.997], change=1e-2)
+    assert verdicts == ["continue", "continue", "stalled", "stalled"]
+    assert figures.novelty == pytest.approx((0.999 - 0.997) / 0.999)  # over iterations 10..20
+
+
+def test_progressing_refinement_continues_and_divergence_stalls():
+    settings = ConvergenceSettings(check_every=5, stability_tol=1e-6, novelty_window=10, min_progress=1e-2)
+    verdicts, _ = run_monitor(settings, [1.0, 0.8, 0.6, 0.4], change=0.1)
+    assert verdicts == ["continue"] * 4
+    verdicts, _ = run_monitor(settings, [1.0, 1.1, float("nan")], change=0.1)
+    assert verdicts[-1] == "stalled"
+
+
+def test_window_past_the_border_mirrors_the_volume(tmp_path):
+    import zarr
+
+    from rqml_dask.task import ArrayRef
+    from rqml_dask.volumes import read_window
+
+    volume = np.arange(5 * 6, dtype=np.float32).reshape(5, 6)
+    zarr.open_group(tmp_path / "v.zarr", mode="w").create_array("a", data=volume)
+    (region,) = [r for r in plan_regions(volume.shape, (5, 3), (2, 1)) if r.core[1] == (0, 3)]
+    window = read_window(ArrayRef(str(tmp_path / "v.zarr"), "a"), region)
+    np.testing.assert_array_equal(window, np.pad(volume, ((2, 2), (1, 0)), mode="symmetric")[:, :5])
