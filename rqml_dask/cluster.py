@@ -2,12 +2,19 @@
 
 A LocalCUDACluster (one worker per GPU, dask-cuda's spilling defaults) when a GPU and
 dask-cuda are present, else a process-based LocalCluster. Both bind to loopback only.
+
+Worker processes start with :data:`WORKER_ENVIRON` (``configs/dask.yaml`` sets the same
+for clusters launched with ``dask worker``): Dask's own ``MALLOC_TRIM_THRESHOLD_`` makes
+glibc return freed memory at once, so every FFT-sized temporary of an iteration is a fresh
+mapping and page faults; a 256 MiB top pad keeps that memory in the heap between
+iterations (an RL iteration on a 58x90x90 window: 17 ms -> 8 ms).
 """
 
 from __future__ import annotations
 
 import os
 
+import dask
 from distributed import LocalCluster
 from distributed.deploy import Cluster
 
@@ -15,7 +22,16 @@ from rqml_dask.arrays import gpu_count
 from rqml_dask.pipeline.config import ClusterSpec
 
 
+WORKER_ENVIRON = {"MALLOC_TOP_PAD_": str(256 * 2**20)}
+
+
 def embedded_cluster(spec: ClusterSpec) -> Cluster:
+    environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}
+    with dask.config.set(environ):
+        return _start(spec)
+
+
+def _start(spec: ClusterSpec) -> Cluster:
     if gpu_count() > 0:
         try:
             from dask_cuda import LocalCUDACluster

@@ -1,8 +1,8 @@
 """Convergence heuristics: stability, consistency and novelty.
 
 :class:`ConvergenceMonitor` reads two figures at each check, both supplied by the engine:
-the estimate's relative change over the last iteration, and the data misfit recomputed in
-float64 by the model. It keeps the misfit history of the current model only; a model switch
+the estimate's relative change over the last iteration, and the data misfit the model
+recomputes apart from its iterations. It keeps the misfit history of the current model only; a model switch
 starts a new monitor. Its verdict is one of ``continue``, ``converged`` or ``stalled``.
 """
 

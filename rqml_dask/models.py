@@ -34,8 +34,8 @@ class RefinementModel(abc.ABC):
     * ``step()`` advances exactly one iteration, in place where the model can.
     * ``estimate`` is the current estimate (float32, the image's shape); callers must not
       modify it.
-    * ``misfit()`` is the data-fit of the current estimate, recomputed independently in
-      float64, dimensionless (e.g. ``||forward(x) - data|| / ||data||``); the convergence
+    * ``misfit()`` is the data-fit of the current estimate, recomputed apart from the
+      iterations' own arithmetic and accumulated in float64, dimensionless (e.g. ``||forward(x) - data|| / ||data||``); the convergence
       heuristics read it.
     * ``state()`` returns every array needed to resume exactly (always including
       ``"estimate"``); ``restore(state)`` resumes from it. Restored and uninterrupted runs

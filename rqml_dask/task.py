@@ -25,8 +25,8 @@ class ConvergenceSettings:
     """When refinement stops. Every figure is relative and dimensionless.
 
     * stability: the estimate's relative change over one iteration is at most ``stability_tol``;
-    * consistency: the data misfit, recomputed independently in float64, changes by at most
-      ``consistency_tol`` per iteration;
+    * consistency: the data misfit, recomputed by the model apart from its iterations and
+      summed in float64, changes by at most ``consistency_tol`` per iteration;
     * novelty: over the last ``novelty_window`` iterations the misfit improved by at least
       ``min_progress``; less is a *stall*, which escalates to the next model of the ladder.
 
@@ -39,7 +39,7 @@ class ConvergenceSettings:
 
     max_iterations: PositiveInt = 200
     max_iterations_per_model: PositiveInt | None = None
-    check_every: PositiveInt = 5
+    check_every: PositiveInt = 10
     stability_tol: NonNegativeFloat = 1e-3
     consistency_tol: NonNegativeFloat = 1e-3
     novelty_window: PositiveInt = 20

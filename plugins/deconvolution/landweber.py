@@ -15,7 +15,7 @@ class Landweber(RefinementModel):
     ``problem`` is ``{"image": float32 array, "psf": float32 array}`` as for Richardson-Lucy
     (the PSF is normalised to unit sum, so ``|OTF| <= 1``). ``step_size`` is ``tau``, in
     ``(0, 2)`` for convergence. The default start is the image clamped at 0. ``misfit()`` is
-    ``||psf * estimate - image||_2 / ||image||_2`` in float64.
+    ``||psf * estimate - image||_2 / ||image||_2``, recomputed and summed in float64.
     """
 
     task_class = "deconvolution"

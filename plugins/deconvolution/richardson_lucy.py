@@ -3,7 +3,7 @@
 ``problem`` is ``{"image": float32 array, "psf": float32 array}``: the PSF has the image's
 rank and at most its size on every axis, and is normalised to unit sum here. Estimates are
 float32 of the image's shape. :meth:`RichardsonLucy.misfit` is
-``||psf * estimate - image||_2 / ||image||_2`` recomputed in float64.
+``||psf * estimate - image||_2 / ||image||_2``, recomputed and summed in float64.
 """
 
 from __future__ import annotations
