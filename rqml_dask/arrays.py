@@ -86,11 +86,12 @@ def gpu_count() -> int:
 
 
 @functools.cache
-def default_backend() -> ArrayBackend:
-    """CuPy when a GPU is visible (and ``RQML_ARRAY_BACKEND`` does not say otherwise), else NumPy."""
+def default_backend(cpu_threads: int = 1) -> ArrayBackend:
+    """CuPy when a GPU is visible (and ``RQML_ARRAY_BACKEND`` does not say otherwise), else
+    NumPy whose FFTs use ``cpu_threads`` threads."""
     choice = os.environ.get("RQML_ARRAY_BACKEND", "auto")
     if choice not in ("auto", "numpy", "cupy"):
         raise ValueError(f"RQML_ARRAY_BACKEND={choice!r}: expected auto, numpy or cupy")
     if choice == "cupy" or (choice == "auto" and gpu_count() > 0):
         return cupy_backend()
-    return numpy_backend()
+    return numpy_backend(cpu_threads)

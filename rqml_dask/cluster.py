@@ -22,6 +22,9 @@ from rqml_dask.arrays import gpu_count
 from rqml_dask.pipeline.config import ClusterSpec
 
 
+PRELOADS = ["rqml_dask.node"]
+"""What every worker of the embedded cluster loads, as ``dask worker --preload`` would."""
+
 WORKER_ENVIRON = {"MALLOC_TOP_PAD_": str(256 * 2**20)}
 
 
@@ -40,10 +43,12 @@ def _start(spec: ClusterSpec) -> Cluster:
         else:
             return LocalCUDACluster(
                 host="127.0.0.1",
+                preload=PRELOADS,
                 dashboard_address=spec.dashboard_address,
                 threads_per_worker=spec.threads_per_worker,
             )
     return LocalCluster(
+        preload=PRELOADS,
         n_workers=spec.n_workers or os.cpu_count() or 1,
         threads_per_worker=spec.threads_per_worker,
         processes=True,

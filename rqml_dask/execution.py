@@ -1,17 +1,20 @@
 """Running one RQML task on a worker: read its window, refine, validate, write its core.
 
 :func:`run_task` is what the Dask task that carries an RQML task executes. All iterations
-run here, inside the worker; the scheduler sees one Dask task per RQML task.
+run inside the worker, on its node's refinement thread; the scheduler sees one Dask task per
+RQML task.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from rqml_dask.arrays import ArrayBackend, default_backend
+from distributed import rejoin, secede
+
+from rqml_dask.arrays import ArrayBackend
 from rqml_dask.convergence import ConvergenceFigures
 from rqml_dask.refinement import ModelRun, Refinement
 from rqml_dask.task import RQMLTask
@@ -43,7 +46,7 @@ class TaskOutcome:
     elapsed_s: float
     backend: str
     error: ErrorFigures | None = None
-    notes: list[str] = field(default_factory=list)
+    reason: str = ""
 
     @property
     def accepted(self) -> bool:
@@ -61,23 +64,6 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> dict:
     return {"image": backend.asarray(image), "psf": backend.asarray(psf)}
 
 
-def validate(refinement: Refinement) -> list[str]:
-    """The task's validation rules applied to the final estimate; returns the failures."""
-    rules = refinement.task.validation
-    xp = refinement.backend.xp
-    estimate = refinement.estimate
-    failures = []
-    if rules.require_finite and not bool(xp.all(xp.isfinite(estimate))):
-        failures.append("estimate has non-finite values")
-    if rules.require_nonnegative and float(xp.min(estimate)) < 0:
-        failures.append(f"estimate has negative values (min {float(xp.min(estimate)):.3g})")
-    if rules.max_misfit is not None:
-        misfit = refinement.model.misfit()
-        if misfit > rules.max_misfit:
-            failures.append(f"misfit {misfit:.4g} above max_misfit {rules.max_misfit:.4g}")
-    return failures
-
-
 def error_figures(task: RQMLTask, core: np.ndarray) -> ErrorFigures | None:
     if task.input.truth is None:
         return None
@@ -90,19 +76,33 @@ def error_figures(task: RQMLTask, core: np.ndarray) -> ErrorFigures | None:
     )
 
 
-def run_task(task: RQMLTask, backend: ArrayBackend | None = None) -> TaskOutcome:
-    """Refine ``task`` to the end of its ladder and write its core to the output array."""
-    backend = backend or default_backend()
+def run_task(task: RQMLTask) -> TaskOutcome:
+    """Load ``task``'s data, have this worker's node refine it to the end of its ladder,
+    and write its core to the output array.
+
+    The data is read on the Dask thread; the thread then secedes from the worker's pool while
+    the node's refinement thread iterates, so the worker can hand the node more tasks.
+    """
+    from rqml_dask.node import current_node
+
     started = time.perf_counter()
-    refinement = Refinement.start(task, load_problem(task, backend), backend)
-    refinement.run_to_end()
-    return finish_task(refinement, started)
+    node = current_node()
+    problem = load_problem(task, node.orchestrator.backend)
+    pending = node.orchestrator.submit(task, problem)
+    secede()
+    try:
+        refinement = pending.result()
+    finally:
+        rejoin()
+    try:
+        return finish_task(refinement, started)
+    finally:
+        node.orchestrator.release(task.task_id)
 
 
 def finish_task(refinement: Refinement, started: float) -> TaskOutcome:
-    """Validate, write the core, and build the outcome of a finished refinement."""
+    """Write the core of a finished, validated refinement and build its outcome."""
     task = refinement.task
-    failures = validate(refinement)
     core = refinement.backend.to_numpy(refinement.estimate[task.region.core_in_window])
     write_core(task.output, task.region, core)
     return TaskOutcome(
@@ -113,9 +113,10 @@ def finish_task(refinement: Refinement, started: float) -> TaskOutcome:
         escalations=refinement.escalations,
         models=refinement.runs,
         convergence=refinement.last_figures,
-        validation_failures=failures,
+        validation_failures=refinement.validation_failures,
         output=f"{task.output}{task.region}",
         elapsed_s=time.perf_counter() - started,
         backend=refinement.backend.name,
         error=error_figures(task, core),
+        reason=refinement.reason,
     )

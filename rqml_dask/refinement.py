@@ -18,7 +18,7 @@ from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
 from rqml_dask.models import RefinementModel, load_model
 from rqml_dask.task import RQMLTask
 
-Status = Literal["running", "converged", "stalled", "max_iterations"]
+Status = Literal["running", "converged", "stalled", "max_iterations", "terminated"]
 
 
 @dataclass
@@ -48,7 +48,10 @@ class Refinement:
     model: RefinementModel | None = None
     monitor: ConvergenceMonitor | None = None
     last_figures: ConvergenceFigures | None = None
+    validation_failures: list[str] = field(default_factory=list)
+    reason: str = ""
     started_at: float = field(default_factory=time.perf_counter)
+    finished_at: float | None = None
 
     @classmethod
     def start(cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend) -> Refinement:
@@ -67,6 +70,10 @@ class Refinement:
     @property
     def escalations(self) -> int:
         return len(self.runs) - 1
+
+    @property
+    def can_escalate(self) -> bool:
+        return self.ladder_position + 1 < len(self.task.model_ladder)
 
     @property
     def estimate(self) -> Array:
@@ -103,12 +110,42 @@ class Refinement:
         while not self.done:
             self.step()
 
-    def _escalate_or_finish(self, reason: Status) -> None:
-        if self.ladder_position + 1 < len(self.task.model_ladder):
-            self._close_run(reason)
+    def escalate(self, reason: str) -> None:
+        """Move to the next model now (a supervision decision, or a failed validation of a
+        finished task, which then runs again); on the last model, finish as ``stalled``."""
+        self.reason = reason
+        if self.done and self.can_escalate:
+            self.status = "running"
+        self._escalate_or_finish("stalled", stop="escalated")
+
+    def terminate(self, reason: str) -> None:
+        """End the task now with status ``terminated``."""
+        self.reason = reason
+        self._finish("terminated")
+
+    def validate(self) -> list[str]:
+        """Apply the task's validation rules to the estimate; record and return the failures."""
+        rules = self.task.validation
+        xp = self.backend.xp
+        failures = []
+        if rules.require_finite and not bool(xp.all(xp.isfinite(self.estimate))):
+            failures.append("estimate has non-finite values")
+        lowest = float(xp.min(self.estimate))
+        if rules.require_nonnegative and lowest < 0:
+            failures.append(f"estimate has negative values (min {lowest:.3g})")
+        if rules.max_misfit is not None:
+            misfit = self.model.misfit()
+            if misfit > rules.max_misfit:
+                failures.append(f"misfit {misfit:.4g} above max_misfit {rules.max_misfit:.4g}")
+        self.validation_failures = failures
+        return failures
+
+    def _escalate_or_finish(self, status: Status, stop: str | None = None) -> None:
+        if self.can_escalate:
+            self._close_run(stop or status)
             self._switch_model(self.ladder_position + 1, estimate=self.model.estimate)
         else:
-            self._finish(reason)
+            self._finish(status)
 
     def _switch_model(self, position: int, estimate: Array | None) -> None:
         name = self.task.model_ladder[position]
@@ -122,6 +159,8 @@ class Refinement:
 
     def _close_run(self, stop: str) -> None:
         run = self.runs[-1]
+        if run.stop != "running":
+            return  # closed when the task finished; a later escalation keeps why it stopped
         run.stop = stop
         run.misfit = self.last_figures.misfit if self.last_figures else self.model.misfit()
 

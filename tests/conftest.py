@@ -23,7 +23,12 @@ def small_volume(tmp_path_factory) -> Path:
 def client():
     """Two worker processes on loopback, one thread each."""
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        preload=["rqml_dask.node"],
     ) as cluster, Client(cluster) as client:
         yield client
 

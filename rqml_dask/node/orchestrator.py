@@ -1,0 +1,282 @@
+"""The node orchestrator: three queues and one refinement thread per worker.
+
+* **inbound** (:class:`~rqml_dask.node.queues.InboundQueue`): tasks bound to this node,
+  their data already loaded by the Dask task that carries each one, not started;
+* **refinement**: the tasks being iterated, at most ``concurrency.limit`` of them. The
+  refinement thread steps them in turn, one iteration each per round, so they interleave;
+  nothing in that loop waits on the scheduler, the network or the disk;
+* **outbound**: finished and validated refinements, until their Dask task has written the
+  result and returned it.
+
+A finished task is validated on the refinement thread; under the policy's ``escalate`` rule
+a rejected result goes on refining with the next model of its ladder. Supervision decisions
+(:class:`~rqml_dask.node.policy.Decision`) are applied between rounds. The size of the
+refinement queue adapts to throughput and memory pressure
+(:class:`~rqml_dask.node.concurrency.AdaptiveConcurrency`).
+
+The orchestrator lives in the worker process, started by :class:`~rqml_dask.node.NodePlugin`.
+What must outlive that process (a Nanny restart, the scheduler's loss) is what the node
+persists: its policy now (``policy.json`` in the worker's local directory), its tasks'
+checkpoints with the checkpoint store.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rqml_dask.arrays import ArrayBackend
+from rqml_dask.node.concurrency import AdaptiveConcurrency
+from rqml_dask.node.policy import Decision, NodePolicy
+from rqml_dask.node.queues import InboundQueue, QueuedTask
+from rqml_dask.node.resources import ResourceMonitor
+from rqml_dask.refinement import Refinement
+from rqml_dask.task import RQMLTask
+
+WARM_SECONDS = 600.0
+"""A model used within this many seconds counts as warm on the node."""
+
+
+@dataclass
+class ActiveTask:
+    queued: QueuedTask
+    refinement: Refinement
+    voxels: int
+    started_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class NodeCounters:
+    """Running totals since the orchestrator started."""
+
+    iterations: int = 0
+    escalations: int = 0
+    completed: int = 0
+    terminated: int = 0
+    validation_failures: int = 0
+    busy_seconds: float = 0.0
+
+
+class NodeOrchestrator:
+    """Queues and refines the RQML tasks of one worker. Thread-safe public methods."""
+
+    def __init__(
+        self,
+        backend: ArrayBackend,
+        state_dir: Path,
+        resources: ResourceMonitor,
+        policy: NodePolicy | None = None,
+        window_seconds: float = 1.0,
+    ) -> None:
+        self.backend = backend
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.resources = resources
+        self.policy = NodePolicy.load(self.policy_path) or policy or NodePolicy()
+        self.concurrency = AdaptiveConcurrency(self.policy.min_concurrency, self.policy.max_concurrency)
+        self.window_seconds = window_seconds
+        self.inbound = InboundQueue()
+        self.refining: list[ActiveTask] = []
+        self.outbound: dict[str, Refinement] = {}
+        self.counters = NodeCounters()
+        self.warm_models: dict[str, float] = {}
+        self.iterations_per_second = 0.0
+        self.busy_fraction = 0.0
+        self._decisions: list[Decision] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="rqml-refinement", daemon=True)
+
+    @property
+    def policy_path(self) -> Path:
+        return self.state_dir / "policy.json"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, task: RQMLTask, problem: dict[str, Any]) -> Future:
+        """Queue ``task`` (its ``problem`` loaded onto this node's backend); the future
+        resolves to the finished, validated :class:`Refinement`."""
+        result: Future = Future()
+        with self._cond:
+            self.inbound.push(QueuedTask(task, problem, result))
+            self._cond.notify_all()
+        return result
+
+    def release(self, task_id: str) -> None:
+        """The caller has written and returned this task's result: drop it from outbound."""
+        with self._cond:
+            self.outbound.pop(task_id, None)
+
+    def decide(self, decision: Decision) -> None:
+        """Carry out a supervision decision on the next round."""
+        with self._cond:
+            self._decisions.append(decision)
+            self._cond.notify_all()
+
+    def set_policy(self, policy: NodePolicy) -> None:
+        """Adopt and persist ``policy`` (an older version than the current one is ignored)."""
+        with self._cond:
+            if policy.version < self.policy.version:
+                return
+            self.policy = policy
+            self.concurrency.bound(policy.min_concurrency, policy.max_concurrency)
+            policy.save(self.policy_path)
+
+    def is_warm(self, model: str) -> bool:
+        return time.monotonic() - self.warm_models.get(model, -math.inf) < WARM_SECONDS
+
+    def queue_stats(self) -> dict[str, Any]:
+        """Each queue's depth, oldest age (seconds) and per-class counts."""
+        now = time.monotonic()
+        with self._cond:
+            queues = {
+                "inbound": [(q.task.task_class, q.enqueued_at) for q in self.inbound],
+                "refinement": [(a.queued.task.task_class, a.started_at) for a in self.refining],
+                "outbound": [(r.task.task_class, r.finished_at) for r in self.outbound.values()],
+            }
+            order = [q.task.task_id for q in self.inbound.ordered(self.policy, self.is_warm)]
+            limit = self.concurrency.limit
+        stats: dict[str, Any] = {
+            name: {
+                "depth": len(entries),
+                "oldest_age_s": max((now - t for _, t in entries), default=0.0),
+                "by_class": dict(Counter(c for c, _ in entries)),
+            }
+            for name, entries in queues.items()
+        }
+        stats["inbound"]["order"] = order
+        stats["refinement"]["limit"] = limit
+        return stats
+
+    def heartbeat(self) -> dict[str, Any]:
+        """The figures advertised on every Dask heartbeat (custom worker metric ``rqml``)."""
+        with self._cond:
+            depths = {"inbound": len(self.inbound), "refining": len(self.refining), "outbound": len(self.outbound)}
+            warm = sorted(m for m in self.warm_models if self.is_warm(m))
+            counters = self.counters
+            figures = {
+                **depths,
+                "concurrency_limit": self.concurrency.limit,
+                "busy_fraction": self.busy_fraction,
+                "iterations_per_second": self.iterations_per_second,
+                "iterations_total": counters.iterations,
+                "escalations_total": counters.escalations,
+                "tasks_completed": counters.completed,
+                "tasks_terminated": counters.terminated,
+                "validation_failures": counters.validation_failures,
+                "warm_models": warm,
+                "policy_version": self.policy.version,
+                "backend": self.backend.name,
+            }
+        return {**figures, **self.resources.read()}
+
+    # -- the refinement thread -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        window_start = time.monotonic()
+        window_busy = 0.0
+        window_iterations = 0
+        window_voxel_iterations = 0
+        saturated = True
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                self._admit()
+                decisions, self._decisions = self._decisions, []
+                batch = list(self.refining)
+                if not batch and not decisions:
+                    self._cond.wait(self.window_seconds)
+                saturated = saturated and len(batch) >= self.concurrency.limit
+            for decision in decisions:
+                self._apply(decision, batch)
+            started = time.perf_counter()
+            stepped = voxel_iterations = 0
+            for active in batch:
+                if not active.refinement.done:
+                    active.refinement.step()
+                    stepped += 1
+                    voxel_iterations += active.voxels
+            busy = time.perf_counter() - started
+            window_busy += busy
+            window_iterations += stepped
+            window_voxel_iterations += voxel_iterations
+            self._retire([a for a in batch if a.refinement.done], busy, stepped)
+            now = time.monotonic()
+            if now - window_start >= self.window_seconds:
+                elapsed = now - window_start
+                with self._cond:
+                    self.busy_fraction = min(window_busy / elapsed, 1.0)
+                    self.iterations_per_second = window_iterations / elapsed
+                    if window_busy > 0:
+                        self.concurrency.update(
+                            window_voxel_iterations / window_busy, self.resources.memory_pressure(), saturated
+                        )
+                window_start, window_busy, window_iterations, window_voxel_iterations = now, 0.0, 0, 0
+                saturated = True
+
+    def _admit(self) -> None:
+        """Move tasks from inbound into refinement up to the concurrency limit (lock held)."""
+        while self.inbound and len(self.refining) < self.concurrency.limit:
+            queued = self.inbound.pop(self.policy, self.is_warm)
+            if queued.result.set_running_or_notify_cancel():
+                try:
+                    refinement = Refinement.start(queued.task, queued.problem, self.backend)
+                except Exception as exc:
+                    queued.result.set_exception(exc)
+                    continue
+                voxels = math.prod(queued.problem["image"].shape)
+                self.refining.append(ActiveTask(queued, refinement, voxels))
+                self.warm_models[refinement.model_name] = time.monotonic()
+
+    def _apply(self, decision: Decision, batch: list[ActiveTask]) -> None:
+        for active in batch:
+            if active.queued.task.task_id == decision.task_id and not active.refinement.done:
+                if decision.action == "escalate":
+                    active.refinement.escalate(decision.reason)
+                else:
+                    active.refinement.terminate(decision.reason)
+
+    def _retire(self, finished: list[ActiveTask], busy: float, stepped: int) -> None:
+        """Validate finished tasks; hand them to outbound or, per policy, refine them further."""
+        policy = self.policy
+        done = []
+        for active in finished:
+            refinement = active.refinement
+            if refinement.status != "terminated" and refinement.validate():
+                self.counters.validation_failures += 1
+                if policy.on_validation_failure == "escalate" and refinement.can_escalate:
+                    refinement.escalate("validation failed: " + "; ".join(refinement.validation_failures))
+                    continue
+            done.append(active)
+        limit = policy.max_task_seconds
+        now = time.monotonic()
+        with self._cond:
+            self.counters.iterations += stepped
+            self.counters.busy_seconds += busy
+            for active in self.refining:
+                if limit and not active.refinement.done and now - active.started_at > limit:
+                    active.refinement.terminate(f"exceeded max_task_seconds={limit:g}")
+            for active in done:
+                refinement = active.refinement
+                self.refining.remove(active)
+                self.counters.escalations += refinement.escalations
+                self.counters.completed += 1
+                self.counters.terminated += refinement.status == "terminated"
+                refinement.finished_at = now
+                self.outbound[refinement.task.task_id] = refinement
+                self.warm_models[refinement.model_name] = now
+                active.queued.result.set_result(refinement)

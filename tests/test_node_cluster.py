@@ -1,0 +1,114 @@
+"""The node plugin on real worker processes: heartbeat figures, HTTP endpoints, a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import zarr
+from distributed import Client, LocalCluster
+from prometheus_client.parser import text_string_to_metric_families
+
+from rqml_dask import Pipeline
+
+from conftest import pipeline_dict, write_yaml
+
+pytestmark = pytest.mark.slow
+
+ADVERTISED = {
+    "inbound", "refining", "outbound", "busy_fraction", "concurrency_limit", "iterations_per_second",
+    "iterations_total", "warm_models", "host_memory_fraction", "system_memory_fraction", "gpu_count",
+    "gpus", "device_memory_fraction", "bandwidth", "checkpoints", "policy_version",
+}
+
+
+def node_metrics(client: Client) -> dict[str, dict]:
+    return client.run_on_scheduler(
+        lambda dask_scheduler: {addr: ws.metrics.get("rqml") for addr, ws in dask_scheduler.workers.items()}
+    )
+
+
+def wait_for(predicate, timeout=30.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def long_pipeline(tmp_path, store, iterations=400, name="long") -> Pipeline:
+    fixed = {"max_iterations": iterations, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6}
+    data = pipeline_dict(store, tmp_path / f"{name}.zarr", name=name, convergence=fixed, models={"ladder": ["richardson_lucy"]})
+    return Pipeline.from_yaml(write_yaml(tmp_path / f"{name}.yaml", data))
+
+
+def http_get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.read().decode()
+
+
+def test_heartbeat_advertises_every_figure_and_follows_load(tmp_path, small_volume, client):
+    idle = wait_for(lambda: (m := node_metrics(client)) and all(v for v in m.values()) and m)
+    for figures in idle.values():
+        assert ADVERTISED <= set(figures)
+        assert figures["refining"] == 0 and figures["gpu_count"] == 0 and figures["bandwidth"] > 0
+    before = sum(f["iterations_total"] for f in idle.values())
+    futures = long_pipeline(tmp_path, small_volume).submit(client)
+    busy = wait_for(lambda: (m := node_metrics(client)) and sum(f["refining"] for f in m.values()) >= 2
+                    and all(f["busy_fraction"] > 0.2 for f in m.values()) and m)
+    assert all("richardson_lucy" in f["warm_models"] and f["iterations_per_second"] > 0 for f in busy.values())
+    assert sum(f["inbound"] + f["refining"] for f in busy.values()) >= 2
+    client.gather(futures)
+    after = wait_for(lambda: (m := node_metrics(client)) and all(f["refining"] == 0 and f["busy_fraction"] < 0.05 for f in m.values()) and m)
+    assert sum(f["iterations_total"] for f in after.values()) == before + 8 * 400
+    assert sum(f["tasks_completed"] for f in after.values()) - sum(f["tasks_completed"] for f in idle.values()) == 8
+
+
+def test_node_endpoints_answer_over_http_on_every_worker(tmp_path, small_volume, client):
+    futures = long_pipeline(tmp_path, small_volume, iterations=300, name="http").submit(client)
+    wait_for(lambda: sum(f["refining"] for f in node_metrics(client).values()) >= 2)
+    workers = client.scheduler_info()["workers"]
+    assert len(workers) == 2
+    for info in workers.values():
+        base = f"http://127.0.0.1:{info['services']['dashboard']}"
+        assert http_get(base + "/health") == (200, "ok")
+        status, body = http_get(base + "/queue_stats")
+        stats = json.loads(body)
+        assert status == 200 and set(stats) == {"inbound", "refinement", "outbound"}
+        assert stats["refinement"]["depth"] >= 1 and stats["refinement"]["by_class"] == {"deconvolution": stats["refinement"]["depth"]}
+        assert stats["refinement"]["oldest_age_s"] > 0
+        status, body = http_get(base + "/checkpoint_state")
+        tasks = json.loads(body)["tasks"]
+        assert status == 200 and tasks and all(t["iteration"] >= 0 for t in tasks.values())
+        status, body = http_get(base + "/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        assert {"rqml_queue_depth", "rqml_iterations", "rqml_escalations", "rqml_checkpoint_lag_seconds"} <= set(families)
+        assert "dask_worker_tasks" in families  # Dask's own series are still there
+        depth = {s.labels["queue"]: s.value for s in families["rqml_queue_depth"].samples}
+        assert depth["refining"] >= 1
+    client.gather(futures)
+
+
+def test_worker_killed_mid_task_the_pipeline_still_completes_correctly(tmp_path, small_volume):
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                      preload=["rqml_dask.node"]) as cluster, Client(cluster) as client:
+        reference = long_pipeline(tmp_path, small_volume, iterations=150, name="reference")
+        reference.run(client, progress=False)
+        pipeline = long_pipeline(tmp_path, small_volume, iterations=150, name="killed")
+        futures = pipeline.submit(client)
+        victim = wait_for(lambda: next((a for a, f in node_metrics(client).items() if f and f["refining"]), None))
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        outcomes = client.gather(futures)
+        assert len(outcomes) == 8 and all(o.iterations == 150 for o in outcomes)
+        wait_for(lambda: len(client.scheduler_info()["workers"]) == 2)  # the Nanny restarted it
+        killed = zarr.open_group(tmp_path / "killed.zarr", mode="r")["deconvolved"][...]
+        expected = zarr.open_group(tmp_path / "reference.zarr", mode="r")["deconvolved"][...]
+        np.testing.assert_array_equal(killed, expected)

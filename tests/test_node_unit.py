@@ -1,0 +1,148 @@
+"""The node orchestrator in one process: queue order, interleaving, decisions, policy, concurrency."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+from rqml_dask.arrays import numpy_backend
+from rqml_dask.node.concurrency import AdaptiveConcurrency
+from rqml_dask.node.orchestrator import NodeOrchestrator
+from rqml_dask.node.policy import Decision, NodePolicy
+from rqml_dask.node.resources import ResourceMonitor
+from rqml_dask.refinement import Refinement
+from rqml_dask.synthetic import gaussian_psf
+from rqml_dask.task import ArrayRef, ConvergenceSettings, Region, RQMLTask, TaskInput
+
+
+def make_task(task_id: str, **fields) -> RQMLTask:
+    ref = ArrayRef("/unused.zarr", "observed")
+    defaults = dict(
+        task_id=task_id,
+        task_class="deconvolution",
+        region=Region(((0, 16),) * 3, ((0, 16),) * 3),
+        input=TaskInput(ref, ref),
+        output=ref,
+        model_ladder=("richardson_lucy", "richardson_lucy_tv"),
+        convergence=ConvergenceSettings(max_iterations=40, check_every=5),
+    )
+    return RQMLTask(**{**defaults, **fields})
+
+
+def make_problem(seed: int, backend=numpy_backend()) -> dict:
+    rng = np.random.default_rng(seed)
+    image = rng.poisson(rng.random((16, 16, 16)) * 50).astype(np.float32) / 50
+    return {"image": backend.asarray(image), "psf": backend.asarray(gaussian_psf((1.0, 1.0, 1.0)))}
+
+
+@pytest.fixture
+def node(tmp_path):
+    nodes = []
+
+    def make(policy: NodePolicy = NodePolicy(), state_dir=None) -> NodeOrchestrator:
+        orchestrator = NodeOrchestrator(numpy_backend(), state_dir or tmp_path / "node", ResourceMonitor(None), policy, window_seconds=0.2)
+        orchestrator.start()
+        nodes.append(orchestrator)
+        return orchestrator
+
+    yield make
+    for orchestrator in nodes:
+        orchestrator.stop()
+
+
+def admitted_order(orchestrator: NodeOrchestrator, futures: dict) -> list[str]:
+    results = {task_id: future.result(timeout=60) for task_id, future in futures.items()}
+    return sorted(results, key=lambda task_id: results[task_id].started_at)
+
+
+def test_inbound_serves_priority_class_difficulty_then_warm_models(node):
+    orchestrator = node(NodePolicy(class_order=("deconvolution", "linear_solve"), min_concurrency=1, max_concurrency=1))
+    rl = ("richardson_lucy",)  # one-model ladders: no escalation warms another model meanwhile
+    blocker = orchestrator.submit(make_task("blocker", model_ladder=rl, convergence=ConvergenceSettings(max_iterations=400)), make_problem(0))
+    while not orchestrator.refining:
+        time.sleep(0.01)
+    orchestrator.warm_models["landweber"] = time.monotonic()  # as if this node ran Landweber a moment ago
+    tasks = [
+        make_task("solve", task_class="linear_solve", model_ladder=rl),
+        make_task("easy", expected_difficulty=1.0, model_ladder=rl),
+        make_task("cold-hard", expected_difficulty=5.0, model_ladder=("richardson_lucy_tv",)),
+        make_task("warm-hard", expected_difficulty=5.0, model_ladder=("landweber",)),
+        make_task("urgent", priority=10, expected_difficulty=0.5, model_ladder=rl),
+    ]
+    futures = {t.task_id: orchestrator.submit(t, make_problem(i + 1)) for i, t in enumerate(tasks)}
+    expected = ["urgent", "warm-hard", "cold-hard", "easy", "solve"]
+    assert orchestrator.queue_stats()["inbound"]["order"] == expected
+    blocker.result(timeout=60)
+    assert admitted_order(orchestrator, futures) == expected
+
+
+def test_refinement_queue_interleaves_and_each_result_equals_a_solo_run(node):
+    orchestrator = node(NodePolicy(min_concurrency=3, max_concurrency=3))
+    tasks = [make_task(f"t{i}", convergence=ConvergenceSettings(max_iterations=60, check_every=5)) for i in range(3)]
+    futures = [orchestrator.submit(t, make_problem(i)) for i, t in enumerate(tasks)]
+    depths = []
+    while not all(f.done() for f in futures):
+        depths.append(orchestrator.queue_stats()["refinement"]["depth"])
+        time.sleep(0.005)
+    assert max(depths) == 3  # all three were being iterated at once
+    for i, (task, future) in enumerate(zip(tasks, futures)):
+        solo = Refinement.start(task, make_problem(i), numpy_backend())
+        solo.run_to_end()
+        interleaved = future.result()
+        assert interleaved.iteration == solo.iteration and interleaved.status == solo.status
+        np.testing.assert_array_equal(interleaved.estimate, solo.estimate)
+
+
+def test_decisions_escalate_and_terminate_running_tasks(node):
+    orchestrator = node(NodePolicy(min_concurrency=2, max_concurrency=2))
+    slow = ConvergenceSettings(max_iterations=2000, stability_tol=0, consistency_tol=0, novelty_window=10**6)
+    escalated = orchestrator.submit(make_task("a", convergence=slow, model_ladder=("richardson_lucy", "landweber")), make_problem(1))
+    terminated = orchestrator.submit(make_task("b", convergence=slow), make_problem(2))
+    while len(orchestrator.refining) < 2:
+        time.sleep(0.01)
+    orchestrator.decide(Decision("a", "escalate", "supervisor: stalled on the cluster"))
+    orchestrator.decide(Decision("b", "terminate", "supervisor: hopeless"))
+    b = terminated.result(timeout=30)
+    assert b.status == "terminated" and b.reason == "supervisor: hopeless" and b.iteration < 2000
+    while len(orchestrator.refining[0].refinement.runs) < 2:
+        time.sleep(0.01)
+    orchestrator.decide(Decision("a", "terminate", "enough"))
+    a = escalated.result(timeout=30)
+    assert [run.model for run in a.runs] == ["richardson_lucy", "landweber"]
+    assert a.runs[0].stop == "escalated"
+
+
+def test_failed_validation_escalates_per_policy(node):
+    orchestrator = node(NodePolicy(on_validation_failure="escalate"))
+    task = make_task("v", validation=dataclasses.replace(make_task("x").validation, max_misfit=1e-9),
+                     convergence=ConvergenceSettings(max_iterations=30, check_every=5))
+    refinement = orchestrator.submit(task, make_problem(3)).result(timeout=60)
+    assert [run.model for run in refinement.runs] == ["richardson_lucy", "richardson_lucy_tv"]
+    assert refinement.validation_failures and "above max_misfit" in refinement.validation_failures[0]
+    assert orchestrator.counters.validation_failures == 2
+
+
+def test_policy_is_persisted_and_reloaded(node, tmp_path):
+    orchestrator = node(state_dir=tmp_path / "state")
+    orchestrator.set_policy(NodePolicy(version=3, max_concurrency=2, on_validation_failure="reject"))
+    orchestrator.set_policy(NodePolicy(version=2, max_concurrency=7))  # older: ignored
+    restarted = node(state_dir=tmp_path / "state")
+    assert restarted.policy == NodePolicy(version=3, max_concurrency=2, on_validation_failure="reject")
+    assert restarted.concurrency.maximum == 2
+    (tmp_path / "state" / "policy.json").write_text("{not json")
+    assert node(NodePolicy(version=9), state_dir=tmp_path / "state").policy.version == 9
+
+
+def test_adaptive_concurrency_grows_while_throughput_rises_and_backs_off():
+    c = AdaptiveConcurrency(minimum=1, maximum=6, hold_windows=2)
+    throughput = {1: 100.0, 2: 180.0, 3: 240.0, 4: 245.0}
+    limits = [c.update(throughput[min(c.limit, 4)], 0.1, saturated=True) for _ in range(4)]
+    assert limits == [2, 3, 4, 3]  # probe 4 did not pay: back to 3, then hold
+    assert c.update(240.0, 0.1, True) == 3 and c.update(240.0, 0.1, True) == 3
+    assert c.update(240.0, 0.1, True) == 4  # the hold is over: probe again
+    assert c.update(240.0, 0.95, True) == 2  # memory pressure halves
+    assert c.update(240.0, 0.1, True) == 2 and c.update(100.0, 0.1, True) == 1  # a slowdown steps back
+    assert AdaptiveConcurrency(minimum=1, maximum=4).update(50.0, 0.1, saturated=False) == 1  # not saturated: no probe
