@@ -37,14 +37,18 @@ class ArrayBackend:
         return self.name == "cupy"
 
     def rfftn(self, x: Array, s: tuple[int, ...]) -> Array:
+        """Real FFT over the last ``len(s)`` axes, zero-padded to ``s``; leading axes are a batch."""
+        axes = tuple(range(-len(s), 0))
         if self._scipy_fft is not None:
-            return self._scipy_fft.rfftn(x, s=s, workers=self.fft_workers)
-        return self.xp.fft.rfftn(x, s=s, axes=tuple(range(-len(s), 0)))
+            return self._scipy_fft.rfftn(x, s=s, axes=axes, workers=self.fft_workers)
+        return self.xp.fft.rfftn(x, s=s, axes=axes)
 
     def irfftn(self, x: Array, s: tuple[int, ...]) -> Array:
+        """Inverse of :meth:`rfftn`: real output of shape ``s`` over the last ``len(s)`` axes."""
+        axes = tuple(range(-len(s), 0))
         if self._scipy_fft is not None:
-            return self._scipy_fft.irfftn(x, s=s, workers=self.fft_workers)
-        return self.xp.fft.irfftn(x, s=s, axes=tuple(range(-len(s), 0)))
+            return self._scipy_fft.irfftn(x, s=s, axes=axes, workers=self.fft_workers)
+        return self.xp.fft.irfftn(x, s=s, axes=axes)
 
     def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
         """Move a host (NumPy) array onto this backend."""

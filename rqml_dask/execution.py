@@ -8,17 +8,18 @@ RQML task.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from distributed import rejoin, secede
+from pydantic import TypeAdapter
 
 from rqml_dask.arrays import ArrayBackend
 from rqml_dask.convergence import ConvergenceFigures
 from rqml_dask.refinement import ModelRun, Refinement
 from rqml_dask.task import RQMLTask
-from rqml_dask.volumes import InputError, open_array, read_core, read_window, write_core
+from rqml_dask.volumes import InputError, core_written, open_array, read_core, read_window, write_core
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,12 @@ class ErrorFigures:
 
 @dataclass
 class TaskOutcome:
-    """What a finished RQML task reports to whoever submitted it."""
+    """What a finished RQML task reports to whoever submitted it.
+
+    ``resumed_from`` is the checkpoint iteration the final run started from (``None``: from
+    the start); ``reused`` says the outcome was recorded by an earlier run of the same task
+    and nothing was recomputed; ``notes`` lists checkpoints rejected on the way.
+    """
 
     task_id: str
     status: str
@@ -47,6 +53,9 @@ class TaskOutcome:
     backend: str
     error: ErrorFigures | None = None
     reason: str = ""
+    resumed_from: int | None = None
+    reused: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:
@@ -77,25 +86,37 @@ def error_figures(task: RQMLTask, core: np.ndarray) -> ErrorFigures | None:
 
 
 def run_task(task: RQMLTask) -> TaskOutcome:
-    """Load ``task``'s data, have this worker's node refine it to the end of its ladder,
-    and write its core to the output array.
+    """Run ``task`` on this worker's node, resuming from its newest valid checkpoint.
 
-    The data is read on the Dask thread; the thread then secedes from the worker's pool while
-    the node's refinement thread iterates, so the worker can hand the node more tasks.
+    A task whose outcome was recorded before (a re-run of the same pipeline) and whose core
+    is in the output returns that outcome at once. Otherwise the data is read on the Dask
+    thread, which then secedes from the worker's pool while the node's refinement thread
+    iterates, so the worker can hand the node more tasks.
     """
     from rqml_dask.node import current_node
 
     started = time.perf_counter()
     node = current_node()
+    checkpointer = node.checkpointer_for(task.checkpoint) if task.checkpoint else None
+    if checkpointer is not None:
+        recorded = checkpointer.outcome(task)
+        if recorded is not None and core_written(task.output, task.region):
+            return replace(OUTCOME.validate_json(recorded), reused=True)
+    resume = checkpointer.latest(task) if checkpointer is not None else None
     problem = load_problem(task, node.orchestrator.backend)
-    pending = node.orchestrator.submit(task, problem)
+    pending = node.orchestrator.submit(task, problem, checkpointer, resume)
     secede()
     try:
         refinement = pending.result()
     finally:
         rejoin()
     try:
-        return finish_task(refinement, started)
+        outcome = finish_task(refinement, started)
+        if resume is not None:
+            outcome.notes.extend(resume.rejected)
+        if checkpointer is not None:
+            checkpointer.finish(task, OUTCOME.dump_json(outcome))
+        return outcome
     finally:
         node.orchestrator.release(task.task_id)
 
@@ -119,4 +140,8 @@ def finish_task(refinement: Refinement, started: float) -> TaskOutcome:
         backend=refinement.backend.name,
         error=error_figures(task, core),
         reason=refinement.reason,
+        resumed_from=refinement.resumed_from,
     )
+
+
+OUTCOME = TypeAdapter(TaskOutcome)

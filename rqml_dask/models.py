@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import functools
 import importlib
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
@@ -64,6 +64,19 @@ class RefinementModel(abc.ABC):
 
     @abc.abstractmethod
     def misfit(self) -> float: ...
+
+    def batch_key(self) -> Hashable | None:
+        """Models with equal non-``None`` keys can be advanced together by :meth:`step_batch`."""
+        return None
+
+    @classmethod
+    def step_batch(cls, models: Sequence[RefinementModel]) -> None:
+        """Advance each of ``models`` (equal :meth:`batch_key`) by exactly one iteration, with
+        the same result as ``model.step()`` on each. The default steps them one by one; a
+        model overrides it to stack them into one batched call, which on a GPU replaces many
+        small kernel launches by a few large ones."""
+        for model in models:
+            model.step()
 
     def state(self) -> dict[str, Array]:
         return {"estimate": self.estimate}

@@ -10,10 +10,11 @@ starts from the current estimate; the outcome records every model run.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from rqml_dask.arrays import Array, ArrayBackend
+from rqml_dask.checkpoint import CheckpointError, ModelConfig, TaskCheckpoint
 from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
 from rqml_dask.models import RefinementModel, load_model
 from rqml_dask.task import RQMLTask
@@ -29,6 +30,20 @@ class ModelRun:
     iterations: int = 0
     stop: str = "running"
     misfit: float | None = None
+
+
+@dataclass
+class Snapshot:
+    """A refinement's resumable state at one iteration, copied on the refinement thread."""
+
+    task: RQMLTask
+    iteration: int
+    model_config: ModelConfig
+    arrays: dict[str, Any]
+    supervision_state: dict
+    reason: str
+    backend: ArrayBackend
+    taken_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -52,6 +67,10 @@ class Refinement:
     reason: str = ""
     started_at: float = field(default_factory=time.perf_counter)
     finished_at: float | None = None
+    resumed_from: int | None = None
+    checkpoint_reason: str | None = None
+    last_checkpoint_iteration: int = 0
+    last_checkpoint_time: float = field(default_factory=time.monotonic)
 
     @classmethod
     def start(cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend) -> Refinement:
@@ -82,13 +101,23 @@ class Refinement:
 
     def step(self) -> None:
         """Advance one iteration; after it, run the checks that fall due."""
-        assert self.model is not None and self.monitor is not None and not self.done
+        previous = self.before_step()
+        self.model.step()
+        self.after_step(previous)
+
+    def before_step(self) -> Array | None:
+        """First half of :meth:`step`, for callers that step several models in one batch:
+        call it, advance ``self.model`` by one iteration, then :meth:`after_step` with its
+        result. Returns a copy of the estimate when this iteration ends with a check."""
+        assert self.model is not None and not self.done
+        check = (self.runs[-1].iterations + 1) % self.task.convergence.check_every == 0
+        return self.backend.xp.asarray(self.model.estimate, copy=True) if check else None
+
+    def after_step(self, previous: Array | None) -> None:
+        """Second half of :meth:`step`: count the iteration, run the checks that fall due."""
         settings = self.task.convergence
         run = self.runs[-1]
         xp = self.backend.xp
-        check = (run.iterations + 1) % settings.check_every == 0
-        previous = xp.asarray(self.model.estimate, copy=True) if check else None
-        self.model.step()
         run.iterations += 1
         self.iteration += 1
         if previous is not None:
@@ -147,6 +176,69 @@ class Refinement:
         else:
             self._finish(status)
 
+    def checkpoint_due(self) -> str | None:
+        """Why a checkpoint should be taken now (per the task's settings), or ``None``."""
+        settings = self.task.checkpoint
+        if settings is None or not settings.enabled or self.done:
+            return None
+        if self.checkpoint_reason:
+            return self.checkpoint_reason
+        if settings.every_iterations and self.iteration - self.last_checkpoint_iteration >= settings.every_iterations:
+            return "iterations"
+        if settings.every_seconds and time.monotonic() - self.last_checkpoint_time >= settings.every_seconds:
+            return "interval"
+        return None
+
+    def snapshot(self, reason: str) -> Snapshot:
+        """Copy the resumable state (on the array backend: a device copy on a GPU) so the
+        refinement can go on while a writer stores it."""
+        xp = self.backend.xp
+        self.checkpoint_reason = None
+        self.last_checkpoint_iteration = self.iteration
+        self.last_checkpoint_time = time.monotonic()
+        return Snapshot(
+            task=self.task,
+            iteration=self.iteration,
+            model_config=ModelConfig(self.model_name, self.ladder_position, self.task.model_params.get(self.model_name, {})),
+            arrays={name: xp.asarray(array, copy=True) for name, array in self.model.state().items()},
+            supervision_state=self.supervision_state(),
+            reason=reason,
+            backend=self.backend,
+        )
+
+    def supervision_state(self) -> dict:
+        """Everything but the model's arrays that a resumed refinement needs to go on as if
+        uninterrupted (ladder history, heuristics' window), JSON/msgpack-friendly."""
+        return {
+            "task_key": self.task.key,
+            "iteration": self.iteration,
+            "runs": [asdict(run) for run in self.runs],
+            "monitor": [list(point) for point in self.monitor.history],
+            "last_figures": asdict(self.last_figures) if self.last_figures else None,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def resume(
+        cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend, checkpoint: TaskCheckpoint, arrays: dict
+    ) -> Refinement:
+        """Rebuild a refinement from a verified checkpoint and its artifact arrays (host)."""
+        state = checkpoint.supervision_state
+        position = checkpoint.model_config.ladder_position
+        if state.get("task_key") != task.key or task.model_ladder[position] != checkpoint.model_config.model:
+            raise CheckpointError(f"checkpoint at iteration {checkpoint.iteration} belongs to another task or ladder")
+        refinement = cls(task, problem, backend)
+        refinement._switch_model(position, estimate=None)
+        refinement.model.restore({name: backend.asarray(array) for name, array in arrays.items()})
+        refinement.runs = [ModelRun(**run) for run in state["runs"]]
+        refinement.monitor.history.extend((int(i), float(m)) for i, m in state["monitor"])
+        refinement.last_figures = ConvergenceFigures(**state["last_figures"]) if state["last_figures"] else None
+        refinement.iteration = checkpoint.iteration
+        refinement.reason = state["reason"]
+        refinement.resumed_from = refinement.last_checkpoint_iteration = checkpoint.iteration
+        refinement.checkpoint_reason = None
+        return refinement
+
     def _switch_model(self, position: int, estimate: Array | None) -> None:
         name = self.task.model_ladder[position]
         model_cls = load_model(name)
@@ -156,6 +248,8 @@ class Refinement:
         self.model = model
         self.monitor = ConvergenceMonitor(self.task.convergence)
         self.runs.append(ModelRun(name))
+        if position > 0:
+            self.checkpoint_reason = "model switch"
 
     def _close_run(self, stop: str) -> None:
         run = self.runs[-1]

@@ -8,7 +8,8 @@ nodes; decoding validates every field, so a malformed message is refused with th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Self
+import hashlib
+from typing import Any, Literal, Self
 
 import msgpack
 from pydantic import ConfigDict, Field, TypeAdapter
@@ -55,6 +56,29 @@ class ValidationSettings:
     require_finite: bool = True
     require_nonnegative: bool = True
     max_misfit: NonNegativeFloat | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """When and where a task's checkpoints go.
+
+    A checkpoint is taken every ``every_iterations`` iterations and/or every ``every_seconds``
+    seconds, and always on a model switch and on a failed validation (unless ``enabled`` is
+    false). ``local`` is the node's LMDB (``lmdb://PATH``; ``{host}`` in it becomes the
+    node's host name), ``shared`` an optional ``etcd://HOST:PORT`` or ``consul://HOST:PORT``,
+    ``artifacts`` the directory every node can reach where the arrays go. ``retention``:
+    ``delete`` removes a finished task's checkpoints and artifacts, ``keep`` leaves them.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    local: str
+    artifacts: str
+    shared: str | None = None
+    enabled: bool = True
+    every_iterations: PositiveInt | None = 10
+    every_seconds: Annotated[float, Field(gt=0)] | None = None
+    retention: Literal["delete", "keep"] = "delete"
 
 
 @dataclass(frozen=True)
@@ -135,6 +159,18 @@ class RQMLTask:
     expected_difficulty: float = 1.0
     convergence: ConvergenceSettings = ConvergenceSettings()
     validation: ValidationSettings = ValidationSettings()
+    checkpoint: CheckpointSettings | None = None
+
+    @property
+    def key(self) -> str:
+        """``task_id@fingerprint``: names the task's checkpoints and result in every store.
+
+        The fingerprint covers what determines the result (data, region, ladder, parameters,
+        convergence and validation settings), not scheduling or checkpoint settings, so a
+        changed pipeline never resumes from a checkpoint of a different computation."""
+        body = {k: v for k, v in self.to_dict().items() if k not in ("priority", "expected_difficulty", "checkpoint")}
+        digest = hashlib.sha256(msgpack.packb(body)).hexdigest()[:16]
+        return f"{self.task_id}@{digest}"
 
     def to_dict(self) -> dict[str, Any]:
         return _TASK.dump_python(self, mode="json")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from rqml_dask.task import ArrayRef, Region
 
@@ -67,6 +68,16 @@ def read_core(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.ndar
 def write_core(ref: ArrayRef, region: Region, data: np.ndarray) -> None:
     """Write a task's core into the output array (cores are chunk-aligned: no write races)."""
     open_array(ref, mode="r+")[region.core_slices] = data
+
+
+def core_written(ref: ArrayRef, region: Region) -> bool:
+    """Whether the output chunk holding ``region``'s core is on disk (cores are chunks).
+
+    Zarr does not store a chunk equal to its fill value, so an all-zero core reads as not
+    written; a caller then recomputes it, which is harmless."""
+    array = open_array(ref)
+    coords = tuple(c0 // c for (c0, _), c in zip(region.core, array.chunks))
+    return bool(sync((array.store_path / array.metadata.encode_chunk_key(coords)).exists()))
 
 
 def _fmt(box: tuple[tuple[int, int], ...]) -> str:

@@ -51,3 +51,12 @@ def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """A real etcd server on free loopback ports, with its own data dir; stopped at the end."""
+    from etcd_server import EtcdServer
+
+    with EtcdServer(tmp_path / "etcd") as server:
+        yield server

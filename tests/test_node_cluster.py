@@ -108,6 +108,8 @@ def test_worker_killed_mid_task_the_pipeline_still_completes_correctly(tmp_path,
         os.kill(pid, signal.SIGKILL)
         outcomes = client.gather(futures)
         assert len(outcomes) == 8 and all(o.iterations == 150 for o in outcomes)
+        resumed = [o for o in outcomes if o.resumed_from is not None]
+        assert resumed and all(0 < o.resumed_from < 150 for o in resumed)  # not from iteration 0
         wait_for(lambda: len(client.scheduler_info()["workers"]) == 2)  # the Nanny restarted it
         killed = zarr.open_group(tmp_path / "killed.zarr", mode="r")["deconvolved"][...]
         expected = zarr.open_group(tmp_path / "reference.zarr", mode="r")["deconvolved"][...]

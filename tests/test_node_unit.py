@@ -42,8 +42,8 @@ def make_problem(seed: int, backend=numpy_backend()) -> dict:
 def node(tmp_path):
     nodes = []
 
-    def make(policy: NodePolicy = NodePolicy(), state_dir=None) -> NodeOrchestrator:
-        orchestrator = NodeOrchestrator(numpy_backend(), state_dir or tmp_path / "node", ResourceMonitor(None), policy, window_seconds=0.2)
+    def make(policy: NodePolicy = NodePolicy(), state_dir=None, backend=numpy_backend()) -> NodeOrchestrator:
+        orchestrator = NodeOrchestrator(backend, state_dir or tmp_path / "node", ResourceMonitor(None), policy, window_seconds=0.2)
         orchestrator.start()
         nodes.append(orchestrator)
         return orchestrator
@@ -79,8 +79,10 @@ def test_inbound_serves_priority_class_difficulty_then_warm_models(node):
     assert admitted_order(orchestrator, futures) == expected
 
 
-def test_refinement_queue_interleaves_and_each_result_equals_a_solo_run(node):
-    orchestrator = node(NodePolicy(min_concurrency=3, max_concurrency=3))
+@pytest.mark.parametrize("fft_threads", [1, 2], ids=["interleaved", "batched"])
+def test_refinement_queue_interleaves_and_each_result_equals_a_solo_run(node, fft_threads):
+    orchestrator = node(NodePolicy(min_concurrency=3, max_concurrency=3), backend=numpy_backend(fft_threads))
+    assert orchestrator.batching == (fft_threads > 1)
     tasks = [make_task(f"t{i}", convergence=ConvergenceSettings(max_iterations=60, check_every=5)) for i in range(3)]
     futures = [orchestrator.submit(t, make_problem(i)) for i, t in enumerate(tasks)]
     depths = []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
+
 from rqml_dask.arrays import Array, ArrayBackend
 
 
@@ -16,7 +20,8 @@ class Convolver:
     even-sized one, that call (scikit-image's back-projection) is one pixel off the adjoint,
     which breaks Landweber's and accelerated Richardson-Lucy's convergence.
 
-    :meth:`forward` and :meth:`adjoint` take and return float32 arrays, each a fresh view
+    :meth:`forward` and :meth:`adjoint` take and return float32 arrays (leading axes beyond
+    the image's are a batch, convolved one by one in a single call), each a fresh view
     into its own FFT buffer that callers may modify in place. Their transfer functions are
     computed once here.
     """
@@ -52,13 +57,15 @@ class Convolver:
             raise ValueError(f"psf must have a positive, finite sum, not {total}")
         psf32 = xp.astype(psf, xp.float32)
         psf32 /= total
+        self.psf_digest = hashlib.sha256(np.ascontiguousarray(backend.to_numpy(psf32)).data).hexdigest()
+        """Equal digests (and image shapes) mean equal transfer functions: batchable."""
         self._otf = backend.rfftn(psf32, self.fft_shape)
         self._otf_flipped = backend.rfftn(xp.flip(psf32), self.fft_shape)
 
     def _apply(self, x: Array, otf: Array, crop: tuple[slice, ...]) -> Array:
         spectrum = self.backend.rfftn(x, self.fft_shape)
         spectrum *= otf
-        return self.backend.irfftn(spectrum, self.fft_shape)[crop]
+        return self.backend.irfftn(spectrum, self.fft_shape)[(..., *crop)]
 
     def forward(self, x: Array) -> Array:
         """``x`` blurred by the PSF."""

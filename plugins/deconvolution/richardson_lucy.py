@@ -8,7 +8,7 @@ float32 of the image's shape. :meth:`RichardsonLucy.misfit` is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import EllipsisType, ModuleType
 
 from rqml_dask.arrays import Array, ArrayBackend
@@ -62,6 +62,27 @@ class RichardsonLucy(RefinementModel):
 
     def step(self) -> None:
         self._estimate *= self._correction(self._estimate)
+
+    def batch_key(self) -> tuple | None:
+        # Subclasses carry extra per-task state: only plain Richardson-Lucy batches.
+        if type(self) is not RichardsonLucy:
+            return None
+        return (RichardsonLucy, tuple(self.image.shape), self.convolver.psf_digest, self.backend.name)
+
+    @classmethod
+    def step_batch(cls, models: Sequence[RefinementModel]) -> None:
+        """One RL iteration of every model in two batched convolutions (same PSF and shape)."""
+        if len(models) < 2 or models[0].batch_key() is None:  # a subclass: one by one
+            return super().step_batch(models)
+        first = models[0]
+        xp, convolver = first.xp, first.convolver
+        blurred = convolver.forward(xp.stack([m._estimate for m in models]))
+        blurred += EPSILON
+        ratio = xp.stack([m.image for m in models])
+        ratio /= blurred
+        correction = convolver.adjoint(ratio)
+        for i, model in enumerate(models):
+            model._estimate *= correction[i, ...]
 
     @property
     def estimate(self) -> Array:

@@ -11,8 +11,8 @@ supervision messages from the scheduler through worker handlers.
 
 from __future__ import annotations
 
+import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,17 @@ from distributed import Worker, WorkerPlugin, get_worker
 from distributed.utils import sync
 
 from rqml_dask.arrays import default_backend
+from rqml_dask.node.checkpointer import Checkpointer
 from rqml_dask.node.http import add_routes, register_collector
 from rqml_dask.node.orchestrator import NodeOrchestrator
 from rqml_dask.node.policy import DECISION, POLICY, NodePolicy
 from rqml_dask.node.resources import ResourceMonitor
+from rqml_dask.stores import LMDBStore, open_store
+from rqml_dask.stores.artifacts import ArtifactStore
+from rqml_dask.task import CheckpointSettings
 
 PLUGIN_NAME = "rqml-node"
+ALERTS_TOPIC = "rqml-alerts"
 
 
 class NodePlugin(WorkerPlugin):
@@ -38,6 +43,8 @@ class NodePlugin(WorkerPlugin):
         self.policy = policy
         self.orchestrator: NodeOrchestrator | None = None
         self.worker: Worker | None = None
+        self.checkpointers: dict[tuple, Checkpointer] = {}
+        self._checkpointers_lock = threading.Lock()
 
     def setup(self, worker: Worker) -> None:
         self.worker = worker
@@ -55,6 +62,27 @@ class NodePlugin(WorkerPlugin):
         worker.metrics.pop("rqml", None)
         if self.orchestrator is not None:
             self.orchestrator.stop()
+        for checkpointer in self.checkpointers.values():
+            checkpointer.flush(timeout=10)
+            checkpointer.stop()
+
+    def checkpointer_for(self, settings: CheckpointSettings) -> Checkpointer:
+        """The node's writer for ``settings``' stores (one per distinct set, made on first use)."""
+        local = settings.local.replace("{host}", socket.gethostname())
+        key = (local, settings.shared, settings.artifacts)
+        with self._checkpointers_lock:
+            checkpointer = self.checkpointers.get(key)
+            if checkpointer is None:
+                local_store = open_store(local)
+                if not isinstance(local_store, LMDBStore):
+                    raise ValueError(f"checkpoint.local must be an lmdb:// URL, not {settings.local!r}")
+                shared = open_store(settings.shared) if settings.shared else None
+                checkpointer = Checkpointer(local_store, shared, ArtifactStore(settings.artifacts), self.worker.address, self._alert)
+                self.checkpointers[key] = checkpointer
+            return checkpointer
+
+    def _alert(self, kind: str, payload: dict[str, Any]) -> None:
+        self.worker.log_event(ALERTS_TOPIC, {"kind": kind, "worker": self.worker.address, **payload})
 
     def heartbeat(self, worker: Worker) -> dict[str, Any]:
         """The custom worker metric ``rqml`` (Dask calls it with the worker every heartbeat)."""
@@ -64,26 +92,22 @@ class NodePlugin(WorkerPlugin):
         return figures
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Per task on this node: its iteration and its latest checkpoint (none kept yet)."""
-        now = time.monotonic()
+        """Per task on this node: its iteration, its newest checkpoint (iteration, age, where
+        stored) and the writes still waiting."""
         with self.orchestrator._cond:
-            active = [(a.queued.task.task_id, a.refinement.iteration, a.started_at) for a in self.orchestrator.refining]
-        return {
-            "tasks": {
-                task_id: {
-                    "iteration": iteration,
-                    "refining_for_s": now - started,
-                    "last_checkpoint_iteration": None,
-                    "last_checkpoint_age_s": None,
-                    "stored_in": [],
-                    "pending_writes": 0,
-                }
-                for task_id, iteration, started in active
-            }
-        }
+            active = {a.queued.task.key: a.refinement.iteration for a in self.orchestrator.refining}
+        tasks: dict[str, dict[str, Any]] = {key: {"iteration": iteration} for key, iteration in active.items()}
+        for checkpointer in list(self.checkpointers.values()):
+            for key, state in checkpointer.state().items():
+                tasks.setdefault(key, {"iteration": None}).update(state)
+        return {"tasks": tasks, **self.checkpoint_summary()}
 
     def checkpoint_summary(self) -> dict[str, float]:
-        return {"pending": 0, "lag_seconds": 0.0}
+        summaries = [c.summary() for c in list(self.checkpointers.values())]
+        return {
+            "pending": sum(s["pending"] for s in summaries),
+            "lag_seconds": max((s["lag_seconds"] for s in summaries), default=0.0),
+        }
 
     def _handle_decision(self, decision: dict) -> dict:
         self.orchestrator.decide(DECISION.validate_python(decision))

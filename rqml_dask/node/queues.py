@@ -27,6 +27,8 @@ class QueuedTask:
     task: RQMLTask
     problem: dict[str, Any]
     result: Any  # concurrent.futures.Future[Refinement]
+    checkpointer: Any = None  # Checkpointer of the task's checkpoint settings, if any
+    resume: Any = None  # Resume: the checkpoint to start from, if any
     enqueued_at: float = field(default_factory=time.monotonic)
     sequence: int = 0
 

@@ -79,6 +79,22 @@ class ModelsSpec(_Strict):
         return self
 
 
+class CheckpointSpec(_Strict):
+    """Checkpointing of every task (see :class:`rqml_dask.task.CheckpointSettings`).
+
+    ``artifacts`` defaults to ``OUTPUT.checkpoints`` beside the output store, ``local`` to an
+    LMDB per host inside it; ``shared`` is ``etcd://HOST:PORT`` or ``consul://HOST:PORT``.
+    """
+
+    enabled: bool = True
+    every_iterations: int | None = Field(default=10, gt=0)
+    every_seconds: float | None = Field(default=None, gt=0)
+    local: str | None = Field(default=None, pattern=r"^lmdb://.+")
+    shared: str | None = Field(default=None, pattern=r"^(etcd|consul)://[^:/]+:\d+$")
+    artifacts: Path | None = None
+    retention: Literal["delete", "keep"] = "delete"
+
+
 class ClusterSpec(_Strict):
     """The embedded cluster ``rqml run`` starts when no ``--scheduler`` is given."""
 
@@ -103,6 +119,7 @@ class PipelineConfig(_Strict):
     convergence: ConvergenceSettings = ConvergenceSettings()
     validation: ValidationSettings = ValidationSettings()
     tasks: TaskDefaults = TaskDefaults()
+    checkpoint: CheckpointSpec = CheckpointSpec()
     cluster: ClusterSpec = ClusterSpec()
 
 

@@ -32,7 +32,7 @@ from distributed import Client, Future, as_completed
 from rqml_dask.execution import TaskOutcome, run_task
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
 from rqml_dask.synthetic import write_synthetic
-from rqml_dask.task import ArrayRef, RQMLTask, TaskInput
+from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import auto_halo, plan_regions
 from rqml_dask.volumes import InputError, open_array
 
@@ -73,6 +73,8 @@ class RunReport:
             f"tasks        {len(self.outcomes)} ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})",
             f"iterations   {self.iterations} (mean {self.iterations / max(len(self.outcomes), 1):.1f} per task)",
             f"escalations  {self.escalations}",
+            f"recovered    {sum(o.resumed_from is not None for o in self.outcomes)} resumed from checkpoints, "
+            f"{sum(o.reused for o in self.outcomes)} reused from an earlier run",
             f"rejected     {len(self.rejected)}",
             f"time         {self.elapsed_s:.1f} s",
             f"output       {self.output}",
@@ -93,6 +95,20 @@ class Pipeline:
     @classmethod
     def from_yaml(cls, path: str | Path) -> Pipeline:
         return cls(load_pipeline_config(path))
+
+    @property
+    def checkpoint_settings(self) -> CheckpointSettings:
+        spec = self.config.checkpoint
+        artifacts = (spec.artifacts or Path(f"{self.config.output.store}.checkpoints")).absolute()
+        return CheckpointSettings(
+            local=spec.local or f"lmdb://{artifacts}/nodes/{{host}}.lmdb",
+            artifacts=str(artifacts),
+            shared=spec.shared,
+            enabled=spec.enabled,
+            every_iterations=spec.every_iterations,
+            every_seconds=spec.every_seconds,
+            retention=spec.retention,
+        )
 
     @property
     def output_ref(self) -> ArrayRef:
@@ -139,6 +155,7 @@ class Pipeline:
         halo = auto_halo(psf.shape) if halo == "auto" else (halo,) * image.ndim if isinstance(halo, int) else halo
         regions = plan_regions(image.shape, tiling.tile, halo)
         models = self.config.models
+        checkpoint = self.checkpoint_settings
         width = len(str(len(regions) - 1))
         return [
             RQMLTask(
@@ -153,16 +170,21 @@ class Pipeline:
                 expected_difficulty=self.config.tasks.expected_difficulty,
                 convergence=self.config.convergence,
                 validation=self.config.validation,
+                checkpoint=checkpoint,
             )
             for i, region in enumerate(regions)
         ]
 
     def create_output(self, tasks: list[RQMLTask]) -> None:
-        """Create (or reset) the output array, marked incomplete, chunked by task core."""
+        """Create the output array chunked by task core, or keep the one a previous run of
+        this pipeline left (same shape and chunks: its finished cores are reused); mark it
+        incomplete."""
         image = open_array(self.input_refs.image)
         tile = tuple(min(t, n) for t, n in zip(self.config.tiling.tile, image.shape))
         group = zarr.open_group(self.config.output.store, mode="a")
-        group.create_array(self.config.output.array, shape=image.shape, chunks=tile, dtype="float32", overwrite=True)
+        existing = group.get(self.config.output.array)
+        if not (isinstance(existing, zarr.Array) and existing.shape == image.shape and existing.chunks == tile):
+            group.create_array(self.config.output.array, shape=image.shape, chunks=tile, dtype="float32", overwrite=True)
         group.attrs["rqml"] = {
             "status": "incomplete",
             "pipeline": self.config.name,

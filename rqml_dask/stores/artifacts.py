@@ -1,0 +1,68 @@
+"""Checkpoint artifacts: the arrays a task needs to resume, one Zarr array each.
+
+Artifacts live under a root directory that every worker can reach (by default next to the
+pipeline's output store, which every worker writes anyway), at
+``ROOT/TASK_KEY/ITERATION-NODE/NAME``. They are written uncompressed: they are transient, and
+a checkpoint's cost is the time the node's writer spends on it. A reader checks each array
+against the SHA-256 its checkpoint record holds (:meth:`ArtifactRef.check`).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from rqml_dask.checkpoint import ArtifactRef, CheckpointError
+
+
+def _safe(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", part)
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def task_dir(self, task_key: str) -> Path:
+        return self.root / "tasks" / Path(*[_safe(p) for p in task_key.split("/")])
+
+    def write(self, task_key: str, iteration: int, node: str, arrays: Mapping[str, np.ndarray]) -> tuple[ArtifactRef, ...]:
+        """Write each array; return references with their digests (written before the record)."""
+        directory = self.task_dir(task_key) / f"{iteration:09d}-{_safe(node)}"
+        refs = []
+        for name, array in arrays.items():
+            array = np.asarray(array, order="C")
+            path = directory / _safe(name)
+            zarr.create_array(
+                store=str(path), data=array, chunks=array.shape or (), compressors=None, overwrite=True
+            )
+            refs.append(ArtifactRef(name, str(path), tuple(array.shape), str(array.dtype), ArtifactRef.digest_of(array)))
+        return tuple(refs)
+
+    def read(self, ref: ArtifactRef) -> np.ndarray:
+        """The artifact's array, verified against its digest; :class:`CheckpointError` if it is
+        missing, unreadable or not what the record says."""
+        try:
+            array = np.asarray(zarr.open_array(store=ref.location, mode="r")[...])
+        except Exception as exc:
+            raise CheckpointError(f"artifact {ref.name!r} at {ref.location}: unreadable ({type(exc).__name__}: {exc})") from None
+        ref.check(array)
+        return array
+
+    def keep_only(self, task_key: str, referenced: Iterable[str]) -> None:
+        """Delete the task's artifact sets that no kept record refers to."""
+        keep = {Path(location).parent for location in referenced}
+        directory = self.task_dir(task_key)
+        if not directory.is_dir():
+            return
+        for child in directory.iterdir():
+            if child not in keep:
+                shutil.rmtree(child, ignore_errors=True)
+
+    def delete_task(self, task_key: str) -> None:
+        shutil.rmtree(self.task_dir(task_key), ignore_errors=True)

@@ -1,0 +1,84 @@
+"""The node-local store: one LMDB environment per host path, shared by its worker processes.
+
+Three databases: ``slots`` (checkpoint records by task key), ``done`` (outcomes) and
+``pending`` (task keys whose newest record the shared store has not acknowledged yet, so a
+restarted worker still replicates them). LMDB serialises writers across processes, so a
+slot's read-merge-write inside one write transaction is atomic.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import lmdb
+
+from rqml_dask.stores.base import RecordStore, SlotEntry, decode_slot, merge_slot
+
+MAP_SIZE = 4 * 2**30
+"""Address space reserved for the environment (sparse: disk use follows the data)."""
+
+_environments: dict[Path, lmdb.Environment] = {}
+_environments_lock = threading.Lock()
+
+
+def _environment(path: Path) -> lmdb.Environment:
+    """LMDB allows one open environment per path per process: share it."""
+    path = path.resolve()
+    with _environments_lock:
+        env = _environments.get(path)
+        if env is None:
+            path.mkdir(parents=True, exist_ok=True)
+            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, max_spare_txns=4)
+            _environments[path] = env
+        return env
+
+
+class LMDBStore(RecordStore):
+    scheme = "lmdb"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.url = f"lmdb://{self.path}"
+        self.env = _environment(self.path)
+        self._slots = self.env.open_db(b"slots")
+        self._done = self.env.open_db(b"done")
+        self._pending = self.env.open_db(b"pending")
+
+    def put_checkpoint(self, key: str, entry: SlotEntry) -> list[SlotEntry] | None:
+        with self.env.begin(write=True, db=self._slots) as txn:
+            merged = merge_slot(txn.get(key.encode()), entry)
+            if merged is None:
+                return None
+            txn.put(key.encode(), merged[0])
+            return merged[1]
+
+    def checkpoints(self, key: str) -> list[SlotEntry]:
+        with self.env.begin(db=self._slots) as txn:
+            return decode_slot(txn.get(key.encode()))
+
+    def put_done(self, key: str, outcome: bytes) -> bool:
+        with self.env.begin(write=True, db=self._done) as txn:
+            return txn.put(key.encode(), outcome, overwrite=False)
+
+    def done(self, key: str) -> bytes | None:
+        with self.env.begin(db=self._done) as txn:
+            value = txn.get(key.encode())
+            return bytes(value) if value is not None else None
+
+    def forget(self, key: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(key.encode(), db=self._slots)
+            txn.delete(key.encode(), db=self._pending)
+
+    def mark_pending(self, key: str) -> None:
+        with self.env.begin(write=True, db=self._pending) as txn:
+            txn.put(key.encode(), b"")
+
+    def clear_pending(self, key: str) -> None:
+        with self.env.begin(write=True, db=self._pending) as txn:
+            txn.delete(key.encode())
+
+    def pending(self) -> list[str]:
+        with self.env.begin(db=self._pending) as txn:
+            return [k.decode() for k, _ in txn.cursor()]

@@ -1,0 +1,98 @@
+"""Recovery with real processes: a killed run restarted, the shared etcd store lost mid-run."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import lmdb
+import numpy as np
+import pytest
+import zarr
+from distributed import Client, LocalCluster
+
+from rqml_dask import Pipeline
+from rqml_dask.checkpoint import TaskCheckpoint
+from rqml_dask.stores import open_store
+
+from conftest import pipeline_dict, write_yaml
+from test_node_cluster import node_metrics, wait_for
+
+pytestmark = pytest.mark.slow
+
+FIXED = {"max_iterations": 300, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6}
+
+
+def lmdb_entries(path, db: bytes) -> int:
+    if not path.exists():
+        return 0
+    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=4)
+    try:
+        with env.begin() as txn:
+            return txn.stat(env.open_db(db, txn=txn, create=False))["entries"]
+    except lmdb.NotFoundError:
+        return 0
+    finally:
+        env.close()
+
+
+def test_a_killed_run_started_again_resumes_unfinished_tasks_and_reuses_finished_ones(tmp_path, small_volume):
+    config = pipeline_dict(small_volume, tmp_path / "out.zarr", convergence=FIXED, models={"ladder": ["richardson_lucy"]},
+                           cluster={"n_workers": 2, "dashboard_address": "127.0.0.1:0"})
+    path = write_yaml(tmp_path / "p.yaml", config)
+    node_db = tmp_path / "out.zarr.checkpoints" / "nodes" / f"{os.uname().nodename}.lmdb"
+    run = [sys.executable, "-m", "rqml_dask.cli", "run", str(path), "--no-progress"]
+    first = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: lmdb_entries(node_db, b"done") >= 2 and lmdb_entries(node_db, b"slots") >= 1, timeout=120, interval=0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the client, the scheduler and every worker at once
+        first.wait(30)
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "incomplete"
+    second = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    recovered = re.search(r"recovered\s+(\d+) resumed from checkpoints, (\d+) reused from an earlier run", second.stdout)
+    assert recovered and int(recovered[1]) >= 1 and int(recovered[2]) >= 2, second.stdout
+    assert re.search(r"^iterations\s+2400 ", second.stdout, re.M)  # 8 tasks x 300, counted once each
+    # the same pipeline run once, uninterrupted, gives the same volume
+    reference = write_yaml(tmp_path / "ref.yaml", {**config, "output": {"store": str(tmp_path / "ref.zarr")}})
+    assert subprocess.run([*run[:-2], str(reference), "--no-progress"], capture_output=True, timeout=300).returncode == 0
+    np.testing.assert_array_equal(
+        zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],
+        zarr.open_group(tmp_path / "ref.zarr", mode="r")["deconvolved"][...],
+    )
+
+
+@pytest.mark.etcd
+def test_etcd_lost_mid_run_checkpoints_pile_up_in_lmdb_and_reach_etcd_after_restart(tmp_path, small_volume, etcd):
+    config = pipeline_dict(small_volume, tmp_path / "out.zarr", convergence={**FIXED, "max_iterations": 600},
+                           models={"ladder": ["richardson_lucy"]},
+                           checkpoint={"shared": etcd.url, "every_iterations": 10, "retention": "keep"})
+    pipeline = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config))
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                      preload=["rqml_dask.node"]) as cluster, Client(cluster) as client:
+        futures = pipeline.submit(client)
+        wait_for(lambda: sum(f["iterations_total"] for f in node_metrics(client).values() if f) > 200)
+        etcd.stop()
+        backlog = wait_for(lambda: (m := node_metrics(client)) and sum(f["checkpoints"]["pending"] for f in m.values()) > 0 and m)
+        iterations_at_stop = sum(f["iterations_total"] for f in backlog.values())
+        wait_for(lambda: sum(f["iterations_total"] for f in node_metrics(client).values()) > iterations_at_stop + 500)
+        assert not any(f.done() for f in futures if f.status == "error")
+        etcd.start()
+        outcomes = client.gather(futures)
+        assert all(o.iterations == 600 and o.status == "max_iterations" for o in outcomes)
+        wait_for(lambda: sum(f["checkpoints"]["pending"] for f in node_metrics(client).values()) == 0, timeout=60)
+    shared = open_store(etcd.url)
+    local = open_store(pipeline.checkpoint_settings.local.replace("{host}", os.uname().nodename))
+    try:
+        for task in pipeline.tasks():
+            in_etcd, in_lmdb = shared.checkpoints(task.key), local.checkpoints(task.key)
+            assert in_etcd and in_etcd[0].rank == in_lmdb[0].rank  # the newest record reached etcd
+            assert TaskCheckpoint.from_msgpack(in_etcd[0].record).verify().iteration == 590  # the last one taken
+            assert shared.done(task.key) is not None
+    finally:
+        shared.close()

@@ -1,0 +1,144 @@
+"""Checkpoints with real LMDB and Zarr on disk: background writes, exact resumption,
+damaged checkpoints rejected for the previous valid one, retention."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from rqml_dask.arrays import numpy_backend
+from rqml_dask.node.checkpointer import Checkpointer
+from rqml_dask.refinement import Refinement
+from rqml_dask.stores.artifacts import ArtifactStore
+from rqml_dask.stores.base import decode_slot, encode_slot
+from rqml_dask.stores.lmdb_store import LMDBStore
+from rqml_dask.task import CheckpointSettings, ConvergenceSettings
+
+from test_node_unit import make_problem, make_task
+
+FIXED = ConvergenceSettings(max_iterations=60, check_every=5, stability_tol=0, consistency_tol=0, novelty_window=10**6)
+
+
+@pytest.fixture
+def checkpointer(tmp_path):
+    alerts = []
+    c = Checkpointer(LMDBStore(tmp_path / "node.lmdb"), None, ArtifactStore(tmp_path / "artifacts"), "node-a",
+                     on_alert=lambda kind, payload: alerts.append((kind, payload)))
+    c.alerts = alerts
+    yield c
+    c.stop()
+
+
+def task_with_checkpoints(tmp_path: Path, ladder=("richardson_lucy_accelerated",), **settings):
+    checkpoint = CheckpointSettings(local=f"lmdb://{tmp_path}/node.lmdb", artifacts=str(tmp_path / "artifacts"), **settings)
+    return make_task("cp/0", model_ladder=ladder, convergence=FIXED, checkpoint=checkpoint)
+
+
+def run_with_checkpoints(task, checkpointer, stop_at: int) -> Refinement:
+    refinement = Refinement.start(task, make_problem(7), numpy_backend())
+    while refinement.iteration < stop_at:
+        refinement.step()
+        if reason := refinement.checkpoint_due():
+            checkpointer.submit(refinement.snapshot(reason))
+    assert checkpointer.flush()
+    return refinement
+
+
+def test_resumed_refinement_continues_exactly_as_uninterrupted(tmp_path, checkpointer):
+    task = task_with_checkpoints(tmp_path, every_iterations=10)
+    run_with_checkpoints(task, checkpointer, stop_at=35)  # checkpoints at 10, 20, 30; "crash" at 35
+    resume = checkpointer.latest(task)
+    assert resume.checkpoint.iteration == 30 and resume.rejected == []
+    assert set(resume.arrays) == {"estimate", "alpha", "previous", "change"}  # all of accelerated RL's state
+    resumed = Refinement.resume(task, make_problem(7), numpy_backend(), resume.checkpoint, resume.arrays)
+    resumed.run_to_end()
+    uninterrupted = Refinement.start(task, make_problem(7), numpy_backend())
+    uninterrupted.run_to_end()
+    assert resumed.resumed_from == 30 and resumed.iteration == uninterrupted.iteration == 60
+    np.testing.assert_array_equal(resumed.estimate, uninterrupted.estimate)
+    assert [dataclasses.astuple(r) for r in resumed.runs] == [dataclasses.astuple(r) for r in uninterrupted.runs]
+
+
+def test_a_newer_snapshot_supersedes_a_queued_older_one(tmp_path, checkpointer):
+    task = task_with_checkpoints(tmp_path, every_iterations=1)
+    refinement = Refinement.start(task, make_problem(7), numpy_backend())
+    with checkpointer._cond:  # hold the writer: every submit lands in the queue
+        for _ in range(20):
+            refinement.step()
+            checkpointer.submit(refinement.snapshot("iterations"))
+        assert len(checkpointer._queued) == 1
+    assert checkpointer.flush()
+    assert [e.iteration for e in checkpointer.local.checkpoints(task.key)] == [20]
+
+
+def flip_byte_in_record(store: LMDBStore, key: str) -> None:
+    with store.env.begin(write=True, db=store._slots) as txn:
+        entries = decode_slot(txn.get(key.encode()))
+        record = bytearray(entries[0].record)
+        record[len(record) // 2] ^= 0xFF
+        entries[0] = dataclasses.replace(entries[0], record=bytes(record))
+        txn.put(key.encode(), encode_slot(entries))
+
+
+def newest_artifact(store: LMDBStore, checkpointer: Checkpointer, key: str) -> Path:
+    from rqml_dask.checkpoint import TaskCheckpoint
+
+    record = TaskCheckpoint.from_msgpack(store.checkpoints(key)[0].record)
+    return Path(record.artifact("estimate").location)
+
+
+@pytest.mark.parametrize("damage", ["flip record byte", "truncate artifact", "flip artifact byte", "delete artifact"])
+def test_damaged_newest_checkpoint_is_rejected_for_the_previous_valid_one(tmp_path, checkpointer, damage):
+    task = task_with_checkpoints(tmp_path, every_iterations=10)
+    run_with_checkpoints(task, checkpointer, stop_at=25)  # records at 20 (newest) and 10
+    key = task.key
+    if damage == "flip record byte":
+        flip_byte_in_record(checkpointer.local, key)
+    else:
+        chunk = next(p for p in newest_artifact(checkpointer.local, checkpointer, key).rglob("*") if p.is_file() and p.name != "zarr.json")
+        if damage == "truncate artifact":
+            chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+        elif damage == "flip artifact byte":
+            data = bytearray(chunk.read_bytes())
+            data[100] ^= 0x01
+            chunk.write_bytes(bytes(data))
+        else:
+            chunk.unlink()
+    resume = checkpointer.latest(task)
+    assert resume.checkpoint.iteration == 10
+    assert len(resume.rejected) == 1 and "at iteration 20" in resume.rejected[0]
+    assert [kind for kind, _ in checkpointer.alerts] == ["checkpoint-rejected"]
+    assert checkpointer.alerts[0][1]["iteration"] == 20
+
+
+def test_only_the_kept_records_artifacts_stay_on_disk_and_finish_cleans_up(tmp_path, checkpointer):
+    task = task_with_checkpoints(tmp_path, every_iterations=5)
+    run_with_checkpoints(task, checkpointer, stop_at=40)
+    on_disk = sorted(int(p.name.split("-")[0]) for p in ArtifactStore(tmp_path / "artifacts").task_dir(task.key).iterdir())
+    kept = sorted(e.iteration for e in checkpointer.local.checkpoints(task.key))
+    assert on_disk == kept and len(kept) == 2 and kept[-1] == 40  # older sets were deleted
+    assert checkpointer.state()[task.key]["last_checkpoint_iteration"] == 40
+    checkpointer.finish(task, b'{"outcome": 1}')
+    assert not ArtifactStore(tmp_path / "artifacts").task_dir(task.key).exists()
+    assert checkpointer.local.checkpoints(task.key) == [] and checkpointer.outcome(task) == b'{"outcome": 1}'
+    checkpointer.finish(task, b'{"outcome": 2}')
+    assert checkpointer.outcome(task) == b'{"outcome": 1}'  # the first recorded outcome stays
+
+
+def test_model_switch_and_failed_validation_take_a_checkpoint(tmp_path, checkpointer):
+    task = task_with_checkpoints(tmp_path, ladder=("richardson_lucy", "landweber"), every_iterations=1000)
+    refinement = Refinement.start(task, make_problem(7), numpy_backend())
+    for _ in range(3):
+        refinement.step()
+    assert refinement.checkpoint_due() is None
+    refinement.escalate("test")
+    assert refinement.checkpoint_due() == "model switch"
+    checkpointer.submit(refinement.snapshot("model switch"))
+    assert checkpointer.flush()
+    resume = checkpointer.latest(task)
+    assert resume.checkpoint.model_config.model == "landweber" and resume.checkpoint.iteration == 3
