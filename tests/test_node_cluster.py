@@ -43,6 +43,16 @@ def wait_for(predicate, timeout=30.0, interval=0.1):
     raise AssertionError("condition not reached in time")
 
 
+def checkpointed_midway(client: Client) -> list[str]:
+    """Workers refining a task that has a checkpoint (written and not yet superseded)."""
+    states = client.run(lambda dask_worker: dask_worker.plugins["rqml-node"].checkpoint_state()["tasks"])
+    return [
+        address
+        for address, tasks in states.items()
+        if any(t.get("iteration") and (t.get("last_checkpoint_iteration") or 0) >= 20 for t in tasks.values())
+    ]
+
+
 def long_pipeline(tmp_path, store, iterations=400, name="long") -> Pipeline:
     fixed = {"max_iterations": iterations, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6}
     data = pipeline_dict(store, tmp_path / f"{name}.zarr", name=name, convergence=fixed, models={"ladder": ["richardson_lucy"]})
@@ -103,7 +113,7 @@ def test_worker_killed_mid_task_the_pipeline_still_completes_correctly(tmp_path,
         reference.run(client, progress=False)
         pipeline = long_pipeline(tmp_path, small_volume, iterations=150, name="killed")
         futures = pipeline.submit(client)
-        victim = wait_for(lambda: next((a for a, f in node_metrics(client).items() if f and f["refining"]), None))
+        victim = wait_for(lambda: next(iter(checkpointed_midway(client)), None), interval=0.02)
         pid = client.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
         outcomes = client.gather(futures)
