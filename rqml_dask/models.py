@@ -39,13 +39,16 @@ class RefinementModel(abc.ABC):
       heuristics read it.
     * ``state()`` returns every array needed to resume exactly (always including
       ``"estimate"``); ``restore(state)`` resumes from it. Restored and uninterrupted runs
-      give the same iterates. The arrays are live: a caller that keeps them past the next
-      ``step()`` copies them.
+      give the same iterates. A model that sets ``immutable_state = True`` promises that
+      ``step()`` replaces those arrays instead of writing into them, so the engine keeps them
+      (for checkpoints and the stability check) without copying; otherwise they are live and
+      the engine copies them.
     """
 
     task_class: ClassVar[str]
     family: ClassVar[str]
     size: ClassVar[int] = 1
+    immutable_state: ClassVar[bool] = False
 
     def __init__(self, problem: Mapping[str, Array], backend: ArrayBackend, **params: Any) -> None:
         self.problem = problem

@@ -111,7 +111,11 @@ class Refinement:
         result. Returns a copy of the estimate when this iteration ends with a check."""
         assert self.model is not None and not self.done
         check = (self.runs[-1].iterations + 1) % self.task.convergence.check_every == 0
-        return self.backend.xp.asarray(self.model.estimate, copy=True) if check else None
+        return self._keep(self.model.estimate) if check else None
+
+    def _keep(self, array: Array) -> Array:
+        """``array`` as it is now, past the model's next step (a copy unless immutable)."""
+        return array if self.model.immutable_state else self.backend.xp.asarray(array, copy=True)
 
     def after_step(self, previous: Array | None) -> None:
         """Second half of :meth:`step`: count the iteration, run the checks that fall due."""
@@ -190,9 +194,8 @@ class Refinement:
         return None
 
     def snapshot(self, reason: str) -> Snapshot:
-        """Copy the resumable state (on the array backend: a device copy on a GPU) so the
-        refinement can go on while a writer stores it."""
-        xp = self.backend.xp
+        """The resumable state, kept as it is now (copied on the array backend unless the
+        model's state is immutable) so the refinement goes on while a writer stores it."""
         self.checkpoint_reason = None
         self.last_checkpoint_iteration = self.iteration
         self.last_checkpoint_time = time.monotonic()
@@ -200,7 +203,7 @@ class Refinement:
             task=self.task,
             iteration=self.iteration,
             model_config=ModelConfig(self.model_name, self.ladder_position, self.task.model_params.get(self.model_name, {})),
-            arrays={name: xp.asarray(array, copy=True) for name, array in self.model.state().items()},
+            arrays={name: self._keep(array) for name, array in self.model.state().items()},
             supervision_state=self.supervision_state(),
             reason=reason,
             backend=self.backend,

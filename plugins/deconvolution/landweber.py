@@ -21,6 +21,7 @@ class Landweber(RefinementModel):
     task_class = "deconvolution"
     family = "landweber"
     size = 1
+    immutable_state = True
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ class RichardsonLucy(RefinementModel):
     task_class = "deconvolution"
     family = "richardson_lucy"
     size = 1
+    immutable_state = True
 
     def __init__(self, problem: Mapping[str, Array], backend: ArrayBackend) -> None:
         super().__init__(problem, backend)
@@ -61,7 +62,9 @@ class RichardsonLucy(RefinementModel):
         return self.convolver.adjoint(self.image / blurred)
 
     def step(self) -> None:
-        self._estimate *= self._correction(self._estimate)
+        correction = self._correction(self._estimate)
+        correction *= self._estimate
+        self._estimate = correction  # a fresh array: the previous estimate stays as it was
 
     def batch_key(self) -> tuple | None:
         # Subclasses carry extra per-task state: only plain Richardson-Lucy batches.
@@ -81,8 +84,9 @@ class RichardsonLucy(RefinementModel):
         ratio = xp.stack([m.image for m in models])
         ratio /= blurred
         correction = convolver.adjoint(ratio)
+        correction *= xp.stack([m._estimate for m in models])
         for i, model in enumerate(models):
-            model._estimate *= correction[i, ...]
+            model._estimate = correction[i, ...]
 
     @property
     def estimate(self) -> Array:
@@ -190,7 +194,8 @@ class TotalVariationRichardsonLucy(RichardsonLucy):
         denominator += 1.0
         correction = self._correction(x)
         correction /= xp.maximum(denominator, TV_DENOMINATOR_FLOOR)
-        x *= correction
+        correction *= x
+        self._estimate = correction
 
 
 def _forward_difference(xp: ModuleType, x: Array, axis: int) -> Array:

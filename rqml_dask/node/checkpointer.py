@@ -4,7 +4,11 @@
 :class:`~rqml_dask.refinement.Snapshot` (already a copy) and moves on. One writer thread per
 store set writes it: the artifacts to Zarr, then the record to the node's LMDB, then to the
 shared store. A newer snapshot of a task replaces a queued older one, so a slow disk costs
-skipped checkpoints, never iterations. When the shared store is slow or down the record
+skipped checkpoints, never iterations. The writer also keeps to a duty cycle
+(``max_duty``): after a write that took ``w`` seconds it waits ``w * (1 - max_duty) /
+max_duty`` before the next, so writing, whose cost is mostly the kernel copying artifacts to
+the page cache, never takes more than that share of a core from the refinement (a 4 MiB
+artifact is ~9 ms on this project's development machine). When the shared store is slow or down the record
 stays in LMDB, the task is marked pending there (so a restarted worker still knows), and
 the writer replicates the newest record when the store answers again, with backoff.
 
@@ -69,11 +73,15 @@ class Checkpointer:
         node: str,
         on_alert: Callable[[str, dict[str, Any]], None] = lambda kind, payload: None,
         max_backoff: float = 10.0,
+        max_duty: float = 0.3,
     ) -> None:
         self.local, self.shared, self.artifacts, self.node = local, shared, artifacts, node
         self.on_alert = on_alert
         self.max_backoff = max_backoff
+        self.max_duty = max_duty
+        self._next_write = 0.0
         self.written: dict[str, WrittenCheckpoint] = {}
+        self.writes = 0
         self._queued: dict[str, Snapshot] = {}
         self._finished: set[str] = set()
         self._pending: set[str] = set(local.pending()) if shared is not None else set()
@@ -162,6 +170,7 @@ class Checkpointer:
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._queued or self._writing:
+                self._next_write = 0.0  # a caller waits: write now
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -194,7 +203,7 @@ class Checkpointer:
             ages = [now - s.taken_at for s in self._queued.values()]
             ages += [now - w.written_at for k, w in self.written.items() if k in self._pending]
             pending = len(self._queued) + len(self._pending)
-        return {"pending": pending, "lag_seconds": max(ages, default=0.0)}
+        return {"pending": pending, "lag_seconds": max(ages, default=0.0), "written": self.writes}
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -211,18 +220,20 @@ class Checkpointer:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and not self._queued and not (self._pending and time.monotonic() >= self._retry_at):
-                    wait = self._retry_at - time.monotonic() if self._pending else None
-                    self._cond.wait(max(wait, 0.01) if wait is not None else None)
+                while not self._stopped and not self._work_due():
+                    self._cond.wait(self._until_due())
                 if self._stopped:
                     return
                 snapshot = None
-                if self._queued:
+                if self._queued and time.monotonic() >= self._next_write:
                     snapshot = self._queued.pop(next(iter(self._queued)))
                     self._writing = True
             try:
                 if snapshot is not None:
+                    started = time.monotonic()
                     self._write(snapshot)
+                    spent = time.monotonic() - started
+                    self._next_write = time.monotonic() + spent * (1 - self.max_duty) / self.max_duty
                 elif self._pending:
                     self._replicate_pending()
             except Exception:
@@ -231,6 +242,14 @@ class Checkpointer:
                 with self._cond:
                     self._writing = False
                     self._cond.notify_all()
+
+    def _work_due(self) -> bool:
+        now = time.monotonic()
+        return bool(self._queued and now >= self._next_write) or bool(self._pending and now >= self._retry_at)
+
+    def _until_due(self) -> float | None:
+        times = ([self._next_write] if self._queued else []) + ([self._retry_at] if self._pending else [])
+        return max(min(times) - time.monotonic(), 0.001) if times else None
 
     def _write(self, snapshot: Snapshot) -> None:
         task, key = snapshot.task, snapshot.task.key
@@ -250,6 +269,7 @@ class Checkpointer:
         written = WrittenCheckpoint(snapshot.iteration, time.time(), {self.local.scheme})
         with self._cond:
             self.written[key] = written
+            self.writes += 1
         if self.shared is not None and self._replicate(key, entry):
             written.stored_in.add(self.shared.scheme)
         self._collect(key)

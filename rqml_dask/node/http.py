@@ -91,7 +91,8 @@ class NodeCollector:
         yield GaugeMetricFamily("rqml_iterations_per_second", "Iterations per second over the last window", value=figures["iterations_per_second"])
         checkpoints = node.checkpoint_summary()
         yield GaugeMetricFamily("rqml_checkpoint_lag_seconds", "Age of the oldest checkpoint not yet stored", value=checkpoints["lag_seconds"])
-        yield GaugeMetricFamily("rqml_checkpoint_pending", "Checkpoints waiting to be written", value=checkpoints["pending"])
+        yield GaugeMetricFamily("rqml_checkpoint_pending", "Checkpoints waiting to be written or replicated", value=checkpoints["pending"])
+        yield CounterMetricFamily("rqml_checkpoints_written", "Checkpoints written to the node's store", value=checkpoints["written"])
 
 
 _collector: NodeCollector | None = None

@@ -107,6 +107,7 @@ class NodePlugin(WorkerPlugin):
         return {
             "pending": sum(s["pending"] for s in summaries),
             "lag_seconds": max((s["lag_seconds"] for s in summaries), default=0.0),
+            "written": sum(s["written"] for s in summaries),
         }
 
     def _handle_decision(self, decision: dict) -> dict:
