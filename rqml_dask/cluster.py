@@ -24,6 +24,8 @@ from rqml_dask.pipeline.config import ClusterSpec
 
 PRELOADS = ["rqml_dask.node"]
 """What every worker of the embedded cluster loads, as ``dask worker --preload`` would."""
+SCHEDULER_PRELOADS = ["rqml_dask.scheduler"]
+"""What its scheduler loads, as ``dask scheduler --preload`` would."""
 
 WORKER_ENVIRON = {"MALLOC_TOP_PAD_": str(256 * 2**20)}
 
@@ -44,11 +46,13 @@ def _start(spec: ClusterSpec) -> Cluster:
             return LocalCUDACluster(
                 host="127.0.0.1",
                 preload=PRELOADS,
+                scheduler_kwargs={"preload": SCHEDULER_PRELOADS},
                 dashboard_address=spec.dashboard_address,
                 threads_per_worker=spec.threads_per_worker,
             )
     return LocalCluster(
         preload=PRELOADS,
+        scheduler_kwargs={"preload": SCHEDULER_PRELOADS},
         n_workers=spec.n_workers or os.cpu_count() or 1,
         threads_per_worker=spec.threads_per_worker,
         processes=True,

@@ -15,6 +15,7 @@ import numpy as np
 from distributed import rejoin, secede
 from pydantic import TypeAdapter
 
+from rqml_dask import events
 from rqml_dask.arrays import ArrayBackend
 from rqml_dask.convergence import ConvergenceFigures
 from rqml_dask.refinement import ModelRun, Refinement
@@ -105,6 +106,8 @@ def run_task(task: RQMLTask) -> TaskOutcome:
     resume = checkpointer.latest(task) if checkpointer is not None else None
     problem = load_problem(task, node.orchestrator.backend)
     pending = node.orchestrator.submit(task, problem, checkpointer, resume)
+    events.publish(node.worker, events.TASK_INBOUND, "queued", task_id=task.task_id, worker=node.worker.address,
+                   resume_from=resume.checkpoint.iteration if resume is not None and resume.checkpoint else None)
     secede()
     try:
         refinement = pending.result()
@@ -116,6 +119,9 @@ def run_task(task: RQMLTask) -> TaskOutcome:
             outcome.notes.extend(resume.rejected)
         if checkpointer is not None:
             checkpointer.finish(task, OUTCOME.dump_json(outcome))
+        events.publish(node.worker, events.TASK_RESULTS, "finished", task_id=task.task_id, worker=node.worker.address,
+                       status=outcome.status, iterations=outcome.iterations, model=outcome.model,
+                       escalations=outcome.escalations, resumed_from=outcome.resumed_from)
         return outcome
     finally:
         node.orchestrator.release(task.task_id)

@@ -71,6 +71,11 @@ class Refinement:
     checkpoint_reason: str | None = None
     last_checkpoint_iteration: int = 0
     last_checkpoint_time: float = field(default_factory=time.monotonic)
+    models: list[str] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.models = self.models or list(self.task.model_ladder)
 
     @classmethod
     def start(cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend) -> Refinement:
@@ -84,7 +89,7 @@ class Refinement:
 
     @property
     def model_name(self) -> str:
-        return self.task.model_ladder[self.ladder_position]
+        return self.models[self.ladder_position]
 
     @property
     def escalations(self) -> int:
@@ -92,7 +97,7 @@ class Refinement:
 
     @property
     def can_escalate(self) -> bool:
-        return self.ladder_position + 1 < len(self.task.model_ladder)
+        return self.ladder_position + 1 < len(self.models)
 
     @property
     def estimate(self) -> Array:
@@ -151,6 +156,16 @@ class Refinement:
             self.status = "running"
         self._escalate_or_finish("stalled", stop="escalated")
 
+    def diversify(self, model: str, reason: str) -> None:
+        """Go on with ``model`` (another family, not on the ladder) from the current estimate,
+        after the ladder is exhausted; a finished task runs again."""
+        self.reason = reason
+        self.models.append(model)
+        self._close_run("stalled")
+        self.status = "running"
+        self._switch_model(len(self.models) - 1, estimate=self.model.estimate)
+        self._event("diversified", model=model, reason=reason)
+
     def terminate(self, reason: str) -> None:
         """End the task now with status ``terminated``."""
         self.reason = reason
@@ -175,10 +190,16 @@ class Refinement:
 
     def _escalate_or_finish(self, status: Status, stop: str | None = None) -> None:
         if self.can_escalate:
+            previous = self.model_name
             self._close_run(stop or status)
             self._switch_model(self.ladder_position + 1, estimate=self.model.estimate)
+            self._event("escalated", from_model=previous, to_model=self.model_name, because=stop or status)
         else:
             self._finish(status)
+
+    def _event(self, kind: str, **payload) -> None:
+        """Record a supervision event for the node to publish."""
+        self.events.append({"kind": kind, "task_id": self.task.task_id, "iteration": self.iteration, **payload})
 
     def checkpoint_due(self) -> str | None:
         """Why a checkpoint should be taken now (per the task's settings), or ``None``."""
@@ -214,6 +235,7 @@ class Refinement:
         uninterrupted (ladder history, heuristics' window), JSON/msgpack-friendly."""
         return {
             "task_key": self.task.key,
+            "models": list(self.models),
             "iteration": self.iteration,
             "runs": [asdict(run) for run in self.runs],
             "monitor": [list(point) for point in self.monitor.history],
@@ -228,9 +250,11 @@ class Refinement:
         """Rebuild a refinement from a verified checkpoint and its artifact arrays (host)."""
         state = checkpoint.supervision_state
         position = checkpoint.model_config.ladder_position
-        if state.get("task_key") != task.key or task.model_ladder[position] != checkpoint.model_config.model:
+        models = list(state.get("models", task.model_ladder))
+        if state.get("task_key") != task.key or models[position] != checkpoint.model_config.model:
             raise CheckpointError(f"checkpoint at iteration {checkpoint.iteration} belongs to another task or ladder")
         refinement = cls(task, problem, backend)
+        refinement.models = models
         refinement._switch_model(position, estimate=None)
         refinement.model.restore({name: backend.asarray(array) for name, array in arrays.items()})
         refinement.runs = [ModelRun(**run) for run in state["runs"]]
@@ -243,7 +267,7 @@ class Refinement:
         return refinement
 
     def _switch_model(self, position: int, estimate: Array | None) -> None:
-        name = self.task.model_ladder[position]
+        name = self.models[position]
         model_cls = load_model(name)
         model = model_cls(self.problem, self.backend, **self.task.model_params.get(name, {}))
         model.start(estimate)
@@ -264,6 +288,8 @@ class Refinement:
     def _finish(self, status: Status) -> None:
         self._close_run(status)
         self.status = status
+        if status in ("stalled", "terminated"):
+            self._event(status, model=self.model_name, reason=self.reason)
 
 
 def _relative_change(xp, current: Array, previous: Array) -> float:

@@ -43,12 +43,12 @@ def test_submit_returns_one_future_per_task_with_its_outcome(tmp_path, small_vol
     assert len(futures) == len(pipeline.tasks())
     for outcome in outcomes:
         assert isinstance(outcome, TaskOutcome)
-        assert outcome.iterations > 0 and outcome.model in pipeline.config.models.ladder
+        assert outcome.iterations > 0 and outcome.model in [*pipeline.config.models.ladder, "landweber"]
         assert outcome.convergence is not None and outcome.convergence.misfit > 0
         assert outcome.output.startswith(str(tmp_path / "out.zarr")) and "deconvolved[" in outcome.output
 
 
-def test_stalled_tasks_escalate_along_the_ladder(tmp_path, small_volume, client):
+def test_stalled_tasks_escalate_along_the_ladder_then_diversify_then_end_stalled(tmp_path, small_volume, client):
     ladder = ["richardson_lucy", "richardson_lucy_accelerated", "richardson_lucy_tv"]
     pipeline = make_pipeline(
         tmp_path,
@@ -58,10 +58,11 @@ def test_stalled_tasks_escalate_along_the_ladder(tmp_path, small_volume, client)
         convergence={"max_iterations": 300, "check_every": 5, "stability_tol": 1e-12, "novelty_window": 10, "min_progress": 0.5},
     )
     report = pipeline.run(client, progress=False)
-    assert report.escalations == 2 * len(report.outcomes)
+    assert report.escalations == 3 * len(report.outcomes)
     for outcome in report.outcomes:
-        assert outcome.status == "stalled"
-        assert [run.model for run in outcome.models] == ladder
+        assert outcome.status == "stalled"  # a clear terminal state, not a hang
+        assert [run.model for run in outcome.models] == [*ladder, "landweber"]  # the default policy's diversity
+        assert outcome.reason == "stalled on every model of its ladder; policy adds landweber"
         assert all(run.stop == "stalled" and run.iterations >= 10 for run in outcome.models)
         assert outcome.iterations == sum(run.iterations for run in outcome.models)
 

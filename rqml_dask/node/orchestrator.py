@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class NodeOrchestrator:
         resources: ResourceMonitor,
         policy: NodePolicy | None = None,
         window_seconds: float = 1.0,
+        on_event: Callable[[dict[str, Any]], None] = lambda event: None,
     ) -> None:
         self.backend = backend
         self.state_dir = Path(state_dir)
@@ -87,6 +89,7 @@ class NodeOrchestrator:
         self.policy = NodePolicy.load(self.policy_path) or policy or NodePolicy()
         self.concurrency = AdaptiveConcurrency(self.policy.min_concurrency, self.policy.max_concurrency)
         self.window_seconds = window_seconds
+        self.on_event = on_event
         self.batching = backend.is_gpu or backend.fft_workers > 1
         self.inbound = InboundQueue()
         self.refining: list[ActiveTask] = []
@@ -226,6 +229,7 @@ class NodeOrchestrator:
             window_iterations += stepped
             window_voxel_iterations += voxel_iterations
             self._retire([a for a in batch if a.refinement.done], busy, stepped)
+            self._publish(batch)
             now = time.monotonic()
             if now - window_start >= self.window_seconds:
                 elapsed = now - window_start
@@ -269,6 +273,19 @@ class NodeOrchestrator:
             if checkpointer is not None and (reason := active.refinement.checkpoint_due()):
                 checkpointer.submit(active.refinement.snapshot(reason))
 
+    def _diversity_model(self, refinement: Refinement) -> str | None:
+        """The next model of another family the policy offers for a task that stalled on
+        every model it ran, or ``None``; a task that already ran it ends as it is."""
+        for model in self.policy.diversity.get(refinement.task.task_class, ()):
+            if model not in refinement.models:
+                return model
+        return None
+
+    def _publish(self, batch: list[ActiveTask]) -> None:
+        for active in batch:
+            while active.refinement.events:
+                self.on_event(active.refinement.events.pop(0))
+
     def _apply(self, decision: Decision, batch: list[ActiveTask]) -> None:
         for active in batch:
             if active.queued.task.task_id == decision.task_id and not active.refinement.done:
@@ -283,8 +300,12 @@ class NodeOrchestrator:
         done = []
         for active in finished:
             refinement = active.refinement
+            if refinement.status == "stalled" and (model := self._diversity_model(refinement)):
+                refinement.diversify(model, f"stalled on every model of its ladder; policy adds {model}")
+                continue
             if refinement.status != "terminated" and refinement.validate():
                 self.counters.validation_failures += 1
+                refinement._event("validation_failed", failures=refinement.validation_failures)
                 if policy.on_validation_failure == "escalate" and refinement.can_escalate:
                     refinement.escalate("validation failed: " + "; ".join(refinement.validation_failures))
                     refinement.checkpoint_reason = "validation failure"

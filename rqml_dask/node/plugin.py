@@ -19,6 +19,7 @@ from typing import Any
 from distributed import Worker, WorkerPlugin, get_worker
 from distributed.utils import sync
 
+from rqml_dask import events
 from rqml_dask.arrays import default_backend
 from rqml_dask.node.checkpointer import Checkpointer
 from rqml_dask.node.http import add_routes, register_collector
@@ -30,7 +31,6 @@ from rqml_dask.stores.artifacts import ArtifactStore
 from rqml_dask.task import CheckpointSettings
 
 PLUGIN_NAME = "rqml-node"
-ALERTS_TOPIC = "rqml-alerts"
 
 
 class NodePlugin(WorkerPlugin):
@@ -50,7 +50,9 @@ class NodePlugin(WorkerPlugin):
         self.worker = worker
         backend = default_backend(cpu_threads=worker.state.nthreads)
         resources = ResourceMonitor(worker.memory_manager.memory_limit)
-        self.orchestrator = NodeOrchestrator(backend, Path(worker.local_directory) / "rqml", resources, self.policy)
+        self.orchestrator = NodeOrchestrator(
+            backend, Path(worker.local_directory) / "rqml", resources, self.policy, on_event=self._supervision_event
+        )
         self.orchestrator.start()
         worker.metrics["rqml"] = self.heartbeat
         worker.handlers["rqml_decide"] = self._handle_decision
@@ -82,7 +84,11 @@ class NodePlugin(WorkerPlugin):
             return checkpointer
 
     def _alert(self, kind: str, payload: dict[str, Any]) -> None:
-        self.worker.log_event(ALERTS_TOPIC, {"kind": kind, "worker": self.worker.address, **payload})
+        events.publish(self.worker, events.ALERTS, kind, worker=self.worker.address, **payload)
+
+    def _supervision_event(self, event: dict[str, Any]) -> None:
+        payload = dict(event)
+        events.publish(self.worker, events.SUPERVISION, payload.pop("kind"), worker=self.worker.address, **payload)
 
     def heartbeat(self, worker: Worker) -> dict[str, Any]:
         """The custom worker metric ``rqml`` (Dask calls it with the worker every heartbeat)."""

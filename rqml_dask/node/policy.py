@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Self
 
@@ -28,7 +28,11 @@ class NodePolicy:
     * ``min_concurrency``/``max_concurrency``: bounds of the refinement queue's adaptive size;
     * ``on_validation_failure``: ``escalate`` refines a rejected result further with the next
       model of its ladder (and validates again), ``reject`` returns it as it is;
-    * ``max_task_seconds``: a task refining longer is terminated with that reason.
+    * ``max_task_seconds``: a task refining longer is terminated with that reason;
+    * ``diversity``: per task class, models of other families to try, in order, when a task
+      has stalled on every model of its ladder; a task that stalls on those too ends
+      ``stalled`` with the reason;
+    * ``gpu_classes``: task classes the scheduler places on GPU nodes only.
     """
 
     __pydantic_config__ = _STRICT
@@ -39,6 +43,8 @@ class NodePolicy:
     max_concurrency: Annotated[int, Field(ge=1)] = 8
     on_validation_failure: Literal["escalate", "reject"] = "escalate"
     max_task_seconds: Annotated[float, Field(gt=0)] | None = None
+    diversity: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"deconvolution": ("landweber",)})
+    gpu_classes: tuple[str, ...] = ()
 
     def class_rank(self, task_class: str) -> int:
         try:

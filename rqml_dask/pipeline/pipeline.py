@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 import zarr
+import dask
 from dask.base import tokenize
 from distributed import Client, Future, as_completed
 
 from rqml_dask.execution import TaskOutcome, run_task
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
+from rqml_dask.scheduler.assignment import TaskTraits
 from rqml_dask.synthetic import write_synthetic
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import auto_halo, plan_regions
@@ -196,10 +198,14 @@ class Pipeline:
         """Check the input, create the output, and submit one Dask task per RQML task."""
         tasks = self.tasks()
         self.create_output(tasks)
-        return [
-            client.submit(run_task, task, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
-            for task in tasks
-        ]
+        futures = []
+        for task in tasks:
+            traits = TaskTraits(task.task_id, task.task_class, task.model_ladder[0], task.priority, task.expected_difficulty)
+            with dask.annotate(rqml=asdict(traits)):  # read by the RQML scheduler plugin, if installed
+                futures.append(
+                    client.submit(run_task, task, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
+                )
+        return futures
 
     def run(self, client: Client, progress: bool = True) -> RunReport:
         """Submit every task, wait for all of them, and finalize the output."""

@@ -1,0 +1,116 @@
+"""Weighted random choice of a node for an RQML task, in O(nodes) NumPy work per task.
+
+A node's weight for a task is ``room * speed * reliability * routing``:
+
+* ``room``: free inbound slots (the node's advertised concurrency limit plus one queued
+  task, minus the tasks bound to it and not finished); a node without room gets nothing;
+* ``speed``: its advertised iterations per second relative to the cluster's mean (clipped
+  to [0.25, 4]; 1 until it has reported);
+* ``reliability``: :class:`~rqml_dask.scheduler.reliability.Reliability` score;
+* ``routing``: the task's class policy (``gpu``-only classes never go to CPU nodes, and a
+  task that wants a GPU prefers GPU nodes 10:1); and *warm first*: when nodes with room have
+  the task's first model warm, the choice is made among them only.
+
+Choosing at random in proportion to weight starves no node and spreads ties instead of
+piling them on one hot node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SPEED_BOUNDS = (0.25, 4.0)
+GPU_PREFERENCE = 10.0
+
+
+@dataclass(frozen=True)
+class TaskTraits:
+    """What routing needs to know of an RQML task (carried in its ``rqml`` annotation)."""
+
+    task_id: str
+    task_class: str
+    model: str
+    priority: int = 0
+    difficulty: float = 1.0
+    wants_gpu: bool = False
+
+
+class NodeTable:
+    """Per-node figures as arrays, index-aligned with ``addresses``."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.index: dict[str, int] = {}
+        self.room = np.zeros(0)
+        self.speed = np.zeros(0)
+        self.reliability = np.zeros(0)
+        self.gpu = np.zeros(0, dtype=bool)
+        self.warm: dict[str, np.ndarray] = {}
+
+    def add(self, address: str) -> None:
+        if address in self.index:
+            return
+        self.index[address] = len(self.addresses)
+        self.addresses.append(address)
+        self.room = np.append(self.room, 1.0)
+        self.speed = np.append(self.speed, 1.0)
+        self.reliability = np.append(self.reliability, 1.0)
+        self.gpu = np.append(self.gpu, False)
+        self.warm = {model: np.append(mask, False) for model, mask in self.warm.items()}
+
+    def remove(self, address: str) -> None:
+        i = self.index.pop(address, None)
+        if i is None:
+            return
+        self.addresses.pop(i)
+        self.index = {a: j for j, a in enumerate(self.addresses)}
+        self.room, self.speed, self.reliability, self.gpu = (
+            np.delete(a, i) for a in (self.room, self.speed, self.reliability, self.gpu)
+        )
+        self.warm = {model: np.delete(mask, i) for model, mask in self.warm.items()}
+
+    def set_warm(self, address: str, models: list[str]) -> None:
+        i = self.index[address]
+        for model, mask in self.warm.items():
+            mask[i] = model in models
+        for model in models:
+            if model not in self.warm:
+                self.warm[model] = np.zeros(len(self.addresses), dtype=bool)
+                self.warm[model][i] = True
+
+    def set_speeds(self, iterations_per_second: dict[str, float]) -> None:
+        """Relative speeds from advertised iterations/s (nodes that report 0 keep 1)."""
+        rates = np.array([iterations_per_second.get(a, 0.0) for a in self.addresses])
+        busy = rates > 0
+        if busy.any():
+            self.speed = np.where(busy, np.clip(rates / rates[busy].mean(), *SPEED_BOUNDS), 1.0)
+
+    def weights(self, task: TaskTraits, gpu_only: bool = False) -> np.ndarray:
+        weights = self.room.clip(min=0) * self.speed * self.reliability
+        if gpu_only:
+            weights = np.where(self.gpu, weights, 0.0)
+        elif task.wants_gpu and self.gpu.any():
+            weights = np.where(self.gpu, weights * GPU_PREFERENCE, weights)
+        warm = self.warm.get(task.model)
+        if warm is not None:
+            warm_weights = np.where(warm, weights, 0.0)
+            if warm_weights.sum() > 0:
+                return warm_weights
+        return weights
+
+    def choose(self, task: TaskTraits, rng: np.random.Generator, gpu_only: bool = False, avoid: frozenset[str] = frozenset()) -> str | None:
+        """A node drawn in proportion to its weight for ``task``; ``None`` if none has room.
+        Nodes in ``avoid`` are passed over unless no other node has room."""
+        weights = self.weights(task, gpu_only)
+        if avoid:
+            others = weights.copy()
+            others[[self.index[a] for a in avoid if a in self.index]] = 0.0
+            if others.sum() > 0:
+                weights = others
+        total = weights.sum()
+        if total <= 0:
+            return None
+        cumulative = np.cumsum(weights)
+        return self.addresses[int(np.searchsorted(cumulative, rng.random() * total, side="right"))]

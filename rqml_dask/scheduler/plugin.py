@@ -1,0 +1,312 @@
+"""The RQML scheduler plugin: weighted, late-binding placement and the supervision runtime.
+
+Mechanism (chosen after reading ``distributed/scheduler.py`` and ``stealing.py``): an RQML
+task carries an ``rqml`` annotation. In :meth:`update_graph`, before the scheduler's first
+transition, the plugin restricts it to a worker name no worker has (``HOLD``): it parks in
+``no-worker`` instead of binding to a worker at once. The plugin then *releases* held tasks
+itself, in priority order, whenever a node has inbound room (an idle node pulls): it draws a
+node in proportion to its weight (:mod:`rqml_dask.scheduler.assignment`), restricts the task
+to that node's address (strict: work stealing then never moves it) and asks the scheduler to
+transition it ``no-worker -> processing``. This gives weighted choice and late binding with
+one mechanism; resources would bind at once, and stealing cannot weigh reliability or warm
+models. Releases run from the event loop (``add_callback``), never inside a transition.
+
+Feedback: a task ending in ``memory`` counts as a success for its node, ``erred`` and a
+worker lost while the task ran count as failures, and nodes report validation failures and
+timeouts on the supervision topic; the reliability record decays, with exponential backoff
+for a failing streak. A task handed back (its node pushed it back, rerouting, a dead
+worker) is held again and rebound, avoiding the node it left when another has room.
+
+Supervision: nodes apply the policy this plugin sends them (escalate along the ladder, then
+diversify to another model family, then end the task with a clear reason) and report every
+decision on the ``supervision_events`` topic; the runtime records them per task, reroutes a
+task to another node when its node reports it stuck there, and terminates tasks past the
+policy's limits.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from distributed import Scheduler
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from rqml_dask import events
+from rqml_dask.node.policy import POLICY, NodePolicy
+from rqml_dask.scheduler.assignment import NodeTable, TaskTraits
+from rqml_dask.scheduler.reliability import Reliability
+
+logger = logging.getLogger(__name__)
+
+HOLD = "rqml-hold"
+"""The worker restriction that parks an RQML task until the plugin binds it."""
+
+PLUGIN_NAME = "rqml-scheduler"
+QUEUED_PER_NODE = 1
+"""Tasks a node may hold beyond its refinement concurrency (so it never idles between tasks)."""
+
+
+@dataclass
+class TaskRecord:
+    traits: TaskTraits
+    key: str
+    state: str = "held"  # held, bound, done, erred
+    worker: str | None = None
+    attempts: int = 0
+    avoid: set[str] = field(default_factory=set)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class NodeRecord:
+    address: str
+    reliability: Reliability = field(default_factory=Reliability)
+    bound: set[str] = field(default_factory=set)
+    completed: int = 0
+    failed: int = 0
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+class RQMLSchedulerPlugin(SchedulerPlugin):
+    name = PLUGIN_NAME
+
+    def __init__(self, policy: NodePolicy | None = None, seed: int | None = None, release_interval: float = 0.1) -> None:
+        self.policy = policy or NodePolicy(version=1)
+        self.rng = np.random.default_rng(seed)
+        self.release_interval = release_interval
+        self.tasks: dict[str, TaskRecord] = {}
+        self.keys_by_task_id: dict[str, str] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.table = NodeTable()
+        self._held: list[tuple] = []
+        self._counter = itertools.count()
+        self._release_scheduled = False
+        self.scheduler: Scheduler | None = None
+        self.decision_seconds: list[float] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers["rqml_status"] = self.status
+        scheduler.handlers["rqml_policy"] = self.handle_policy
+        for address in scheduler.workers:
+            self.add_worker(scheduler, address)
+        from tornado.ioloop import PeriodicCallback
+
+        self._periodic = PeriodicCallback(self._tick, self.release_interval * 1000)
+        self._periodic.start()
+
+    async def close(self) -> None:
+        if getattr(self, "_periodic", None) is not None:
+            self._periodic.stop()
+
+    # -- scheduler hooks -------------------------------------------------------------------
+
+    def update_graph(self, scheduler: Scheduler, *, annotations: dict, tasks: list, stimulus_id: str, **kwargs: Any) -> None:
+        for key, info in annotations.get("rqml", {}).items():
+            ts = scheduler.tasks.get(key)
+            if ts is None or ts.state not in ("released", "waiting"):
+                continue
+            traits = TaskTraits(**info)
+            ts.worker_restrictions = {HOLD}
+            ts.loose_restrictions = False
+            record = self.tasks.get(key) or TaskRecord(traits, key)
+            self.tasks[key] = record
+            self.keys_by_task_id[traits.task_id] = key
+            self._hold(record)
+            events.publish(scheduler, events.TASK_INBOUND, "held", task_id=traits.task_id, key=key)
+        self._schedule_release()
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        record = self.tasks.get(key)
+        if record is None:
+            return
+        now = time.monotonic()
+        if start == "processing" and record.worker is not None:
+            node = self.nodes.get(record.worker)
+            if node is not None:
+                node.bound.discard(key)
+                self._update_room(node)
+            if finish == "memory":
+                record.state = "done"
+                if node is not None:
+                    node.reliability.success(now)
+                    node.completed += 1
+            elif finish == "erred":
+                record.state = "erred"
+                self._failure(record.worker, now)
+            elif finish in ("released", "waiting", "no-worker"):
+                # handed back: rescheduled by its node, or its worker died; hold it again
+                record.avoid.add(record.worker)
+                ts = self.scheduler.tasks.get(key)
+                if ts is not None:
+                    ts.worker_restrictions = {HOLD}
+                self._hold(record)
+            self._schedule_release()
+        elif finish == "forgotten":
+            self.tasks.pop(key, None)
+            self.keys_by_task_id.pop(record.traits.task_id, None)
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        if worker not in self.nodes:
+            self.nodes[worker] = NodeRecord(worker)
+            self.table.add(worker)
+            self._update_room(self.nodes[worker])
+            scheduler.loop.add_callback(self._push_policy, worker)
+        self._schedule_release()
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
+        node = self.nodes.pop(worker, None)
+        self.table.remove(worker)
+        if node is not None and node.bound:
+            logger.info("node %s lost with %d RQML tasks", worker, len(node.bound))
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if topic != events.SUPERVISION or not isinstance(msg, dict):
+            return
+        record = self._record_of(msg.get("task_id"))
+        if record is not None:
+            record.decisions.append(msg)
+        if msg.get("kind") in ("validation_failed", "timeout") and msg.get("worker") in self.nodes:
+            self._failure(msg["worker"], time.monotonic())
+
+    # -- placement -------------------------------------------------------------------------
+
+    def _hold(self, record: TaskRecord) -> None:
+        record.state, record.worker = "held", None
+        traits = record.traits
+        heapq.heappush(self._held, (-traits.priority, -traits.difficulty, next(self._counter), record.key))
+
+    def _schedule_release(self) -> None:
+        if not self._release_scheduled and self.scheduler is not None:
+            self._release_scheduled = True
+            self.scheduler.loop.add_callback(self._release)
+
+    def _tick(self) -> None:
+        self._refresh_figures()
+        self._release()
+
+    def _release(self) -> None:
+        """Bind held tasks, highest priority first, to nodes with inbound room."""
+        self._release_scheduled = False
+        scheduler = self.scheduler
+        recommendations: dict = {}
+        skipped = []
+        while self._held:
+            entry = heapq.heappop(self._held)
+            record = self.tasks.get(entry[-1])
+            ts = scheduler.tasks.get(entry[-1])
+            if record is None or record.state != "held" or ts is None or ts.state != "no-worker":
+                if record is not None and record.state == "held" and ts is not None and ts.state in ("waiting", "released"):
+                    skipped.append(entry)  # not runnable yet
+                continue
+            started = time.perf_counter()
+            address = self.table.choose(record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid))
+            self.decision_seconds.append(time.perf_counter() - started)
+            if address is None:
+                skipped.append(entry)
+                break
+            record.state, record.worker = "bound", address
+            record.attempts += 1
+            ts.worker_restrictions = {address}
+            node = self.nodes[address]
+            node.bound.add(record.key)
+            self._update_room(node)
+            recommendations[record.key] = "processing"
+        for entry in skipped:
+            heapq.heappush(self._held, entry)
+        del self.decision_seconds[:-1000]
+        if recommendations:
+            scheduler.transitions(recommendations, stimulus_id=f"rqml-release-{time.time()}")
+
+    def _gpu_only(self, traits: TaskTraits) -> bool:
+        return traits.task_class in self.policy.gpu_classes
+
+    def _capacity(self, node: NodeRecord) -> int:
+        return int(node.figures.get("concurrency_limit", 1)) + QUEUED_PER_NODE
+
+    def _update_room(self, node: NodeRecord) -> None:
+        i = self.table.index.get(node.address)
+        if i is not None:
+            self.table.room[i] = max(self._capacity(node) - len(node.bound), 0)
+
+    def _failure(self, worker: str, now: float) -> None:
+        node = self.nodes.get(worker)
+        if node is not None:
+            node.reliability.failure(now)
+            node.failed += 1
+
+    def _refresh_figures(self) -> None:
+        """Read the nodes' heartbeat figures into the node table."""
+        now = time.monotonic()
+        rates = {}
+        for address, node in self.nodes.items():
+            ws = self.scheduler.workers.get(address)
+            figures = (ws.metrics.get("rqml") if ws is not None else None) or {}
+            if figures:
+                node.figures = figures
+                rates[address] = figures.get("iterations_per_second", 0.0)
+                self.table.set_warm(address, figures.get("warm_models", []))
+                self.table.gpu[self.table.index[address]] = figures.get("gpu_count", 0) > 0
+            self.table.reliability[self.table.index[address]] = node.reliability.score(now)
+            self._update_room(node)
+        self.table.set_speeds(rates)
+
+    def _record_of(self, task_id: str | None) -> TaskRecord | None:
+        key = self.keys_by_task_id.get(task_id)
+        return self.tasks.get(key) if key is not None else None
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def status(self, comm: Any = None) -> dict[str, Any]:
+        """Nodes (weight figures, reliability, queues, warm models) and tasks (state, node)."""
+        now = time.monotonic()
+        nodes = {}
+        for address, node in self.nodes.items():
+            i = self.table.index.get(address)
+            f = node.figures
+            nodes[address] = {
+                "room": float(self.table.room[i]) if i is not None else 0.0,
+                "speed": float(self.table.speed[i]) if i is not None else 0.0,
+                "reliability": node.reliability.score(now),
+                "in_backoff": now < node.reliability.backoff_until,
+                "bound": len(node.bound),
+                "completed": node.completed,
+                "failed": node.failed,
+                "queues": {q: f.get(q, 0) for q in ("inbound", "refining", "outbound")},
+                "warm_models": f.get("warm_models", []),
+                "gpu_count": f.get("gpu_count", 0),
+                "checkpoint_backlog": (f.get("checkpoints") or {}).get("pending", 0),
+            }
+        tasks = {
+            r.traits.task_id: {
+                "state": r.state,
+                "node": r.worker,
+                "attempts": r.attempts,
+                "model": r.traits.model,
+                "decisions": [d.get("kind") for d in r.decisions],
+            }
+            for r in self.tasks.values()
+        }
+        return {"nodes": nodes, "tasks": tasks, "policy": asdict(self.policy)}
+
+    def handle_policy(self, comm: Any = None, policy: dict | None = None) -> dict[str, Any]:
+        """Set (when given) and return the policy; a new one is pushed to every node."""
+        if policy is not None:
+            self.policy = POLICY.validate_python(policy)
+            for address in list(self.nodes):
+                self.scheduler.loop.add_callback(self._push_policy, address)
+        return asdict(self.policy)
+
+    async def _push_policy(self, address: str) -> None:
+        try:
+            await self.scheduler.rpc(address).rqml_policy(policy=POLICY.dump_python(self.policy, mode="json"))
+        except Exception as exc:  # the node keeps its cached policy until it hears again
+            logger.warning("could not send policy to %s: %s", address, exc)
