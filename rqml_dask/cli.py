@@ -58,6 +58,71 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option("--scheduler", metavar="ADDRESS", required=True, help="The Dask scheduler running the RQML plugin.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(scheduler: str, as_json: bool) -> None:
+    """Nodes (weights, reliability, queues, warm models) and tasks (state, node, model)."""
+    import json
+
+    from distributed import Client
+
+    with Client(scheduler, timeout=10) as client:
+        if "rqml_status" not in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.handlers)):
+            raise click.ClickException(f"{scheduler} does not run the RQML scheduler plugin (dask scheduler --preload rqml_dask.scheduler)")
+        state = client.sync(client.scheduler.rqml_status)
+    if as_json:
+        click.echo(json.dumps(state, indent=2, default=str))
+        return
+    click.echo(f"{'node':<28}{'room':>5}{'speed':>7}{'reliab':>8}{'bound':>6}{'done':>6}{'fail':>5}  queues i/r/o  warm models")
+    for address, n in sorted(state["nodes"].items()):
+        q = n["queues"]
+        flag = " (backoff)" if n["in_backoff"] else ""
+        click.echo(
+            f"{address:<28}{n['room']:>5.0f}{n['speed']:>7.2f}{n['reliability']:>8.2f}{n['bound']:>6}{n['completed']:>6}"
+            f"{n['failed']:>5}  {q['inbound']}/{q['refining']}/{q['outbound']:<9} {', '.join(n['warm_models'])}{flag}"
+        )
+    counts: dict[str, int] = {}
+    for t in state["tasks"].values():
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    click.echo(f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(counts.items())) or 'none'}")
+    for task_id, t in sorted(state["tasks"].items()):
+        if t["state"] in ("held", "bound"):
+            click.echo(f"  {task_id:<24} {t['state']:<6} {t['node'] or '-':<28} {t['model']}  attempts {t['attempts']}")
+
+
+@main.command("events")
+@click.option("--scheduler", metavar="ADDRESS", required=True)
+@click.option("--topic", "topics", multiple=True, help="Topics to follow (default: every RQML topic).")
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until interrupted).")
+def events_command(scheduler: str, topics: tuple[str, ...], seconds: float | None) -> None:
+    """Print RQML events live, one JSON line each: task_inbound, task_results, metrics,
+    heartbeats, alerts, supervision_events."""
+    import threading
+
+    from distributed import Client
+
+    from rqml_dask import events
+
+    with Client(scheduler, timeout=10) as client:
+        for topic in topics or events.TOPICS:
+            client.subscribe_topic(topic, _event_printer(topic))
+        try:
+            threading.Event().wait(seconds)
+        except KeyboardInterrupt:
+            pass
+
+
+def _event_printer(topic: str):
+    import json
+
+    def show(event: tuple) -> None:
+        payload = event[1] if isinstance(event[1], dict) else {"event": event[1]}
+        click.echo(json.dumps({"topic": topic, **payload}, default=str), nl=True)
+
+    return show
+
+
 @main.group()
 def data() -> None:
     """Input data helpers."""

@@ -36,8 +36,8 @@ class ErrorFigures:
 class TaskOutcome:
     """What a finished RQML task reports to whoever submitted it.
 
-    ``resumed_from`` is the checkpoint iteration the final run started from (``None``: from
-    the start); ``reused`` says the outcome was recorded by an earlier run of the same task
+    ``node`` is the worker that refined it; ``resumed_from`` is the checkpoint iteration the
+    final run started from (``None``: from the start); ``reused`` says the outcome was recorded by an earlier run of the same task
     and nothing was recomputed; ``notes`` lists checkpoints rejected on the way.
     """
 
@@ -54,6 +54,7 @@ class TaskOutcome:
     backend: str
     error: ErrorFigures | None = None
     reason: str = ""
+    node: str = ""
     resumed_from: int | None = None
     reused: bool = False
     notes: list[str] = field(default_factory=list)
@@ -115,6 +116,7 @@ def run_task(task: RQMLTask) -> TaskOutcome:
         rejoin()
     try:
         outcome = finish_task(refinement, started)
+        outcome.node = node.worker.address
         if resume is not None:
             outcome.notes.extend(resume.rejected)
         if checkpointer is not None:

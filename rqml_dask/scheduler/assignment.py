@@ -8,8 +8,10 @@ A node's weight for a task is ``room * speed * reliability * routing``:
   to [0.25, 4]; 1 until it has reported);
 * ``reliability``: :class:`~rqml_dask.scheduler.reliability.Reliability` score;
 * ``routing``: the task's class policy (``gpu``-only classes never go to CPU nodes, and a
-  task that wants a GPU prefers GPU nodes 10:1); and *warm first*: when nodes with room have
-  the task's first model warm, the choice is made among them only.
+  task that wants a GPU prefers GPU nodes 10:1); and *warm first*: when nodes that can start
+  the task now (a free refinement slot, ``free``) have its first model warm, the choice is
+  made among them only. A warm node whose only room is a queue slot does not win over a cold
+  node that would start the task at once.
 
 Choosing at random in proportion to weight starves no node and spreads ties instead of
 piling them on one hot node.
@@ -44,6 +46,7 @@ class NodeTable:
         self.addresses: list[str] = []
         self.index: dict[str, int] = {}
         self.room = np.zeros(0)
+        self.free = np.zeros(0)
         self.speed = np.zeros(0)
         self.reliability = np.zeros(0)
         self.gpu = np.zeros(0, dtype=bool)
@@ -55,6 +58,7 @@ class NodeTable:
         self.index[address] = len(self.addresses)
         self.addresses.append(address)
         self.room = np.append(self.room, 1.0)
+        self.free = np.append(self.free, 1.0)
         self.speed = np.append(self.speed, 1.0)
         self.reliability = np.append(self.reliability, 1.0)
         self.gpu = np.append(self.gpu, False)
@@ -66,8 +70,8 @@ class NodeTable:
             return
         self.addresses.pop(i)
         self.index = {a: j for j, a in enumerate(self.addresses)}
-        self.room, self.speed, self.reliability, self.gpu = (
-            np.delete(a, i) for a in (self.room, self.speed, self.reliability, self.gpu)
+        self.room, self.free, self.speed, self.reliability, self.gpu = (
+            np.delete(a, i) for a in (self.room, self.free, self.speed, self.reliability, self.gpu)
         )
         self.warm = {model: np.delete(mask, i) for model, mask in self.warm.items()}
 
@@ -87,15 +91,22 @@ class NodeTable:
         if busy.any():
             self.speed = np.where(busy, np.clip(rates / rates[busy].mean(), *SPEED_BOUNDS), 1.0)
 
-    def weights(self, task: TaskTraits, gpu_only: bool = False) -> np.ndarray:
+    def weights(self, task: TaskTraits, gpu_only: bool = False, avoid: frozenset[str] = frozenset()) -> np.ndarray:
+        """Each node's weight for ``task``. Nodes in ``avoid`` get none unless no other node
+        has room; then warm first (see the module docstring)."""
         weights = self.room.clip(min=0) * self.speed * self.reliability
         if gpu_only:
             weights = np.where(self.gpu, weights, 0.0)
         elif task.wants_gpu and self.gpu.any():
             weights = np.where(self.gpu, weights * GPU_PREFERENCE, weights)
+        if avoid:
+            others = weights.copy()
+            others[[self.index[a] for a in avoid if a in self.index]] = 0.0
+            if others.sum() > 0:
+                weights = others
         warm = self.warm.get(task.model)
         if warm is not None:
-            warm_weights = np.where(warm, weights, 0.0)
+            warm_weights = np.where(warm & (self.free > 0), weights, 0.0)
             if warm_weights.sum() > 0:
                 return warm_weights
         return weights
@@ -103,12 +114,7 @@ class NodeTable:
     def choose(self, task: TaskTraits, rng: np.random.Generator, gpu_only: bool = False, avoid: frozenset[str] = frozenset()) -> str | None:
         """A node drawn in proportion to its weight for ``task``; ``None`` if none has room.
         Nodes in ``avoid`` are passed over unless no other node has room."""
-        weights = self.weights(task, gpu_only)
-        if avoid:
-            others = weights.copy()
-            others[[self.index[a] for a in avoid if a in self.index]] = 0.0
-            if others.sum() > 0:
-                weights = others
+        weights = self.weights(task, gpu_only, avoid)
         total = weights.sum()
         if total <= 0:
             return None

@@ -50,6 +50,10 @@ HOLD = "rqml-hold"
 PLUGIN_NAME = "rqml-scheduler"
 QUEUED_PER_NODE = 1
 """Tasks a node may hold beyond its refinement concurrency (so it never idles between tasks)."""
+TAIL_SPEED_RATIO = 0.5
+"""In the tail of a run (fewer held tasks than nodes), nodes slower than this fraction of the
+fastest get no new task: it would finish later than a fast node that frees up meanwhile.
+Nodes in reliability backoff likewise rest while any other node can take work."""
 
 
 @dataclass
@@ -61,6 +65,7 @@ class TaskRecord:
     attempts: int = 0
     avoid: set[str] = field(default_factory=set)
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    failed_here: bool = False
 
 
 @dataclass
@@ -128,31 +133,36 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         record = self.tasks.get(key)
         if record is None:
             return
-        now = time.monotonic()
-        if start == "processing" and record.worker is not None:
-            node = self.nodes.get(record.worker)
-            if node is not None:
-                node.bound.discard(key)
-                self._update_room(node)
-            if finish == "memory":
-                record.state = "done"
-                if node is not None:
-                    node.reliability.success(now)
-                    node.completed += 1
-            elif finish == "erred":
-                record.state = "erred"
-                self._failure(record.worker, now)
-            elif finish in ("released", "waiting", "no-worker"):
-                # handed back: rescheduled by its node, or its worker died; hold it again
-                record.avoid.add(record.worker)
-                ts = self.scheduler.tasks.get(key)
-                if ts is not None:
-                    ts.worker_restrictions = {HOLD}
-                self._hold(record)
-            self._schedule_release()
-        elif finish == "forgotten":
+        if finish == "forgotten":
             self.tasks.pop(key, None)
             self.keys_by_task_id.pop(record.traits.task_id, None)
+            return
+        now = time.monotonic()
+        node = self.nodes.get(record.worker) if record.worker is not None else None
+        if start == "processing" and node is not None:
+            node.bound.discard(key)
+            self._update_room(node)
+        if start == "processing" and finish == "memory":
+            record.state = "done"
+            if node is not None:
+                node.completed += 1
+                if not record.failed_here:  # a result its node reported invalid is no success
+                    node.reliability.success(now)
+        elif start == "processing" and finish == "erred":
+            record.state = "erred"
+            self._failure(record.worker, now)
+        elif finish in ("released", "waiting", "no-worker") and record.state != "held":
+            # handed back by its node, its worker died, or its result was lost with a worker:
+            # hold it again, to be bound elsewhere if another node has room
+            if start == "processing" and record.worker is not None:
+                record.avoid.add(record.worker)
+            ts = self.scheduler.tasks.get(key)
+            if ts is not None:
+                ts.worker_restrictions = {HOLD}
+            self._hold(record)
+        else:
+            return
+        self._schedule_release()
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         if worker not in self.nodes:
@@ -176,6 +186,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             record.decisions.append(msg)
         if msg.get("kind") in ("validation_failed", "timeout") and msg.get("worker") in self.nodes:
             self._failure(msg["worker"], time.monotonic())
+            if record is not None and record.worker == msg["worker"]:
+                record.failed_here = True
 
     # -- placement -------------------------------------------------------------------------
 
@@ -199,6 +211,19 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         scheduler = self.scheduler
         recommendations: dict = {}
         skipped = []
+        # Nodes in backoff, and slow nodes in the tail of a run, get nothing new while another
+        # node can take the work.
+        now = time.monotonic()
+        running = {ws.address for ws in scheduler.running}
+        resting = np.array(
+            [a not in running or now < self.nodes[a].reliability.backoff_until for a in self.table.addresses], dtype=bool
+        )
+        if len(self._held) < len(self.table.addresses):
+            resting |= self.table.speed < TAIL_SPEED_RATIO * self.table.speed.max(initial=0)
+        if resting.all():
+            resting[:] = False
+        saved_room = self.table.room.copy()
+        self.table.room[resting] = 0
         while self._held:
             entry = heapq.heappop(self._held)
             record = self.tasks.get(entry[-1])
@@ -212,8 +237,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             self.decision_seconds.append(time.perf_counter() - started)
             if address is None:
                 skipped.append(entry)
-                break
-            record.state, record.worker = "bound", address
+                if self.table.room.max(initial=0) <= 0:
+                    break  # no node has room: the rest waits too
+                continue  # this task's nodes are full (e.g. GPU only): others may still fit
+            record.state, record.worker, record.failed_here = "bound", address, False
             record.attempts += 1
             ts.worker_restrictions = {address}
             node = self.nodes[address]
@@ -222,20 +249,36 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             recommendations[record.key] = "processing"
         for entry in skipped:
             heapq.heappush(self._held, entry)
+        self.table.room = np.where(resting, saved_room, self.table.room)
         del self.decision_seconds[:-1000]
         if recommendations:
             scheduler.transitions(recommendations, stimulus_id=f"rqml-release-{time.time()}")
+            for key in recommendations:  # the scheduler may refuse (the node left meanwhile)
+                ts, record = scheduler.tasks.get(key), self.tasks.get(key)
+                if record is not None and (ts is None or ts.processing_on is None or ts.processing_on.address != record.worker):
+                    node = self.nodes.get(record.worker)
+                    if node is not None:
+                        node.bound.discard(key)
+                        self._update_room(node)
+                    if ts is not None and ts.state == "no-worker":
+                        ts.worker_restrictions = {HOLD}
+                        self._hold(record)
 
     def _gpu_only(self, traits: TaskTraits) -> bool:
         return traits.task_class in self.policy.gpu_classes
 
     def _capacity(self, node: NodeRecord) -> int:
-        return int(node.figures.get("concurrency_limit", 1)) + QUEUED_PER_NODE
+        """Tasks a node may hold: what it refines at once, plus one queued if it is not slow
+        (a task queued on a slow node would wait there while faster nodes free up)."""
+        i = self.table.index.get(node.address)
+        slow = i is not None and self.table.speed[i] < TAIL_SPEED_RATIO * self.table.speed.max()
+        return int(node.figures.get("concurrency_limit", 1)) + (0 if slow else QUEUED_PER_NODE)
 
     def _update_room(self, node: NodeRecord) -> None:
         i = self.table.index.get(node.address)
         if i is not None:
             self.table.room[i] = max(self._capacity(node) - len(node.bound), 0)
+            self.table.free[i] = max(int(node.figures.get("concurrency_limit", 1)) - len(node.bound), 0)
 
     def _failure(self, worker: str, now: float) -> None:
         node = self.nodes.get(worker)

@@ -4,7 +4,8 @@ Successes and failures (crashes, errors, timeouts, validation failures) are coun
 exponential decay (``half_life`` seconds), so a node that stops failing regains its weight
 over time. ``score`` is ``(successes + 1) / (successes + 1 + penalty * failures)`` in (0, 1].
 Consecutive failures put the node in backoff for ``base * 2**(k-1)`` seconds (capped), during
-which its weight is multiplied by ``backoff_factor``; a success ends the streak.
+which its weight is multiplied by ``backoff_factor``; a success ends the streak and the
+backoff.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Reliability:
         self._decay(now)
         self.successes += 1
         self.streak = 0
+        self.backoff_until = min(self.backoff_until, now)
+        self.backoff_until = min(self.backoff_until, now)
 
     def failure(self, now: float) -> None:
         self._decay(now)

@@ -1,0 +1,106 @@
+"""The RQML scheduler plugin with real worker processes of unequal speed."""
+
+from __future__ import annotations
+
+import pytest
+from distributed import Client
+
+from heterogeneous_cluster import heterogeneous_cluster, placement, sleepy_pipeline
+
+pytestmark = pytest.mark.slow
+
+SLOWDOWNS = [1.0, 1.0, 3.0]  # two fast nodes and one three times slower
+
+
+@pytest.mark.parametrize("rqml_scheduler", [True, False], ids=["rqml", "dask-default"])
+def test_tasks_spread_in_proportion_to_node_speed(tmp_path, small_volume, rqml_scheduler):
+    with heterogeneous_cluster(SLOWDOWNS, rqml_scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(3)
+        pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=20, delay=0.01, name="spread")
+        report = pipeline.run(client, progress=False)
+        counts = placement(client, report)
+    assert len(report.outcomes) == 27 and sum(counts.values()) == 27
+    slow = counts["worker-2-x3"]
+    fair = 27 * (1 / 3) / (1 + 1 + 1 / 3)  # ~3.9 tasks for a node of a third of the speed
+    if rqml_scheduler:
+        assert slow <= fair + 2, counts
+        assert min(counts["worker-0-x1"], counts["worker-1-x1"]) >= 9, counts
+    else:
+        assert slow >= 8, counts  # Dask's default hands every node its even share up front
+
+
+def test_a_node_that_keeps_failing_gets_fewer_tasks(tmp_path, small_volume):
+    with heterogeneous_cluster([1.0, 1.0, 1.0], faulty=frozenset({2})) as cluster, Client(cluster) as client:
+        client.wait_for_workers(3)
+        pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=10, delay=0.01, name="faulty")
+        report = pipeline.run(client, progress=False)
+        counts = placement(client, report)
+        status = client.sync(client.scheduler.rqml_status)
+    rejected = {o.node for o in report.rejected}
+    assert len(rejected) == 1 and all(o.validation_failures for o in report.rejected)
+    faulty = next(n for n in counts if n.startswith("worker-2"))
+    assert counts[faulty] <= 5 and min(v for n, v in counts.items() if n != faulty) >= 10, counts
+    assert status["nodes"][rejected.pop()]["reliability"] < 0.3
+
+
+def test_supervision_decisions_are_published_and_tasks_end_in_a_clear_state(tmp_path, small_volume):
+    from conftest import pipeline_dict, write_yaml
+    from rqml_dask import Pipeline
+    from rqml_dask.events import SUPERVISION, TASK_RESULTS
+
+    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
+        seen = {SUPERVISION: [], TASK_RESULTS: []}
+        for topic in seen:
+            client.subscribe_topic(topic, lambda event, topic=topic: seen[topic].append(event[1]))
+        config = pipeline_dict(small_volume, tmp_path / "out.zarr", models={"ladder": ["richardson_lucy", "richardson_lucy_tv"]},
+                               convergence={"max_iterations": 300, "check_every": 5, "stability_tol": 1e-12, "novelty_window": 10, "min_progress": 0.5})
+        report = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config)).run(client, progress=False)
+        from test_node_cluster import wait_for
+
+        wait_for(lambda: len(seen[TASK_RESULTS]) == 8)
+    assert all(o.status == "stalled" and o.reason for o in report.outcomes)
+    kinds = {}
+    for event in seen[SUPERVISION]:
+        kinds.setdefault(event["task_id"], []).append(event["kind"])
+    assert set(kinds) == {o.task_id for o in report.outcomes}
+    for task_kinds in kinds.values():
+        assert task_kinds == ["escalated", "stalled", "diversified", "stalled"], task_kinds
+    assert sorted(e["task_id"] for e in seen[TASK_RESULTS]) == sorted(o.task_id for o in report.outcomes)
+
+
+def test_losing_a_node_and_adding_one_mid_run_loses_no_task_and_runs_none_twice(tmp_path, small_volume):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rqml_dask.events import TASK_RESULTS
+    from test_node_cluster import wait_for
+
+    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        finished = []
+        client.subscribe_topic(TASK_RESULTS, lambda event: finished.append(event[1]["task_id"]))
+        pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=60, delay=0.01, name="churn")
+        futures = pipeline.submit(client)
+        wait_for(lambda: len(finished) >= 2, interval=0.02)
+        victim = next(iter(client.scheduler_info()["workers"]))
+        os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+        joining = subprocess.Popen(  # a new node joins, the way users start one
+            [str(Path(sys.executable).with_name("dask")), "worker", cluster.scheduler_address, "--nthreads", "1",
+             "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.node", "--name", "joiner"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},  # it runs the tests' sleepy model
+        )
+        try:
+            outcomes = client.gather(futures)
+            wait_for(lambda: len(finished) == 27)
+            nodes = {o.node for o in outcomes}
+            joiner = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "joiner")
+        finally:
+            joining.terminate()
+            joining.wait(30)
+    assert joiner in nodes  # the new node took work
+    assert sorted(o.task_id for o in outcomes) == sorted(t.task_id for t in pipeline.tasks())
+    assert sorted(finished) == sorted(set(finished))  # each task ran to completion exactly once
