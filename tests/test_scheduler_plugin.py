@@ -104,3 +104,47 @@ def test_losing_a_node_and_adding_one_mid_run_loses_no_task_and_runs_none_twice(
     assert joiner in nodes  # the new node took work
     assert sorted(o.task_id for o in outcomes) == sorted(t.task_id for t in pipeline.tasks())
     assert sorted(finished) == sorted(set(finished))  # each task ran to completion exactly once
+
+
+def test_a_task_goes_first_to_the_node_where_its_model_is_warm(tmp_path, small_volume):
+    from test_node_cluster import node_metrics, wait_for
+
+    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        warmup = sleepy_pipeline(small_volume, tmp_path / "warm.zarr", [24, 48, 48], iterations=5, delay=0.01, name="warmup")
+        [warm_node] = {o.node for o in warmup.run(client, progress=False).outcomes}
+        wait_for(lambda: "sleepy_model:SleepyModel" in node_metrics(client)[warm_node]["warm_models"])
+        nodes = set()
+        for attempt in range(4):  # both nodes idle each time: warm first decides
+            single = sleepy_pipeline(small_volume, tmp_path / f"one{attempt}.zarr", [24, 48, 48], iterations=5, delay=0.01, name=f"one{attempt}")
+            nodes |= {o.node for o in single.run(client, progress=False).outcomes}
+    assert nodes == {warm_node}
+
+
+def test_rqml_status_and_rqml_events_show_the_cluster(tmp_path, small_volume):
+    import subprocess
+    import sys
+
+    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "rqml_dask.cli", "events", "--scheduler", cluster.scheduler_address, "--seconds", "12"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        import time
+
+        time.sleep(3)  # let it subscribe
+        pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=10, delay=0.01, name="watched")
+        pipeline.run(client, progress=False)
+        status = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "status", "--scheduler", cluster.scheduler_address],
+                                capture_output=True, text=True, timeout=60)
+        out, _ = follow.communicate(timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "tasks: 27 done" in status.stdout and status.stdout.count("tcp://127.0.0.1:") == 2
+    import json
+
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    topics = {line["topic"] for line in lines}
+    assert {"rqml-task_inbound", "rqml-task_results", "rqml-heartbeats", "rqml-metrics"} <= topics, topics
+    finished = [line for line in lines if line["topic"] == "rqml-task_results" and line["kind"] == "finished"]
+    assert len(finished) == 27 and all(line["task_id"].startswith("watched/") for line in finished)

@@ -48,6 +48,10 @@ HOLD = "rqml-hold"
 """The worker restriction that parks an RQML task until the plugin binds it."""
 
 PLUGIN_NAME = "rqml-scheduler"
+FINISHED_KEPT = 10_000
+"""Records of tasks the clients have released that ``rqml status`` still shows."""
+HEARTBEAT_SECONDS = 2.0
+"""How often the plugin publishes node figures and cluster metrics on the event bus."""
 QUEUED_PER_NODE = 1
 """Tasks a node may hold beyond its refinement concurrency (so it never idles between tasks)."""
 TAIL_SPEED_RATIO = 0.5
@@ -87,11 +91,13 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.release_interval = release_interval
         self.tasks: dict[str, TaskRecord] = {}
         self.keys_by_task_id: dict[str, str] = {}
+        self.finished: dict[str, TaskRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.table = NodeTable()
         self._held: list[tuple] = []
         self._counter = itertools.count()
         self._release_scheduled = False
+        self._published_at = 0.0
         self.scheduler: Scheduler | None = None
         self.decision_seconds: list[float] = []
 
@@ -136,6 +142,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         if finish == "forgotten":
             self.tasks.pop(key, None)
             self.keys_by_task_id.pop(record.traits.task_id, None)
+            self.finished[record.traits.task_id] = record  # kept for `rqml status`, bounded
+            while len(self.finished) > FINISHED_KEPT:
+                self.finished.pop(next(iter(self.finished)))
             return
         now = time.monotonic()
         node = self.nodes.get(record.worker) if record.worker is not None else None
@@ -204,6 +213,25 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def _tick(self) -> None:
         self._refresh_figures()
         self._release()
+        now = time.monotonic()
+        if now - self._published_at >= HEARTBEAT_SECONDS:
+            self._published_at = now
+            self._publish_heartbeat()
+
+    def _publish_heartbeat(self) -> None:
+        """Nodes' figures on ``heartbeats``, the cluster's task counts on ``metrics``."""
+        for address, node in self.nodes.items():
+            f = node.figures
+            events.publish(
+                self.scheduler, events.HEARTBEATS, "node", node=address,
+                **{k: f.get(k) for k in ("inbound", "refining", "outbound", "busy_fraction", "iterations_per_second", "concurrency_limit")},
+                reliability=node.reliability.score(time.monotonic()),
+            )
+        states: dict[str, int] = {}
+        for record in self.tasks.values():
+            states[record.state] = states.get(record.state, 0) + 1
+        rate = sum(n.figures.get("iterations_per_second", 0.0) for n in self.nodes.values())
+        events.publish(self.scheduler, events.METRICS, "cluster", nodes=len(self.nodes), tasks=states, iterations_per_second=rate)
 
     def _release(self) -> None:
         """Bind held tasks, highest priority first, to nodes with inbound room."""
@@ -336,7 +364,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 "model": r.traits.model,
                 "decisions": [d.get("kind") for d in r.decisions],
             }
-            for r in self.tasks.values()
+            for r in [*self.finished.values(), *self.tasks.values()]
         }
         return {"nodes": nodes, "tasks": tasks, "policy": asdict(self.policy)}
 
