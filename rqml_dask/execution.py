@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from distributed import rejoin, secede
+from distributed import Reschedule, rejoin, secede
 from pydantic import TypeAdapter
 
 from rqml_dask import events
@@ -96,6 +96,7 @@ def run_task(task: RQMLTask) -> TaskOutcome:
     iterates, so the worker can hand the node more tasks.
     """
     from rqml_dask.node import current_node
+    from rqml_dask.node.orchestrator import PushedBack
 
     started = time.perf_counter()
     node = current_node()
@@ -112,8 +113,15 @@ def run_task(task: RQMLTask) -> TaskOutcome:
     secede()
     try:
         refinement = pending.result()
+    except PushedBack:
+        raise Reschedule() from None
     finally:
         rejoin()
+    if refinement.handed_back:  # rerouted: go on elsewhere from the checkpoint just taken
+        if checkpointer is not None:
+            checkpointer.flush()
+        node.orchestrator.release(task.task_id)
+        raise Reschedule()
     try:
         outcome = finish_task(refinement, started)
         outcome.node = node.worker.address

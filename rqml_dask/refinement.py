@@ -73,6 +73,7 @@ class Refinement:
     last_checkpoint_time: float = field(default_factory=time.monotonic)
     models: list[str] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    handed_back: bool = False
 
     def __post_init__(self) -> None:
         self.models = self.models or list(self.task.model_ladder)
@@ -170,6 +171,14 @@ class Refinement:
         """End the task now with status ``terminated``."""
         self.reason = reason
         self._finish("terminated")
+
+    def hand_back(self, reason: str) -> None:
+        """Stop here so the task can go on elsewhere (from the checkpoint the caller took)."""
+        self.handed_back = True
+        self.reason = reason
+        self.status = "terminated"
+        self._close_run("rerouted")
+        self._event("rerouted", model=self.model_name, reason=reason)
 
     def validate(self) -> list[str]:
         """Apply the task's validation rules to the estimate; record and return the failures."""

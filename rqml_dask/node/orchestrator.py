@@ -46,6 +46,10 @@ from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.refinement import Refinement
 from rqml_dask.task import RQMLTask
 
+class PushedBack(RuntimeError):
+    """A queued task the node handed back unstarted, for the scheduler to place elsewhere."""
+
+
 WARM_SECONDS = 600.0
 """A model used within this many seconds counts as warm on the node."""
 
@@ -121,10 +125,16 @@ class NodeOrchestrator:
     ) -> Future:
         """Queue ``task`` (its ``problem`` loaded onto this node's backend), to resume from
         ``resume`` if it holds a checkpoint and to checkpoint through ``checkpointer``; the
-        future resolves to the finished, validated :class:`Refinement`."""
+        future resolves to the finished, validated :class:`Refinement`, or fails with
+        :class:`PushedBack` when the inbound queue is over the policy's ``max_inbound``."""
         result: Future = Future()
         with self._cond:
             self.inbound.push(QueuedTask(task, problem, result, checkpointer, resume))
+            while len(self.inbound) > self.policy.max_inbound:
+                last = self.inbound.ordered(self.policy, self.is_warm)[-1]
+                self.inbound.remove(last.task.task_id)
+                last.result.set_exception(PushedBack(f"inbound queue over max_inbound={self.policy.max_inbound}"))
+                self.on_event({"kind": "pushed_back", "task_id": last.task.task_id, "inbound": len(self.inbound)})
             self._cond.notify_all()
         return result
 
@@ -288,11 +298,16 @@ class NodeOrchestrator:
 
     def _apply(self, decision: Decision, batch: list[ActiveTask]) -> None:
         for active in batch:
-            if active.queued.task.task_id == decision.task_id and not active.refinement.done:
+            refinement = active.refinement
+            if active.queued.task.task_id == decision.task_id and not refinement.done:
                 if decision.action == "escalate":
-                    active.refinement.escalate(decision.reason)
+                    refinement.escalate(decision.reason)
+                elif decision.action == "reroute":
+                    if active.queued.checkpointer is not None:
+                        active.queued.checkpointer.submit(refinement.snapshot("reroute"))
+                    refinement.hand_back(decision.reason)
                 else:
-                    active.refinement.terminate(decision.reason)
+                    refinement.terminate(decision.reason)
 
     def _retire(self, finished: list[ActiveTask], busy: float, stepped: int) -> None:
         """Validate finished tasks; hand them to outbound or, per policy, refine them further."""

@@ -32,7 +32,9 @@ class NodePolicy:
     * ``diversity``: per task class, models of other families to try, in order, when a task
       has stalled on every model of its ladder; a task that stalls on those too ends
       ``stalled`` with the reason;
-    * ``gpu_classes``: task classes the scheduler places on GPU nodes only.
+    * ``gpu_classes``: task classes the scheduler places on GPU nodes only;
+    * ``max_inbound``: a node holding more unstarted tasks pushes the last ones in its order
+      back to the scheduler, to be placed elsewhere.
     """
 
     __pydantic_config__ = _STRICT
@@ -45,6 +47,7 @@ class NodePolicy:
     max_task_seconds: Annotated[float, Field(gt=0)] | None = None
     diversity: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"deconvolution": ("landweber",)})
     gpu_classes: tuple[str, ...] = ()
+    max_inbound: Annotated[int, Field(ge=1)] = 4
 
     def class_rank(self, task_class: str) -> int:
         try:
@@ -72,13 +75,15 @@ POLICY = TypeAdapter(NodePolicy)
 
 @dataclass(frozen=True)
 class Decision:
-    """A supervision decision for one task: ``escalate`` to the next model now, or
-    ``terminate`` it (it ends with status ``terminated`` and ``reason``)."""
+    """A supervision decision for one task: ``escalate`` to the next model now,
+    ``terminate`` it (it ends with status ``terminated`` and ``reason``), or ``reroute`` it:
+    checkpoint it and hand it back to the scheduler, which binds it to another node where it
+    resumes from that checkpoint."""
 
     __pydantic_config__ = _STRICT
 
     task_id: str
-    action: Literal["escalate", "terminate"]
+    action: Literal["escalate", "terminate", "reroute"]
     reason: str = ""
 
 

@@ -38,7 +38,7 @@ from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from rqml_dask import events
-from rqml_dask.node.policy import POLICY, NodePolicy
+from rqml_dask.node.policy import DECISION, POLICY, NodePolicy
 from rqml_dask.scheduler.assignment import NodeTable, TaskTraits
 from rqml_dask.scheduler.reliability import Reliability
 
@@ -107,6 +107,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers["rqml_status"] = self.status
         scheduler.handlers["rqml_policy"] = self.handle_policy
+        scheduler.handlers["rqml_decide"] = self.handle_decision
         for address in scheduler.workers:
             self.add_worker(scheduler, address)
         from tornado.ioloop import PeriodicCallback
@@ -375,6 +376,18 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             for address in list(self.nodes):
                 self.scheduler.loop.add_callback(self._push_policy, address)
         return asdict(self.policy)
+
+    async def handle_decision(self, comm: Any = None, task_id: str = "", action: str = "", reason: str = "") -> dict[str, Any]:
+        """Send a supervision decision (``escalate``, ``terminate``, ``reroute``) to the node
+        refining ``task_id``; published on the supervision topic."""
+        record = self._record_of(task_id)
+        if record is None or record.state != "bound" or record.worker is None:
+            return {"status": "error", "message": f"task {task_id!r} is not running on a node"}
+        decision = {"task_id": task_id, "action": action, "reason": reason or "decided by the supervision runtime"}
+        DECISION.validate_python(decision)
+        events.publish(self.scheduler, events.SUPERVISION, "decision", node=record.worker, **decision)
+        await self.scheduler.rpc(record.worker).rqml_decide(decision=decision)
+        return {"status": "OK", "node": record.worker}
 
     async def _push_policy(self, address: str) -> None:
         try:
