@@ -165,7 +165,7 @@ class Refinement:
         self._close_run("stalled")
         self.status = "running"
         self._switch_model(len(self.models) - 1, estimate=self.model.estimate)
-        self._event("diversified", model=model, reason=reason)
+        self.record_event("diversified", model=model, reason=reason)
 
     def terminate(self, reason: str) -> None:
         """End the task now with status ``terminated``."""
@@ -178,7 +178,7 @@ class Refinement:
         self.reason = reason
         self.status = "terminated"
         self._close_run("rerouted")
-        self._event("rerouted", model=self.model_name, reason=reason)
+        self.record_event("rerouted", model=self.model_name, reason=reason)
 
     def validate(self) -> list[str]:
         """Apply the task's validation rules to the estimate; record and return the failures."""
@@ -202,11 +202,11 @@ class Refinement:
             previous = self.model_name
             self._close_run(stop or status)
             self._switch_model(self.ladder_position + 1, estimate=self.model.estimate)
-            self._event("escalated", from_model=previous, to_model=self.model_name, because=stop or status)
+            self.record_event("escalated", from_model=previous, to_model=self.model_name, because=stop or status)
         else:
             self._finish(status)
 
-    def _event(self, kind: str, **payload) -> None:
+    def record_event(self, kind: str, **payload) -> None:
         """Record a supervision event for the node to publish."""
         self.events.append({"kind": kind, "task_id": self.task.task_id, "iteration": self.iteration, **payload})
 
@@ -298,7 +298,7 @@ class Refinement:
         self._close_run(status)
         self.status = status
         if status in ("stalled", "terminated"):
-            self._event(status, model=self.model_name, reason=self.reason)
+            self.record_event(status, model=self.model_name, reason=self.reason)
 
 
 def _relative_change(xp, current: Array, previous: Array) -> float:

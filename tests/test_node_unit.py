@@ -165,3 +165,19 @@ def test_a_node_over_its_inbound_limit_pushes_back_the_last_tasks_in_its_order(n
     pushed = sorted(d for d, f in queued.items() if isinstance(f.exception(timeout=60), PushedBack))
     assert pushed == [1, 2]  # the easiest, served last, go back to the scheduler
     assert [e["task_id"] for e in events if e["kind"] == "pushed_back"] == ["d1", "d2"]
+
+
+def test_a_revalidate_decision_escalates_a_task_whose_estimate_fails_now(node):
+    orchestrator = node(NodePolicy(on_validation_failure="escalate"))
+    slow = ConvergenceSettings(max_iterations=3000, stability_tol=0, consistency_tol=0, novelty_window=10**6)
+    task = make_task("r", convergence=slow, validation=dataclasses.replace(make_task("x").validation, max_misfit=1e-9))
+    future = orchestrator.submit(task, make_problem(4))
+    while not orchestrator.refining:
+        time.sleep(0.01)
+    orchestrator.decide(Decision("r", "revalidate"))
+    while len(orchestrator.refining[0].refinement.runs) < 2:
+        time.sleep(0.01)
+    orchestrator.decide(Decision("r", "terminate", "done checking"))
+    refinement = future.result(timeout=30)
+    assert refinement.runs[0].stop == "escalated" and refinement.runs[1].model == "richardson_lucy_tv"
+    assert orchestrator.counters.validation_failures == 1

@@ -73,7 +73,7 @@ class Checkpointer:
         node: str,
         on_alert: Callable[[str, dict[str, Any]], None] = lambda kind, payload: None,
         max_backoff: float = 10.0,
-        max_duty: float = 0.3,
+        max_duty: float = 0.2,
     ) -> None:
         self.local, self.shared, self.artifacts, self.node = local, shared, artifacts, node
         self.on_alert = on_alert

@@ -283,6 +283,19 @@ class NodeOrchestrator:
             if checkpointer is not None and (reason := active.refinement.checkpoint_due()):
                 checkpointer.submit(active.refinement.snapshot(reason))
 
+    def _judge(self, refinement: Refinement, what: str) -> bool:
+        """Validate the estimate; on failure report it and, under the policy's ``escalate``
+        rule, go on with the next model (taking a checkpoint). True if the task goes on."""
+        if not refinement.validate():
+            return False
+        self.counters.validation_failures += 1
+        refinement.record_event("validation_failed", failures=refinement.validation_failures)
+        if self.policy.on_validation_failure == "escalate" and refinement.can_escalate:
+            refinement.escalate(f"{what} failed: " + "; ".join(refinement.validation_failures))
+            refinement.checkpoint_reason = "validation failure"
+            return True
+        return False
+
     def _diversity_model(self, refinement: Refinement) -> str | None:
         """The next model of another family the policy offers for a task that stalled on
         every model it ran, or ``None``; a task that already ran it ends as it is."""
@@ -302,6 +315,8 @@ class NodeOrchestrator:
             if active.queued.task.task_id == decision.task_id and not refinement.done:
                 if decision.action == "escalate":
                     refinement.escalate(decision.reason)
+                elif decision.action == "revalidate":
+                    self._judge(refinement, "revalidation")
                 elif decision.action == "reroute":
                     if active.queued.checkpointer is not None:
                         active.queued.checkpointer.submit(refinement.snapshot("reroute"))
@@ -311,22 +326,16 @@ class NodeOrchestrator:
 
     def _retire(self, finished: list[ActiveTask], busy: float, stepped: int) -> None:
         """Validate finished tasks; hand them to outbound or, per policy, refine them further."""
-        policy = self.policy
         done = []
         for active in finished:
             refinement = active.refinement
             if refinement.status == "stalled" and (model := self._diversity_model(refinement)):
                 refinement.diversify(model, f"stalled on every model of its ladder; policy adds {model}")
                 continue
-            if refinement.status != "terminated" and refinement.validate():
-                self.counters.validation_failures += 1
-                refinement._event("validation_failed", failures=refinement.validation_failures)
-                if policy.on_validation_failure == "escalate" and refinement.can_escalate:
-                    refinement.escalate("validation failed: " + "; ".join(refinement.validation_failures))
-                    refinement.checkpoint_reason = "validation failure"
-                    continue
+            if refinement.status != "terminated" and self._judge(refinement, "validation"):
+                continue
             done.append(active)
-        limit = policy.max_task_seconds
+        limit = self.policy.max_task_seconds
         now = time.monotonic()
         with self._cond:
             self.counters.iterations += stepped

@@ -76,14 +76,15 @@ POLICY = TypeAdapter(NodePolicy)
 @dataclass(frozen=True)
 class Decision:
     """A supervision decision for one task: ``escalate`` to the next model now,
-    ``terminate`` it (it ends with status ``terminated`` and ``reason``), or ``reroute`` it:
-    checkpoint it and hand it back to the scheduler, which binds it to another node where it
-    resumes from that checkpoint."""
+    ``terminate`` it (it ends with status ``terminated`` and ``reason``), ``revalidate`` it
+    (apply its validation rules to the current estimate now; a failure escalates under the
+    policy's ``escalate`` rule), or ``reroute`` it: checkpoint it and hand it back to the
+    scheduler, which binds it to another node where it resumes from that checkpoint."""
 
     __pydantic_config__ = _STRICT
 
     task_id: str
-    action: Literal["escalate", "terminate", "reroute"]
+    action: Literal["escalate", "terminate", "revalidate", "reroute"]
     reason: str = ""
 
 
