@@ -158,6 +158,11 @@ class NodeOrchestrator:
             self.concurrency.bound(policy.min_concurrency, policy.max_concurrency)
             policy.save(self.policy_path)
 
+    def iterations(self) -> dict[str, int]:
+        """The iteration each task in the refinement queue has reached, by task key."""
+        with self._cond:
+            return {a.queued.task.key: a.refinement.iteration for a in self.refining}
+
     def is_warm(self, model: str) -> bool:
         return time.monotonic() - self.warm_models.get(model, -math.inf) < WARM_SECONDS
 

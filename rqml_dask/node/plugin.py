@@ -100,9 +100,9 @@ class NodePlugin(WorkerPlugin):
     def checkpoint_state(self) -> dict[str, Any]:
         """Per task on this node: its iteration, its newest checkpoint (iteration, age, where
         stored) and the writes still waiting."""
-        with self.orchestrator._cond:
-            active = {a.queued.task.key: a.refinement.iteration for a in self.orchestrator.refining}
-        tasks: dict[str, dict[str, Any]] = {key: {"iteration": iteration} for key, iteration in active.items()}
+        tasks: dict[str, dict[str, Any]] = {
+            key: {"iteration": iteration} for key, iteration in self.orchestrator.iterations().items()
+        }
         for checkpointer in list(self.checkpointers.values()):
             for key, state in checkpointer.state().items():
                 tasks.setdefault(key, {"iteration": None}).update(state)
