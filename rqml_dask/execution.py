@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from rqml_dask import events
 from rqml_dask.arrays import ArrayBackend
 from rqml_dask.convergence import ConvergenceFigures
 from rqml_dask.refinement import ModelRun, Refinement
-from rqml_dask.task import RQMLTask
+from rqml_dask.task import ArrayRef, RQMLTask
 from rqml_dask.volumes import InputError, core_written, open_array, read_core, read_window, write_core
 
 
@@ -55,6 +56,7 @@ class TaskOutcome:
     error: ErrorFigures | None = None
     reason: str = ""
     node: str = ""
+    vote: dict[str, Any] | None = None
     resumed_from: int | None = None
     reused: bool = False
     notes: list[str] = field(default_factory=list)
@@ -135,6 +137,46 @@ def run_task(task: RQMLTask) -> TaskOutcome:
         return outcome
     finally:
         node.orchestrator.release(task.task_id)
+
+
+def voter_tasks(task: RQMLTask) -> list[RQMLTask]:
+    """One task per vote model: the same region refined by that model alone, into its own
+    output array (``ARRAY-vote-MODEL``)."""
+    return [
+        replace(
+            task,
+            task_id=f"{task.task_id}/vote-{model}",
+            model_ladder=(model,),
+            output=ArrayRef(task.output.store, vote_array(task.output.path, model)),
+            validation=replace(task.validation, vote_models=()),
+        )
+        for model in task.validation.vote_models
+    ]
+
+
+def vote_array(array: str, model: str) -> str:
+    return f"{array}-vote-" + "".join(c if c.isalnum() or c in "_-" else "_" for c in model)
+
+
+def run_vote(voter: RQMLTask, result: TaskOutcome) -> TaskOutcome:
+    """A voter's Dask task: it depends on the result it votes on, so it runs after it, and
+    the scheduler plugin binds it away from the node holding that result."""
+    return run_task(voter)
+
+
+def tally_vote(task: RQMLTask, outcome: TaskOutcome, voters: list[TaskOutcome]) -> TaskOutcome:
+    """Compare each voter's core with the result's; a disagreement beyond the tolerance
+    rejects the result (a validation failure naming the voter and the difference)."""
+    core = read_core(task.output, task.region, np.float64)
+    norm = float(np.linalg.norm(core)) or 1.0
+    differences = {}
+    for voter_task, voter in zip(voter_tasks(task), voters):
+        other = read_core(voter_task.output, task.region, np.float64)
+        differences[voter_task.model_ladder[0]] = float(np.linalg.norm(other - core)) / norm
+    tolerance = task.validation.vote_tolerance
+    failures = [f"vote: {m} differs by {d:.3g} > {tolerance:g}" for m, d in differences.items() if d > tolerance]
+    vote = {"differences": differences, "tolerance": tolerance, "agreed": not failures, "voters": [v.node for v in voters]}
+    return replace(outcome, vote=vote, validation_failures=[*outcome.validation_failures, *failures])
 
 
 def finish_task(refinement: Refinement, started: float) -> TaskOutcome:

@@ -49,13 +49,21 @@ class ConvergenceSettings:
 
 @dataclass(frozen=True)
 class ValidationSettings:
-    """What a finished estimate must satisfy to be accepted."""
+    """What a finished estimate must satisfy to be accepted.
+
+    ``vote_models``: cross-node voting. Each of these models (other families, for
+    diversity) refines the same task again, on a node other than the one holding the result,
+    and the result is accepted only if every voter's core is within ``vote_tolerance`` of it
+    (relative L2 difference).
+    """
 
     __pydantic_config__ = _STRICT
 
     require_finite: bool = True
     require_nonnegative: bool = True
     max_misfit: NonNegativeFloat | None = None
+    vote_models: tuple[str, ...] = ()
+    vote_tolerance: NonNegativeFloat = 0.1
 
 
 @dataclass(frozen=True)

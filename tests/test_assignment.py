@@ -435,3 +435,12 @@ def test_a_warm_node_with_only_a_queue_slot_does_not_beat_a_cold_node_that_can_s
     assert counts["cold"] > 0 and counts["warm"] > 0  # weighted between both, warm not exclusive
     nodes.free[nodes.index["warm"]] = 1  # free to start it: warm first
     assert draws(nodes, 500, task=TaskTraits("t", "deconvolution", "rl")) == Counter({"warm": 500})
+
+
+def test_excluded_nodes_never_get_the_task_while_another_node_exists():
+    nodes = table("a", "b", room=1.0)
+    assert draws(nodes, 300, exclude=frozenset({"a"})) == Counter({"b": 300})
+    nodes.room[nodes.index["b"]] = 0
+    assert nodes.choose(TASK, np.random.default_rng(0), exclude=frozenset({"a"})) is None  # it waits for b
+    alone = table("a", room=1.0)
+    assert draws(alone, 50, exclude=frozenset({"a"})) == Counter({"a": 50})  # a one-node cluster still runs it

@@ -28,9 +28,11 @@ FIXED = {"max_iterations": 300, "check_every": 10, "stability_tol": 0, "consiste
 
 
 def lmdb_entries(path, db: bytes) -> int:
-    if not path.exists():
+    """Entries in one database of the node's LMDB, read from outside (0 while it is created)."""
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=4)
+    except lmdb.Error:
         return 0
-    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=4)
     try:
         with env.begin() as txn:
             return txn.stat(env.open_db(db, txn=txn, create=False))["entries"]

@@ -174,3 +174,25 @@ def test_a_rerouted_task_resumes_on_another_node_from_its_checkpoint(tmp_path, s
     assert outcome.resumed_from is not None and outcome.resumed_from >= 30  # not from the start
     kinds = [e["kind"] for e in seen if e.get("task_id") == "moved/0"]
     assert kinds[:2] == ["decision", "rerouted"]
+
+
+@pytest.mark.parametrize("tolerance,agreed", [(0.5, True), (1e-6, False)], ids=["agree", "disagree"])
+def test_cross_node_vote_accepts_agreeing_results_and_rejects_others(tmp_path, small_volume, tolerance, agreed):
+    from conftest import pipeline_dict, write_yaml
+    from rqml_dask import Pipeline
+
+    config = pipeline_dict(small_volume, tmp_path / "out.zarr", tiling={"tile": [24, 24, 24]},
+                           models={"ladder": ["richardson_lucy"]},
+                           convergence={"max_iterations": 20, "check_every": 5, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 1000},
+                           validation={"vote_models": ["landweber"], "vote_tolerance": tolerance})
+    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        report = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config)).run(client, progress=False)
+    assert len(report.outcomes) == 4
+    for outcome in report.outcomes:
+        vote = outcome.vote
+        assert vote["agreed"] is agreed and set(vote["differences"]) == {"landweber"}
+        assert vote["voters"] != [outcome.node]  # voted on by another node than the one holding the result
+        assert outcome.accepted is agreed
+        if not agreed:
+            assert outcome.validation_failures[-1].startswith("vote: landweber differs by")

@@ -30,7 +30,7 @@ import dask
 from dask.base import tokenize
 from distributed import Client, Future, as_completed
 
-from rqml_dask.execution import TaskOutcome, run_task
+from rqml_dask.execution import TaskOutcome, run_task, run_vote, tally_vote, vote_array, voter_tasks
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
 from rqml_dask.scheduler.assignment import TaskTraits
 from rqml_dask.synthetic import write_synthetic
@@ -184,9 +184,11 @@ class Pipeline:
         image = open_array(self.input_refs.image)
         tile = tuple(min(t, n) for t, n in zip(self.config.tiling.tile, image.shape))
         group = zarr.open_group(self.config.output.store, mode="a")
-        existing = group.get(self.config.output.array)
-        if not (isinstance(existing, zarr.Array) and existing.shape == image.shape and existing.chunks == tile):
-            group.create_array(self.config.output.array, shape=image.shape, chunks=tile, dtype="float32", overwrite=True)
+        names = [self.config.output.array] + [vote_array(self.config.output.array, m) for m in self.config.validation.vote_models]
+        for name in names:
+            existing = group.get(name)
+            if not (isinstance(existing, zarr.Array) and existing.shape == image.shape and existing.chunks == tile):
+                group.create_array(name, shape=image.shape, chunks=tile, dtype="float32", overwrite=True)
         group.attrs["rqml"] = {
             "status": "incomplete",
             "pipeline": self.config.name,
@@ -200,12 +202,18 @@ class Pipeline:
         self.create_output(tasks)
         futures = []
         for task in tasks:
-            traits = TaskTraits(task.task_id, task.task_class, task.model_ladder[0], task.priority, task.expected_difficulty)
-            with dask.annotate(rqml=asdict(traits)):  # read by the RQML scheduler plugin, if installed
-                futures.append(
-                    client.submit(run_task, task, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
-                )
+            result = self._submit_one(client, run_task, task, task)
+            voters = [self._submit_one(client, run_vote, voter, voter, result) for voter in voter_tasks(task)]
+            if voters:
+                result = client.submit(tally_vote, task, result, voters, key=f"rqml-vote-{task.task_id}-{tokenize(task)}")
+            futures.append(result)
         return futures
+
+    @staticmethod
+    def _submit_one(client: Client, function, task: RQMLTask, *args) -> Future:
+        traits = TaskTraits(task.task_id, task.task_class, task.model_ladder[0], task.priority, task.expected_difficulty)
+        with dask.annotate(rqml=asdict(traits)):  # read by the RQML scheduler plugin, if installed
+            return client.submit(function, *args, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
 
     def run(self, client: Client, progress: bool = True) -> RunReport:
         """Submit every task, wait for all of them, and finalize the output."""

@@ -111,10 +111,21 @@ class NodeTable:
                 return warm_weights
         return weights
 
-    def choose(self, task: TaskTraits, rng: np.random.Generator, gpu_only: bool = False, avoid: frozenset[str] = frozenset()) -> str | None:
+    def choose(
+        self,
+        task: TaskTraits,
+        rng: np.random.Generator,
+        gpu_only: bool = False,
+        avoid: frozenset[str] = frozenset(),
+        exclude: frozenset[str] = frozenset(),
+    ) -> str | None:
         """A node drawn in proportion to its weight for ``task``; ``None`` if none has room.
-        Nodes in ``avoid`` are passed over unless no other node has room."""
+        Nodes in ``avoid`` are passed over unless no other node has room; nodes in
+        ``exclude`` never get it while the cluster has any other node (the task waits)."""
         weights = self.weights(task, gpu_only, avoid)
+        if exclude and any(a not in exclude for a in self.addresses):
+            weights = weights.copy()
+            weights[[self.index[a] for a in exclude if a in self.index]] = 0.0
         total = weights.sum()
         if total <= 0:
             return None

@@ -262,7 +262,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     skipped.append(entry)  # not runnable yet
                 continue
             started = time.perf_counter()
-            address = self.table.choose(record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid))
+            # a task that depends on results (a vote) goes to a node not holding them
+            holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
+            address = self.table.choose(record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), holders)
             self.decision_seconds.append(time.perf_counter() - started)
             if address is None:
                 skipped.append(entry)
