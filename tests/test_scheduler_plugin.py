@@ -196,3 +196,19 @@ def test_cross_node_vote_accepts_agreeing_results_and_rejects_others(tmp_path, s
         assert outcome.accepted is agreed
         if not agreed:
             assert outcome.validation_failures[-1].startswith("vote: landweber differs by")
+
+
+def test_work_still_finishes_when_every_node_but_one_disappears(tmp_path, small_volume):
+    from test_node_cluster import wait_for
+
+    with heterogeneous_cluster([1.0, 1.0, 1.0]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(3)
+        pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=20, delay=0.01, name="last")
+        futures = pipeline.submit(client)
+        wait_for(lambda: sum(f.done() for f in futures) >= 3, interval=0.02)
+        workers = sorted(client.scheduler_info()["workers"])
+        client.retire_workers(workers[1:], close_workers=True)  # two of three nodes leave mid-run
+        outcomes = client.gather(futures)
+        assert list(client.scheduler_info()["workers"]) == workers[:1]
+    assert sorted(o.task_id for o in outcomes) == sorted(t.task_id for t in pipeline.tasks())
+    assert {o.node for o in outcomes[-5:]} <= set(workers)
