@@ -77,11 +77,12 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> dict:
     return {"image": backend.asarray(image), "psf": backend.asarray(psf)}
 
 
-def error_figures(task: RQMLTask, core: np.ndarray) -> ErrorFigures | None:
+def error_figures(task: RQMLTask, core: np.ndarray, observed: np.ndarray) -> ErrorFigures | None:
+    """The task's sums against the ground truth (read here), if the input has one."""
     if task.input.truth is None:
         return None
     truth = read_core(task.input.truth, task.region, np.float64)
-    observed = read_core(task.input.image, task.region, np.float64)
+    observed = observed.astype(np.float64)
     return ErrorFigures(
         output_sse=float(np.sum((core.astype(np.float64) - truth) ** 2)),
         input_sse=float(np.sum((observed - truth) ** 2)),
@@ -182,7 +183,8 @@ def tally_vote(task: RQMLTask, outcome: TaskOutcome, voters: list[TaskOutcome]) 
 def finish_task(refinement: Refinement, started: float) -> TaskOutcome:
     """Write the core of a finished, validated refinement and build its outcome."""
     task = refinement.task
-    core = refinement.backend.to_numpy(refinement.estimate[task.region.core_in_window])
+    to_numpy = refinement.backend.to_numpy
+    core = to_numpy(refinement.estimate[task.region.core_in_window])
     write_core(task.output, task.region, core)
     return TaskOutcome(
         task_id=task.task_id,
@@ -196,7 +198,7 @@ def finish_task(refinement: Refinement, started: float) -> TaskOutcome:
         output=f"{task.output}{task.region}",
         elapsed_s=time.perf_counter() - started,
         backend=refinement.backend.name,
-        error=error_figures(task, core),
+        error=error_figures(task, core, to_numpy(refinement.problem["image"][task.region.core_in_window])),
         reason=refinement.reason,
         resumed_from=refinement.resumed_from,
     )

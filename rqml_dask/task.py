@@ -84,8 +84,8 @@ class CheckpointSettings:
     artifacts: str
     shared: str | None = None
     enabled: bool = True
-    every_iterations: PositiveInt | None = 10
-    every_seconds: Annotated[float, Field(gt=0)] | None = None
+    every_iterations: PositiveInt | None = None
+    every_seconds: Annotated[float, Field(gt=0)] | None = 5.0
     retention: Literal["delete", "keep"] = "delete"
 
 

@@ -43,6 +43,7 @@ def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
         "models": {"ladder": ["richardson_lucy", "richardson_lucy_accelerated"]},
         "convergence": {"max_iterations": 60, "check_every": 5},
         "cluster": {"n_workers": 2, "dashboard_address": "127.0.0.1:0"},
+        "checkpoint": {"every_iterations": 10},
     }
     config.update(overrides)
     return config

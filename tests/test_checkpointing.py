@@ -35,6 +35,7 @@ def checkpointer(tmp_path):
 
 
 def task_with_checkpoints(tmp_path: Path, ladder=("richardson_lucy_accelerated",), **settings):
+    settings.setdefault("every_seconds", None)  # iteration-driven only: deterministic
     checkpoint = CheckpointSettings(local=f"lmdb://{tmp_path}/node.lmdb", artifacts=str(tmp_path / "artifacts"), **settings)
     return make_task("cp/0", model_ladder=ladder, convergence=FIXED, checkpoint=checkpoint)
 

@@ -87,8 +87,8 @@ class CheckpointSpec(_Strict):
     """
 
     enabled: bool = True
-    every_iterations: int | None = Field(default=10, gt=0)
-    every_seconds: float | None = Field(default=None, gt=0)
+    every_iterations: int | None = Field(default=None, gt=0)
+    every_seconds: float | None = Field(default=5.0, gt=0)
     local: str | None = Field(default=None, pattern=r"^lmdb://.+")
     shared: str | None = Field(default=None, pattern=r"^(etcd|consul)://[^:/]+:\d+$")
     artifacts: Path | None = None
