@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.rqml-installed-${RQML_EXTRAS:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[${RQML_EXTRAS:-}]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".${RQML_EXTRAS:+[$RQML_EXTRAS]}"
     touch "$stamp"
 fi
 export PATH="$root/.venv/bin:$PATH"
