@@ -7,7 +7,8 @@ Worker processes start with :data:`WORKER_ENVIRON` (``configs/dask.yaml`` sets t
 for clusters launched with ``dask worker``): Dask's own ``MALLOC_TRIM_THRESHOLD_`` makes
 glibc return freed memory at once, so every FFT-sized temporary of an iteration is a fresh
 mapping and page faults; a 256 MiB top pad keeps that memory in the heap between
-iterations (an RL iteration on a 58x90x90 window: 17 ms -> 8 ms).
+iterations (an RL iteration on 96^3: 25 ms with Dask's setting alone, 14 ms with the pad;
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
