@@ -107,13 +107,14 @@ def test_losing_a_node_and_adding_one_mid_run_loses_no_task_and_runs_none_twice(
 
 
 def test_a_task_goes_first_to_the_node_where_its_model_is_warm(tmp_path, small_volume):
-    from test_node_cluster import node_metrics, wait_for
+    from test_node_cluster import wait_for
 
     with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         warmup = sleepy_pipeline(small_volume, tmp_path / "warm.zarr", [24, 48, 48], iterations=5, delay=0.01, name="warmup")
         [warm_node] = {o.node for o in warmup.run(client, progress=False).outcomes}
-        wait_for(lambda: "sleepy_model:SleepyModel" in node_metrics(client)[warm_node]["warm_models"])
+        # the plugin reads heartbeats on its own tick: wait until it knows the model is warm there
+        wait_for(lambda: "sleepy_model:SleepyModel" in client.sync(client.scheduler.rqml_status)["nodes"][warm_node]["warm_models"])
         nodes = set()
         for attempt in range(4):  # both nodes idle each time: warm first decides
             single = sleepy_pipeline(small_volume, tmp_path / f"one{attempt}.zarr", [24, 48, 48], iterations=5, delay=0.01, name=f"one{attempt}")
