@@ -94,8 +94,8 @@ def test_etcd_lost_mid_run_checkpoints_pile_up_in_lmdb_and_reach_etcd_after_rest
         for task in pipeline.tasks():
             in_etcd, in_lmdb = shared.checkpoints(task.key), local.checkpoints(task.key)
             assert in_etcd and in_etcd[0].rank == in_lmdb[0].rank  # the newest record reached etcd
-            # taken near the end, long after etcd went away: it got there by replication
-            assert TaskCheckpoint.from_msgpack(in_etcd[0].record).verify().iteration >= 500
+            # beyond the 200 iterations no task could have reached before etcd stopped
+            assert TaskCheckpoint.from_msgpack(in_etcd[0].record).verify().iteration > 200
             assert shared.done(task.key) is not None
     finally:
         shared.close()
