@@ -15,7 +15,7 @@ the record's ``avoid`` set as a frozenset), mark the record bound and decrement 
 node's room (``_update_room``: capacity minus bound tasks). Not timed: the scheduler's own
 transition work, and the refill of every node's room (as completions would) whenever no
 node has room for the next task. Reported: mean, p50, p99 and max µs per decision over
-all tasks, the mean of ``choose`` alone (what the plugin records in ``decision_seconds``),
+all tasks, the mean of ``choose`` alone,
 and PASS/FAIL of the mean (and p99) against the 100 µs budget.
 
 Usage: python bench/bench_assignment.py [--nodes 1000] [--tasks 100000] [--models 20]

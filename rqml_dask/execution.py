@@ -37,9 +37,10 @@ class ErrorFigures:
 class TaskOutcome:
     """What a finished RQML task reports to whoever submitted it.
 
-    ``node`` is the worker that refined it; ``resumed_from`` is the checkpoint iteration the
-    final run started from (``None``: from the start); ``reused`` says the outcome was recorded by an earlier run of the same task
-    and nothing was recomputed; ``notes`` lists checkpoints rejected on the way.
+    ``node`` is the worker that refined it; ``vote`` the cross-node vote, if one ran;
+    ``resumed_from`` the checkpoint iteration the final run started from (``None``: from the
+    start); ``reused`` says an earlier run of the same task recorded it and nothing was
+    recomputed; ``notes`` lists checkpoints rejected on the way.
     """
 
     task_id: str

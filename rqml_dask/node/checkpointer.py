@@ -280,10 +280,7 @@ class Checkpointer:
         except StoreUnavailable as exc:
             self._defer(key, exc)
             return False
-        if key in self._pending:
-            self.local.clear_pending(key)
-            with self._cond:
-                self._pending.discard(key)
+        self._clear_pending(key)
         return True
 
     def _replicate_done(self, key: str, outcome: bytes) -> None:
@@ -292,10 +289,13 @@ class Checkpointer:
         except StoreUnavailable as exc:
             self._defer(DONE_PREFIX + key, exc)
             return
-        if DONE_PREFIX + key in self._pending:
-            self.local.clear_pending(DONE_PREFIX + key)
+        self._clear_pending(DONE_PREFIX + key)
+
+    def _clear_pending(self, key: str) -> None:
+        if key in self._pending:
+            self.local.clear_pending(key)
             with self._cond:
-                self._pending.discard(DONE_PREFIX + key)
+                self._pending.discard(key)
 
     def _defer(self, key: str, exc: Exception) -> None:
         first = not self._pending
@@ -314,16 +314,16 @@ class Checkpointer:
         for key in sorted(self._pending):
             if key.startswith(DONE_PREFIX):
                 outcome = self.local.done(key.removeprefix(DONE_PREFIX))
-                if outcome is not None:
+                if outcome is None:
+                    self._clear_pending(key)  # nothing left to send
+                else:
                     self._replicate_done(key.removeprefix(DONE_PREFIX), outcome)
             else:
                 entries = self.local.checkpoints(key)
-                if not entries or self._replicate(key, entries[0]):
-                    if not entries:
-                        self.local.clear_pending(key)
-                        with self._cond:
-                            self._pending.discard(key)
-                    elif (w := self.written.get(key)) is not None:
+                if not entries:
+                    self._clear_pending(key)  # forgotten meanwhile (a finished task)
+                elif self._replicate(key, entries[0]):
+                    if (w := self.written.get(key)) is not None:
                         w.stored_in.add(self.shared.scheme)
                     self._collect(key)
             if key in self._pending:

@@ -99,7 +99,6 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self._release_scheduled = False
         self._published_at = 0.0
         self.scheduler: Scheduler | None = None
-        self.decision_seconds: list[float] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -261,11 +260,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 if record is not None and record.state == "held" and ts is not None and ts.state in ("waiting", "released"):
                     skipped.append(entry)  # not runnable yet
                 continue
-            started = time.perf_counter()
             # a task that depends on results (a vote) goes to a node not holding them
             holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
             address = self.table.choose(record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), holders)
-            self.decision_seconds.append(time.perf_counter() - started)
             if address is None:
                 skipped.append(entry)
                 if self.table.room.max(initial=0) <= 0:
@@ -281,7 +278,6 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         for entry in skipped:
             heapq.heappush(self._held, entry)
         self.table.room = np.where(resting, saved_room, self.table.room)
-        del self.decision_seconds[:-1000]
         if recommendations:
             scheduler.transitions(recommendations, stimulus_id=f"rqml-release-{time.time()}")
             for key in recommendations:  # the scheduler may refuse (the node left meanwhile)
