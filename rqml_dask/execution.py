@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from rqml_dask.convergence import ConvergenceFigures
 from rqml_dask.refinement import ModelRun, Refinement
 from rqml_dask.task import ArrayRef, RQMLTask
 from rqml_dask.volumes import InputError, core_written, open_array, read_core, read_window, write_core
+
+if TYPE_CHECKING:
+    from rqml_dask.node.plugin import Job, NodePlugin
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,10 @@ class TaskOutcome:
 
     ``node`` is the worker that refined it; ``vote`` the cross-node vote, if one ran;
     ``resumed_from`` the checkpoint iteration the final run started from (``None``: from the
-    start); ``reused`` says an earlier run of the same task recorded it and nothing was
-    recomputed; ``notes`` lists checkpoints rejected on the way.
+    start) and ``began_at`` when that run began (Unix seconds); ``reused`` says it was
+    recorded before and nothing was recomputed; ``reconciled`` that it finished while its
+    node had no scheduler and was accepted when the node reconnected; ``notes`` lists
+    checkpoints rejected on the way.
     """
 
     task_id: str
@@ -60,6 +65,8 @@ class TaskOutcome:
     vote: dict[str, Any] | None = None
     resumed_from: int | None = None
     reused: bool = False
+    reconciled: bool = False
+    began_at: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -94,29 +101,34 @@ def error_figures(task: RQMLTask, core: np.ndarray, observed: np.ndarray) -> Err
 def run_task(task: RQMLTask) -> TaskOutcome:
     """Run ``task`` on this worker's node, resuming from its newest valid checkpoint.
 
-    A task whose outcome was recorded before (a re-run of the same pipeline) and whose core
-    is in the output returns that outcome at once. Otherwise the data is read on the Dask
-    thread, which then secedes from the worker's pool while the node's refinement thread
-    iterates, so the worker can hand the node more tasks.
+    A task whose outcome was recorded before (a re-run of the same pipeline, or a result
+    settled when a degraded node reconnected) and whose core is in the output returns that
+    outcome at once. A task the node already holds (it kept refining it without a scheduler)
+    is joined, not started again. Otherwise the data is read on the Dask thread, which then
+    secedes from the worker's pool while the node's refinement thread iterates, so the
+    worker can hand the node more tasks.
     """
     from rqml_dask.node import current_node
     from rqml_dask.node.orchestrator import PushedBack
 
-    started = time.perf_counter()
     node = current_node()
     checkpointer = node.checkpointer_for(task.checkpoint) if task.checkpoint else None
     if checkpointer is not None:
         recorded = checkpointer.outcome(task)
         if recorded is not None and core_written(task.output, task.region):
             return replace(OUTCOME.validate_json(recorded), reused=True)
-    resume = checkpointer.latest(task) if checkpointer is not None else None
-    problem = load_problem(task, node.orchestrator.backend)
-    pending = node.orchestrator.submit(task, problem, checkpointer, resume)
-    events.publish(node.worker, events.TASK_INBOUND, "queued", task_id=task.task_id, worker=node.worker.address,
-                   resume_from=resume.checkpoint.iteration if resume is not None and resume.checkpoint else None)
+    job = node.claim(task)
+    if job is None:
+        resume = checkpointer.latest(task) if checkpointer is not None else None
+        problem = load_problem(task, node.orchestrator.backend)
+        job = node.start_job(task, problem, checkpointer, resume)
+        events.publish(node.worker, events.TASK_INBOUND, "queued", task_id=task.task_id, worker=node.worker.address,
+                       resume_from=resume.checkpoint.iteration if resume is not None and resume.checkpoint else None)
+    else:
+        events.publish(node.worker, events.TASK_INBOUND, "joined", task_id=task.task_id, worker=node.worker.address)
     secede()
     try:
-        refinement = pending.result()
+        refinement = node.wait(job)
     except PushedBack:
         raise Reschedule() from None
     finally:
@@ -124,21 +136,54 @@ def run_task(task: RQMLTask) -> TaskOutcome:
     if refinement.handed_back:  # rerouted: go on elsewhere from the checkpoint just taken
         if checkpointer is not None:
             checkpointer.flush()
-        node.orchestrator.release(task.task_id)
+        node.forget(job)
         raise Reschedule()
-    try:
-        outcome = finish_task(refinement, started)
-        outcome.node = node.worker.address
-        if resume is not None:
-            outcome.notes.extend(resume.rejected)
-        if checkpointer is not None:
-            checkpointer.finish(task, OUTCOME.dump_json(outcome))
-        events.publish(node.worker, events.TASK_RESULTS, "finished", task_id=task.task_id, worker=node.worker.address,
-                       status=outcome.status, iterations=outcome.iterations, model=outcome.model,
-                       escalations=outcome.escalations, resumed_from=outcome.resumed_from)
-        return outcome
-    finally:
-        node.orchestrator.release(task.task_id)
+    return deliver(node, job, refinement, job.outcome or outcome_of(job, refinement, node.worker.address))
+
+
+def outcome_of(job: Job, refinement: Refinement, node: str) -> TaskOutcome:
+    """The outcome of a finished, validated refinement (nothing is written)."""
+    task = refinement.task
+    to_numpy = refinement.backend.to_numpy
+    core = to_numpy(refinement.estimate[task.region.core_in_window])
+    return TaskOutcome(
+        task_id=task.task_id,
+        status=refinement.status,
+        iterations=refinement.iteration,
+        model=refinement.model_name,
+        escalations=refinement.escalations,
+        models=refinement.runs,
+        convergence=refinement.last_figures,
+        validation_failures=refinement.validation_failures,
+        output=f"{task.output}{task.region}",
+        elapsed_s=time.time() - job.began_at,
+        backend=refinement.backend.name,
+        error=error_figures(task, core, to_numpy(refinement.problem["image"][task.region.core_in_window])),
+        reason=refinement.reason,
+        node=node,
+        resumed_from=refinement.resumed_from,
+        began_at=job.began_at,
+        notes=list(job.resume.rejected) if job.resume is not None else [],
+    )
+
+
+def deliver(node: NodePlugin, job: Job, refinement: Refinement, outcome: TaskOutcome) -> TaskOutcome:
+    """Write the task's core into the output, record its outcome (the done marker) and let
+    the node forget the job. If a result for the task was recorded and written first (by
+    another node), that one stands: nothing is written and its outcome is returned."""
+    task = job.task
+    recorded = job.checkpointer.outcome(task) if job.checkpointer is not None else None
+    if recorded is not None and core_written(task.output, task.region):
+        node.forget(job)
+        return replace(OUTCOME.validate_json(recorded), reused=True)
+    write_core(task.output, task.region, refinement.backend.to_numpy(refinement.estimate[task.region.core_in_window]))
+    if job.checkpointer is not None:
+        job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
+    node.forget(job)
+    events.publish(node.worker, events.TASK_RESULTS, "finished", task_id=task.task_id, worker=node.worker.address,
+                   status=outcome.status, iterations=outcome.iterations, model=outcome.model,
+                   escalations=outcome.escalations, resumed_from=outcome.resumed_from, reconciled=outcome.reconciled)
+    return outcome
 
 
 def voter_tasks(task: RQMLTask) -> list[RQMLTask]:
@@ -179,30 +224,6 @@ def tally_vote(task: RQMLTask, outcome: TaskOutcome, voters: list[TaskOutcome]) 
     failures = [f"vote: {m} differs by {d:.3g} > {tolerance:g}" for m, d in differences.items() if d > tolerance]
     vote = {"differences": differences, "tolerance": tolerance, "agreed": not failures, "voters": [v.node for v in voters]}
     return replace(outcome, vote=vote, validation_failures=[*outcome.validation_failures, *failures])
-
-
-def finish_task(refinement: Refinement, started: float) -> TaskOutcome:
-    """Write the core of a finished, validated refinement and build its outcome."""
-    task = refinement.task
-    to_numpy = refinement.backend.to_numpy
-    core = to_numpy(refinement.estimate[task.region.core_in_window])
-    write_core(task.output, task.region, core)
-    return TaskOutcome(
-        task_id=task.task_id,
-        status=refinement.status,
-        iterations=refinement.iteration,
-        model=refinement.model_name,
-        escalations=refinement.escalations,
-        models=refinement.runs,
-        convergence=refinement.last_figures,
-        validation_failures=refinement.validation_failures,
-        output=f"{task.output}{task.region}",
-        elapsed_s=time.perf_counter() - started,
-        backend=refinement.backend.name,
-        error=error_figures(task, core, to_numpy(refinement.problem["image"][task.region.core_in_window])),
-        reason=refinement.reason,
-        resumed_from=refinement.resumed_from,
-    )
 
 
 OUTCOME = TypeAdapter(TaskOutcome)

@@ -57,7 +57,7 @@ def test_a_killed_run_started_again_resumes_unfinished_tasks_and_reuses_finished
     assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "incomplete"
     second = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
-    recovered = re.search(r"recovered\s+(\d+) resumed from checkpoints, (\d+) reused from an earlier run", second.stdout)
+    recovered = re.search(r"recovered\s+(\d+) resumed from checkpoints, \d+ finished by nodes without a scheduler, (\d+) reused from an earlier run", second.stdout)
     assert recovered and int(recovered[1]) >= 1 and int(recovered[2]) >= 2, second.stdout
     assert re.search(r"^iterations\s+2400 ", second.stdout, re.M)  # 8 tasks x 300, counted once each
     # the same pipeline run once, uninterrupted, gives the same volume

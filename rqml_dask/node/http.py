@@ -1,8 +1,11 @@
 """The node's HTTP endpoints on the worker's own server, and its Prometheus series.
 
-``/queue_stats`` and ``/checkpoint_state`` answer JSON; the RQML series join Dask's own
-``/metrics`` through a collector in ``prometheus_client``'s global registry, the one Dask's
-handler serves. ``/health`` is Dask's.
+``/queue_stats``, ``/checkpoint_state`` and ``/health`` answer JSON; the RQML series join
+Dask's own ``/metrics`` through a collector in ``prometheus_client``'s global registry, the
+one Dask's handler serves. ``/health`` replaces Dask's plain ``ok`` (handlers added at run
+time are matched before the server's own): it is still 200 while the worker lives, and says
+whether the node has its scheduler (``"status": "ok"``) or works without it
+(``"degraded"``), with the tasks it holds and its outbox.
 """
 
 from __future__ import annotations
@@ -51,7 +54,17 @@ class CheckpointStateHandler(_JSONHandler):
             self.write_json(node.checkpoint_state())
 
 
-ROUTES = [(r"/queue_stats", QueueStatsHandler), (r"/checkpoint_state", CheckpointStateHandler)]
+class HealthHandler(_JSONHandler):
+    def get(self) -> None:
+        if node := self.node_or_503():
+            self.write_json(node.health())
+
+
+ROUTES = [
+    (r"/queue_stats", QueueStatsHandler),
+    (r"/checkpoint_state", CheckpointStateHandler),
+    (r"/health", HealthHandler),
+]
 
 
 def add_routes(worker: Worker) -> None:
@@ -93,6 +106,10 @@ class NodeCollector:
         yield GaugeMetricFamily("rqml_checkpoint_lag_seconds", "Age of the oldest checkpoint not yet stored", value=checkpoints["lag_seconds"])
         yield GaugeMetricFamily("rqml_checkpoint_pending", "Checkpoints waiting to be written or replicated", value=checkpoints["pending"])
         yield CounterMetricFamily("rqml_checkpoints_written", "Checkpoints written to the node's store", value=checkpoints["written"])
+        link = node.health()
+        yield GaugeMetricFamily("rqml_degraded", "1 while the node works without its scheduler", value=int(link["status"] == "degraded"))
+        yield GaugeMetricFamily("rqml_outbox", "Finished results waiting for a scheduler's verdict", value=link["outbox"])
+        yield CounterMetricFamily("rqml_scheduler_losses", "Times the node lost its scheduler", value=link["scheduler_losses"])
 
 
 _collector: NodeCollector | None = None

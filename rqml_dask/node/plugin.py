@@ -7,12 +7,26 @@ worker's array backend (CuPy on a GPU worker, else NumPy with one FFT thread per
 thread), advertises the node's figures on every heartbeat as the custom metric ``rqml``,
 mounts ``/queue_stats`` and ``/checkpoint_state`` and the RQML Prometheus series, and takes
 supervision messages from the scheduler through worker handlers.
+
+**Jobs.** Every RQML task the node takes is a :class:`Job`: the orchestrator refines it, and
+the Dask task that carries it *claims* it and waits. When the worker loses its scheduler
+(only an :class:`~rqml_dask.node.worker.RQMLWorker` survives that), the waiting Dask tasks
+end with :class:`SchedulerLost` but the jobs go on (*degraded mode*); a job that finishes
+unclaimed is *parked* in the outbox (a final checkpoint, its outcome in the node state's
+LMDB) and reported to the scheduler plugin, which settles whether it is accepted
+(:meth:`NodePlugin.reconcile`). A Dask task of the same task that arrives later claims the
+running job instead of starting again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +35,57 @@ from distributed.utils import sync
 
 from rqml_dask import events
 from rqml_dask.arrays import default_backend
-from rqml_dask.node.checkpointer import Checkpointer
+from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.http import add_routes, register_collector
 from rqml_dask.node.orchestrator import NodeOrchestrator
-from rqml_dask.node.policy import DECISION, POLICY, NodePolicy
+from rqml_dask.node.policy import DECISION, POLICY, Decision, NodePolicy
 from rqml_dask.node.resources import ResourceMonitor
+from rqml_dask.node.state import NodeState
+from rqml_dask.refinement import Refinement
 from rqml_dask.stores import LMDBStore, open_store
 from rqml_dask.stores.artifacts import ArtifactStore
-from rqml_dask.task import CheckpointSettings
+from rqml_dask.task import CheckpointSettings, RQMLTask
+
+logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "rqml-node"
+
+
+class SchedulerLost(RuntimeError):
+    """The worker lost its scheduler while this Dask task waited: the node keeps the task."""
+
+
+@dataclass(eq=False)
+class Job:
+    """An RQML task this node has taken, from submission until delivered or given up.
+
+    ``future`` is the orchestrator's (it resolves to the finished
+    :class:`~rqml_dask.refinement.Refinement`); ``claimed`` says a Dask task waits for it
+    and will deliver its result; ``outcome`` is set once it is parked in the outbox;
+    ``dropped`` says why reconciliation gave it up.
+    """
+
+    task: RQMLTask
+    future: Future
+    checkpointer: Checkpointer | None
+    resume: Resume | None
+    began_at: float = field(default_factory=time.time)
+    claimed: bool = True
+    finished: bool = False
+    outcome: Any = None
+    dropped: str = ""
+
+
+@dataclass
+class NodeLink:
+    """The node's view of its scheduler connection."""
+
+    degraded_since: float | None = None
+    degraded_seconds_total: float = 0.0
+    losses: int = 0
+    reconciled: int = 0
+    accepted_from_outbox: int = 0
+    discarded: int = 0
 
 
 class NodePlugin(WorkerPlugin):
@@ -43,20 +98,32 @@ class NodePlugin(WorkerPlugin):
         self.policy = policy
         self.orchestrator: NodeOrchestrator | None = None
         self.worker: Worker | None = None
+        self.state: NodeState | None = None
         self.checkpointers: dict[tuple, Checkpointer] = {}
+        self.jobs: dict[str, Job] = {}
+        self.link = NodeLink()
         self._checkpointers_lock = threading.Lock()
+        self._jobs_lock = threading.Lock()
+        self._session: Future = Future()
+        self._outbox_thread = ThreadPoolExecutor(1, thread_name_prefix="rqml-outbox")
+        self._resumed = False
+        self._waiting_alerts: list[tuple[str, dict[str, Any]]] = []
 
     def setup(self, worker: Worker) -> None:
         self.worker = worker
+        # An RQMLWorker has a node directory that outlives the process; a stock worker does not.
+        node_directory = getattr(worker, "node_directory", None)
+        state_dir = node_directory or Path(worker.local_directory) / "rqml"
+        if node_directory is not None:
+            self.state = NodeState(node_directory / "node.lmdb")
         backend = default_backend(cpu_threads=worker.state.nthreads)
         resources = ResourceMonitor(worker.memory_manager.memory_limit)
-        self.orchestrator = NodeOrchestrator(
-            backend, Path(worker.local_directory) / "rqml", resources, self.policy, on_event=self._supervision_event
-        )
+        self.orchestrator = NodeOrchestrator(backend, state_dir, resources, self.policy, on_event=self._supervision_event)
         self.orchestrator.start()
         worker.metrics["rqml"] = self.heartbeat
         worker.handlers["rqml_decide"] = self._handle_decision
         worker.handlers["rqml_policy"] = self._handle_policy
+        worker.handlers["rqml_progress"] = self._handle_progress
         add_routes(worker)
         register_collector(worker)
 
@@ -64,6 +131,7 @@ class NodePlugin(WorkerPlugin):
         worker.metrics.pop("rqml", None)
         if self.orchestrator is not None:
             self.orchestrator.stop()
+        self._outbox_thread.shutdown(wait=True)
         for checkpointer in self.checkpointers.values():
             checkpointer.flush(timeout=10)
             checkpointer.stop()
@@ -83,6 +151,169 @@ class NodePlugin(WorkerPlugin):
                 self.checkpointers[key] = checkpointer
             return checkpointer
 
+    # -- jobs ------------------------------------------------------------------------------
+
+    def start_job(
+        self, task: RQMLTask, problem: dict, checkpointer: Checkpointer | None, resume: Resume | None, claimed: bool = True
+    ) -> Job:
+        """Hand ``task`` (its problem loaded) to the orchestrator; remember it until delivered."""
+        job = Job(task, self.orchestrator.submit(task, problem, checkpointer, resume), checkpointer, resume, claimed=claimed)
+        with self._jobs_lock:
+            self.jobs[task.key] = job
+        if self.state is not None:
+            self.state.hold(task)
+        job.future.add_done_callback(lambda _: self._on_finished(job))
+        return job
+
+    def claim(self, task: RQMLTask) -> Job | None:
+        """The job this node already has for ``task`` (refining, queued or parked), now
+        claimed by the calling Dask task; ``None`` if there is none to join."""
+        with self._jobs_lock:
+            job = self.jobs.get(task.key)
+            if job is None or job.dropped:
+                return None
+            job.claimed = True
+            return job
+
+    def wait(self, job: Job) -> Refinement:
+        """The finished refinement of a claimed job. Raises :class:`SchedulerLost` (the job
+        goes on, unclaimed) when the worker loses its scheduler first, and what the job
+        raised (e.g. :class:`~rqml_dask.node.orchestrator.PushedBack`) after forgetting it."""
+        wait([job.future, self._session], return_when=FIRST_COMPLETED)
+        if not job.future.done():
+            with self._jobs_lock:
+                job.claimed = False
+                finished = job.finished
+            if finished:  # it finished between the two checks: nobody else will park it
+                self._outbox_thread.submit(self._park, job)
+            raise SchedulerLost(f"the worker lost its scheduler; {job.task.task_id} goes on in degraded mode")
+        if job.future.exception() is not None:
+            self.forget(job)
+        return job.future.result()
+
+    def forget(self, job: Job) -> None:
+        """The job is delivered or given up: drop it from the node and its state."""
+        with self._jobs_lock:
+            if self.jobs.get(job.task.key) is job:
+                del self.jobs[job.task.key]
+        self.orchestrator.release(job.task.task_id)
+        if self.state is not None:
+            self.state.release(job.task.key)
+
+    def _on_finished(self, job: Job) -> None:
+        """Done-callback of a job's future (on the refinement thread: hand work off)."""
+        with self._jobs_lock:
+            job.finished = True
+            claimed = job.claimed
+        if not claimed:
+            self._outbox_thread.submit(self._park, job)
+
+    def _park(self, job: Job) -> None:
+        """Keep an unclaimed finished job in the outbox: a final checkpoint, its outcome in
+        LMDB; report it if the scheduler is there."""
+        from rqml_dask.execution import OUTCOME, outcome_of
+
+        try:
+            refinement = job.future.result()
+            if job.dropped or refinement.handed_back:
+                self.forget(job)
+                return
+            if job.checkpointer is not None:
+                job.checkpointer.submit(refinement.snapshot("finished"))
+                job.checkpointer.flush()
+            job.outcome = outcome_of(job, refinement, self.worker.address)
+            job.outcome.reconciled = True
+            if self.state is not None:
+                self.state.park(job.task.key, OUTCOME.dump_json(job.outcome))
+        except Exception:
+            logger.exception("could not park the result of %s", job.task.task_id)
+            self.forget(job)
+            return
+        if self.link.degraded_since is None:
+            self.worker.loop.add_callback(self._report, [job])
+
+    def resume_held(self) -> None:
+        """Take up again the tasks a previous process of this node held (once, at start)."""
+        if self._resumed or self.state is None:
+            return
+        self._resumed = True
+        from rqml_dask.execution import load_problem
+
+        for task in self.state.held():
+            if task.key in self.jobs:
+                continue
+            try:
+                checkpointer = self.checkpointer_for(task.checkpoint) if task.checkpoint else None
+                resume = checkpointer.latest(task) if checkpointer is not None else None
+                problem = load_problem(task, self.orchestrator.backend)
+            except Exception as exc:
+                logger.error("held task %s cannot be resumed, dropped: %s", task.task_id, exc)
+                self.state.release(task.key)
+                continue
+            self.start_job(task, problem, checkpointer, resume, claimed=False)
+            self.link.degraded_since = self.link.degraded_since or time.time()  # working with no scheduler yet
+            logger.info("resumed held task %s from iteration %s", task.task_id,
+                        resume.checkpoint.iteration if resume is not None and resume.checkpoint else 0)
+
+    # -- the scheduler link ------------------------------------------------------------------
+
+    def scheduler_lost(self) -> None:
+        """Enter degraded mode: the Dask tasks waiting for jobs end, the jobs go on."""
+        self.link.degraded_since = time.time()
+        self.link.losses += 1
+        lost, self._session = self._session, Future()
+        lost.set_result(None)
+
+    async def reconcile(self) -> None:
+        """Just registered: leave degraded mode, publish what happened meanwhile, and report
+        every job to the scheduler plugin for a verdict."""
+        link = self.link
+        if link.degraded_since is not None:
+            seconds = time.time() - link.degraded_since
+            link.degraded_seconds_total += seconds
+            self._alert("node-degraded", {"since": link.degraded_since, "seconds": seconds, "tasks": len(self.jobs)})
+            link.degraded_since = None
+        with self._jobs_lock:
+            jobs = [job for job in self.jobs.values() if not job.dropped]
+        if jobs:
+            await self._report(jobs)
+
+    async def _report(self, jobs: list[Job]) -> None:
+        iterations = self.orchestrator.iterations()
+        tasks = [
+            {
+                "key": job.task.key,
+                "task_id": job.task.task_id,
+                "iteration": job.outcome.iterations if job.outcome is not None else iterations.get(job.task.key, 0),
+                "finished": job.outcome is not None,
+            }
+            for job in jobs
+        ]
+        try:
+            verdicts = await self.worker.scheduler.rqml_reconcile(node=self.worker.address, tasks=tasks)
+        except Exception as exc:  # no RQML scheduler plugin, or lost again: the jobs wait
+            logger.warning("could not reconcile %d tasks with the scheduler: %s", len(tasks), exc)
+            return
+        self.link.reconciled += len(tasks)
+        for job in jobs:
+            await self._settle(job, verdicts.get(job.task.key, "keep"))
+
+    async def _settle(self, job: Job, verdict: str) -> None:
+        from rqml_dask.execution import deliver
+
+        if verdict == "accept" and job.outcome is not None:
+            await asyncio.to_thread(deliver, self, job, job.future.result(), job.outcome)
+            self.link.accepted_from_outbox += 1
+        elif verdict in ("duplicate", "drop"):
+            job.dropped = verdict
+            self.link.discarded += 1
+            if job.finished:
+                self.forget(job)
+            else:
+                self.orchestrator.decide(Decision(job.task.task_id, "terminate", f"{verdict}: settled by the scheduler"))
+
+    # -- events and figures ----------------------------------------------------------------
+
     def _alert(self, kind: str, payload: dict[str, Any]) -> None:
         events.publish(self.worker, events.ALERTS, kind, worker=self.worker.address, **payload)
 
@@ -90,11 +321,31 @@ class NodePlugin(WorkerPlugin):
         payload = dict(event)
         events.publish(self.worker, events.SUPERVISION, payload.pop("kind"), worker=self.worker.address, **payload)
 
+    def health(self) -> dict[str, Any]:
+        """``/health``: the scheduler link, and the work the node holds."""
+        link = self.link
+        with self._jobs_lock:
+            held = len(self.jobs)
+            parked = sum(job.outcome is not None for job in self.jobs.values())
+        return {
+            "status": "ok" if link.degraded_since is None else "degraded",
+            "scheduler": self.worker.scheduler.address,
+            "degraded_seconds": time.time() - link.degraded_since if link.degraded_since is not None else 0.0,
+            "degraded_seconds_total": link.degraded_seconds_total,
+            "scheduler_losses": link.losses,
+            "held": held,
+            "outbox": parked,
+            "reconciled": link.reconciled,
+            "accepted_from_outbox": link.accepted_from_outbox,
+            "discarded": link.discarded,
+        }
+
     def heartbeat(self, worker: Worker) -> dict[str, Any]:
         """The custom worker metric ``rqml`` (Dask calls it with the worker every heartbeat)."""
         figures = self.orchestrator.heartbeat()
         figures["bandwidth"] = worker.bandwidth
         figures["checkpoints"] = self.checkpoint_summary()
+        figures["link"] = self.health()
         return figures
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -123,6 +374,16 @@ class NodePlugin(WorkerPlugin):
     def _handle_policy(self, policy: dict) -> dict:
         self.orchestrator.set_policy(POLICY.validate_python(policy))
         return {"status": "OK"}
+
+    def _handle_progress(self, keys: list[str]) -> dict[str, int]:
+        """The iteration each of these tasks has reached here (finished: its last)."""
+        iterations = self.orchestrator.iterations()
+        with self._jobs_lock:
+            for key in keys:
+                job = self.jobs.get(key)
+                if job is not None and job.outcome is not None:
+                    iterations[key] = job.outcome.iterations
+        return {key: iterations[key] for key in keys if key in iterations}
 
 
 _install_lock = threading.Lock()

@@ -29,6 +29,7 @@ import zarr
 import dask
 from dask.base import tokenize
 from distributed import Client, Future, as_completed
+from distributed.client import FutureCancelledError
 
 from rqml_dask.execution import TaskOutcome, run_task, run_vote, tally_vote, vote_array, voter_tasks
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
@@ -76,7 +77,8 @@ class RunReport:
             f"iterations   {self.iterations} (mean {self.iterations / max(len(self.outcomes), 1):.1f} per task)",
             f"escalations  {self.escalations}",
             f"recovered    {sum(o.resumed_from is not None for o in self.outcomes)} resumed from checkpoints, "
-            f"{sum(o.reused for o in self.outcomes)} reused from an earlier run",
+            f"{sum(o.reconciled for o in self.outcomes)} finished by nodes without a scheduler, "
+            f"{sum(o.reused and not o.reconciled for o in self.outcomes)} reused from an earlier run",
             f"rejected     {len(self.rejected)}",
             f"time         {self.elapsed_s:.1f} s",
             f"output       {self.output}",
@@ -200,38 +202,64 @@ class Pipeline:
         """Check the input, create the output, and submit one Dask task per RQML task."""
         tasks = self.tasks()
         self.create_output(tasks)
-        futures = []
-        for task in tasks:
-            result = self._submit_one(client, run_task, task, task)
-            voters = [self._submit_one(client, run_vote, voter, voter, result) for voter in voter_tasks(task)]
-            if voters:
-                result = client.submit(tally_vote, task, result, voters, key=f"rqml-vote-{task.task_id}-{tokenize(task)}")
-            futures.append(result)
-        return futures
+        return [self._submit_task(client, task) for task in tasks]
+
+    def _submit_task(self, client: Client, task: RQMLTask) -> Future:
+        """The Dask tasks of one RQML task (its voters and tally, if it votes); the future of
+        its final outcome. Keys are deterministic: submitting again joins the same work."""
+        result = self._submit_one(client, run_task, task, task)
+        voters = [self._submit_one(client, run_vote, voter, voter, result) for voter in voter_tasks(task)]
+        if voters:
+            result = client.submit(tally_vote, task, result, voters, key=f"rqml-vote-{task.task_id}-{tokenize(task)}")
+        return result
 
     @staticmethod
     def _submit_one(client: Client, function, task: RQMLTask, *args) -> Future:
-        traits = TaskTraits(task.task_id, task.task_class, task.model_ladder[0], task.priority, task.expected_difficulty)
+        traits = TaskTraits(task.task_id, task.task_class, task.model_ladder[0], task.priority, task.expected_difficulty,
+                            rqml_key=task.key)
         with dask.annotate(rqml=asdict(traits)):  # read by the RQML scheduler plugin, if installed
             return client.submit(function, *args, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
 
-    def run(self, client: Client, progress: bool = True) -> RunReport:
-        """Submit every task, wait for all of them, and finalize the output."""
+    def run(self, client: Client, progress: bool = True, reconnect_timeout: float = 300.0) -> RunReport:
+        """Submit every task, wait for all of them, and finalize the output.
+
+        If the client loses the scheduler, the tasks not yet returned are submitted again
+        once it is back (Dask cancels a client's futures when its scheduler connection
+        breaks): nodes that kept refining them join the new submissions, and results they
+        finished meanwhile are returned from their stores. ``reconnect_timeout`` bounds the
+        wait for the scheduler (the client itself gives up after its own ``timeout``)."""
         started = time.perf_counter()
-        futures = self.submit(client)
+        tasks = self.tasks()
+        self.create_output(tasks)
+        pending = {task.task_id: (task, self._submit_task(client, task)) for task in tasks}
         outcomes: list[TaskOutcome] = []
-        bar = _progress_bar(len(futures), self.config.name, progress)
+        bar = _progress_bar(len(tasks), self.config.name, progress)
         try:
-            for future in as_completed(futures):
-                try:
-                    outcome = future.result()
-                except Exception as exc:
-                    raise PipelineError(f"task {_task_of(future)} failed: {exc}") from exc
-                outcomes.append(outcome)
-                bar.update(1)
-                bar.set_postfix(iterations=sum(o.iterations for o in outcomes), escalations=sum(o.escalations for o in outcomes))
+            while pending:
+                lost = []
+                by_key = {future.key: task for task, future in pending.values()}
+                for future in as_completed([future for _, future in pending.values()]):
+                    task = by_key[future.key]
+                    try:
+                        outcome = future.result()
+                    except FutureCancelledError as exc:
+                        if exc.reason != "scheduler-connection-lost":
+                            raise PipelineError(f"task {task.task_id} was cancelled: {exc.reason}") from exc
+                        lost.append(task)
+                        continue
+                    except Exception as exc:
+                        raise PipelineError(f"task {task.task_id} failed: {exc}") from exc
+                    del pending[task.task_id]
+                    outcomes.append(outcome)
+                    bar.update(1)
+                    bar.set_postfix(iterations=sum(o.iterations for o in outcomes), escalations=sum(o.escalations for o in outcomes))
+                if lost:
+                    _wait_for_scheduler(client, reconnect_timeout)
+                    for task in lost:
+                        pending[task.task_id] = (task, self._submit_task(client, task))
         except BaseException:
-            client.cancel(futures)
+            if client.status == "running":
+                client.cancel([future for _, future in pending.values()])
             raise
         finally:
             bar.close()
@@ -277,9 +305,16 @@ def _outcome_record(outcome: TaskOutcome) -> dict[str, Any]:
     }
 
 
-def _task_of(future: Future) -> str:
-    key = str(future.key)
-    return key.removeprefix("rqml-").rsplit("-", 1)[0]
+def _wait_for_scheduler(client: Client, timeout: float) -> None:
+    """Block until ``client`` has reconnected to its scheduler."""
+    deadline = time.monotonic() + timeout
+    while client.status != "running":
+        if client.status in ("closing", "closed") or time.monotonic() > deadline:
+            raise PipelineError(
+                f"lost the scheduler {client.scheduler.address} and could not reconnect; run the pipeline "
+                "again: finished results are kept by the nodes and reused"
+            )
+        time.sleep(0.1)
 
 
 def _progress_bar(total: int, name: str, enabled: bool):

@@ -29,7 +29,8 @@ GPU_PREFERENCE = 10.0
 
 @dataclass(frozen=True)
 class TaskTraits:
-    """What routing needs to know of an RQML task (carried in its ``rqml`` annotation)."""
+    """What routing needs to know of an RQML task (carried in its ``rqml`` annotation);
+    ``rqml_key`` is the task's :attr:`~rqml_dask.task.RQMLTask.key`, by which nodes report it."""
 
     task_id: str
     task_class: str
@@ -37,6 +38,7 @@ class TaskTraits:
     priority: int = 0
     difficulty: float = 1.0
     wants_gpu: bool = False
+    rqml_key: str = ""
 
 
 class NodeTable:

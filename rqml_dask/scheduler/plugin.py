@@ -22,6 +22,16 @@ diversify to another model family, then end the task with a clear reason) and re
 decision on the ``supervision_events`` topic; the runtime records them per task, reroutes a
 task to another node when its node reports it stuck there, and terminates tasks past the
 policy's limits.
+
+Reconciliation: a node that kept working without a scheduler (an
+:class:`~rqml_dask.node.worker.RQMLWorker` in degraded mode) reports, once registered again,
+every task it holds and every result in its outbox; :meth:`reconcile` settles each one so
+that a task ends with exactly one accepted result: the first result accepted wins (a later
+one is a duplicate, discarded, and an alert says so); a finished result beats a run still
+going elsewhere, and of two runs the one further along goes on (the other is rerouted to
+the node that holds the task, or dropped there). The node that holds a task is preferred
+when the task is (re)submitted, so a client that resubmits after the scheduler came back
+joins the running work instead of starting it again.
 """
 
 from __future__ import annotations
@@ -92,6 +102,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.tasks: dict[str, TaskRecord] = {}
         self.keys_by_task_id: dict[str, str] = {}
         self.finished: dict[str, TaskRecord] = {}
+        self.accepted: dict[str, str] = {}
+        """RQML task key -> the node whose result was accepted (bounded like ``finished``)."""
+        self.holders: dict[str, str] = {}
+        """RQML task key -> the node that holds it (reported at reconciliation): bound there."""
         self.nodes: dict[str, NodeRecord] = {}
         self.table = NodeTable()
         self._held: list[tuple] = []
@@ -107,6 +121,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["rqml_status"] = self.status
         scheduler.handlers["rqml_policy"] = self.handle_policy
         scheduler.handlers["rqml_decide"] = self.handle_decision
+        scheduler.handlers["rqml_reconcile"] = self.reconcile
         for address in scheduler.workers:
             self.add_worker(scheduler, address)
         from tornado.ioloop import PeriodicCallback
@@ -153,6 +168,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             self._update_room(node)
         if start == "processing" and finish == "memory":
             record.state = "done"
+            if record.traits.rqml_key:
+                self._accept(record.traits.rqml_key, record.worker)
             if node is not None:
                 node.completed += 1
                 if not record.failed_here:  # a result its node reported invalid is no success
@@ -184,6 +201,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
         node = self.nodes.pop(worker, None)
         self.table.remove(worker)
+        self.holders = {key: holder for key, holder in self.holders.items() if holder != worker}
         if node is not None and node.bound:
             logger.info("node %s lost with %d RQML tasks", worker, len(node.bound))
 
@@ -261,8 +279,12 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     skipped.append(entry)  # not runnable yet
                 continue
             # a task that depends on results (a vote) goes to a node not holding them
-            holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
-            address = self.table.choose(record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), holders)
+            holder = self.holders.get(record.traits.rqml_key)
+            if holder in running and holder in self.nodes:
+                address = holder  # the node already refines it (or has its result): join it there
+            else:
+                holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
+                address = self.table.choose(record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), holders)
             if address is None:
                 skipped.append(entry)
                 if self.table.room.max(initial=0) <= 0:
@@ -290,6 +312,14 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     if ts is not None and ts.state == "no-worker":
                         ts.worker_restrictions = {HOLD}
                         self._hold(record)
+
+    def _accept(self, key: str, node: str | None) -> None:
+        self.holders.pop(key, None)
+        if key in self.accepted or node is None:
+            return
+        self.accepted[key] = node
+        while len(self.accepted) > FINISHED_KEPT:
+            self.accepted.pop(next(iter(self.accepted)))
 
     def _gpu_only(self, traits: TaskTraits) -> bool:
         return traits.task_class in self.policy.gpu_classes
@@ -386,6 +416,57 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         events.publish(self.scheduler, events.SUPERVISION, "decision", node=record.worker, **decision)
         await self.scheduler.rpc(record.worker).rqml_decide(decision=decision)
         return {"status": "OK", "node": record.worker}
+
+    async def reconcile(self, comm: Any = None, node: str = "", tasks: list[dict] | None = None) -> dict[str, str]:
+        """Settle the tasks ``node`` reports after registering (each ``{key, task_id,
+        iteration, finished}``). Verdicts, by task key: ``accept`` (write this finished
+        result: it is the one), ``duplicate`` (another node's result was accepted: discard
+        yours), ``keep`` (go on; the task is bound to you when submitted) or ``drop`` (another
+        node is further along: stop). Published on the alerts topic."""
+        verdicts: dict[str, str] = {}
+        for report in tasks or []:
+            key, task_id, finished = report["key"], report["task_id"], bool(report["finished"])
+            winner = self.accepted.get(key)
+            if winner is not None and winner != node:
+                verdict = "duplicate" if finished else "drop"
+                events.publish(self.scheduler, events.ALERTS, "duplicate-result" if finished else "duplicate-run",
+                               task_id=task_id, kept=winner, discarded=node)
+            else:
+                verdict = "accept" if finished else "keep"
+                record = next((r for r in self.tasks.values() if r.traits.rqml_key == key), None)
+                if record is not None and record.state == "bound" and record.worker not in (None, node):
+                    # bound elsewhere while this node was away: the run further along goes on
+                    other = await self._progress(record.worker, key)
+                    if finished or report["iteration"] > other:
+                        events.publish(self.scheduler, events.ALERTS, "duplicate-run", task_id=task_id,
+                                       kept=node, discarded=record.worker, iterations={node: report["iteration"], record.worker: other})
+                        await self._reroute(record, f"{node} holds it further along")
+                    else:
+                        verdict = "drop"
+                        events.publish(self.scheduler, events.ALERTS, "duplicate-run", task_id=task_id, kept=record.worker,
+                                       discarded=node, iterations={node: report["iteration"], record.worker: other})
+                if verdict == "accept":
+                    self._accept(key, node)
+                if verdict in ("accept", "keep"):
+                    self.holders[key] = node  # an accepted result is returned from its node's store
+            verdicts[key] = verdict
+        counts = {v: list(verdicts.values()).count(v) for v in set(verdicts.values())}
+        events.publish(self.scheduler, events.ALERTS, "reconciled", node=node, verdicts=counts)
+        self._schedule_release()
+        return verdicts
+
+    async def _progress(self, address: str, key: str) -> int:
+        try:
+            return int((await self.scheduler.rpc(address).rqml_progress(keys=[key])).get(key, 0))
+        except Exception:
+            return 0
+
+    async def _reroute(self, record: TaskRecord, reason: str) -> None:
+        decision = {"task_id": record.traits.task_id, "action": "reroute", "reason": reason}
+        try:
+            await self.scheduler.rpc(record.worker).rqml_decide(decision=decision)
+        except Exception as exc:
+            logger.warning("could not reroute %s from %s: %s", record.traits.task_id, record.worker, exc)
 
     async def _push_policy(self, address: str) -> None:
         try:

@@ -24,7 +24,7 @@ _environments: dict[Path, lmdb.Environment] = {}
 _environments_lock = threading.Lock()
 
 
-def _environment(path: Path) -> lmdb.Environment:
+def open_environment(path: Path) -> lmdb.Environment:
     """LMDB allows one open environment per path per process: share it."""
     path = path.resolve()
     with _environments_lock:
@@ -42,7 +42,7 @@ class LMDBStore(RecordStore):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.url = f"lmdb://{self.path}"
-        self.env = _environment(self.path)
+        self.env = open_environment(self.path)
         self._slots = self.env.open_db(b"slots")
         self._done = self.env.open_db(b"done")
         self._pending = self.env.open_db(b"pending")

@@ -1,0 +1,138 @@
+"""RQMLWorker: a Dask worker whose node keeps working when the scheduler is gone.
+
+Launch it with ``--worker-class``::
+
+    dask worker tcp://scheduler:8786 --worker-class rqml_dask.node.RQMLWorker --name gpu-a
+    dask cuda worker tcp://scheduler:8786 --worker-class rqml_dask.node.RQMLWorker --name gpu-a
+
+**Why a Worker subclass.** A stock worker closes as soon as its scheduler connection breaks
+(``Worker.handle_scheduler``), its Nanny then closes too, and nothing re-registers with a
+scheduler that comes back (``../shared/notes/dask-extension-points.md``). A WorkerPlugin or
+preload cannot change that, and a supervisor restarting the process would throw away the
+warm models, the GPU context and every iteration since the last checkpoint. This class
+overrides only what happens on a broken connection:
+
+1. *Degraded mode.* The node (:class:`~rqml_dask.node.NodePlugin`) is told the scheduler is
+   gone: its refinement thread and inbound queue go on under the cached policy, results
+   that finish wait in its durable outbox. The Dask tasks that were waiting for the node
+   end, and every Dask task is released, so the worker's state machine is empty again.
+2. *Reconnection.* The worker registers again, as a new worker, retrying until a scheduler
+   answers at the same address (a restarted one, or the same one after a network cut)
+   or until ``rqml.node.degraded-limit`` seconds have passed (then it closes, its work
+   safe in LMDB). Heartbeats restart with the registration.
+3. *Reconciliation.* The node reports the tasks it holds and its outbox to the RQML
+   scheduler plugin, which settles each one (:meth:`RQMLSchedulerPlugin.reconcile`).
+
+A scheduler that closes normally tells its workers to close: they do, as stock workers do.
+
+**Its own restarts.** A node with a stable name (``--name``) keeps its state in
+``<local directory>/rqml-node/<name>/``: the cached policy and the LMDB of held tasks and
+outbox (:mod:`rqml_dask.node.state`). A worker killed while degraded and started again by
+its Nanny (which restarts a worker that dies) resumes those tasks from their checkpoints
+before it registers: the node plugin is installed, by ``--preload rqml_dask.node`` or by
+this class, before registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from pathlib import Path
+
+import dask
+from distributed import Worker
+from distributed.batched import BatchedSend
+from distributed.comm import Comm, connect
+from distributed.core import Status
+from distributed.worker_state_machine import FreeKeysEvent
+
+logger = logging.getLogger(__name__)
+
+RECONNECT_PAUSE = 0.5
+"""Seconds between attempts to reach the scheduler again."""
+
+
+class RQMLWorker(Worker):
+    """A Dask worker that survives the loss of its scheduler (see the module docstring)."""
+
+    @property
+    def node_directory(self) -> Path:
+        """Where this node keeps what outlives its process; stable across restarts when the
+        worker has a ``--name``."""
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(self.name))
+        return Path(self.local_directory).parent / "rqml-node" / name
+
+    async def _register_with_scheduler(self) -> None:
+        node = await self._node()
+        node.resume_held()  # no-op once running: the first registration of a restarted node
+        # Metrics gathered for the lost scheduler are not the new one's; registration also
+        # expects none pending (SpansWorkerExtension.collect_digests asserts it).
+        self.digests_total_since_heartbeat.clear()
+        if (spans := self.extensions.get("spans")) is not None:
+            spans.heartbeat()
+        await super()._register_with_scheduler()
+        self._ongoing_background_tasks.call_soon(node.reconcile)
+
+    async def handle_scheduler(self, comm: Comm) -> None:
+        try:
+            await self.handle_stream(comm)
+        finally:
+            if self.status in (Status.running, Status.paused):
+                self._ongoing_background_tasks.call_soon(self._degraded)
+            else:  # closing on request: as a stock worker
+                await self.close(reason="worker-handle-scheduler-connection-broken")
+
+    async def _degraded(self) -> None:
+        """Keep the node working without a scheduler; register again when one answers."""
+        node = await self._node()
+        lost_at = time.monotonic()
+        limit = dask.config.get("rqml.node.degraded-limit", 3600)
+        logger.warning("lost the scheduler %s: degraded mode, the node keeps refining its tasks", self.scheduler.address)
+        self.periodic_callbacks["heartbeat"].stop()
+        self.periodic_callbacks["keep-alive"].stop()
+        node.scheduler_lost()
+        await self._release_dask_tasks()
+        while self.status in (Status.running, Status.paused):
+            remaining = None if limit is None else limit - (time.monotonic() - lost_at)
+            if remaining is not None and remaining <= 0:
+                await self.close(reason="rqml-degraded-limit")
+                return
+            if not await self._scheduler_answers():
+                await asyncio.sleep(RECONNECT_PAUSE)
+                continue
+            self.batched_stream = BatchedSend(interval="2ms", loop=self.loop)
+            try:
+                await asyncio.wait_for(self._register_with_scheduler(), remaining)
+                return
+            except (ValueError, OSError, asyncio.TimeoutError) as exc:
+                logger.info("not registered again yet: %s", exc)
+                await asyncio.sleep(RECONNECT_PAUSE)
+
+    async def _scheduler_answers(self) -> bool:
+        """One short connection attempt: ``connect``'s own retries back off exponentially
+        (seconds between tries after an outage of a few seconds); polling keeps the gap
+        between the scheduler's return and re-registration under ``RECONNECT_PAUSE``."""
+        try:
+            comm = await connect(self.scheduler.address, timeout=RECONNECT_PAUSE * 2, **self.connection_args)
+        except OSError:
+            return False
+        await comm.close()
+        return True
+
+    async def _release_dask_tasks(self) -> None:
+        """Release every Dask task (the scheduler that wanted them is gone) and wait until
+        the state machine is empty, as registration requires."""
+        while self.state.tasks or self.data:
+            keys = [key for key, ts in self.state.tasks.items() if ts.state not in ("cancelled", "released")]
+            if keys:
+                self.handle_stimulus(FreeKeysEvent(keys=keys, stimulus_id=f"rqml-scheduler-lost-{time.time()}"))
+            await asyncio.sleep(0.05)
+
+    async def _node(self):
+        from rqml_dask.node.plugin import PLUGIN_NAME, NodePlugin
+
+        if PLUGIN_NAME not in self.plugins:
+            await self.plugin_add(NodePlugin(), catch_errors=False)
+        return self.plugins[PLUGIN_NAME]

@@ -1,0 +1,150 @@
+"""Real ``dask scheduler`` and ``dask worker`` processes, and a TCP link that can be cut.
+
+Every process runs in its own session on loopback and is killed (the whole group) when its
+context ends, so a failing test leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environ(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
+
+
+class DaskProcess:
+    """One ``dask`` command line, started with :meth:`start`, ended with :meth:`kill`."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.args, self.log, self.env = args, log, env
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> DaskProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dask", *self.args], stdout=log, stderr=subprocess.STDOUT,
+                env=_environ(self.env), start_new_session=True,
+            )
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (a worker's Nanny and its worker) and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+            self.process.wait(30)
+
+    def __enter__(self) -> DaskProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def dask_scheduler(port: int, log: Path) -> DaskProcess:
+    return DaskProcess(
+        ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0",
+         "--preload", "rqml_dask.scheduler"],
+        log,
+    )
+
+
+def rqml_worker(scheduler: str, name: str, http_port: int, directory: Path, env: dict[str, str] | None = None) -> DaskProcess:
+    """``dask worker`` (with its Nanny) of class RQMLWorker, the node preload, one thread."""
+    return DaskProcess(
+        ["worker", scheduler, "--worker-class", "rqml_dask.node.RQMLWorker", "--preload", "rqml_dask.node",
+         "--name", name, "--nthreads", "1", "--host", "127.0.0.1", "--dashboard-address", f"127.0.0.1:{http_port}",
+         "--local-directory", str(directory)],
+        directory / f"{name}.log", env,
+    )
+
+
+class TcpLink:
+    """A loopback TCP relay to ``target_port`` that can be cut (every connection through it
+    is aborted, new ones are closed at once) and restored."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.cut_off = False
+        self._streams: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._relay, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._streams |= {writer, up_writer}
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.transport.abort()
+                self._streams.discard(sink)
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def cut(self) -> None:
+        def abort_all() -> None:
+            self.cut_off = True
+            for stream in list(self._streams):
+                stream.transport.abort()
+            self._streams.clear()
+
+        self._loop.call_soon_threadsafe(abort_all)
+        time.sleep(0.1)
+
+    def restore(self) -> None:
+        self.cut_off = False
+
+    def close(self) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
