@@ -61,3 +61,26 @@ def etcd(tmp_path):
 
     with EtcdServer(tmp_path / "etcd") as server:
         yield server
+
+
+@pytest.fixture
+def browser():
+    """Headless Debian Chromium driven by Selenium (``scripts/test`` installs both)."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("browser tests need Debian's chromium and chromium-driver: run scripts/test, which installs them")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,900"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        yield session
+    finally:
+        session.quit()

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -23,11 +26,13 @@ import numpy as np
 import pytest
 import zarr
 from distributed import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from rqml_dask import events
 from rqml_dask.pipeline.pipeline import RunReport
 
 from dask_processes import TcpLink, dask_scheduler, free_port, rqml_worker
+from conftest import write_yaml
 from heterogeneous_cluster import sleepy_pipeline
 from test_node_cluster import wait_for
 
@@ -50,6 +55,14 @@ def iterations(port: int) -> dict[str, int]:
     """Task key -> the iteration it has reached on the node serving ``port``."""
     state = http_json(port, "/checkpoint_state")
     return {key: t["iteration"] for key, t in (state or {}).get("tasks", {}).items() if t["iteration"] is not None}
+
+
+def placed(http: dict[str, int], tasks: int = 4, at_least: int = 10) -> dict[str, dict[str, int]] | None:
+    """Node name -> the tasks it refines and their iterations, once all ``tasks`` refine and
+    each has ``at_least`` iterations (the scheduler plugin places them at random, by weight)."""
+    placement = {name: iterations(port) for name, port in http.items()}
+    reached = [i for tasks_ in placement.values() for i in tasks_.values()]
+    return placement if len(reached) == tasks and min(reached) >= at_least else None
 
 
 def sleepy_result(store: Path, iterations_: int) -> np.ndarray:
@@ -96,8 +109,8 @@ def test_scheduler_killed_mid_run_nodes_keep_refining_reconcile_and_the_run_comp
             client.sync(client.scheduler.rqml_policy, policy=POLICY)
             pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, ITERATIONS, 0.02, "outage")
             run = RunInBackground(pipeline, client)
-            # every task refining and checkpointed on its node
-            wait_for(lambda: all(len(its) == 2 and min(its.values()) >= 30 for its in map(iterations, http.values())), timeout=60)
+            placement = wait_for(lambda: placed(http, at_least=30), timeout=60)  # every task refining, checkpointed
+            victim = max(placement, key=lambda name: len(placement[name]))  # the node to kill while degraded
             names = {addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()}
             pids = {names[addr]: pid for addr, pid in client.run(os.getpid).items()}
             scheduler.kill()  # SIGKILL
@@ -110,13 +123,13 @@ def test_scheduler_killed_mid_run_nodes_keep_refining_reconcile_and_the_run_comp
 
             # A worker killed while degraded: its Nanny starts it again, and the new process
             # resumes the node's tasks from LMDB before any scheduler is back.
-            node_1_tasks = before["node-1"]
-            os.kill(pids["node-1"], signal.SIGKILL)
-            resumed = wait_for(lambda: (its := iterations(http["node-1"])) and its.keys() == node_1_tasks.keys() and its, timeout=60)
-            assert all(resumed[k] >= i for k, i in node_1_tasks.items())  # from checkpoints, not from zero
-            wait_for(lambda: all(iterations(http["node-1"]).get(k, 0) > i + 20 for k, i in node_1_tasks.items()), timeout=30)
-            assert http_json(http["node-1"], "/health")["status"] == "degraded"
-            assert not run.is_alive() or run.report is None  # the client is still waiting
+            victim_tasks = iterations(http[victim])
+            os.kill(pids[victim], signal.SIGKILL)
+            resumed = wait_for(lambda: (its := iterations(http[victim])) and its.keys() == victim_tasks.keys() and its, timeout=60)
+            assert all(resumed[k] >= i - 10 for k, i in victim_tasks.items())  # from checkpoints, not from zero
+            wait_for(lambda: all(iterations(http[victim]).get(k, 0) > i + 20 for k, i in victim_tasks.items()), timeout=30)
+            assert http_json(http[victim], "/health")["status"] == "degraded"
+            assert run.is_alive()  # the client is still waiting
 
             scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()  # same address
             report = run.result(timeout=120)
@@ -126,9 +139,9 @@ def test_scheduler_killed_mid_run_nodes_keep_refining_reconcile_and_the_run_comp
             keys = {t.task_id: t.key for t in pipeline.tasks()}
             for outcome in report.outcomes:
                 key = keys[outcome.task_id]
-                if key in node_1_tasks:  # resumed by the restarted worker, from its checkpoint
-                    assert outcome.resumed_from is not None and outcome.resumed_from >= node_1_tasks[key] - 20
-                else:  # refined by node-0 in one go, through the outage
+                if key in victim_tasks:  # resumed by the restarted worker, from its checkpoint
+                    assert outcome.resumed_from is not None and outcome.resumed_from >= victim_tasks[key] - 10
+                else:  # refined by the other node in one go, through the outage
                     assert outcome.resumed_from is None and outcome.began_at < killed_at
 
             # right, and complete: every core in the output is the expected result
@@ -149,63 +162,150 @@ def test_scheduler_killed_mid_run_nodes_keep_refining_reconcile_and_the_run_comp
 
 
 @pytest.mark.parametrize(
-    ("far_slowdown", "resolution"),
+    "resolution",
     [
-        ("3", "duplicate-result"),  # the near node finishes first: the far node's result is discarded
-        ("1", "duplicate-run"),  # the far node finishes first: its result wins, the near node's run stops
+        # it reconnects after the other node finished its tasks: its own results are discarded
+        # (and the dashboard shows the outage and the duplicates)
+        pytest.param("duplicate-result", marks=pytest.mark.browser),
+        # it reconnects while the other node still refines them: its finished results win
+        "duplicate-run",
     ],
 )
 def test_a_node_cut_off_while_its_tasks_move_elsewhere_reconnects_and_duplicates_resolve_to_one(
-    tmp_path, small_volume, far_slowdown, resolution
+    tmp_path, small_volume, resolution, request
 ):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    http = {"near": free_port(), "far": free_port()}
+    http = {"node-0": free_port(), "node-1": free_port()}
     scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
-    link = TcpLink(port)  # the far node reaches the scheduler only through this link
-    workers = [rqml_worker(address, "near", http["near"], tmp_path / "workers").start()]
+    links = {name: TcpLink(port) for name in http}  # each node reaches the scheduler through its own link
+    workers = []
     try:
         with Client(address, timeout=60) as client:  # waits for the scheduler to be up
-            workers.append(
-                rqml_worker(link.address, "far", http["far"], tmp_path / "workers", env={"RQML_TEST_SLOWDOWN": far_slowdown}).start()
-            )
+            workers += [rqml_worker(links[name].address, name, http[name], tmp_path / "workers").start() for name in http]
             client.wait_for_workers(2, timeout=60)
             client.sync(client.scheduler.rqml_policy, policy=POLICY)
             pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, 200, 0.01, "cut")
             keys = {t.key: t.task_id for t in pipeline.tasks()}
             run = RunInBackground(pipeline, client)
-            wait_for(lambda: all(len(its) == 2 and min(its.values()) >= 10 for its in map(iterations, http.values())), timeout=60)
-            far_tasks = set(iterations(http["far"]))
+            placement = wait_for(lambda: placed(http), timeout=60)
+            far = min((name for name in http if placement[name]), key=lambda name: len(placement[name]))
+            near = next(name for name in http if name != far)
+            far_tasks = set(placement[far])  # one or two tasks
             far_ids = {keys[k]: k for k in far_tasks}
 
-            link.cut()
+            links[far].cut()
             # the scheduler gives the far node's tasks to the near one; the far node goes on alone
-            wait_for(lambda: far_tasks <= set(iterations(http["near"])), timeout=30)
-            assert (http_json(http["far"], "/health") or {}).get("status") == "degraded"
-            wait_for(lambda: http_json(http["far"], "/health")["outbox"] == 2, timeout=60)
-            link.restore()
-
-            report = run.result(timeout=120)
+            wait_for(lambda: far_tasks <= set(iterations(http[near])), timeout=30)
+            assert (http_json(http[far], "/health") or {}).get("status") == "degraded"
+            wait_for(lambda: http_json(http[far], "/health")["outbox"] == len(far_tasks), timeout=60)
+            if resolution == "duplicate-result":
+                report = run.result(timeout=120)  # the near node's results are accepted meanwhile
+                links[far].restore()
+            else:
+                links[far].restore()
+                report = run.result(timeout=120)
             assert sorted(o.task_id for o in report.outcomes) == sorted(keys.values())
             assert all(o.iterations == 200 for o in report.outcomes)
-            far = wait_for(lambda: (h := http_json(http["far"], "/health")) and h["status"] == "ok" and h["outbox"] == 0 and h)
-            assert far["held"] == 0 and far["reconciled"] >= 2
+            health = wait_for(lambda: (h := http_json(http[far], "/health")) and h["status"] == "ok" and h["outbox"] == 0 and h)
+            assert health["held"] == 0 and health["reconciled"] >= len(far_tasks)
 
             # each of the far node's tasks ended with one accepted result; an alert records the other
             alerts = [e for _, e in client.get_events(events.ALERTS)]
             duplicates = [e for e in alerts if e["kind"] == resolution]
-            assert sorted(e["task_id"] for e in duplicates) == sorted(keys[k] for k in far_tasks)
+            assert sorted(e["task_id"] for e in duplicates) == sorted(far_ids)
             names = {addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()}
-            winner = "near" if resolution == "duplicate-result" else "far"
+            winner = near if resolution == "duplicate-result" else far
             assert all(names[e["kept"]] == winner and names[e["discarded"]] != winner for e in duplicates)
-            assert sorted(names[o.node] for o in report.outcomes if far_ids.get(o.task_id)) == [winner] * 2
+            assert [names[o.node] for o in report.outcomes if o.task_id in far_ids] == [winner] * len(far_tasks)
             np.testing.assert_array_equal(
                 zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],
                 sleepy_result(small_volume, 200),
             )
+            if request.node.get_closest_marker("browser"):
+                check_dashboard(request.getfixturevalue("browser"), client, far, near, len(far_tasks), tmp_path / "rqml-page.png")
     finally:
         for worker in workers:
             worker.kill()
         scheduler.kill()
-        link.close()
+        for link in links.values():
+            link.close()
 
+
+def check_dashboard(browser, client: Client, far: str, near: str, discarded: int, screenshot: Path) -> None:
+    """The scheduler dashboard's ``/rqml`` page, in Chromium, shows the far node's outage and
+    the duplicates resolved (read from the page's Bokeh document, as the browser has it)."""
+    browser.get(client.dashboard_link.replace("/status", "/rqml"))
+    read = ("const doc = Bokeh.documents[0]; return [doc.get_model_by_name('rqml-nodes').data, "
+            "doc.get_model_by_name('rqml-alerts').data, doc.get_model_by_name('rqml-summary').text]")
+
+    def shown():
+        try:
+            nodes, alerts, summary = browser.execute_script(read)
+        except Exception:
+            return None  # the page is still loading
+        rows = {name: {k: v[i] for k, v in nodes.items()} for i, name in enumerate(nodes["name"])}
+        if far in rows and rows[far]["discarded"] == discarded and alerts["kind"].count("duplicate-result") == discarded:
+            return rows, alerts, summary
+        return None
+
+    rows, alerts, summary = wait_for(shown, timeout=30)
+    browser.save_screenshot(str(screenshot))
+    assert rows[far]["link"] == "ok" and rows[far]["losses"] == 1 and rows[far]["degraded_s"] > 1
+    assert rows[near]["losses"] == 0
+    assert "node-degraded" in alerts["kind"] and summary.startswith("2 nodes, 1 of them worked without a scheduler")
+
+
+def test_client_and_scheduler_killed_nodes_finish_alone_and_rqml_run_again_picks_up_their_results(tmp_path, small_volume):
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    http = {"node-0": free_port(), "node-1": free_port()}
+    pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, 200, 0.02, "rerun")
+    config = write_yaml(tmp_path / "rerun.yaml", pipeline.config.model_dump(mode="json", exclude_none=True))
+    rqml_run = [sys.executable, "-m", "rqml_dask.cli", "run", str(config), "--scheduler", address, "--no-progress"]
+    scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
+    workers = [rqml_worker(address, name, http[name], tmp_path / "workers").start() for name in http]
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+            client.sync(client.scheduler.rqml_policy, policy=POLICY)
+        with open(tmp_path / "first-run.log", "wb") as log:
+            first = subprocess.Popen(rqml_run, stdout=log, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
+        try:
+            placement = wait_for(lambda: placed(http, at_least=20), timeout=60)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)  # the client...
+            first.wait(30)
+        scheduler.kill()  # ...and the scheduler
+
+        # the nodes finish every task on their own; the results wait in their outboxes
+        wait_for(lambda: all((http_json(p, "/health") or {}).get("outbox") == len(placement[n]) for n, p in http.items()), timeout=60)
+        assert not zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"].nchunks_initialized
+        scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
+        # reconnected, the nodes have their results accepted and write them, with no client
+        wait_for(lambda: all((h := http_json(p, "/health")) and h["status"] == "ok" and h["held"] == 0 for p in http.values()), timeout=60)
+        iterations_done = {name: metric(p, "rqml_iterations_total") for name, p in http.items()}
+
+        second = subprocess.run(rqml_run, capture_output=True, text=True, env=environ, timeout=120)
+        assert second.returncode == 0, second.stderr
+        assert re.search(r"recovered\s+0 resumed from checkpoints, 4 finished by nodes without a scheduler, 0 reused", second.stdout), second.stdout
+        assert re.search(r"^iterations\s+800 ", second.stdout, re.M)
+        assert {name: metric(p, "rqml_iterations_total") for name, p in http.items()} == iterations_done  # nothing recomputed
+        output = zarr.open_group(tmp_path / "out.zarr", mode="r")
+        np.testing.assert_array_equal(output["deconvolved"][...], sleepy_result(small_volume, 200))
+        assert output.attrs["rqml"]["status"] == "complete"
+    finally:
+        for worker in workers:
+            worker.kill()
+        scheduler.kill()
+
+
+def metric(port: int, name: str) -> float:
+    """One sample of the worker's Prometheus ``/metrics``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for family in text_string_to_metric_families(response.read().decode()):
+            for sample in family.samples:
+                if sample.name == name:
+                    return sample.value
+    raise AssertionError(f"{name} not in /metrics")

@@ -328,6 +328,12 @@ class NodeOrchestrator:
                     refinement.hand_back(decision.reason)
                 else:
                     refinement.terminate(decision.reason)
+                return
+        if decision.action in ("reroute", "terminate"):  # not started yet: hand it back as it is
+            with self._cond:
+                queued = self.inbound.remove(decision.task_id)
+            if queued is not None:
+                queued.result.set_exception(PushedBack(f"{decision.action} before it started: {decision.reason}"))
 
     def _retire(self, finished: list[ActiveTask], busy: float, stepped: int) -> None:
         """Validate finished tasks; hand them to outbound or, per policy, refine them further."""

@@ -129,6 +129,8 @@ class NodePlugin(WorkerPlugin):
 
     def teardown(self, worker: Worker) -> None:
         worker.metrics.pop("rqml", None)
+        if not self._session.done():  # Dask tasks still waiting for jobs end now
+            self._session.set_result(None)
         if self.orchestrator is not None:
             self.orchestrator.stop()
         self._outbox_thread.shutdown(wait=True)
@@ -213,9 +215,12 @@ class NodePlugin(WorkerPlugin):
         LMDB; report it if the scheduler is there."""
         from rqml_dask.execution import OUTCOME, outcome_of
 
+        if job.dropped or job.future.exception() is not None:  # given up, or pushed back unstarted
+            self.forget(job)
+            return
         try:
             refinement = job.future.result()
-            if job.dropped or refinement.handed_back:
+            if refinement.handed_back:
                 self.forget(job)
                 return
             if job.checkpointer is not None:

@@ -1,6 +1,13 @@
-"""The RQML scheduler plugin: ``dask scheduler --preload rqml_dask.scheduler``."""
+"""The RQML scheduler plugin: ``dask scheduler --preload rqml_dask.scheduler``.
 
+Importing this module (as the preload does, before the scheduler builds its dashboard) also
+adds the ``/rqml`` dashboard page (:mod:`rqml_dask.scheduler.dashboard`).
+"""
+
+from rqml_dask.scheduler import dashboard
 from rqml_dask.scheduler.plugin import HOLD, PLUGIN_NAME, RQMLSchedulerPlugin
+
+dashboard.register()
 
 
 def dask_setup(scheduler) -> None:

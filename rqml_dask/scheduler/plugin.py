@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 from distributed import Scheduler
+from pydantic import Field, TypeAdapter, ValidationError
+from typing_extensions import Annotated
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from rqml_dask import events
@@ -68,6 +70,20 @@ TAIL_SPEED_RATIO = 0.5
 """In the tail of a run (fewer held tasks than nodes), nodes slower than this fraction of the
 fastest get no new task: it would finish later than a fast node that frees up meanwhile.
 Nodes in reliability backoff likewise rest while any other node can take work."""
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """One task a node reports at reconciliation: how far it got, and whether it finished
+    (its result waits in the node's outbox)."""
+
+    key: str
+    task_id: str
+    iteration: Annotated[int, Field(ge=0)]
+    finished: bool
+
+
+TASK_REPORTS = TypeAdapter(list[TaskReport])
 
 
 @dataclass
@@ -384,6 +400,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 "warm_models": f.get("warm_models", []),
                 "gpu_count": f.get("gpu_count", 0),
                 "checkpoint_backlog": (f.get("checkpoints") or {}).get("pending", 0),
+                "link": f.get("link", {}),
             }
         tasks = {
             r.traits.task_id: {
@@ -423,9 +440,13 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         result: it is the one), ``duplicate`` (another node's result was accepted: discard
         yours), ``keep`` (go on; the task is bound to you when submitted) or ``drop`` (another
         node is further along: stop). Published on the alerts topic."""
+        try:
+            reports = TASK_REPORTS.validate_python(tasks or [])
+        except ValidationError as exc:
+            raise ValueError(f"reconciliation report from {node!r} refused: {exc}") from None
         verdicts: dict[str, str] = {}
-        for report in tasks or []:
-            key, task_id, finished = report["key"], report["task_id"], bool(report["finished"])
+        for report in reports:
+            key, task_id, finished = report.key, report.task_id, report.finished
             winner = self.accepted.get(key)
             if winner is not None and winner != node:
                 verdict = "duplicate" if finished else "drop"
@@ -437,14 +458,14 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 if record is not None and record.state == "bound" and record.worker not in (None, node):
                     # bound elsewhere while this node was away: the run further along goes on
                     other = await self._progress(record.worker, key)
-                    if finished or report["iteration"] > other:
+                    if finished or report.iteration > other:
                         events.publish(self.scheduler, events.ALERTS, "duplicate-run", task_id=task_id,
-                                       kept=node, discarded=record.worker, iterations={node: report["iteration"], record.worker: other})
+                                       kept=node, discarded=record.worker, iterations={node: report.iteration, record.worker: other})
                         await self._reroute(record, f"{node} holds it further along")
                     else:
                         verdict = "drop"
                         events.publish(self.scheduler, events.ALERTS, "duplicate-run", task_id=task_id, kept=record.worker,
-                                       discarded=node, iterations={node: report["iteration"], record.worker: other})
+                                       discarded=node, iterations={node: report.iteration, record.worker: other})
                 if verdict == "accept":
                     self._accept(key, node)
                 if verdict in ("accept", "keep"):

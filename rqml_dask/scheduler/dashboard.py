@@ -1,0 +1,143 @@
+"""The ``/rqml`` page of the Dask dashboard: nodes, their scheduler link, tasks and alerts.
+
+Registered by the scheduler preload (``dask scheduler --preload rqml_dask.scheduler``) in
+``distributed.dashboard.scheduler.applications``, which the scheduler reads when it starts its
+dashboard, so the page is served at ``http://<scheduler>:8787/rqml``. Dask's navigation bar
+is a fixed list: the page is reached by its address.
+
+What it shows, refreshed twice a second from the RQML scheduler plugin:
+
+* a summary line: nodes, nodes that have worked without a scheduler, tasks by state;
+* one row per node: queues, speed, reliability, warm models, checkpoint backlog, and its
+  link: how often it lost the scheduler, for how long, what it held and had in its outbox,
+  what reconciliation settled;
+* the latest alerts (``rqml-alerts``): degraded nodes, duplicates resolved, rejected
+  checkpoints, an unavailable shared store.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bokeh.layouts import column
+from bokeh.models import ColumnDataSource, DataTable, Div, TableColumn
+from distributed import Scheduler
+from distributed.dashboard.components import add_periodic_callback
+
+from rqml_dask import events
+
+PATH = "/rqml"
+ALERTS_SHOWN = 50
+
+NODE_COLUMNS = {
+    "name": "node",
+    "address": "address",
+    "link": "link",
+    "losses": "scheduler losses",
+    "degraded_s": "degraded (s)",
+    "held": "held",
+    "outbox": "outbox",
+    "reconciled": "reconciled",
+    "discarded": "discarded",
+    "refining": "refining",
+    "inbound": "inbound",
+    "iterations_per_second": "it/s",
+    "reliability": "reliability",
+    "warm": "warm models",
+    "checkpoint_backlog": "checkpoint backlog",
+}
+ALERT_COLUMNS = {"time": "time", "kind": "alert", "subject": "about", "detail": "detail"}
+
+
+class RQMLPage:
+    """The page's models and their refresh from the scheduler (Dask's component pattern:
+    ``root`` is laid out, ``update`` runs on a periodic callback)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.summary = Div(name="rqml-summary", text="")
+        self.nodes = ColumnDataSource({name: [] for name in NODE_COLUMNS}, name="rqml-nodes")
+        self.alerts = ColumnDataSource({name: [] for name in ALERT_COLUMNS}, name="rqml-alerts")
+        node_table = DataTable(
+            source=self.nodes, columns=[TableColumn(field=f, title=t) for f, t in NODE_COLUMNS.items()],
+            sizing_mode="stretch_width", height=220, index_position=None,
+        )
+        alert_table = DataTable(
+            source=self.alerts, columns=[TableColumn(field=f, title=t) for f, t in ALERT_COLUMNS.items()],
+            sizing_mode="stretch_width", height=320, index_position=None,
+        )
+        self.root = column(
+            Div(text="<h2>RQML</h2>"), self.summary, Div(text="<h3>Nodes</h3>"), node_table,
+            Div(text="<h3>Alerts</h3>"), alert_table, sizing_mode="stretch_width",
+        )
+
+    def update(self) -> None:
+        from rqml_dask.scheduler.plugin import PLUGIN_NAME
+
+        plugin = self.scheduler.plugins.get(PLUGIN_NAME)
+        if plugin is None:
+            self.summary.text = "The RQML scheduler plugin is not installed on this scheduler."
+            return
+        status = plugin.status()
+        names = {address: ws.name for address, ws in self.scheduler.workers.items()}
+        rows = [self._node_row(address, names.get(address, address), node) for address, node in status["nodes"].items()]
+        self.nodes.data = {name: [row[name] for row in rows] for name in NODE_COLUMNS}
+        alerts = [self._alert_row(message) for _, message in list(self.scheduler.get_events(events.ALERTS))[-ALERTS_SHOWN:]][::-1]
+        self.alerts.data = {name: [row[name] for row in alerts] for name in ALERT_COLUMNS}
+        states: dict[str, int] = {}
+        for task in status["tasks"].values():
+            states[task["state"]] = states.get(task["state"], 0) + 1
+        degraded = sum(row["losses"] > 0 or row["degraded_s"] > 0 for row in rows)
+        self.summary.text = (
+            f"{len(rows)} nodes, {degraded} of them worked without a scheduler; "
+            f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}"
+        )
+
+    @staticmethod
+    def _node_row(address: str, name: Any, node: dict[str, Any]) -> dict[str, Any]:
+        link = node.get("link") or {}
+        return {
+            "name": str(name),
+            "address": address,
+            "link": link.get("status", "unknown"),
+            "losses": link.get("scheduler_losses", 0),
+            "degraded_s": round(link.get("degraded_seconds_total", 0.0), 1),
+            "held": link.get("held", 0),
+            "outbox": link.get("outbox", 0),
+            "reconciled": link.get("reconciled", 0),
+            "discarded": link.get("discarded", 0),
+            "refining": node["queues"]["refining"],
+            "inbound": node["queues"]["inbound"],
+            "iterations_per_second": round(node.get("iterations_per_second", 0.0), 1),
+            "reliability": round(node["reliability"], 3),
+            "warm": ", ".join(node["warm_models"]),
+            "checkpoint_backlog": node["checkpoint_backlog"],
+        }
+
+    @staticmethod
+    def _alert_row(message: dict[str, Any]) -> dict[str, Any]:
+        subject = message.get("task_id") or message.get("node") or message.get("worker") or ""
+        detail = {k: v for k, v in message.items() if k not in ("kind", "time", "task_id", "node", "worker")}
+        return {
+            "time": time.strftime("%H:%M:%S", time.localtime(message.get("time", 0))),
+            "kind": message.get("kind", ""),
+            "subject": str(subject),
+            "detail": ", ".join(f"{k}={v}" for k, v in detail.items()),
+        }
+
+
+def rqml_doc(scheduler: Scheduler, extra: dict, doc) -> None:
+    """Bokeh document builder, the signature ``applications`` entries have."""
+    page = RQMLPage(scheduler)
+    page.update()
+    add_periodic_callback(doc, page, 500)
+    doc.title = "Dask: RQML"
+    doc.add_root(page.root)
+
+
+def register() -> None:
+    """Add the page to the scheduler dashboard's applications (idempotent)."""
+    from distributed.dashboard.scheduler import applications
+
+    applications.setdefault(PATH, rqml_doc)
