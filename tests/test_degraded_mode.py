@@ -222,6 +222,10 @@ def test_a_node_cut_off_while_its_tasks_move_elsewhere_reconnects_and_duplicates
                 zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],
                 sleepy_result(small_volume, 200),
             )
+            status = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "status", "--scheduler", address],
+                                    capture_output=True, text=True, timeout=60)
+            lines = {names[a]: line for line in status.stdout.splitlines() for a in names if line.startswith(a)}
+            assert "lost 1x" in lines[far] and " ok " in lines[near], status.stdout
             if request.node.get_closest_marker("browser"):
                 check_dashboard(request.getfixturevalue("browser"), client, far, near, len(far_tasks), tmp_path / "rqml-page.png")
     finally:

@@ -18,10 +18,11 @@ a rejected result goes on refining with the next model of its ladder. Supervisio
 refinement queue adapts to throughput and memory pressure
 (:class:`~rqml_dask.node.concurrency.AdaptiveConcurrency`).
 
-The orchestrator lives in the worker process, started by :class:`~rqml_dask.node.NodePlugin`.
-What must outlive that process (a Nanny restart, the scheduler's loss) is what the node
-persists: its policy now (``policy.json`` in the worker's local directory), its tasks'
-checkpoints with the checkpoint store.
+The orchestrator lives in the worker process, started by :class:`~rqml_dask.node.NodePlugin`;
+it knows nothing of the scheduler, so it runs on unchanged when the scheduler is lost
+(degraded mode, :mod:`rqml_dask.node.worker`). What must outlive the process is persisted:
+its policy (``policy.json`` in the node's directory), its tasks' checkpoints with the
+checkpoint store, and the tasks it holds (:mod:`rqml_dask.node.state`).
 """
 
 from __future__ import annotations
