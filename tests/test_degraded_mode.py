@@ -274,6 +274,8 @@ def test_client_and_scheduler_killed_nodes_finish_alone_and_rqml_run_again_picks
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=60)
             client.sync(client.scheduler.rqml_policy, policy=POLICY)
+            names = {addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()}
+            pids = {names[addr]: pid for addr, pid in client.run(os.getpid).items()}
         with open(tmp_path / "first-run.log", "wb") as log:
             first = subprocess.Popen(rqml_run, stdout=log, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
         try:
@@ -286,6 +288,13 @@ def test_client_and_scheduler_killed_nodes_finish_alone_and_rqml_run_again_picks
         # the nodes finish every task on their own; the results wait in their outboxes
         wait_for(lambda: all((http_json(p, "/health") or {}).get("outbox") == len(placement[n]) for n, p in http.items()), timeout=60)
         assert not zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"].nchunks_initialized
+        # a worker killed with a full outbox: its Nanny's new process parks the results again
+        # from the final checkpoints, computing nothing
+        victim = max(placement, key=lambda name: len(placement[name]))
+        os.kill(pids[victim], signal.SIGKILL)
+        wait_for(lambda: (h := http_json(http[victim], "/health")) and h["scheduler_losses"] == 0
+                 and h["outbox"] == len(placement[victim]) and h["status"] == "degraded", timeout=60)
+        assert metric(http[victim], "rqml_iterations_total") == 0
         scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
         # reconnected, the nodes have their results accepted and write them, with no client
         wait_for(lambda: all((h := http_json(p, "/health")) and h["status"] == "ok" and h["held"] == 0 for p in http.values()), timeout=60)

@@ -35,6 +35,7 @@ from distributed.utils import sync
 
 from rqml_dask import events
 from rqml_dask.arrays import default_backend
+from rqml_dask.checkpoint import CheckpointError
 from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.http import add_routes, register_collector
 from rqml_dask.node.orchestrator import NodeOrchestrator
@@ -212,7 +213,8 @@ class NodePlugin(WorkerPlugin):
 
     def _park(self, job: Job) -> None:
         """Keep an unclaimed finished job in the outbox: a final checkpoint, its outcome in
-        LMDB; report it if the scheduler is there."""
+        LMDB; report it if the scheduler is there. A Dask task that claims the job meanwhile
+        delivers it instead."""
         from rqml_dask.execution import OUTCOME, outcome_of
 
         if job.dropped or job.future.exception() is not None:  # given up, or pushed back unstarted
@@ -226,10 +228,14 @@ class NodePlugin(WorkerPlugin):
             if job.checkpointer is not None:
                 job.checkpointer.submit(refinement.snapshot("finished"))
                 job.checkpointer.flush()
-            job.outcome = outcome_of(job, refinement, self.worker.address)
-            job.outcome.reconciled = True
-            if self.state is not None:
-                self.state.park(job.task.key, OUTCOME.dump_json(job.outcome))
+            outcome = outcome_of(job, refinement, self.worker.address)
+            outcome.reconciled = True
+            with self._jobs_lock:
+                if job.claimed or job.dropped:
+                    return
+                job.outcome = outcome
+                if self.state is not None:
+                    self.state.park(job.task.key, OUTCOME.dump_json(outcome))
         except Exception:
             logger.exception("could not park the result of %s", job.task.task_id)
             self.forget(job)
@@ -238,12 +244,15 @@ class NodePlugin(WorkerPlugin):
             self.worker.loop.add_callback(self._report, [job])
 
     def resume_held(self) -> None:
-        """Take up again the tasks a previous process of this node held (once, at start)."""
+        """Take up again the tasks a previous process of this node held (once, at start):
+        a task whose outcome is in the outbox is parked again from its final checkpoint,
+        the others go on refining from their newest checkpoints."""
         if self._resumed or self.state is None:
             return
         self._resumed = True
-        from rqml_dask.execution import load_problem
+        from rqml_dask.execution import OUTCOME, load_problem
 
+        parked = self.state.outbox()
         for task in self.state.held():
             if task.key in self.jobs:
                 continue
@@ -251,14 +260,28 @@ class NodePlugin(WorkerPlugin):
                 checkpointer = self.checkpointer_for(task.checkpoint) if task.checkpoint else None
                 resume = checkpointer.latest(task) if checkpointer is not None else None
                 problem = load_problem(task, self.orchestrator.backend)
+                outcome = OUTCOME.validate_json(parked[task.key]) if task.key in parked else None
             except Exception as exc:
                 logger.error("held task %s cannot be resumed, dropped: %s", task.task_id, exc)
                 self.state.release(task.key)
                 continue
-            self.start_job(task, problem, checkpointer, resume, claimed=False)
             self.link.degraded_since = self.link.degraded_since or time.time()  # working with no scheduler yet
-            logger.info("resumed held task %s from iteration %s", task.task_id,
-                        resume.checkpoint.iteration if resume is not None and resume.checkpoint else 0)
+            checkpoint = resume.checkpoint if resume is not None else None
+            if outcome is not None and checkpoint is not None and checkpoint.iteration == outcome.iterations:
+                try:
+                    refinement = Refinement.resume(task, problem, self.orchestrator.backend, checkpoint, resume.arrays)
+                except CheckpointError as exc:
+                    logger.error("final checkpoint of %s not usable, refining again: %s", task.task_id, exc)
+                    self.start_job(task, problem, checkpointer, resume, claimed=False)
+                    continue
+                finished: Future = Future()
+                finished.set_result(refinement)
+                with self._jobs_lock:
+                    self.jobs[task.key] = Job(task, finished, checkpointer, resume, claimed=False, finished=True, outcome=outcome)
+                logger.info("held task %s is finished: its result waits in the outbox", task.task_id)
+                continue
+            self.start_job(task, problem, checkpointer, resume, claimed=False)
+            logger.info("resumed held task %s from iteration %s", task.task_id, checkpoint.iteration if checkpoint else 0)
 
     # -- the scheduler link ------------------------------------------------------------------
 
