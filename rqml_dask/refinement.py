@@ -250,6 +250,7 @@ class Refinement:
             "monitor": [list(point) for point in self.monitor.history],
             "last_figures": asdict(self.last_figures) if self.last_figures else None,
             "reason": self.reason,
+            "status": self.status,
         }
 
     @classmethod
@@ -271,6 +272,7 @@ class Refinement:
         refinement.last_figures = ConvergenceFigures(**state["last_figures"]) if state["last_figures"] else None
         refinement.iteration = checkpoint.iteration
         refinement.reason = state["reason"]
+        refinement.status = state.get("status", "running")  # a final checkpoint resumes finished
         refinement.resumed_from = refinement.last_checkpoint_iteration = checkpoint.iteration
         refinement.checkpoint_reason = None
         return refinement

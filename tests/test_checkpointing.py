@@ -66,6 +66,19 @@ def test_resumed_refinement_continues_exactly_as_uninterrupted(tmp_path, checkpo
     assert [dataclasses.astuple(r) for r in resumed.runs] == [dataclasses.astuple(r) for r in uninterrupted.runs]
 
 
+def test_a_final_checkpoint_resumes_finished_without_another_iteration(tmp_path, checkpointer):
+    task = task_with_checkpoints(tmp_path, every_iterations=10)
+    finished = Refinement.start(task, make_problem(7), numpy_backend())
+    finished.run_to_end()
+    checkpointer.submit(finished.snapshot("finished"))  # as a node parks a result in its outbox
+    assert checkpointer.flush()
+    resume = checkpointer.latest(task)
+    resumed = Refinement.resume(task, make_problem(7), numpy_backend(), resume.checkpoint, resume.arrays)
+    assert resumed.done and resumed.status == finished.status == "max_iterations"
+    assert resumed.iteration == 60 and resumed.resumed_from == 60
+    np.testing.assert_array_equal(resumed.estimate, finished.estimate)
+
+
 def test_a_newer_snapshot_supersedes_a_queued_older_one(tmp_path, checkpointer):
     task = task_with_checkpoints(tmp_path, every_iterations=1)
     refinement = Refinement.start(task, make_problem(7), numpy_backend())

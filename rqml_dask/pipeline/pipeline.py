@@ -18,6 +18,7 @@ output is created until every task has finished and passed validation; only then
 from __future__ import annotations
 
 import math
+import socket
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ import dask
 from dask.base import tokenize
 from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
+from distributed.comm import get_address_host_port
 
 from rqml_dask.execution import TaskOutcome, run_task, run_vote, tally_vote, vote_array, voter_tasks
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
@@ -224,16 +226,19 @@ class Pipeline:
         """Submit every task, wait for all of them, and finalize the output.
 
         If the client loses the scheduler, the tasks not yet returned are submitted again
-        once it is back (Dask cancels a client's futures when its scheduler connection
-        breaks): nodes that kept refining them join the new submissions, and results they
-        finished meanwhile are returned from their stores. ``reconnect_timeout`` bounds the
-        wait for the scheduler (the client itself gives up after its own ``timeout``)."""
+        once a scheduler answers at the same address (Dask cancels a client's futures when
+        its scheduler connection breaks): nodes that kept refining them join the new
+        submissions, and results they finished meanwhile are returned from their stores.
+        The run polls the address itself and goes on through a client of its own as soon as
+        it answers (``client``'s own reconnection backs off exponentially: after an outage
+        of a few seconds it may take as long again); ``reconnect_timeout`` bounds the wait."""
         started = time.perf_counter()
         tasks = self.tasks()
         self.create_output(tasks)
         pending = {task.task_id: (task, self._submit_task(client, task)) for task in tasks}
         outcomes: list[TaskOutcome] = []
         bar = _progress_bar(len(tasks), self.config.name, progress)
+        own_client: Client | None = None  # ours, after a scheduler loss
         try:
             while pending:
                 lost = []
@@ -254,7 +259,9 @@ class Pipeline:
                     bar.update(1)
                     bar.set_postfix(iterations=sum(o.iterations for o in outcomes), escalations=sum(o.escalations for o in outcomes))
                 if lost:
-                    _wait_for_scheduler(client, reconnect_timeout)
+                    if own_client is not None:
+                        own_client.close()
+                    client = own_client = _client_when_back(client, reconnect_timeout)
                     for task in lost:
                         pending[task.task_id] = (task, self._submit_task(client, task))
         except BaseException:
@@ -263,6 +270,8 @@ class Pipeline:
             raise
         finally:
             bar.close()
+            if own_client is not None:
+                own_client.close()
         outcomes.sort(key=lambda o: o.task_id)
         return self.finalize(outcomes, time.perf_counter() - started)
 
@@ -305,16 +314,22 @@ def _outcome_record(outcome: TaskOutcome) -> dict[str, Any]:
     }
 
 
-def _wait_for_scheduler(client: Client, timeout: float) -> None:
-    """Block until ``client`` has reconnected to its scheduler."""
+def _client_when_back(client: Client, timeout: float) -> Client:
+    """A new client of the scheduler at ``client``'s address, as soon as one answers there."""
+    address = client.scheduler.address
+    host, port = get_address_host_port(address)
     deadline = time.monotonic() + timeout
-    while client.status != "running":
-        if client.status in ("closing", "closed") or time.monotonic() > deadline:
-            raise PipelineError(
-                f"lost the scheduler {client.scheduler.address} and could not reconnect; run the pipeline "
-                "again: finished results are kept by the nodes and reused"
-            )
-        time.sleep(0.1)
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return Client(address, security=client.security, timeout=30, set_as_default=False)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise PipelineError(
+                    f"lost the scheduler {address} and none answered there within {timeout:g} s; run the "
+                    "pipeline again: finished results are kept by the nodes and reused"
+                ) from None
+            time.sleep(0.2)
 
 
 def _progress_bar(total: int, name: str, enabled: bool):

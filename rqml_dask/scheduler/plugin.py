@@ -64,6 +64,9 @@ FINISHED_KEPT = 10_000
 """Records of tasks the clients have released that ``rqml status`` still shows."""
 HEARTBEAT_SECONDS = 2.0
 """How often the plugin publishes node figures and cluster metrics on the event bus."""
+RECONCILE_GRACE = 10.0
+"""Seconds a task nobody holds waits, after a node that holds tasks registers, for that
+node's reconciliation report (so a resubmitted task is not started elsewhere first)."""
 QUEUED_PER_NODE = 1
 """Tasks a node may hold beyond its refinement concurrency (so it never idles between tasks)."""
 TAIL_SPEED_RATIO = 0.5
@@ -122,6 +125,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         """RQML task key -> the node whose result was accepted (bounded like ``finished``)."""
         self.holders: dict[str, str] = {}
         """RQML task key -> the node that holds it (reported at reconciliation): bound there."""
+        self.awaiting: dict[str, float] = {}
+        """Node -> until when its reconciliation report is awaited (it registered holding tasks)."""
         self.nodes: dict[str, NodeRecord] = {}
         self.table = NodeTable()
         self._held: list[tuple] = []
@@ -207,6 +212,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self._schedule_release()
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        ws = scheduler.workers.get(worker)
+        link = ((ws.metrics.get("rqml") if ws is not None else None) or {}).get("link", {})
+        if link.get("held", 0) > 0:  # a node back from degraded mode: its report is coming
+            self.awaiting[worker] = time.monotonic() + RECONCILE_GRACE
         if worker not in self.nodes:
             self.nodes[worker] = NodeRecord(worker)
             self.table.add(worker)
@@ -218,6 +227,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         node = self.nodes.pop(worker, None)
         self.table.remove(worker)
         self.holders = {key: holder for key, holder in self.holders.items() if holder != worker}
+        self.awaiting.pop(worker, None)
         if node is not None and node.bound:
             logger.info("node %s lost with %d RQML tasks", worker, len(node.bound))
 
@@ -284,6 +294,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             resting |= self.table.speed < TAIL_SPEED_RATIO * self.table.speed.max(initial=0)
         if resting.all():
             resting[:] = False
+        awaiting = any(deadline > now for deadline in self.awaiting.values())
         saved_room = self.table.room.copy()
         self.table.room[resting] = 0
         while self._held:
@@ -298,6 +309,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             holder = self.holders.get(record.traits.rqml_key)
             if holder in running and holder in self.nodes:
                 address = holder  # the node already refines it (or has its result): join it there
+            elif awaiting:
+                skipped.append(entry)  # a node that may hold it has not reported yet
+                continue
             else:
                 holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
                 address = self.table.choose(record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), holders)
@@ -444,6 +458,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             reports = TASK_REPORTS.validate_python(tasks or [])
         except ValidationError as exc:
             raise ValueError(f"reconciliation report from {node!r} refused: {exc}") from None
+        self.awaiting.pop(node, None)
         verdicts: dict[str, str] = {}
         for report in reports:
             key, task_id, finished = report.key, report.task_id, report.finished
