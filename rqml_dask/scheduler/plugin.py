@@ -67,6 +67,9 @@ HEARTBEAT_SECONDS = 2.0
 RECONCILE_GRACE = 10.0
 """Seconds a task nobody holds waits, after a node that holds tasks registers, for that
 node's reconciliation report (so a resubmitted task is not started elsewhere first)."""
+RETURN_GRACE = 2.0
+"""Seconds a task nobody holds waits after a node back from degraded mode registers: the
+other nodes that lost the scheduler poll every half second and are about to register too."""
 QUEUED_PER_NODE = 1
 """Tasks a node may hold beyond its refinement concurrency (so it never idles between tasks)."""
 TAIL_SPEED_RATIO = 0.5
@@ -127,6 +130,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         """RQML task key -> the node that holds it (reported at reconciliation): bound there."""
         self.awaiting: dict[str, float] = {}
         """Node -> until when its reconciliation report is awaited (it registered holding tasks)."""
+        self.returns_until = 0.0
+        """Until when more nodes back from degraded mode are expected to register."""
         self.nodes: dict[str, NodeRecord] = {}
         self.table = NodeTable()
         self._held: list[tuple] = []
@@ -214,8 +219,11 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         ws = scheduler.workers.get(worker)
         link = ((ws.metrics.get("rqml") if ws is not None else None) or {}).get("link", {})
+        now = time.monotonic()
         if link.get("held", 0) > 0:  # a node back from degraded mode: its report is coming
-            self.awaiting[worker] = time.monotonic() + RECONCILE_GRACE
+            self.awaiting[worker] = now + RECONCILE_GRACE
+        if link.get("held", 0) > 0 or link.get("scheduler_losses", 0) > 0:
+            self.returns_until = max(self.returns_until, now + RETURN_GRACE)
         if worker not in self.nodes:
             self.nodes[worker] = NodeRecord(worker)
             self.table.add(worker)
@@ -294,7 +302,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             resting |= self.table.speed < TAIL_SPEED_RATIO * self.table.speed.max(initial=0)
         if resting.all():
             resting[:] = False
-        awaiting = any(deadline > now for deadline in self.awaiting.values())
+        awaiting = now < self.returns_until or any(deadline > now for deadline in self.awaiting.values())
         saved_room = self.table.room.copy()
         self.table.room[resting] = 0
         while self._held:
