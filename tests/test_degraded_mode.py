@@ -57,6 +57,13 @@ def iterations(port: int) -> dict[str, int]:
     return {key: t["iteration"] for key, t in (state or {}).get("tasks", {}).items() if t["iteration"] is not None}
 
 
+def checkpointed(port: int) -> dict[str, int]:
+    """Task key -> the iteration of its newest checkpoint written on the node serving ``port``."""
+    state = http_json(port, "/checkpoint_state")
+    return {key: t["last_checkpoint_iteration"] for key, t in (state or {}).get("tasks", {}).items()
+            if t.get("last_checkpoint_iteration") is not None}
+
+
 def placed(http: dict[str, int], tasks: int = 4, at_least: int = 10) -> dict[str, dict[str, int]] | None:
     """Node name -> the tasks it refines and their iterations, once all ``tasks`` refine and
     each has ``at_least`` iterations (the scheduler plugin places them at random, by weight)."""
@@ -116,10 +123,11 @@ def test_scheduler_killed_mid_run_nodes_keep_refining_reconcile_and_the_run_comp
             scheduler.kill()  # SIGKILL
             killed_at = time.time()
 
-            # Both nodes notice and keep refining on their own.
+            # Both nodes notice and keep refining on their own, checkpointing into LMDB.
             wait_for(lambda: all((http_json(p, "/health") or {}).get("status") == "degraded" for p in http.values()))
-            before = {name: iterations(p) for name, p in http.items()}
-            wait_for(lambda: all(iterations(http[n])[k] > i + 20 for n in http for k, i in before[n].items()))
+            before = {name: checkpointed(p) for name, p in http.items()}
+            assert sorted(k for c in before.values() for k in c) == sorted(k for p in placement.values() for k in p)
+            wait_for(lambda: all(checkpointed(http[n])[k] >= i + 20 for n in http for k, i in before[n].items()))
 
             # A worker killed while degraded: its Nanny starts it again, and the new process
             # resumes the node's tasks from LMDB before any scheduler is back.
