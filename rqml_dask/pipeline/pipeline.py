@@ -243,7 +243,8 @@ class Pipeline:
             while pending:
                 lost = []
                 by_key = {future.key: task for task, future in pending.values()}
-                for future in as_completed([future for _, future in pending.values()]):
+                # the futures' own loop: as_completed otherwise waits on the default client's
+                for future in as_completed([future for _, future in pending.values()], loop=client.loop):
                     task = by_key[future.key]
                     try:
                         outcome = future.result()
