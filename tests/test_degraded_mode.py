@@ -29,6 +29,7 @@ from distributed import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from rqml_dask import events
+from rqml_dask.node.state import NodeState
 from rqml_dask.pipeline.pipeline import RunReport
 
 from dask_processes import TcpLink, dask_scheduler, free_port, rqml_worker
@@ -329,3 +330,30 @@ def metric(port: int, name: str) -> float:
                 if sample.name == name:
                     return sample.value
     raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_node_gives_up_after_the_degraded_limit_and_keeps_its_tasks_for_a_restart(tmp_path, small_volume):
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    http = {"node-0": free_port()}
+    scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
+    worker = rqml_worker(address, "node-0", http["node-0"], tmp_path / "workers",
+                         env={"DASK_RQML__NODE__DEGRADED_LIMIT": "3"}).start()
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+            client.sync(client.scheduler.rqml_policy, policy={"version": 2, "min_concurrency": 2, "max_concurrency": 2})
+            pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, 10_000, 0.02, "limit")
+            futures = pipeline.submit(client)
+            # two tasks refining and one queued (room: the concurrency limit plus one)
+            wait_for(lambda: (h := http_json(http["node-0"], "/health")) and h["held"] == 3 and placed(http, tasks=2), timeout=60)
+            scheduler.kill()
+            lost_at = time.monotonic()
+            worker.process.wait(60)  # the worker closes, and its Nanny with it
+            assert 3 <= time.monotonic() - lost_at < 30
+            del futures
+        state = NodeState(tmp_path / "workers" / "dask-scratch-space" / "rqml-node" / "node-0" / "node.lmdb")
+        assert len(state.held()) == 3  # what a restarted node 'node-0' takes up again
+    finally:
+        worker.kill()
+        scheduler.kill()
