@@ -45,13 +45,13 @@ from typing import Any
 
 import numpy as np
 from distributed import Scheduler
-from pydantic import Field, TypeAdapter, ValidationError
-from typing_extensions import Annotated
+from pydantic import ValidationError
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from rqml_dask import events
 from rqml_dask.node.policy import DECISION, POLICY, NodePolicy
 from rqml_dask.scheduler.assignment import NodeTable, TaskTraits
+from rqml_dask.scheduler.ledger import TASK_REPORTS, Ledger
 from rqml_dask.scheduler.reliability import Reliability
 
 logger = logging.getLogger(__name__)
@@ -64,32 +64,12 @@ FINISHED_KEPT = 10_000
 """Records of tasks the clients have released that ``rqml status`` still shows."""
 HEARTBEAT_SECONDS = 2.0
 """How often the plugin publishes node figures and cluster metrics on the event bus."""
-RECONCILE_GRACE = 10.0
-"""Seconds a task nobody holds waits, after a node that holds tasks registers, for that
-node's reconciliation report (so a resubmitted task is not started elsewhere first)."""
-RETURN_GRACE = 2.0
-"""Seconds a task nobody holds waits after a node back from degraded mode registers: the
-other nodes that lost the scheduler poll every half second and are about to register too."""
 QUEUED_PER_NODE = 1
 """Tasks a node may hold beyond its refinement concurrency (so it never idles between tasks)."""
 TAIL_SPEED_RATIO = 0.5
 """In the tail of a run (fewer held tasks than nodes), nodes slower than this fraction of the
 fastest get no new task: it would finish later than a fast node that frees up meanwhile.
 Nodes in reliability backoff likewise rest while any other node can take work."""
-
-
-@dataclass(frozen=True)
-class TaskReport:
-    """One task a node reports at reconciliation: how far it got, and whether it finished
-    (its result waits in the node's outbox)."""
-
-    key: str
-    task_id: str
-    iteration: Annotated[int, Field(ge=0)]
-    finished: bool
-
-
-TASK_REPORTS = TypeAdapter(list[TaskReport])
 
 
 @dataclass
@@ -124,14 +104,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.tasks: dict[str, TaskRecord] = {}
         self.keys_by_task_id: dict[str, str] = {}
         self.finished: dict[str, TaskRecord] = {}
-        self.accepted: dict[str, str] = {}
-        """RQML task key -> the node whose result was accepted (bounded like ``finished``)."""
-        self.holders: dict[str, str] = {}
-        """RQML task key -> the node that holds it (reported at reconciliation): bound there."""
-        self.awaiting: dict[str, float] = {}
-        """Node -> until when its reconciliation report is awaited (it registered holding tasks)."""
-        self.returns_until = 0.0
-        """Until when more nodes back from degraded mode are expected to register."""
+        self.ledger = Ledger(kept=FINISHED_KEPT)
         self.nodes: dict[str, NodeRecord] = {}
         self.table = NodeTable()
         self._held: list[tuple] = []
@@ -195,7 +168,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         if start == "processing" and finish == "memory":
             record.state = "done"
             if record.traits.rqml_key:
-                self._accept(record.traits.rqml_key, record.worker)
+                self.ledger.accept(record.traits.rqml_key, record.worker)
             if node is not None:
                 node.completed += 1
                 if not record.failed_here:  # a result its node reported invalid is no success
@@ -219,11 +192,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         ws = scheduler.workers.get(worker)
         link = ((ws.metrics.get("rqml") if ws is not None else None) or {}).get("link", {})
-        now = time.monotonic()
-        if link.get("held", 0) > 0:  # a node back from degraded mode: its report is coming
-            self.awaiting[worker] = now + RECONCILE_GRACE
-        if link.get("held", 0) > 0 or link.get("scheduler_losses", 0) > 0:
-            self.returns_until = max(self.returns_until, now + RETURN_GRACE)
+        self.ledger.node_registered(worker, link, time.monotonic())
         if worker not in self.nodes:
             self.nodes[worker] = NodeRecord(worker)
             self.table.add(worker)
@@ -234,8 +203,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
         node = self.nodes.pop(worker, None)
         self.table.remove(worker)
-        self.holders = {key: holder for key, holder in self.holders.items() if holder != worker}
-        self.awaiting.pop(worker, None)
+        self.ledger.node_left(worker)
         if node is not None and node.bound:
             logger.info("node %s lost with %d RQML tasks", worker, len(node.bound))
 
@@ -302,7 +270,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             resting |= self.table.speed < TAIL_SPEED_RATIO * self.table.speed.max(initial=0)
         if resting.all():
             resting[:] = False
-        awaiting = now < self.returns_until or any(deadline > now for deadline in self.awaiting.values())
+        awaiting = self.ledger.waiting_for_nodes(now)
         saved_room = self.table.room.copy()
         self.table.room[resting] = 0
         while self._held:
@@ -314,7 +282,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     skipped.append(entry)  # not runnable yet
                 continue
             # a task that depends on results (a vote) goes to a node not holding them
-            holder = self.holders.get(record.traits.rqml_key)
+            holder = self.ledger.holders.get(record.traits.rqml_key)
             if holder in running and holder in self.nodes:
                 address = holder  # the node already refines it (or has its result): join it there
             elif awaiting:
@@ -350,14 +318,6 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     if ts is not None and ts.state == "no-worker":
                         ts.worker_restrictions = {HOLD}
                         self._hold(record)
-
-    def _accept(self, key: str, node: str | None) -> None:
-        self.holders.pop(key, None)
-        if key in self.accepted or node is None:
-            return
-        self.accepted[key] = node
-        while len(self.accepted) > FINISHED_KEPT:
-            self.accepted.pop(next(iter(self.accepted)))
 
     def _gpu_only(self, traits: TaskTraits) -> bool:
         return traits.task_class in self.policy.gpu_classes
@@ -466,19 +426,19 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             reports = TASK_REPORTS.validate_python(tasks or [])
         except ValidationError as exc:
             raise ValueError(f"reconciliation report from {node!r} refused: {exc}") from None
-        self.awaiting.pop(node, None)
+        self.ledger.node_reported(node)
         verdicts: dict[str, str] = {}
         for report in reports:
             key, task_id, finished = report.key, report.task_id, report.finished
-            winner = self.accepted.get(key)
+            winner = self.ledger.accepted.get(key)
             if winner is not None and winner != node:
                 verdict = "duplicate" if finished else "drop"
                 events.publish(self.scheduler, events.ALERTS, "duplicate-result" if finished else "duplicate-run",
                                task_id=task_id, kept=winner, discarded=node)
             else:
                 verdict = "accept" if finished else "keep"
-                record = next((r for r in self.tasks.values() if r.traits.rqml_key == key), None)
-                if record is not None and record.state == "bound" and record.worker not in (None, node):
+                record = self._record_of(task_id)
+                if record is not None and record.traits.rqml_key == key and record.state == "bound" and record.worker not in (None, node):
                     # bound elsewhere while this node was away: the run further along goes on
                     other = await self._progress(record.worker, key)
                     if finished or report.iteration > other:
@@ -490,9 +450,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                         events.publish(self.scheduler, events.ALERTS, "duplicate-run", task_id=task_id, kept=record.worker,
                                        discarded=node, iterations={node: report.iteration, record.worker: other})
                 if verdict == "accept":
-                    self._accept(key, node)
+                    self.ledger.accept(key, node)
                 if verdict in ("accept", "keep"):
-                    self.holders[key] = node  # an accepted result is returned from its node's store
+                    self.ledger.holders[key] = node  # an accepted result is returned from its node's store
             verdicts[key] = verdict
         counts = {v: list(verdicts.values()).count(v) for v in set(verdicts.values())}
         events.publish(self.scheduler, events.ALERTS, "reconciled", node=node, verdicts=counts)

@@ -1,0 +1,76 @@
+"""The scheduler plugin's ledger of results and holders, for reconciliation.
+
+Nodes back from degraded mode report what they hold (:class:`TaskReport`); the ledger keeps,
+by RQML task key, whose result was accepted (the first one: later ones are duplicates) and
+which node holds a task still going (a (re)submitted task is bound there), and says when
+tasks nobody holds should wait because returning nodes have not reported yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field, TypeAdapter
+from typing_extensions import Annotated
+
+RECONCILE_GRACE = 10.0
+"""Seconds a task nobody holds waits, after a node that holds tasks registers, for that
+node's reconciliation report (so a resubmitted task is not started elsewhere first)."""
+RETURN_GRACE = 2.0
+"""Seconds a task nobody holds waits after a node back from degraded mode registers: the
+other nodes that lost the scheduler poll every half second and are about to register too."""
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """One task a node reports at reconciliation: how far it got, and whether it finished
+    (its result waits in the node's outbox)."""
+
+    key: str
+    task_id: str
+    iteration: Annotated[int, Field(ge=0)]
+    finished: bool
+
+
+TASK_REPORTS = TypeAdapter(list[TaskReport])
+
+
+@dataclass
+class Ledger:
+    """Accepted results and task holders by RQML task key; ``kept`` bounds the accepted."""
+
+    kept: int
+    accepted: dict[str, str] = field(default_factory=dict)
+    holders: dict[str, str] = field(default_factory=dict)
+    awaiting: dict[str, float] = field(default_factory=dict)
+    """Node -> until when its report is awaited (it registered holding tasks)."""
+    returns_until: float = 0.0
+    """Until when more nodes back from degraded mode are expected to register."""
+
+    def accept(self, key: str, node: str | None) -> None:
+        """``node``'s result for ``key`` is the one, unless one was accepted before."""
+        self.holders.pop(key, None)
+        if key in self.accepted or node is None:
+            return
+        self.accepted[key] = node
+        while len(self.accepted) > self.kept:
+            self.accepted.pop(next(iter(self.accepted)))
+
+    def node_registered(self, node: str, link: dict[str, Any], now: float) -> None:
+        """A node registered; ``link`` is its advertised scheduler link (heartbeat ``link``)."""
+        if link.get("held", 0) > 0:
+            self.awaiting[node] = now + RECONCILE_GRACE
+        if link.get("held", 0) > 0 or link.get("scheduler_losses", 0) > 0:
+            self.returns_until = max(self.returns_until, now + RETURN_GRACE)
+
+    def node_reported(self, node: str) -> None:
+        self.awaiting.pop(node, None)
+
+    def node_left(self, node: str) -> None:
+        self.holders = {key: holder for key, holder in self.holders.items() if holder != node}
+        self.awaiting.pop(node, None)
+
+    def waiting_for_nodes(self, now: float) -> bool:
+        """Whether a task nobody holds should wait: returning nodes have not all reported."""
+        return now < self.returns_until or any(deadline > now for deadline in self.awaiting.values())
