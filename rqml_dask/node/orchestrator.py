@@ -233,13 +233,7 @@ class NodeOrchestrator:
             for decision in decisions:
                 self._apply(decision, batch)
             started = time.perf_counter()
-            stepped = voxel_iterations = 0
-            running = [a for a in batch if not a.refinement.done]
-            for group in _batches(running) if self.batching else [[a] for a in running]:
-                _step_together([a.refinement for a in group])
-                stepped += len(group)
-                voxel_iterations += sum(a.voxels for a in group)
-            self._checkpoint(running)
+            stepped, voxel_iterations = self._step(batch)
             busy = time.perf_counter() - started
             window_busy += busy
             window_iterations += stepped
@@ -258,6 +252,20 @@ class NodeOrchestrator:
                         )
                 window_start, window_busy, window_iterations, window_voxel_iterations = now, 0.0, 0, 0
                 saturated = True
+
+    def _step(self, batch: list[ActiveTask]) -> tuple[int, int]:
+        """One iteration of every running task in ``batch`` (batched where shapes match),
+        then the checkpoints that are due; returns (tasks stepped, voxel iterations). A
+        method of its own so that nothing of a finished task outlives the round in the
+        loop's locals while the node idles (its arrays would stay allocated)."""
+        stepped = voxel_iterations = 0
+        running = [a for a in batch if not a.refinement.done]
+        for group in _batches(running) if self.batching else [[a] for a in running]:
+            _step_together([a.refinement for a in group])
+            stepped += len(group)
+            voxel_iterations += sum(a.voxels for a in group)
+        self._checkpoint(running)
+        return stepped, voxel_iterations
 
     def _admit(self) -> None:
         """Move tasks from inbound into refinement up to the concurrency limit (lock held)."""

@@ -165,7 +165,9 @@ class NodePlugin(WorkerPlugin):
             self.jobs[task.key] = job
         if self.state is not None:
             self.state.hold(task)
-        job.future.add_done_callback(lambda _: self._on_finished(job))
+        # by key, not by job: a callback holding the job would make a cycle (job -> future ->
+        # callback -> job) that keeps every finished refinement's arrays until a full GC
+        job.future.add_done_callback(lambda future, key=task.key: self._on_finished(key, future))
         return job
 
     def claim(self, task: RQMLTask) -> Job | None:
@@ -203,9 +205,12 @@ class NodePlugin(WorkerPlugin):
         if self.state is not None:
             self.state.release(job.task.key)
 
-    def _on_finished(self, job: Job) -> None:
+    def _on_finished(self, key: str, future: Future) -> None:
         """Done-callback of a job's future (on the refinement thread: hand work off)."""
         with self._jobs_lock:
+            job = self.jobs.get(key)
+            if job is None or job.future is not future:
+                return
             job.finished = True
             claimed = job.claimed
         if not claimed:
