@@ -24,7 +24,8 @@ from distributed import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from dask_processes import dask_scheduler, free_port, rqml_worker  # noqa: E402
+from dask_processes import dask_scheduler, rqml_worker  # noqa: E402
+from etcd_server import free_port  # noqa: E402
 from heterogeneous_cluster import sleepy_pipeline  # noqa: E402
 
 from rqml_dask.synthetic import SynthSpec, write_synthetic  # noqa: E402

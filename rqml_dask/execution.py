@@ -24,6 +24,7 @@ from rqml_dask.task import ArrayRef, RQMLTask
 from rqml_dask.volumes import InputError, core_written, open_array, read_core, read_window, write_core
 
 if TYPE_CHECKING:
+    from rqml_dask.node.checkpointer import Checkpointer
     from rqml_dask.node.plugin import Job, NodePlugin
 
 
@@ -113,10 +114,8 @@ def run_task(task: RQMLTask) -> TaskOutcome:
 
     node = current_node()
     checkpointer = node.checkpointer_for(task.checkpoint) if task.checkpoint else None
-    if checkpointer is not None:
-        recorded = checkpointer.outcome(task)
-        if recorded is not None and core_written(task.output, task.region):
-            return replace(OUTCOME.validate_json(recorded), reused=True)
+    if (recorded := recorded_outcome(task, checkpointer)) is not None:
+        return recorded
     job = node.claim(task)
     if job is None:
         resume = checkpointer.latest(task) if checkpointer is not None else None
@@ -138,14 +137,28 @@ def run_task(task: RQMLTask) -> TaskOutcome:
             checkpointer.flush()
         node.forget(job)
         raise Reschedule()
-    return deliver(node, job, refinement, job.outcome or outcome_of(job, refinement, node.worker.address))
+    return deliver(node, job, refinement, job.outcome)
 
 
-def outcome_of(job: Job, refinement: Refinement, node: str) -> TaskOutcome:
-    """The outcome of a finished, validated refinement (nothing is written)."""
+def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskOutcome | None:
+    """The outcome recorded for ``task`` (its done marker) if its core is in the output too:
+    the task is finished and nothing needs computing or writing; else ``None``."""
+    recorded = checkpointer.outcome(task) if checkpointer is not None else None
+    if recorded is None or not core_written(task.output, task.region):
+        return None
+    return replace(OUTCOME.validate_json(recorded), reused=True)
+
+
+def host_core(refinement: Refinement) -> np.ndarray:
+    """The core of the refinement's estimate (what goes into the output), on the host."""
+    return refinement.backend.to_numpy(refinement.estimate[refinement.task.region.core_in_window])
+
+
+def outcome_of(job: Job, refinement: Refinement, node: str, core: np.ndarray) -> TaskOutcome:
+    """The outcome of a finished, validated refinement whose host core is ``core`` (nothing
+    is written)."""
     task = refinement.task
     to_numpy = refinement.backend.to_numpy
-    core = to_numpy(refinement.estimate[task.region.core_in_window])
     return TaskOutcome(
         task_id=task.task_id,
         status=refinement.status,
@@ -167,16 +180,19 @@ def outcome_of(job: Job, refinement: Refinement, node: str) -> TaskOutcome:
     )
 
 
-def deliver(node: NodePlugin, job: Job, refinement: Refinement, outcome: TaskOutcome) -> TaskOutcome:
+def deliver(node: NodePlugin, job: Job, refinement: Refinement, outcome: TaskOutcome | None) -> TaskOutcome:
     """Write the task's core into the output, record its outcome (the done marker) and let
-    the node forget the job. If a result for the task was recorded and written first (by
-    another node), that one stands: nothing is written and its outcome is returned."""
+    the node forget the job. ``outcome`` is the job's parked one, if it was parked; else it
+    is made here. If a result for the task was recorded and written first (by another
+    node), that one stands: nothing is written and its outcome is returned."""
     task = job.task
-    recorded = job.checkpointer.outcome(task) if job.checkpointer is not None else None
-    if recorded is not None and core_written(task.output, task.region):
+    if (recorded := recorded_outcome(task, job.checkpointer)) is not None:
         node.forget(job)
-        return replace(OUTCOME.validate_json(recorded), reused=True)
-    write_core(task.output, task.region, refinement.backend.to_numpy(refinement.estimate[task.region.core_in_window]))
+        return recorded
+    core = host_core(refinement)
+    if outcome is None:
+        outcome = outcome_of(job, refinement, node.worker.address, core)
+    write_core(task.output, task.region, core)
     if job.checkpointer is not None:
         job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
     node.forget(job)

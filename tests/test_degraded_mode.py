@@ -32,7 +32,8 @@ from rqml_dask import events
 from rqml_dask.node.state import NodeState
 from rqml_dask.pipeline.pipeline import RunReport
 
-from dask_processes import TcpLink, dask_scheduler, free_port, rqml_worker
+from dask_processes import TcpLink, dask_scheduler, rqml_worker
+from etcd_server import free_port
 from conftest import write_yaml
 from heterogeneous_cluster import sleepy_pipeline
 from test_node_cluster import wait_for

@@ -47,6 +47,7 @@ from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.refinement import Refinement
 from rqml_dask.task import RQMLTask
 
+
 class PushedBack(RuntimeError):
     """A queued task the node handed back unstarted, for the scheduler to place elsewhere."""
 

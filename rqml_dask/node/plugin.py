@@ -108,7 +108,6 @@ class NodePlugin(WorkerPlugin):
         self._session: Future = Future()
         self._outbox_thread = ThreadPoolExecutor(1, thread_name_prefix="rqml-outbox")
         self._resumed = False
-        self._waiting_alerts: list[tuple[str, dict[str, Any]]] = []
 
     def setup(self, worker: Worker) -> None:
         self.worker = worker
@@ -220,7 +219,7 @@ class NodePlugin(WorkerPlugin):
         """Keep an unclaimed finished job in the outbox: a final checkpoint, its outcome in
         LMDB; report it if the scheduler is there. A Dask task that claims the job meanwhile
         delivers it instead."""
-        from rqml_dask.execution import OUTCOME, outcome_of
+        from rqml_dask.execution import OUTCOME, host_core, outcome_of
 
         if job.dropped or job.future.exception() is not None:  # given up, or pushed back unstarted
             self.forget(job)
@@ -233,7 +232,7 @@ class NodePlugin(WorkerPlugin):
             if job.checkpointer is not None:
                 job.checkpointer.submit(refinement.snapshot("finished"))
                 job.checkpointer.flush()
-            outcome = outcome_of(job, refinement, self.worker.address)
+            outcome = outcome_of(job, refinement, self.worker.address, host_core(refinement))
             outcome.reconciled = True
             with self._jobs_lock:
                 if job.claimed or job.dropped:
@@ -312,12 +311,12 @@ class NodePlugin(WorkerPlugin):
             await self._report(jobs)
 
     async def _report(self, jobs: list[Job]) -> None:
-        iterations = self.orchestrator.iterations()
+        progress = self._progress()
         tasks = [
             {
                 "key": job.task.key,
                 "task_id": job.task.task_id,
-                "iteration": job.outcome.iterations if job.outcome is not None else iterations.get(job.task.key, 0),
+                "iteration": progress.get(job.task.key, 0),
                 "finished": job.outcome is not None,
             }
             for job in jobs
@@ -409,14 +408,18 @@ class NodePlugin(WorkerPlugin):
         return {"status": "OK"}
 
     def _handle_progress(self, keys: list[str]) -> dict[str, int]:
-        """The iteration each of these tasks has reached here (finished: its last)."""
+        """``rqml_progress``: the iteration each of ``keys`` has reached here."""
+        progress = self._progress()
+        return {key: progress[key] for key in keys if key in progress}
+
+    def _progress(self) -> dict[str, int]:
+        """The iteration each task has reached here, by task key (a parked one: its last)."""
         iterations = self.orchestrator.iterations()
         with self._jobs_lock:
-            for key in keys:
-                job = self.jobs.get(key)
-                if job is not None and job.outcome is not None:
+            for key, job in self.jobs.items():
+                if job.outcome is not None:
                     iterations[key] = job.outcome.iterations
-        return {key: iterations[key] for key in keys if key in iterations}
+        return iterations
 
 
 _install_lock = threading.Lock()

@@ -45,8 +45,9 @@ from typing import Any
 
 import numpy as np
 from distributed import Scheduler
-from pydantic import ValidationError
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.scheduler import TaskState
+from pydantic import ValidationError
 
 from rqml_dask import events
 from rqml_dask.node.policy import DECISION, POLICY, NodePolicy
@@ -140,12 +141,11 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             if ts is None or ts.state not in ("released", "waiting"):
                 continue
             traits = TaskTraits(**info)
-            ts.worker_restrictions = {HOLD}
             ts.loose_restrictions = False
             record = self.tasks.get(key) or TaskRecord(traits, key)
             self.tasks[key] = record
             self.keys_by_task_id[traits.task_id] = key
-            self._hold(record)
+            self._hold(record, ts)
             events.publish(scheduler, events.TASK_INBOUND, "held", task_id=traits.task_id, key=key)
         self._schedule_release()
 
@@ -181,10 +181,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             # hold it again, to be bound elsewhere if another node has room
             if start == "processing" and record.worker is not None:
                 record.avoid.add(record.worker)
-            ts = self.scheduler.tasks.get(key)
-            if ts is not None:
-                ts.worker_restrictions = {HOLD}
-            self._hold(record)
+            self._hold(record, self.scheduler.tasks.get(key))
         else:
             return
         self._schedule_release()
@@ -220,7 +217,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
 
     # -- placement -------------------------------------------------------------------------
 
-    def _hold(self, record: TaskRecord) -> None:
+    def _hold(self, record: TaskRecord, ts: TaskState | None) -> None:
+        """Park ``record``'s task (Dask's ``ts``) until :meth:`_release` binds it to a node."""
+        if ts is not None:
+            ts.worker_restrictions = {HOLD}
         record.state, record.worker = "held", None
         traits = record.traits
         heapq.heappush(self._held, (-traits.priority, -traits.difficulty, next(self._counter), record.key))
@@ -281,7 +281,6 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 if record is not None and record.state == "held" and ts is not None and ts.state in ("waiting", "released"):
                     skipped.append(entry)  # not runnable yet
                 continue
-            # a task that depends on results (a vote) goes to a node not holding them
             holder = self.ledger.holders.get(record.traits.rqml_key)
             if holder in running and holder in self.nodes:
                 address = holder  # the node already refines it (or has its result): join it there
@@ -289,8 +288,11 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 skipped.append(entry)  # a node that may hold it has not reported yet
                 continue
             else:
-                holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
-                address = self.table.choose(record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), holders)
+                # a task that depends on results (a vote) goes to a node not holding them
+                result_holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
+                address = self.table.choose(
+                    record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), result_holders
+                )
             if address is None:
                 skipped.append(entry)
                 if self.table.room.max(initial=0) <= 0:
@@ -316,8 +318,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                         node.bound.discard(key)
                         self._update_room(node)
                     if ts is not None and ts.state == "no-worker":
-                        ts.worker_restrictions = {HOLD}
-                        self._hold(record)
+                        self._hold(record, ts)
 
     def _gpu_only(self, traits: TaskTraits) -> bool:
         return traits.task_class in self.policy.gpu_classes

@@ -39,7 +39,6 @@ class Reliability:
         self.successes += 1
         self.streak = 0
         self.backoff_until = min(self.backoff_until, now)
-        self.backoff_until = min(self.backoff_until, now)
 
     def failure(self, now: float) -> None:
         self._decay(now)
