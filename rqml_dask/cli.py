@@ -67,7 +67,7 @@ def status(scheduler: str, as_json: bool) -> None:
 
     from distributed import Client
 
-    with Client(scheduler, timeout=10) as client:
+    with Client(scheduler) as client:
         if "rqml_status" not in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.handlers)):
             raise click.ClickException(f"{scheduler} does not run the RQML scheduler plugin (dask scheduler --preload rqml_dask.scheduler)")
         state = client.sync(client.scheduler.rqml_status)
@@ -106,7 +106,7 @@ def events_command(scheduler: str, topics: tuple[str, ...], seconds: float | Non
 
     from rqml_dask import events
 
-    with Client(scheduler, timeout=10) as client:
+    with Client(scheduler) as client:
         for topic in topics or events.TOPICS:
             client.subscribe_topic(topic, _event_printer(topic))
         try:

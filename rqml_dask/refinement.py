@@ -65,7 +65,7 @@ class Refinement:
     last_figures: ConvergenceFigures | None = None
     validation_failures: list[str] = field(default_factory=list)
     reason: str = ""
-    started_at: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
     resumed_from: int | None = None
     checkpoint_reason: str | None = None

@@ -6,9 +6,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from distributed import Client, LocalCluster
+from distributed import Client
 
+from rqml_dask.cluster import embedded_cluster
+from rqml_dask.pipeline.config import ClusterSpec
 from rqml_dask.synthetic import SynthSpec, write_synthetic
+
+from timing import bound
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """pytest-timeout's per-test guard against hangs (``timeout`` in pyproject.toml) scales
+    with every other bound (``RQML_TEST_TIME_SCALE``, see tests/timing.py)."""
+    ini = config.getoption("timeout", None) or config.getini("timeout")
+    if ini:
+        config.option.timeout = bound(float(ini))
+
 
 SMALL = SynthSpec(kind="cells", shape=(24, 48, 48), psf_sigma=(1.5, 1.0, 1.0), photons=300, seed=1)
 
@@ -19,17 +33,16 @@ def small_volume(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("data") / "small.zarr", SMALL)
 
 
+def local_cluster(n_workers: int = 2):
+    """The cluster ``rqml run`` starts when given no scheduler (the node and scheduler
+    plugins preloaded), with ``n_workers`` single-threaded worker processes on loopback."""
+    return embedded_cluster(ClusterSpec(n_workers=n_workers, threads_per_worker=1, dashboard_address="127.0.0.1:0"))
+
+
 @pytest.fixture(scope="module")
 def client():
-    """Two worker processes on loopback, one thread each."""
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        preload=["rqml_dask.node"],
-    ) as cluster, Client(cluster) as client:
+    """A client of :func:`local_cluster`, shared by a module's tests."""
+    with local_cluster() as cluster, Client(cluster) as client:
         yield client
 
 

@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+
+from timing import bound
 
 TESTS = Path(__file__).parent
 
@@ -48,7 +49,7 @@ class DaskProcess:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
                 pass
-            self.process.wait(30)
+            self.process.wait(bound(30))
 
     def __enter__(self) -> DaskProcess:
         return self.start()
@@ -87,7 +88,7 @@ class TcpLink:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        self._ready.wait(10)
+        assert self._ready.wait(bound(10)), "the TCP link did not start listening"
 
     @property
     def address(self) -> str:
@@ -125,14 +126,15 @@ class TcpLink:
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
 
     def cut(self) -> None:
-        def abort_all() -> None:
+        """Abort every connection through the link; returns once they are aborted."""
+
+        async def abort_all() -> None:
             self.cut_off = True
             for stream in list(self._streams):
                 stream.transport.abort()
             self._streams.clear()
 
-        self._loop.call_soon_threadsafe(abort_all)
-        time.sleep(0.1)
+        asyncio.run_coroutine_threadsafe(abort_all(), self._loop).result(bound(10))
 
     def restore(self) -> None:
         self.cut_off = False
@@ -140,4 +142,4 @@ class TcpLink:
     def close(self) -> None:
         self.cut()
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        self._thread.join(bound(5))

@@ -17,6 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from timing import bound
+
 
 def etcd_binary() -> str | None:
     """The ``etcd`` executable to run, or ``None`` when there is none."""
@@ -34,7 +36,7 @@ class EtcdServer:
     """One etcd member serving ``http://127.0.0.1:<client_port>``; its data persists in
     ``root/data`` across :meth:`stop`/:meth:`start`, and its log goes to ``root/etcd.log``."""
 
-    def __init__(self, root: Path, start_timeout: float = 20.0) -> None:
+    def __init__(self, root: Path, start_timeout: float = bound(30)) -> None:
         binary = etcd_binary()
         if binary is None:
             raise FileNotFoundError("no etcd binary beside the interpreter or on PATH (install the etcd extra)")
@@ -93,12 +95,12 @@ class EtcdServer:
     @staticmethod
     def _healthy(client_url: str) -> bool:
         try:
-            with urllib.request.urlopen(f"{client_url}/health", timeout=0.5) as response:
+            with urllib.request.urlopen(f"{client_url}/health", timeout=bound(2)) as response:
                 return b'"true"' in response.read()
         except OSError:
             return False
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = bound(10)) -> None:
         """SIGTERM (resuming a paused server so it can exit), wait; SIGKILL after ``timeout``."""
         if self.process is None:
             return
@@ -117,7 +119,7 @@ class EtcdServer:
             return
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(10)
+            self.process.wait(bound(10))
         self.process = None
 
     def pause(self) -> None:

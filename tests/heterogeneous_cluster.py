@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import zarr
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from rqml_dask import Pipeline, RunReport
@@ -54,6 +56,14 @@ def sleepy_pipeline(store: Path, out: Path, tile: list[int], iterations: int, de
             }
         )
     )
+
+
+def sleepy_result(store: Path, iterations_: int) -> np.ndarray:
+    """What the sleepy model computes from the observed volume in ``iterations_`` steps."""
+    x = zarr.open_group(store, mode="r")["observed"][...].astype(np.float32)
+    for _ in range(iterations_):
+        x = x * 0.999
+    return x
 
 
 def placement(client: Client, report) -> dict[str, int]:

@@ -7,20 +7,20 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import lmdb
 import numpy as np
 import pytest
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from rqml_dask import Pipeline
 from rqml_dask.checkpoint import TaskCheckpoint
 from rqml_dask.stores import open_store
 
-from conftest import pipeline_dict, write_yaml
-from test_node_cluster import node_metrics, wait_for
+from conftest import local_cluster, pipeline_dict, write_yaml
+from test_node_cluster import node_metrics
+from timing import bound, gather, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,19 +50,19 @@ def test_a_killed_run_started_again_resumes_unfinished_tasks_and_reuses_finished
     run = [sys.executable, "-m", "rqml_dask.cli", "run", str(path), "--no-progress"]
     first = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: lmdb_entries(node_db, b"done") >= 2 and lmdb_entries(node_db, b"slots") >= 1, timeout=120, interval=0.05)
+        wait_for(lambda: lmdb_entries(node_db, b"done") >= 2 and lmdb_entries(node_db, b"slots") >= 1, timeout=120, interval=0.05, what="two tasks done and one checkpointed")
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the client, the scheduler and every worker at once
-        first.wait(30)
+        first.wait(bound(30))
     assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "incomplete"
-    second = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(run, capture_output=True, text=True, timeout=bound(300))
     assert second.returncode == 0, second.stderr
     recovered = re.search(r"recovered\s+(\d+) resumed from checkpoints, \d+ finished by nodes without a scheduler, (\d+) reused from an earlier run", second.stdout)
     assert recovered and int(recovered[1]) >= 1 and int(recovered[2]) >= 2, second.stdout
     assert re.search(r"^iterations\s+2400 ", second.stdout, re.M)  # 8 tasks x 300, counted once each
     # the same pipeline run once, uninterrupted, gives the same volume
     reference = write_yaml(tmp_path / "ref.yaml", {**config, "output": {"store": str(tmp_path / "ref.zarr")}})
-    assert subprocess.run([*run[:-2], str(reference), "--no-progress"], capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run([*run[:-2], str(reference), "--no-progress"], capture_output=True, timeout=bound(300)).returncode == 0
     np.testing.assert_array_equal(
         zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],
         zarr.open_group(tmp_path / "ref.zarr", mode="r")["deconvolved"][...],
@@ -75,19 +75,18 @@ def test_etcd_lost_mid_run_checkpoints_pile_up_in_lmdb_and_reach_etcd_after_rest
                            models={"ladder": ["richardson_lucy"]},
                            checkpoint={"shared": etcd.url, "every_iterations": 10, "retention": "keep"})
     pipeline = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config))
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                      preload=["rqml_dask.node"]) as cluster, Client(cluster) as client:
+    with local_cluster() as cluster, Client(cluster) as client:
         futures = pipeline.submit(client)
-        wait_for(lambda: sum(f["iterations_total"] for f in node_metrics(client).values() if f) > 200)
+        wait_for(lambda: sum(f["iterations_total"] for f in node_metrics(client).values() if f) > 200, what="200 iterations")
         etcd.stop()
-        backlog = wait_for(lambda: (m := node_metrics(client)) and sum(f["checkpoints"]["pending"] for f in m.values()) > 0 and m)
+        backlog = wait_for(lambda: (m := node_metrics(client)) and sum(f["checkpoints"]["pending"] for f in m.values()) > 0 and m, what="a checkpoint backlog")
         iterations_at_stop = sum(f["iterations_total"] for f in backlog.values())
-        wait_for(lambda: sum(f["iterations_total"] for f in node_metrics(client).values()) > iterations_at_stop + 500)
+        wait_for(lambda: sum(f["iterations_total"] for f in node_metrics(client).values()) > iterations_at_stop + 500, what="500 more iterations without etcd")
         assert not any(f.done() for f in futures if f.status == "error")
         etcd.start()
-        outcomes = client.gather(futures)
+        outcomes = gather(client, futures, timeout=300)
         assert all(o.iterations == 600 and o.status == "max_iterations" for o in outcomes)
-        wait_for(lambda: sum(f["checkpoints"]["pending"] for f in node_metrics(client).values()) == 0, timeout=60)
+        wait_for(lambda: sum(f["checkpoints"]["pending"] for f in node_metrics(client).values()) == 0, what="the backlog flushed to etcd")
     shared = open_store(etcd.url)
     local = open_store(pipeline.checkpoint_settings.local.replace("{host}", os.uname().nodename))
     try:

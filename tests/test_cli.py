@@ -10,13 +10,14 @@ import pytest
 import zarr
 
 from conftest import pipeline_dict, write_yaml
+from timing import bound
 
 pytestmark = pytest.mark.slow
 
 
 def rqml(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rqml_dask.cli", *args], capture_output=True, text=True, timeout=240, cwd=cwd
+        [sys.executable, "-m", "rqml_dask.cli", *args], capture_output=True, text=True, timeout=bound(240), cwd=cwd
     )
 
 

@@ -6,18 +6,19 @@ import gc
 import json
 import os
 import signal
-import time
 import urllib.request
 
 import numpy as np
 import pytest
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from rqml_dask import Pipeline
 
-from conftest import pipeline_dict, write_yaml
+from conftest import local_cluster, pipeline_dict, write_yaml
+from heterogeneous_cluster import sleepy_pipeline, sleepy_result
+from timing import bound, gather, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +33,6 @@ def node_metrics(client: Client) -> dict[str, dict]:
     return client.run_on_scheduler(
         lambda dask_scheduler: {addr: ws.metrics.get("rqml") for addr, ws in dask_scheduler.workers.items()}
     )
-
-
-def wait_for(predicate, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not reached in time")
 
 
 def checkpointed_midway(client: Client) -> list[str]:
@@ -61,7 +52,7 @@ def long_pipeline(tmp_path, store, iterations=400, name="long") -> Pipeline:
 
 
 def http_get(url: str) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=bound(10)) as response:
         return response.status, response.read().decode()
 
 
@@ -76,7 +67,7 @@ def test_heartbeat_advertises_every_figure_and_follows_load(tmp_path, small_volu
                     and all(f["busy_fraction"] > 0.2 for f in m.values()) and m)
     assert all("richardson_lucy" in f["warm_models"] and f["iterations_per_second"] > 0 for f in busy.values())
     assert sum(f["inbound"] + f["refining"] for f in busy.values()) >= 2
-    client.gather(futures)
+    gather(client, futures)
     after = wait_for(lambda: (m := node_metrics(client)) and all(f["refining"] == 0 and f["busy_fraction"] < 0.05 for f in m.values()) and m)
     assert sum(f["iterations_total"] for f in after.values()) == before + 8 * 400
     assert sum(f["tasks_completed"] for f in after.values()) - sum(f["tasks_completed"] for f in idle.values()) == 8
@@ -106,7 +97,7 @@ def test_node_endpoints_answer_over_http_on_every_worker(tmp_path, small_volume,
         assert "dask_worker_tasks" in families  # Dask's own series are still there
         depth = {s.labels["queue"]: s.value for s in families["rqml_queue_depth"].samples}
         assert depth["refining"] >= 1
-    client.gather(futures)
+    gather(client, futures)
 
 
 def refinements_alive() -> int:
@@ -120,26 +111,24 @@ def test_a_delivered_task_leaves_no_refinement_behind_without_waiting_for_the_ga
     try:
         long_pipeline(tmp_path, small_volume, iterations=20, name="freed").run(client, progress=False)
         freed = lambda: not any(client.run(refinements_alive).values())  # noqa: E731
-        wait_for(freed, timeout=10)  # the refinement thread lets go of its last round at once
+        wait_for(freed, what="every refinement freed")  # the refinement thread lets go of its last round at once
     finally:
         client.run(gc.enable)
 
 
 def test_worker_killed_mid_task_the_pipeline_still_completes_correctly(tmp_path, small_volume):
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                      preload=["rqml_dask.node"]) as cluster, Client(cluster) as client:
-        reference = long_pipeline(tmp_path, small_volume, iterations=150, name="reference")
-        reference.run(client, progress=False)
-        pipeline = long_pipeline(tmp_path, small_volume, iterations=150, name="killed")
+    # The sleepy model: each task takes seconds of wall time whatever the load, so the kill
+    # lands mid-task, and its exact result is known (``sleepy_result``).
+    with local_cluster() as cluster, Client(cluster) as client:
+        pipeline = sleepy_pipeline(small_volume, tmp_path / "killed.zarr", [12, 24, 24], iterations=150, delay=0.01, name="killed")
         futures = pipeline.submit(client)
-        victim = wait_for(lambda: next(iter(checkpointed_midway(client)), None), interval=0.02)
+        victim = wait_for(lambda: next(iter(checkpointed_midway(client)), None), what="a task checkpointed midway")
         pid = client.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
-        outcomes = client.gather(futures)
+        outcomes = gather(client, futures)
         assert len(outcomes) == 8 and all(o.iterations == 150 for o in outcomes)
         resumed = [o for o in outcomes if o.resumed_from is not None]
         assert resumed and all(0 < o.resumed_from < 150 for o in resumed)  # not from iteration 0
-        wait_for(lambda: len(client.scheduler_info()["workers"]) == 2)  # the Nanny restarted it
+        wait_for(lambda: len(client.scheduler_info()["workers"]) == 2, what="the Nanny restarting the worker")
         killed = zarr.open_group(tmp_path / "killed.zarr", mode="r")["deconvolved"][...]
-        expected = zarr.open_group(tmp_path / "reference.zarr", mode="r")["deconvolved"][...]
-        np.testing.assert_array_equal(killed, expected)
+        np.testing.assert_array_equal(killed, sleepy_result(small_volume, 150))

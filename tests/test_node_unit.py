@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from rqml_plugins.deconvolution.richardson_lucy import RichardsonLucy
 
 from rqml_dask.arrays import numpy_backend
 from rqml_dask.node.concurrency import AdaptiveConcurrency
@@ -16,6 +17,11 @@ from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.refinement import Refinement
 from rqml_dask.synthetic import gaussian_psf
 from rqml_dask.task import ArrayRef, ConvergenceSettings, Region, RQMLTask, TaskInput
+
+from timing import bound, wait_for
+
+UNTIL_TERMINATED = ConvergenceSettings(max_iterations=10**7, stability_tol=0, consistency_tol=0, novelty_window=10**8)
+"""A task that refines (minutes of iterations) until the test terminates it by a decision."""
 
 
 def make_task(task_id: str, **fields) -> RQMLTask:
@@ -42,9 +48,10 @@ def make_problem(seed: int, backend=numpy_backend()) -> dict:
 def node(tmp_path):
     nodes = []
 
-    def make(policy: NodePolicy = NodePolicy(), state_dir=None, backend=numpy_backend()) -> NodeOrchestrator:
+    def make(policy: NodePolicy = NodePolicy(), state_dir=None, backend=numpy_backend(), start: bool = True) -> NodeOrchestrator:
         orchestrator = NodeOrchestrator(backend, state_dir or tmp_path / "node", ResourceMonitor(None), policy, window_seconds=0.2)
-        orchestrator.start()
+        if start:
+            orchestrator.start()
         nodes.append(orchestrator)
         return orchestrator
 
@@ -54,16 +61,15 @@ def node(tmp_path):
 
 
 def admitted_order(orchestrator: NodeOrchestrator, futures: dict) -> list[str]:
-    results = {task_id: future.result(timeout=60) for task_id, future in futures.items()}
+    results = {task_id: future.result(timeout=bound(60)) for task_id, future in futures.items()}
     return sorted(results, key=lambda task_id: results[task_id].started_at)
 
 
 def test_inbound_serves_priority_class_difficulty_then_warm_models(node):
     orchestrator = node(NodePolicy(class_order=("deconvolution", "linear_solve"), min_concurrency=1, max_concurrency=1, max_inbound=10))
     rl = ("richardson_lucy",)  # one-model ladders: no escalation warms another model meanwhile
-    blocker = orchestrator.submit(make_task("blocker", model_ladder=rl, convergence=ConvergenceSettings(max_iterations=400)), make_problem(0))
-    while not orchestrator.refining:
-        time.sleep(0.01)
+    blocker = orchestrator.submit(make_task("blocker", model_ladder=rl, convergence=UNTIL_TERMINATED), make_problem(0))
+    wait_for(lambda: orchestrator.refining, interval=0.01, what="the blocker refining")
     orchestrator.warm_models["landweber"] = time.monotonic()  # as if this node ran Landweber a moment ago
     tasks = [
         make_task("solve", task_class="linear_solve", model_ladder=rl),
@@ -75,53 +81,53 @@ def test_inbound_serves_priority_class_difficulty_then_warm_models(node):
     futures = {t.task_id: orchestrator.submit(t, make_problem(i + 1)) for i, t in enumerate(tasks)}
     expected = ["urgent", "warm-hard", "cold-hard", "easy", "solve"]
     assert orchestrator.queue_stats()["inbound"]["order"] == expected
-    blocker.result(timeout=60)
+    orchestrator.decide(Decision("blocker", "terminate", "let the queue go"))
+    assert blocker.result(timeout=bound(60)).status == "terminated"
     assert admitted_order(orchestrator, futures) == expected
 
 
 @pytest.mark.parametrize("fft_threads", [1, 2], ids=["interleaved", "batched"])
-def test_refinement_queue_interleaves_and_each_result_equals_a_solo_run(node, fft_threads):
-    orchestrator = node(NodePolicy(min_concurrency=3, max_concurrency=3), backend=numpy_backend(fft_threads))
+def test_refinement_queue_interleaves_and_each_result_equals_a_solo_run(node, fft_threads, monkeypatch):
+    batches = []
+    step_batch = RichardsonLucy.step_batch.__func__
+    monkeypatch.setattr(RichardsonLucy, "step_batch", classmethod(lambda cls, models: (batches.append(len(models)), step_batch(cls, models))))
+    orchestrator = node(NodePolicy(min_concurrency=3, max_concurrency=3), backend=numpy_backend(fft_threads), start=False)
     assert orchestrator.batching == (fft_threads > 1)
-    tasks = [make_task(f"t{i}", convergence=ConvergenceSettings(max_iterations=60, check_every=5)) for i in range(3)]
-    futures = [orchestrator.submit(t, make_problem(i)) for i, t in enumerate(tasks)]
-    depths = []
-    while not all(f.done() for f in futures):
-        depths.append(orchestrator.queue_stats()["refinement"]["depth"])
-        time.sleep(0.005)
-    assert max(depths) == 3  # all three were being iterated at once
-    for i, (task, future) in enumerate(zip(tasks, futures)):
+    ladder = ("richardson_lucy",)  # plain Richardson-Lucy: the model that batches
+    tasks = [make_task(f"t{i}", model_ladder=ladder, convergence=ConvergenceSettings(max_iterations=60, check_every=5)) for i in range(3)]
+    futures = [orchestrator.submit(t, make_problem(i)) for i, t in enumerate(tasks)]  # queued before the node starts
+    orchestrator.start()
+    results = [future.result(timeout=bound(60)) for future in futures]
+    assert max(r.started_at for r in results) < min(r.finished_at for r in results)  # all three iterated at once
+    assert (max(batches) == 3) if fft_threads > 1 else (set(batches) <= {1})  # batched: all three in one call
+    for i, (task, interleaved) in enumerate(zip(tasks, results)):
         solo = Refinement.start(task, make_problem(i), numpy_backend())
         solo.run_to_end()
-        interleaved = future.result()
         assert interleaved.iteration == solo.iteration and interleaved.status == solo.status
         np.testing.assert_array_equal(interleaved.estimate, solo.estimate)
 
 
 def test_decisions_escalate_and_terminate_running_tasks(node):
     orchestrator = node(NodePolicy(min_concurrency=2, max_concurrency=2))
-    slow = ConvergenceSettings(max_iterations=2000, stability_tol=0, consistency_tol=0, novelty_window=10**6)
-    escalated = orchestrator.submit(make_task("a", convergence=slow, model_ladder=("richardson_lucy", "landweber")), make_problem(1))
-    terminated = orchestrator.submit(make_task("b", convergence=slow), make_problem(2))
-    while len(orchestrator.refining) < 2:
-        time.sleep(0.01)
+    escalated = orchestrator.submit(make_task("a", convergence=UNTIL_TERMINATED, model_ladder=("richardson_lucy", "landweber")), make_problem(1))
+    terminated = orchestrator.submit(make_task("b", convergence=UNTIL_TERMINATED), make_problem(2))
+    wait_for(lambda: len(orchestrator.refining) == 2, interval=0.01, what="both tasks refining")
     orchestrator.decide(Decision("a", "escalate", "supervisor: stalled on the cluster"))
     orchestrator.decide(Decision("b", "terminate", "supervisor: hopeless"))
-    b = terminated.result(timeout=30)
-    assert b.status == "terminated" and b.reason == "supervisor: hopeless" and b.iteration < 2000
-    while len(orchestrator.refining[0].refinement.runs) < 2:
-        time.sleep(0.01)
+    b = terminated.result(timeout=bound(30))
+    assert b.status == "terminated" and b.reason == "supervisor: hopeless"
+    wait_for(lambda: [len(a.refinement.runs) for a in orchestrator.refining] == [2], interval=0.01, what="task a escalated")
     orchestrator.decide(Decision("a", "terminate", "enough"))
-    a = escalated.result(timeout=30)
+    a = escalated.result(timeout=bound(30))
     assert [run.model for run in a.runs] == ["richardson_lucy", "landweber"]
-    assert a.runs[0].stop == "escalated"
+    assert a.runs[0].stop == "escalated" and a.status == "terminated"
 
 
 def test_failed_validation_escalates_per_policy(node):
     orchestrator = node(NodePolicy(on_validation_failure="escalate"))
     task = make_task("v", validation=dataclasses.replace(make_task("x").validation, max_misfit=1e-9),
                      convergence=ConvergenceSettings(max_iterations=30, check_every=5))
-    refinement = orchestrator.submit(task, make_problem(3)).result(timeout=60)
+    refinement = orchestrator.submit(task, make_problem(3)).result(timeout=bound(60))
     assert [run.model for run in refinement.runs] == ["richardson_lucy", "richardson_lucy_tv"]
     assert refinement.validation_failures and "above max_misfit" in refinement.validation_failures[0]
     assert orchestrator.counters.validation_failures == 2
@@ -157,27 +163,24 @@ def test_a_node_over_its_inbound_limit_pushes_back_the_last_tasks_in_its_order(n
     orchestrator = node(NodePolicy(min_concurrency=1, max_concurrency=1, max_inbound=2))
     orchestrator.on_event = events.append
     rl = ("richardson_lucy",)
-    blocker = orchestrator.submit(make_task("blocker", model_ladder=rl, convergence=ConvergenceSettings(max_iterations=300)), make_problem(0))
-    while not orchestrator.refining:
-        time.sleep(0.01)
+    blocker = orchestrator.submit(make_task("blocker", model_ladder=rl, convergence=UNTIL_TERMINATED), make_problem(0))
+    wait_for(lambda: orchestrator.refining, interval=0.01, what="the blocker refining")
     queued = {d: orchestrator.submit(make_task(f"d{d}", model_ladder=rl, expected_difficulty=d), make_problem(d)) for d in (3, 1, 4, 2)}
-    blocker.result(timeout=60)
-    pushed = sorted(d for d, f in queued.items() if isinstance(f.exception(timeout=60), PushedBack))
+    orchestrator.decide(Decision("blocker", "terminate", "let the queue go"))
+    blocker.result(timeout=bound(60))
+    pushed = sorted(d for d, f in queued.items() if isinstance(f.exception(timeout=bound(60)), PushedBack))
     assert pushed == [1, 2]  # the easiest, served last, go back to the scheduler
     assert [e["task_id"] for e in events if e["kind"] == "pushed_back"] == ["d1", "d2"]
 
 
 def test_a_revalidate_decision_escalates_a_task_whose_estimate_fails_now(node):
     orchestrator = node(NodePolicy(on_validation_failure="escalate"))
-    slow = ConvergenceSettings(max_iterations=3000, stability_tol=0, consistency_tol=0, novelty_window=10**6)
-    task = make_task("r", convergence=slow, validation=dataclasses.replace(make_task("x").validation, max_misfit=1e-9))
+    task = make_task("r", convergence=UNTIL_TERMINATED, validation=dataclasses.replace(make_task("x").validation, max_misfit=1e-9))
     future = orchestrator.submit(task, make_problem(4))
-    while not orchestrator.refining:
-        time.sleep(0.01)
+    wait_for(lambda: orchestrator.refining, interval=0.01, what="the task refining")
     orchestrator.decide(Decision("r", "revalidate"))
-    while len(orchestrator.refining[0].refinement.runs) < 2:
-        time.sleep(0.01)
+    wait_for(lambda: [len(a.refinement.runs) for a in orchestrator.refining] == [2], interval=0.01, what="the task escalated")
     orchestrator.decide(Decision("r", "terminate", "done checking"))
-    refinement = future.result(timeout=30)
+    refinement = future.result(timeout=bound(30))
     assert refinement.runs[0].stop == "escalated" and refinement.runs[1].model == "richardson_lucy_tv"
     assert orchestrator.counters.validation_failures == 1

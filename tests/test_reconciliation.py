@@ -1,6 +1,6 @@
 """Reconciliation rules of the scheduler plugin, and the node state that feeds them.
 
-The plugin runs in a real scheduler (LocalCluster with the scheduler preload); reports are
+The plugin runs in a real scheduler (the embedded cluster of ``rqml run``); reports are
 sent to its ``rqml_reconcile`` handler as a node sends them after registering.
 """
 
@@ -11,20 +11,20 @@ from dataclasses import asdict
 
 import dask
 import pytest
-from distributed import Client, LocalCluster, get_worker
+from distributed import Client, get_worker
 
 from rqml_dask import events
 from rqml_dask.node.state import NodeState
 from rqml_dask.scheduler.assignment import TaskTraits
 from rqml_dask.task import ArrayRef, Region, RQMLTask, TaskInput
 
+from conftest import local_cluster
+from timing import bound
+
 
 @pytest.fixture(scope="module")
 def rqml_client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
-        scheduler_kwargs={"preload": ["rqml_dask.scheduler"]},
-    ) as cluster, Client(cluster) as client:
+    with local_cluster() as cluster, Client(cluster) as client:
         yield client
 
 
@@ -54,7 +54,7 @@ def test_a_task_submitted_later_is_bound_to_the_node_that_holds_it(rqml_client):
         traits = TaskTraits(task_id=key.split("@")[0], task_class="deconvolution", model="m", rqml_key=key)
         with dask.annotate(rqml=asdict(traits)):
             futures[key] = rqml_client.submit(lambda: get_worker().address, key=f"rqml-{key}", pure=False)
-    assert {key: future.result(timeout=30) for key, future in futures.items()} == holders
+    assert {key: future.result(timeout=bound(60)) for key, future in futures.items()} == holders
 
 
 @pytest.mark.parametrize(

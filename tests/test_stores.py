@@ -17,6 +17,7 @@ from pathlib import Path
 import aetcd
 import pytest
 from etcd_server import free_port
+from timing import bound
 
 from rqml_dask.stores import RecordStore, SlotEntry, StoreUnavailable, open_store
 from rqml_dask.stores.base import KEEP, decode_slot
@@ -48,7 +49,7 @@ def consul_url(tmp_path):
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + bound(30)
         while True:
             assert agent.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             try:
@@ -171,7 +172,7 @@ def _writer(url: str, keys: list[str], iterations: list[int], node: str, barrier
     """Put ``iterations`` of every key as fast as possible; report (key, iteration, evicted
     ranks or None if refused) for every put."""
     store = open_store(url)
-    barrier.wait(60)
+    barrier.wait(bound(60))
     report = []
     for i in iterations:
         for key in keys:
@@ -192,15 +193,15 @@ def _race(url: str, keys: list[str], writers: dict[str, list[int]]) -> dict[str,
     for p in procs:
         p.start()
     try:
-        reports = dict(results.get(timeout=120) for _ in procs)
+        reports = dict(results.get(timeout=bound(120)) for _ in procs)
         for p in procs:
-            p.join(30)
+            p.join(bound(30))
             assert p.exitcode == 0
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
-                p.join(10)
+                p.join(bound(10))
     return reports
 
 
@@ -228,7 +229,7 @@ async def _slot_history(port: int, name: bytes, until: int) -> list[list[Rank]]:
     """Every value ``name`` held up to revision ``until``, oldest first, from a watch that
     replays the key's history from revision 1."""
     history = []
-    async with aetcd.Client("127.0.0.1", port, timeout=5) as client:
+    async with aetcd.Client("127.0.0.1", port, timeout=bound(5)) as client:
         watch = await client.watch(name, start_revision=1)
         async for event in watch:
             assert event.kind == "PUT"
@@ -247,9 +248,9 @@ def test_etcd_writer_processes_race(etcd) -> None:
     assert ranks(store.checkpoints(KEY))[0] == (200, "even")
 
     async def read() -> list[list[Rank]]:
-        async with aetcd.Client("127.0.0.1", etcd.client_port, timeout=5) as client:
+        async with aetcd.Client("127.0.0.1", etcd.client_port, timeout=bound(5)) as client:
             current = await client.get(f"rqml/slots/{KEY}".encode())
-        return await asyncio.wait_for(_slot_history(etcd.client_port, current.key, current.mod_revision), 30)
+        return await asyncio.wait_for(_slot_history(etcd.client_port, current.key, current.mod_revision), bound(30))
 
     history = asyncio.run(read())
     # One write per accepted put, each adding a strictly newer record to the front of the
@@ -309,18 +310,18 @@ CALLS = {
 }
 
 
-def _assert_unavailable(store: RecordStore, bound: float) -> None:
-    """Every operation raises StoreUnavailable naming the URL and itself, within ``bound``
+def _assert_unavailable(store: RecordStore, limit: float) -> None:
+    """Every operation raises StoreUnavailable naming the URL and itself, within ``limit``
     seconds (a liveness bound against hangs, not a performance figure)."""
     for name, call in CALLS.items():
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match=f"{store.url}: {name}"):
             call(store)
-        assert time.monotonic() - started < bound
+        assert time.monotonic() - started < bound(limit)
 
 
 def _await_recovery(store: RecordStore, within: float) -> None:
-    deadline = time.monotonic() + within
+    deadline = time.monotonic() + bound(within)
     while True:
         try:
             store.checkpoints(KEY)
@@ -338,17 +339,17 @@ def test_etcd_stopped_then_restarted(etcd) -> None:
     store.put_done("finished", b"outcome")
 
     etcd.stop()
-    _assert_unavailable(store, bound=10)
+    _assert_unavailable(store, limit=10)
     etcd.start()  # same data dir and ports
-    _await_recovery(store, within=10)
+    _await_recovery(store, within=30)
     assert store.checkpoints(KEY) == [entry(2), entry(1)]
     assert store.done("finished") == b"outcome"
     assert store.put_checkpoint(KEY, entry(3)) == [entry(1)]
 
     etcd.kill()  # a crash: nothing flushed on the way out
-    _assert_unavailable(store, bound=10)
+    _assert_unavailable(store, limit=10)
     etcd.start()
-    _await_recovery(store, within=10)
+    _await_recovery(store, within=30)
     assert store.checkpoints(KEY) == [entry(3), entry(2)]
     store.close()
 
@@ -362,7 +363,7 @@ def test_etcd_hung_server_times_out(etcd) -> None:
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match=f"{etcd.url}: checkpoints"):
             store.checkpoints(KEY)
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < bound(10)
     finally:
         etcd.resume()
     assert store.checkpoints(KEY) == [entry(1)]
