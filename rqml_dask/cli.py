@@ -99,13 +99,18 @@ def status(scheduler: str, as_json: bool) -> None:
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: until interrupted).")
 def events_command(scheduler: str, topics: tuple[str, ...], seconds: float | None) -> None:
     """Print RQML events live, one JSON line each: task_inbound, task_results, metrics,
-    heartbeats, alerts, supervision_events."""
+    heartbeats, alerts, supervision_events. Stops on Ctrl-C or SIGTERM (exit status 0)."""
+    import signal
     import threading
 
     from distributed import Client
 
     from rqml_dask import events
 
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     with Client(scheduler) as client:
         for topic in topics or events.TOPICS:
             client.subscribe_topic(topic, _event_printer(topic))

@@ -7,6 +7,7 @@ RQML task.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from distributed import Reschedule, rejoin, secede
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from rqml_dask import events
 from rqml_dask.arrays import ArrayBackend
@@ -22,6 +23,8 @@ from rqml_dask.convergence import ConvergenceFigures
 from rqml_dask.refinement import ModelRun, Refinement
 from rqml_dask.task import ArrayRef, RQMLTask
 from rqml_dask.volumes import InputError, core_written, open_array, read_core, read_window, write_core
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rqml_dask.node.checkpointer import Checkpointer
@@ -72,7 +75,7 @@ class TaskOutcome:
 
     @property
     def accepted(self) -> bool:
-        return not self.validation_failures
+        return self.status != "failed" and not self.validation_failures
 
 
 def load_problem(task: RQMLTask, backend: ArrayBackend) -> dict:
@@ -142,11 +145,20 @@ def run_task(task: RQMLTask) -> TaskOutcome:
 
 def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskOutcome | None:
     """The outcome recorded for ``task`` (its done marker) if its core is in the output too:
-    the task is finished and nothing needs computing or writing; else ``None``."""
+    the task is finished and nothing needs computing or writing; else ``None``. A marker
+    that does not decode (damaged, or of another release's format) is ignored, with an
+    alert: the task is computed again."""
     recorded = checkpointer.outcome(task) if checkpointer is not None else None
     if recorded is None or not core_written(task.output, task.region):
         return None
-    return replace(OUTCOME.validate_json(recorded), reused=True)
+    try:
+        outcome = OUTCOME.validate_json(recorded)
+    except ValidationError as exc:
+        reason = f"recorded outcome of {task.task_id} unreadable, computing it again: {exc.errors()[0]['msg']}"
+        logger.warning(reason)
+        checkpointer.on_alert("outcome-rejected", {"task_id": task.task_id, "reason": reason})
+        return None
+    return replace(outcome, reused=True)
 
 
 def host_core(refinement: Refinement) -> np.ndarray:
@@ -154,9 +166,9 @@ def host_core(refinement: Refinement) -> np.ndarray:
     return refinement.backend.to_numpy(refinement.estimate[refinement.task.region.core_in_window])
 
 
-def outcome_of(job: Job, refinement: Refinement, node: str, core: np.ndarray) -> TaskOutcome:
+def outcome_of(job: Job, refinement: Refinement, node: str, core: np.ndarray | None) -> TaskOutcome:
     """The outcome of a finished, validated refinement whose host core is ``core`` (nothing
-    is written)."""
+    is written); ``None`` for a failed one, which has no result."""
     task = refinement.task
     to_numpy = refinement.backend.to_numpy
     return TaskOutcome(
@@ -171,7 +183,7 @@ def outcome_of(job: Job, refinement: Refinement, node: str, core: np.ndarray) ->
         output=f"{task.output}{task.region}",
         elapsed_s=time.time() - job.began_at,
         backend=refinement.backend.name,
-        error=error_figures(task, core, to_numpy(refinement.problem["image"][task.region.core_in_window])),
+        error=None if core is None else error_figures(task, core, to_numpy(refinement.problem["image"][task.region.core_in_window])),
         reason=refinement.reason,
         node=node,
         resumed_from=refinement.resumed_from,
@@ -184,17 +196,22 @@ def deliver(node: NodePlugin, job: Job, refinement: Refinement, outcome: TaskOut
     """Write the task's core into the output, record its outcome (the done marker) and let
     the node forget the job. ``outcome`` is the job's parked one, if it was parked; else it
     is made here. If a result for the task was recorded and written first (by another
-    node), that one stands: nothing is written and its outcome is returned."""
+    node), that one stands: nothing is written and its outcome is returned. A failed task
+    (its model raised) has no result: nothing is written or recorded, and the next run of
+    the pipeline tries it again."""
     task = job.task
     if (recorded := recorded_outcome(task, job.checkpointer)) is not None:
         node.forget(job)
         return recorded
-    core = host_core(refinement)
-    if outcome is None:
-        outcome = outcome_of(job, refinement, node.worker.address, core)
-    write_core(task.output, task.region, core)
-    if job.checkpointer is not None:
-        job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
+    if refinement.status == "failed":  # no result: nothing written or recorded, a new run tries again
+        outcome = outcome or outcome_of(job, refinement, node.worker.address, None)
+    else:
+        core = host_core(refinement)
+        if outcome is None:
+            outcome = outcome_of(job, refinement, node.worker.address, core)
+        write_core(task.output, task.region, core)
+        if job.checkpointer is not None:
+            job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
     node.forget(job)
     events.publish(node.worker, events.TASK_RESULTS, "finished", task_id=task.task_id, worker=node.worker.address,
                    status=outcome.status, iterations=outcome.iterations, model=outcome.model,

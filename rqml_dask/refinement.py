@@ -19,7 +19,7 @@ from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
 from rqml_dask.models import RefinementModel, load_model
 from rqml_dask.task import RQMLTask
 
-Status = Literal["running", "converged", "stalled", "max_iterations", "terminated"]
+Status = Literal["running", "converged", "stalled", "max_iterations", "terminated", "failed"]
 
 
 @dataclass
@@ -172,6 +172,15 @@ class Refinement:
         self.reason = reason
         self._finish("terminated")
 
+    def fail(self, reason: str) -> None:
+        """End the task now with status ``failed``: its model raised (``reason`` names the
+        model, what it was doing and the error). Its estimate is not a result."""
+        self.reason = reason
+        if self.runs and self.runs[-1].stop == "running":
+            self.runs[-1].stop = "failed"
+        self.status = "failed"
+        self.record_event("failed", model=self.model_name, reason=reason)
+
     def hand_back(self, reason: str) -> None:
         """Stop here so the task can go on elsewhere (from the checkpoint the caller took)."""
         self.handed_back = True
@@ -257,7 +266,21 @@ class Refinement:
     def resume(
         cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend, checkpoint: TaskCheckpoint, arrays: dict
     ) -> Refinement:
-        """Rebuild a refinement from a verified checkpoint and its artifact arrays (host)."""
+        """Rebuild a refinement from a verified checkpoint and its artifact arrays (host).
+        A checkpoint whose supervision state this release cannot read (another format) raises
+        :class:`CheckpointError`, like a damaged one."""
+        try:
+            return cls._resume(task, problem, backend, checkpoint, arrays)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"checkpoint at iteration {checkpoint.iteration} is of a format this release "
+                                  f"cannot read: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def _resume(
+        cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend, checkpoint: TaskCheckpoint, arrays: dict
+    ) -> Refinement:
         state = checkpoint.supervision_state
         position = checkpoint.model_config.ladder_position
         models = list(state.get("models", task.model_ladder))

@@ -356,3 +356,28 @@ def test_a_node_gives_up_after_the_degraded_limit_and_keeps_its_tasks_for_a_rest
     finally:
         worker.kill()
         scheduler.kill()
+
+
+def test_a_damaged_node_state_is_moved_aside_with_an_alert_and_the_node_works(tmp_path, small_volume):
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    state = tmp_path / "workers" / "dask-scratch-space" / "rqml-node" / "node-0" / "node.lmdb"
+    state.mkdir(parents=True)
+    (state / "data.mdb").write_bytes(np.random.default_rng(0).bytes(64 * 1024))  # not an LMDB file
+    scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
+    worker = rqml_worker(address, "node-0", free_port(), tmp_path / "workers").start()
+    try:
+        with Client(address, timeout=bound(60)) as client:
+            client.wait_for_workers(1, timeout=bound(60))
+            pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, 20, 0.01, "damaged")
+            report = pipeline.run(client, progress=False)
+            assert len(report.outcomes) == 4 and not report.rejected
+            alerts = wait_for(lambda: [e for _, e in client.get_events(events.ALERTS) if e["kind"] == "node-state-damaged"],
+                              what="the node-state-damaged alert")
+        [aside] = state.parent.glob("node.lmdb.damaged-*")
+        assert len(alerts) == 1 and str(aside) in alerts[0]["problem"] and "InvalidError" in alerts[0]["problem"]
+        assert (aside / "data.mdb").read_bytes() == np.random.default_rng(0).bytes(64 * 1024)  # kept for a post-mortem
+        assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "complete"
+    finally:
+        worker.kill()
+        scheduler.kill()

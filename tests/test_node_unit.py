@@ -184,3 +184,21 @@ def test_a_revalidate_decision_escalates_a_task_whose_estimate_fails_now(node):
     refinement = future.result(timeout=bound(30))
     assert refinement.runs[0].stop == "escalated" and refinement.runs[1].model == "richardson_lucy_tv"
     assert orchestrator.counters.validation_failures == 1
+
+
+def test_a_model_that_raises_fails_its_task_alone_and_the_node_goes_on(node):
+    events = []
+    orchestrator = node(NodePolicy(min_concurrency=2, max_concurrency=2))
+    orchestrator.on_event = events.append
+    raising = orchestrator.submit(make_task("bad", model_ladder=("raising_model:RaisingModel",)), make_problem(1))
+    unbuildable = orchestrator.submit(make_task("missing", model_ladder=("no_such_module:Model",)), make_problem(2))
+    healthy = orchestrator.submit(make_task("good", model_ladder=("richardson_lucy",)), make_problem(3))
+    bad, missing, good = (f.result(timeout=bound(60)) for f in (raising, unbuildable, healthy))
+    assert bad.status == "failed" and bad.iteration == 2
+    assert bad.reason == "model raising_model:RaisingModel raised in step at iteration 2: RuntimeError: a bug in the model"
+    assert missing.status == "failed" and missing.reason.startswith("model no_such_module:Model raised in construction")
+    assert good.status in ("converged", "max_iterations") and good.iteration > 2
+    assert [e["task_id"] for e in events if e["kind"] == "failed"] == ["missing", "bad"]
+    assert orchestrator.counters.failed == 2
+    after = orchestrator.submit(make_task("after", model_ladder=("richardson_lucy",)), make_problem(4))
+    assert after.result(timeout=bound(60)).status in ("converged", "max_iterations")  # the thread is alive

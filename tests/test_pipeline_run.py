@@ -103,3 +103,26 @@ def test_psf_of_wrong_rank_is_refused(tmp_path, small_volume):
     group.create_array("psf", data=np.ones((5, 5), np.float32) / 25, overwrite=True)
     with pytest.raises(InputError, match="has rank 2 but image .* has rank 3"):
         make_pipeline(tmp_path, store).tasks()
+
+
+def test_a_model_that_raises_fails_its_tasks_the_run_says_so_and_the_nodes_go_on(tmp_path, small_volume, client):
+    from rqml_dask import events
+
+    fixed = {"max_iterations": 10, "check_every": 5, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 1000}
+    (tmp_path / "bad").mkdir()
+    bad = make_pipeline(tmp_path / "bad", small_volume, models={"ladder": ["raising_model:RaisingModel"]}, convergence=fixed)
+    report = bad.run(client, progress=False)
+    assert len(report.rejected) == len(report.outcomes) == 8
+    assert all(o.status == "failed" and o.error is None for o in report.outcomes)
+    assert {o.reason for o in report.outcomes} == {
+        "model raising_model:RaisingModel raised in step at iteration 2: RuntimeError: a bug in the model"}
+    output = zarr.open_group(tmp_path / "bad" / "out.zarr", mode="r")
+    assert output.attrs["rqml"]["status"] == "rejected" and not output["deconvolved"].nchunks_initialized
+    alerts = [e for _, e in client.get_events(events.ALERTS) if e["kind"] == "task-failed"]
+    assert sorted(e["task_id"] for e in alerts) == sorted(o.task_id for o in report.outcomes)
+    # the same nodes then refine a healthy pipeline to the end
+    (tmp_path / "good").mkdir()
+    good = make_pipeline(tmp_path / "good", small_volume, models={"ladder": ["richardson_lucy"]}, convergence=fixed)
+    report = good.run(client, progress=False)
+    assert not report.rejected and len({o.node for o in report.outcomes}) == 2
+    assert zarr.open_group(tmp_path / "good" / "out.zarr", mode="r").attrs["rqml"]["status"] == "complete"

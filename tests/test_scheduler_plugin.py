@@ -139,9 +139,10 @@ def test_rqml_status_and_rqml_events_show_the_cluster(tmp_path, small_volume):
                                     capture_output=True, text=True, timeout=bound(60))
             finished = lambda: [l for l in lines if l["topic"] == "rqml-task_results" and l["kind"] == "finished"]  # noqa: E731
             wait_for(lambda: len(finished()) == 27, what="27 finished events printed by rqml events")
-            follow.send_signal(signal.SIGINT)  # as a user stops it
-            _, err = follow.communicate(timeout=bound(30))
+            follow.terminate()  # SIGTERM: it stops as on Ctrl-C
+            follow.wait(bound(30))
             reader.join(bound(10))
+            err = follow.stderr.read()
         finally:
             if follow.poll() is None:
                 os.killpg(follow.pid, signal.SIGKILL)
@@ -216,3 +217,25 @@ def test_work_still_finishes_when_every_node_but_one_disappears(tmp_path, small_
     assert sorted(o.task_id for o in outcomes) == sorted(t.task_id for t in pipeline.tasks())
     late = [o for o in outcomes if o.began_at > retired_at]
     assert late and {o.node for o in late} == {workers[0]}  # the one node left took the rest
+
+
+def test_a_node_advertising_invalid_figures_is_flagged_and_the_others_get_the_work(tmp_path, small_volume):
+    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=bound(60))
+        liar, honest = sorted(client.scheduler_info()["workers"])
+
+        def lie(dask_worker):  # its heartbeat now carries a figure of the wrong type
+            node = dask_worker.plugins["rqml-node"]
+            dask_worker.metrics["rqml"] = lambda worker: {**node.heartbeat(worker), "concurrency_limit": "many"}
+
+        client.run(lie, workers=[liar])
+        status = wait_for(lambda: (s := client.sync(client.scheduler.rqml_status))["nodes"][liar]["invalid_figures"] and s,
+                          what="the plugin flagging the node")
+        assert status["nodes"][liar]["invalid_figures"] == "concurrency_limit: Input should be a valid integer (got 'many')"
+        assert status["nodes"][honest]["invalid_figures"] is None
+        alerts = [e for _, e in client.get_events(events.ALERTS) if e["kind"] == "invalid-figures"]
+        assert [e["worker"] for e in alerts] == [liar]  # once, not every heartbeat
+        pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=5, delay=0.01, name="lied")
+        report = pipeline.run(client, progress=False)
+    assert sorted(o.task_id for o in report.outcomes) == sorted(t.task_id for t in pipeline.tasks())
+    assert {o.node for o in report.outcomes} == {honest}  # the flagged node got no work

@@ -13,7 +13,10 @@
   result and returned it.
 
 A finished task is validated on the refinement thread; under the policy's ``escalate`` rule
-a rejected result goes on refining with the next model of its ladder. Supervision decisions
+a rejected result goes on refining with the next model of its ladder. A model that raises
+(built, stepped, checkpointed, validated) fails its own task only, status ``failed`` with
+the model and the error in its reason; the thread goes on with the others. Models are
+built outside the lock, so a large tile does not stall the worker's event loop. Supervision decisions
 (:class:`~rqml_dask.node.policy.Decision`) are applied between rounds. The size of the
 refinement queue adapts to throughput and memory pressure
 (:class:`~rqml_dask.node.concurrency.AdaptiveConcurrency`).
@@ -27,6 +30,7 @@ checkpoint store, and the tasks it holds (:mod:`rqml_dask.node.state`).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -46,6 +50,9 @@ from rqml_dask.node.queues import InboundQueue, QueuedTask
 from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.refinement import Refinement
 from rqml_dask.task import RQMLTask
+
+
+logger = logging.getLogger(__name__)
 
 
 class PushedBack(RuntimeError):
@@ -72,6 +79,7 @@ class NodeCounters:
     escalations: int = 0
     completed: int = 0
     terminated: int = 0
+    failed: int = 0
     validation_failures: int = 0
     busy_seconds: float = 0.0
 
@@ -206,6 +214,7 @@ class NodeOrchestrator:
                 "escalations_total": counters.escalations,
                 "tasks_completed": counters.completed,
                 "tasks_terminated": counters.terminated,
+                "tasks_failed": counters.failed,
                 "validation_failures": counters.validation_failures,
                 "warm_models": warm,
                 "policy_version": self.policy.version,
@@ -225,7 +234,9 @@ class NodeOrchestrator:
             with self._cond:
                 if self._stopped:
                     return
-                self._admit()
+                admitted = self._take_admissible()
+            self._admit(admitted)
+            with self._cond:
                 decisions, self._decisions = self._decisions, []
                 batch = list(self.refining)
                 if not batch and not decisions:
@@ -262,25 +273,41 @@ class NodeOrchestrator:
         stepped = voxel_iterations = 0
         running = [a for a in batch if not a.refinement.done]
         for group in _batches(running) if self.batching else [[a] for a in running]:
-            _step_together([a.refinement for a in group])
+            refinements = [a.refinement for a in group]
+            try:
+                _step_together(refinements)
+            except Exception as exc:  # a batch steps one model class: each of its tasks fails
+                for refinement in refinements:
+                    _fail(refinement, "step", exc)
+                continue
             stepped += len(group)
             voxel_iterations += sum(a.voxels for a in group)
         self._checkpoint(running)
         return stepped, voxel_iterations
 
-    def _admit(self) -> None:
-        """Move tasks from inbound into refinement up to the concurrency limit (lock held)."""
-        while self.inbound and len(self.refining) < self.concurrency.limit:
+    def _take_admissible(self) -> list[QueuedTask]:
+        """Pop the tasks that fit under the concurrency limit, in the inbound order (lock held)."""
+        taken = []
+        while self.inbound and len(self.refining) + len(taken) < self.concurrency.limit:
             queued = self.inbound.pop(self.policy, self.is_warm)
             if queued.result.set_running_or_notify_cancel():
-                try:
-                    refinement = self._refinement_of(queued)
-                except Exception as exc:
-                    queued.result.set_exception(exc)
-                    continue
-                voxels = math.prod(queued.problem["image"].shape)
+                taken.append(queued)
+        return taken
+
+    def _admit(self, admitted: list[QueuedTask]) -> None:
+        """Build each admitted task's refinement (its model: outside the lock, it may take a
+        while) and move it into the refinement queue; one whose model raises joins it failed."""
+        for queued in admitted:
+            try:
+                refinement = self._refinement_of(queued)
+            except Exception as exc:
+                refinement = Refinement(queued.task, queued.problem, self.backend)
+                _fail(refinement, "construction", exc)
+            voxels = math.prod(queued.problem["image"].shape)
+            with self._cond:
                 self.refining.append(ActiveTask(queued, refinement, voxels))
-                self.warm_models[refinement.model_name] = time.monotonic()
+                if not refinement.done:
+                    self.warm_models[refinement.model_name] = time.monotonic()
 
     def _refinement_of(self, queued: QueuedTask) -> Refinement:
         resume = queued.resume
@@ -296,7 +323,12 @@ class NodeOrchestrator:
         for active in batch:
             checkpointer = active.queued.checkpointer
             if checkpointer is not None and (reason := active.refinement.checkpoint_due()):
-                checkpointer.submit(active.refinement.snapshot(reason))
+                try:
+                    snapshot = active.refinement.snapshot(reason)
+                except Exception as exc:
+                    _fail(active.refinement, "state", exc)
+                    continue
+                checkpointer.submit(snapshot)
 
     def _judge(self, refinement: Refinement, what: str) -> bool:
         """Validate the estimate; on failure report it and, under the policy's ``escalate``
@@ -328,16 +360,19 @@ class NodeOrchestrator:
         for active in batch:
             refinement = active.refinement
             if active.queued.task.task_id == decision.task_id and not refinement.done:
-                if decision.action == "escalate":
-                    refinement.escalate(decision.reason)
-                elif decision.action == "revalidate":
-                    self._judge(refinement, "revalidation")
-                elif decision.action == "reroute":
-                    if active.queued.checkpointer is not None:
-                        active.queued.checkpointer.submit(refinement.snapshot("reroute"))
-                    refinement.hand_back(decision.reason)
-                else:
-                    refinement.terminate(decision.reason)
+                try:
+                    if decision.action == "escalate":
+                        refinement.escalate(decision.reason)
+                    elif decision.action == "revalidate":
+                        self._judge(refinement, "revalidation")
+                    elif decision.action == "reroute":
+                        if active.queued.checkpointer is not None:
+                            active.queued.checkpointer.submit(refinement.snapshot("reroute"))
+                        refinement.hand_back(decision.reason)
+                    else:
+                        refinement.terminate(decision.reason)
+                except Exception as exc:
+                    _fail(refinement, decision.action, exc)
                 return
         if decision.action in ("reroute", "terminate"):  # not started yet: hand it back as it is
             with self._cond:
@@ -350,11 +385,14 @@ class NodeOrchestrator:
         done = []
         for active in finished:
             refinement = active.refinement
-            if refinement.status == "stalled" and (model := self._diversity_model(refinement)):
-                refinement.diversify(model, f"stalled on every model of its ladder; policy adds {model}")
-                continue
-            if refinement.status != "terminated" and self._judge(refinement, "validation"):
-                continue
+            try:
+                if refinement.status == "stalled" and (model := self._diversity_model(refinement)):
+                    refinement.diversify(model, f"stalled on every model of its ladder; policy adds {model}")
+                    continue
+                if refinement.status not in ("terminated", "failed") and self._judge(refinement, "validation"):
+                    continue
+            except Exception as exc:
+                _fail(refinement, "validation", exc)
             done.append(active)
         limit = self.policy.max_task_seconds
         now = time.monotonic()
@@ -370,9 +408,11 @@ class NodeOrchestrator:
                 self.counters.escalations += refinement.escalations
                 self.counters.completed += 1
                 self.counters.terminated += refinement.status == "terminated"
+                self.counters.failed += refinement.status == "failed"
                 refinement.finished_at = now
                 self.outbound[refinement.task.task_id] = refinement
-                self.warm_models[refinement.model_name] = now
+                if refinement.status != "failed":
+                    self.warm_models[refinement.model_name] = now
                 active.queued.result.set_result(refinement)
 
 
@@ -387,6 +427,13 @@ def _batches(active: list[ActiveTask]) -> list[list[ActiveTask]]:
         else:
             groups.setdefault(key, []).append(a)
     return [*groups.values(), *singles]
+
+
+def _fail(refinement: Refinement, what: str, exc: Exception) -> None:
+    """End ``refinement`` as failed because its model raised ``exc`` during ``what``."""
+    logger.error("task %s: model %s raised in %s", refinement.task.task_id, refinement.model_name, what, exc_info=exc)
+    refinement.fail(f"model {refinement.model_name} raised in {what} at iteration {refinement.iteration}: "
+                    f"{type(exc).__name__}: {exc}")
 
 
 def _step_together(refinements: list[Refinement]) -> None:

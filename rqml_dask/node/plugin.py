@@ -108,6 +108,7 @@ class NodePlugin(WorkerPlugin):
         self._session: Future = Future()
         self._outbox_thread = ThreadPoolExecutor(1, thread_name_prefix="rqml-outbox")
         self._resumed = False
+        self._unsent_alerts: list[tuple[str, dict[str, Any]]] = []
 
     def setup(self, worker: Worker) -> None:
         self.worker = worker
@@ -115,7 +116,9 @@ class NodePlugin(WorkerPlugin):
         node_directory = getattr(worker, "node_directory", None)
         state_dir = node_directory or Path(worker.local_directory) / "rqml"
         if node_directory is not None:
-            self.state = NodeState(node_directory / "node.lmdb")
+            self.state, damage = NodeState.open(node_directory / "node.lmdb")
+            if damage is not None:  # Dask drops events sent before the worker registers
+                self._unsent_alerts.append(("node-state-damaged", {"problem": damage}))
         backend = default_backend(cpu_threads=worker.state.nthreads)
         resources = ResourceMonitor(worker.memory_manager.memory_limit)
         self.orchestrator = NodeOrchestrator(backend, state_dir, resources, self.policy, on_event=self._supervision_event)
@@ -226,7 +229,7 @@ class NodePlugin(WorkerPlugin):
             return
         try:
             refinement = job.future.result()
-            if refinement.handed_back:
+            if refinement.handed_back or refinement.status == "failed":  # a failed one runs again when asked
                 self.forget(job)
                 return
             if job.checkpointer is not None:
@@ -299,6 +302,9 @@ class NodePlugin(WorkerPlugin):
     async def reconcile(self) -> None:
         """Just registered: leave degraded mode, publish what happened meanwhile, and report
         every job to the scheduler plugin for a verdict."""
+        for kind, payload in self._unsent_alerts:
+            self._alert(kind, payload)
+        self._unsent_alerts.clear()
         link = self.link
         if link.degraded_since is not None:
             seconds = time.time() - link.degraded_since
@@ -351,7 +357,10 @@ class NodePlugin(WorkerPlugin):
 
     def _supervision_event(self, event: dict[str, Any]) -> None:
         payload = dict(event)
-        events.publish(self.worker, events.SUPERVISION, payload.pop("kind"), worker=self.worker.address, **payload)
+        kind = payload.pop("kind")
+        events.publish(self.worker, events.SUPERVISION, kind, worker=self.worker.address, **payload)
+        if kind == "failed":  # a model raised: the operator needs to know, not just the supervisor
+            self._alert("task-failed", payload)
 
     def health(self) -> dict[str, Any]:
         """``/health``: the scheduler link, and the work the node holds."""

@@ -7,16 +7,23 @@ its Nanny or launcher) resumes them from their checkpoints before it registers. 
 has the outcome of every task that finished while no scheduler was there to take it; the
 node reports it when it reconnects, and clears both records once a scheduler has settled
 which result is accepted.
+
+A damaged environment (a crash mid-write on a disk that lies, a truncated copy) never stops
+the node from starting: :meth:`NodeState.open` moves it aside and starts a fresh one, and the
+node raises an alert. What is lost is only the list of held tasks; their checkpoints are in
+the checkpoint stores, so a resubmitted task still resumes from them.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
+import lmdb
 from pydantic import ValidationError
 
-from rqml_dask.stores.lmdb_store import open_environment
+from rqml_dask.stores.lmdb_store import close_environment, open_environment
 from rqml_dask.task import RQMLTask
 
 logger = logging.getLogger(__name__)
@@ -30,6 +37,27 @@ class NodeState:
         self.env = open_environment(self.path)
         self._held = self.env.open_db(b"held")
         self._outbox = self.env.open_db(b"outbox")
+
+    @classmethod
+    def open(cls, path: Path) -> tuple[NodeState, str | None]:
+        """The node state at ``path``, read through once to check it; a damaged one is moved
+        aside (``node.lmdb.damaged-<unix time>``) and replaced by an empty one. Returns the
+        state and, if it was replaced, what was wrong and where the damaged copy went."""
+        path = Path(path)
+        try:
+            state = cls(path)
+            state.outbox()
+            with state.env.begin() as txn:
+                for _ in txn.cursor(db=state._held):
+                    pass
+            return state, None
+        except lmdb.Error as exc:
+            close_environment(path)
+            aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            path.rename(aside)
+            problem = f"node state {path} is damaged ({type(exc).__name__}: {exc}); moved to {aside}, started empty"
+            logger.error(problem)
+            return cls(path), problem
 
     def hold(self, task: RQMLTask) -> None:
         with self.env.begin(write=True) as txn:

@@ -47,11 +47,13 @@ import numpy as np
 from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import TaskState
+from distributed.utils import log_errors
 from pydantic import ValidationError
 
 from rqml_dask import events
 from rqml_dask.node.policy import DECISION, POLICY, NodePolicy
 from rqml_dask.scheduler.assignment import NodeTable, TaskTraits
+from rqml_dask.scheduler.figures import InvalidFigures, check_figures
 from rqml_dask.scheduler.ledger import TASK_REPORTS, Ledger
 from rqml_dask.scheduler.reliability import Reliability
 
@@ -93,6 +95,8 @@ class NodeRecord:
     completed: int = 0
     failed: int = 0
     figures: dict[str, Any] = field(default_factory=dict)
+    invalid_figures: str | None = None
+    """Why the node's latest heartbeat figures were refused (it rests meanwhile), or None."""
 
 
 class RQMLSchedulerPlugin(SchedulerPlugin):
@@ -230,6 +234,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             self._release_scheduled = True
             self.scheduler.loop.add_callback(self._release)
 
+    @log_errors
     def _tick(self) -> None:
         self._refresh_figures()
         self._release()
@@ -253,18 +258,21 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         rate = sum(n.figures.get("iterations_per_second", 0.0) for n in self.nodes.values())
         events.publish(self.scheduler, events.METRICS, "cluster", nodes=len(self.nodes), tasks=states, iterations_per_second=rate)
 
+    @log_errors
     def _release(self) -> None:
-        """Bind held tasks, highest priority first, to nodes with inbound room."""
+        """Bind held tasks, highest priority first, to nodes with inbound room. A task that
+        cannot be placed, for any reason (an exception included, logged), stays held."""
         self._release_scheduled = False
         scheduler = self.scheduler
         recommendations: dict = {}
         skipped = []
-        # Nodes in backoff, and slow nodes in the tail of a run, get nothing new while another
-        # node can take the work.
+        # Nodes in backoff, nodes whose figures were refused, and slow nodes in the tail of a
+        # run get nothing new while another node can take the work.
         now = time.monotonic()
         running = {ws.address for ws in scheduler.running}
         resting = np.array(
-            [a not in running or now < self.nodes[a].reliability.backoff_until for a in self.table.addresses], dtype=bool
+            [a not in running or now < self.nodes[a].reliability.backoff_until or self.nodes[a].invalid_figures is not None
+             for a in self.table.addresses], dtype=bool,
         )
         if len(self._held) < len(self.table.addresses):
             resting |= self.table.speed < TAIL_SPEED_RATIO * self.table.speed.max(initial=0)
@@ -273,41 +281,25 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         awaiting = self.ledger.waiting_for_nodes(now)
         saved_room = self.table.room.copy()
         self.table.room[resting] = 0
-        while self._held:
-            entry = heapq.heappop(self._held)
-            record = self.tasks.get(entry[-1])
-            ts = scheduler.tasks.get(entry[-1])
-            if record is None or record.state != "held" or ts is None or ts.state != "no-worker":
-                if record is not None and record.state == "held" and ts is not None and ts.state in ("waiting", "released"):
-                    skipped.append(entry)  # not runnable yet
-                continue
-            holder = self.ledger.holders.get(record.traits.rqml_key)
-            if holder in running and holder in self.nodes:
-                address = holder  # the node already refines it (or has its result): join it there
-            elif awaiting:
-                skipped.append(entry)  # a node that may hold it has not reported yet
-                continue
-            else:
-                # a task that depends on results (a vote) goes to a node not holding them
-                result_holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
-                address = self.table.choose(
-                    record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), result_holders
-                )
-            if address is None:
-                skipped.append(entry)
-                if self.table.room.max(initial=0) <= 0:
+        try:
+            while self._held:
+                entry = heapq.heappop(self._held)
+                try:
+                    placed = self._place(entry, running, awaiting)
+                except Exception:
+                    logger.exception("could not place RQML task %s; it stays held", entry[-1])
+                    placed = "wait"
+                if placed == "wait":
+                    skipped.append(entry)
+                elif placed == "full":
+                    skipped.append(entry)
                     break  # no node has room: the rest waits too
-                continue  # this task's nodes are full (e.g. GPU only): others may still fit
-            record.state, record.worker, record.failed_here = "bound", address, False
-            record.attempts += 1
-            ts.worker_restrictions = {address}
-            node = self.nodes[address]
-            node.bound.add(record.key)
-            self._update_room(node)
-            recommendations[record.key] = "processing"
-        for entry in skipped:
-            heapq.heappush(self._held, entry)
-        self.table.room = np.where(resting, saved_room, self.table.room)
+                elif placed is not None:
+                    recommendations[placed] = "processing"
+        finally:
+            for entry in skipped:
+                heapq.heappush(self._held, entry)
+            self.table.room = np.where(resting, saved_room, self.table.room)
         if recommendations:
             scheduler.transitions(recommendations, stimulus_id=f"rqml-release-{time.time()}")
             for key in recommendations:  # the scheduler may refuse (the node left meanwhile)
@@ -319,6 +311,38 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                         self._update_room(node)
                     if ts is not None and ts.state == "no-worker":
                         self._hold(record, ts)
+
+    def _place(self, entry: tuple, running: set[str], awaiting: bool) -> str | None:
+        """Bind the held task of heap ``entry`` to a node: its key once bound; ``"wait"`` if
+        it stays held, ``"full"`` if it stays held and no node has room; ``None`` if it is no
+        longer held (done, forgotten, or bound meanwhile)."""
+        record = self.tasks.get(entry[-1])
+        ts = self.scheduler.tasks.get(entry[-1])
+        if record is None or record.state != "held" or ts is None or ts.state != "no-worker":
+            if record is not None and record.state == "held" and ts is not None and ts.state in ("waiting", "released"):
+                return "wait"  # not runnable yet
+            return None
+        holder = self.ledger.holders.get(record.traits.rqml_key)
+        if holder in running and holder in self.nodes:
+            address = holder  # the node already refines it (or has its result): join it there
+        elif awaiting:
+            return "wait"  # a node that may hold it has not reported yet
+        else:
+            # a task that depends on results (a vote) goes to a node not holding them
+            result_holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
+            address = self.table.choose(
+                record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), result_holders
+            )
+        if address is None:
+            # this task's nodes are full (e.g. GPU only): others may still fit
+            return "full" if self.table.room.max(initial=0) <= 0 else "wait"
+        record.state, record.worker, record.failed_here = "bound", address, False
+        record.attempts += 1
+        ts.worker_restrictions = {address}
+        node = self.nodes[address]
+        node.bound.add(record.key)
+        self._update_room(node)
+        return record.key
 
     def _gpu_only(self, traits: TaskTraits) -> bool:
         return traits.task_class in self.policy.gpu_classes
@@ -348,12 +372,21 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         rates = {}
         for address, node in self.nodes.items():
             ws = self.scheduler.workers.get(address)
-            figures = (ws.metrics.get("rqml") if ws is not None else None) or {}
-            if figures:
-                node.figures = figures
-                rates[address] = figures.get("iterations_per_second", 0.0)
-                self.table.set_warm(address, figures.get("warm_models", []))
-                self.table.gpu[self.table.index[address]] = figures.get("gpu_count", 0) > 0
+            raw = (ws.metrics.get("rqml") if ws is not None else None) or {}
+            if raw:
+                try:
+                    figures = check_figures(raw)
+                except InvalidFigures as exc:
+                    if node.invalid_figures != str(exc):
+                        logger.warning("node %s sent invalid heartbeat figures, not used: %s", address, exc)
+                        events.publish(self.scheduler, events.ALERTS, "invalid-figures", worker=address, error=str(exc))
+                    node.invalid_figures = str(exc)
+                else:
+                    node.invalid_figures = None
+                    node.figures = figures
+                    rates[address] = figures["iterations_per_second"]
+                    self.table.set_warm(address, figures["warm_models"])
+                    self.table.gpu[self.table.index[address]] = figures["gpu_count"] > 0
             self.table.reliability[self.table.index[address]] = node.reliability.score(now)
             self._update_room(node)
         self.table.set_speeds(rates)
@@ -384,6 +417,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 "gpu_count": f.get("gpu_count", 0),
                 "checkpoint_backlog": (f.get("checkpoints") or {}).get("pending", 0),
                 "link": f.get("link", {}),
+                "invalid_figures": node.invalid_figures,
             }
         tasks = {
             r.traits.task_id: {

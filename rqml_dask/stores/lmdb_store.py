@@ -36,6 +36,14 @@ def open_environment(path: Path) -> lmdb.Environment:
         return env
 
 
+def close_environment(path: Path) -> None:
+    """Close the shared environment of ``path``, if this process has it open."""
+    with _environments_lock:
+        env = _environments.pop(path.resolve(), None)
+    if env is not None:
+        env.close()
+
+
 class LMDBStore(RecordStore):
     scheme = "lmdb"
 
