@@ -30,7 +30,8 @@ def main() -> None:
 @click.argument("pipeline_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--scheduler", metavar="ADDRESS", help="Use this Dask scheduler instead of an embedded cluster.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar while tasks run.")
-def run(pipeline_file: Path, scheduler: str | None, progress: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an output another pipeline configuration wrote.")
+def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: bool) -> None:
     """Run every task of PIPELINE_FILE and write its output Zarr."""
     from distributed import Client
 
@@ -38,8 +39,8 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool) -> None:
 
     try:
         pipeline = Pipeline.from_yaml(pipeline_file)
-        pipeline.tasks()  # refuse bad input before any cluster starts
-    except (PipelineConfigError, InputError) as exc:
+        pipeline.check_output(pipeline.tasks(), overwrite)  # refuse bad input or output before any cluster starts
+    except (PipelineConfigError, InputError, PipelineError) as exc:
         raise click.ClickException(str(exc)) from None
     with contextlib.ExitStack() as stack:
         if scheduler:
@@ -49,12 +50,13 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool) -> None:
             client = stack.enter_context(Client(cluster))
         click.echo(f"dashboard    {client.dashboard_link}", err=True)
         try:
-            report = pipeline.run(client, progress=progress)
+            report = pipeline.run(client, progress=progress, overwrite=overwrite)
         except (PipelineError, InputError) as exc:
             raise click.ClickException(f"{exc}\noutput left marked incomplete: {pipeline.output_ref}") from None
     click.echo(report.summary())
     if report.rejected:
-        click.echo(f"{len(report.rejected)} task(s) failed validation: output marked 'rejected'", err=True)
+        click.echo(f"{len(report.rejected)} of {len(report.outcomes)} task(s) not accepted "
+                   f"(listed above): output marked 'rejected'", err=True)
         sys.exit(1)
 
 
@@ -142,8 +144,11 @@ def data() -> None:
 @click.option("--psf-sigma", type=_floats, default="2.0,1.2,1.2", show_default=True, help="Gaussian PSF sigma per axis (voxels).")
 @click.option("--photons", type=float, default=300.0, show_default=True, help="Counts per unit intensity (Poisson noise).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def synth(store: Path, kind: str, shape, psf_sigma, photons: float, seed: int) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace STORE if it exists.")
+def synth(store: Path, kind: str, shape, psf_sigma, photons: float, seed: int, overwrite: bool) -> None:
     """Write a synthetic ground truth, PSF and blurred noisy observation to STORE."""
+    if store.exists() and not overwrite:
+        raise click.ClickException(f"{store} exists: pass --overwrite to replace it")
     try:
         spec = SynthSpec(kind=kind, shape=shape, psf_sigma=psf_sigma, photons=photons, seed=seed)
         path = write_synthetic(store, spec)

@@ -7,6 +7,7 @@ RQML task.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -40,11 +41,41 @@ class ErrorFigures:
     truth_ss: float
 
 
+TERMINAL_STATES = {
+    "accepted": "nothing",
+    "stalled": "add or change models of the ladder, or relax convergence.min_progress",
+    "max_iterations": "raise convergence.max_iterations, or set convergence.accept_max_iterations",
+    "terminated": "see the reason; the next run tries it again",
+    "rejected": "see the validation failures",
+    "failed": "fix the model; the next run tries it again",
+}
+"""Every task ends in one of these states, each with what to do about it. Only ``accepted``
+(converged, or at ``max_iterations`` where the pipeline accepts that, and validated) counts:
+``stalled`` (every model of the ladder and the policy's diversity stalled), ``max_iterations``
+(not converged), ``terminated`` (a supervision decision, or the policy's max_task_seconds),
+``rejected`` (failed validation, a cross-node vote included), ``failed`` (its model raised)."""
+
+
+def terminal_state(status: str, validation_failures: list[str], accept_max_iterations: bool) -> str:
+    """The :data:`TERMINAL_STATES` entry of a task that stopped with ``status``."""
+    if status == "failed":
+        return "failed"
+    if validation_failures:
+        return "rejected"
+    if status == "converged" or (status == "max_iterations" and accept_max_iterations):
+        return "accepted"
+    return status
+
+
 @dataclass
 class TaskOutcome:
     """What a finished RQML task reports to whoever submitted it.
 
+    ``state`` is its terminal state (:data:`TERMINAL_STATES`); ``status`` how its refinement
+    stopped (``converged``, ``stalled``, ``max_iterations``, ``terminated``, ``failed``).
+
     ``node`` is the worker that refined it; ``vote`` the cross-node vote, if one ran;
+    ``input_digest`` the content it was computed from (:func:`load_problem`);
     ``resumed_from`` the checkpoint iteration the final run started from (``None``: from the
     start) and ``began_at`` when that run began (Unix seconds); ``reused`` says it was
     recorded before and nothing was recomputed; ``reconciled`` that it finished while its
@@ -53,6 +84,7 @@ class TaskOutcome:
     """
 
     task_id: str
+    state: str
     status: str
     iterations: int
     model: str
@@ -71,22 +103,34 @@ class TaskOutcome:
     reused: bool = False
     reconciled: bool = False
     began_at: float = 0.0
+    input_digest: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:
-        return self.status != "failed" and not self.validation_failures
+        return self.state == "accepted"
 
 
-def load_problem(task: RQMLTask, backend: ArrayBackend) -> dict:
-    """The task's image window and PSF, on ``backend``, as float32."""
+RESULT_FORMAT = b"rqml-result-2"
+"""Part of every input digest: a release that computes or records results differently bumps
+it, and no result or checkpoint of an older one is used."""
+
+
+def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]:
+    """The task with its ``input_digest`` (of the image window and PSF as read, and
+    :data:`RESULT_FORMAT`), and its problem: the window and PSF on ``backend``, as float32."""
     image = read_window(task.input.image, task.region)
     psf = np.asarray(open_array(task.input.psf)[...], dtype=np.float32)
     if psf.ndim != image.ndim:
         raise InputError(f"PSF {task.input.psf} has rank {psf.ndim}, image {task.input.image} has rank {image.ndim}")
     if not np.all(np.isfinite(psf)) or psf.sum() <= 0:
         raise InputError(f"PSF {task.input.psf} must be finite with a positive sum")
-    return {"image": backend.asarray(image), "psf": backend.asarray(psf)}
+    digest = hashlib.blake2b(RESULT_FORMAT, digest_size=16)
+    for array in (image, psf):
+        digest.update(repr((array.shape, array.dtype.str)).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    task = replace(task, input_digest=digest.hexdigest())
+    return task, {"image": backend.asarray(image), "psf": backend.asarray(psf)}
 
 
 def error_figures(task: RQMLTask, core: np.ndarray, observed: np.ndarray) -> ErrorFigures | None:
@@ -117,12 +161,12 @@ def run_task(task: RQMLTask) -> TaskOutcome:
 
     node = current_node()
     checkpointer = node.checkpointer_for(task.checkpoint) if task.checkpoint else None
+    task, problem = load_problem(task, node.orchestrator.backend)
     if (recorded := recorded_outcome(task, checkpointer)) is not None:
         return recorded
     job = node.claim(task)
     if job is None:
         resume = checkpointer.latest(task) if checkpointer is not None else None
-        problem = load_problem(task, node.orchestrator.backend)
         job = node.start_job(task, problem, checkpointer, resume)
         events.publish(node.worker, events.TASK_INBOUND, "queued", task_id=task.task_id, worker=node.worker.address,
                        resume_from=resume.checkpoint.iteration if resume is not None and resume.checkpoint else None)
@@ -144,10 +188,11 @@ def run_task(task: RQMLTask) -> TaskOutcome:
 
 
 def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskOutcome | None:
-    """The outcome recorded for ``task`` (its done marker) if its core is in the output too:
-    the task is finished and nothing needs computing or writing; else ``None``. A marker
-    that does not decode (damaged, or of another release's format) is ignored, with an
-    alert: the task is computed again."""
+    """The outcome recorded for ``task`` (its done marker) if its core is in the output too
+    and it was computed from the input the task has now (its ``input_digest``): the task is
+    finished and nothing needs computing or writing; else ``None``. A marker that does not
+    decode (damaged, or of another release's format) is ignored, with an alert: the task is
+    computed again."""
     recorded = checkpointer.outcome(task) if checkpointer is not None else None
     if recorded is None or not core_written(task.output, task.region):
         return None
@@ -157,6 +202,9 @@ def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskO
         reason = f"recorded outcome of {task.task_id} unreadable, computing it again: {exc.errors()[0]['msg']}"
         logger.warning(reason)
         checkpointer.on_alert("outcome-rejected", {"task_id": task.task_id, "reason": reason})
+        return None
+    if outcome.input_digest is None or outcome.input_digest != task.input_digest:
+        logger.info("recorded outcome of %s was computed from other input data: computing it again", task.task_id)
         return None
     return replace(outcome, reused=True)
 
@@ -173,6 +221,7 @@ def outcome_of(job: Job, refinement: Refinement, node: str, core: np.ndarray | N
     to_numpy = refinement.backend.to_numpy
     return TaskOutcome(
         task_id=task.task_id,
+        state=terminal_state(refinement.status, refinement.validation_failures, task.convergence.accept_max_iterations),
         status=refinement.status,
         iterations=refinement.iteration,
         model=refinement.model_name,
@@ -188,6 +237,7 @@ def outcome_of(job: Job, refinement: Refinement, node: str, core: np.ndarray | N
         node=node,
         resumed_from=refinement.resumed_from,
         began_at=job.began_at,
+        input_digest=task.input_digest,
         notes=list(job.resume.rejected) if job.resume is not None else [],
     )
 
@@ -198,7 +248,8 @@ def deliver(node: NodePlugin, job: Job, refinement: Refinement, outcome: TaskOut
     is made here. If a result for the task was recorded and written first (by another
     node), that one stands: nothing is written and its outcome is returned. A failed task
     (its model raised) has no result: nothing is written or recorded, and the next run of
-    the pipeline tries it again."""
+    the pipeline tries it again; a terminated one is written but not recorded, so the next
+    run tries it again too (from its checkpoints)."""
     task = job.task
     if (recorded := recorded_outcome(task, job.checkpointer)) is not None:
         node.forget(job)
@@ -210,7 +261,7 @@ def deliver(node: NodePlugin, job: Job, refinement: Refinement, outcome: TaskOut
         if outcome is None:
             outcome = outcome_of(job, refinement, node.worker.address, core)
         write_core(task.output, task.region, core)
-        if job.checkpointer is not None:
+        if job.checkpointer is not None and outcome.state != "terminated":  # a terminated one: tried again
             job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
     node.forget(job)
     events.publish(node.worker, events.TASK_RESULTS, "finished", task_id=task.task_id, worker=node.worker.address,
@@ -256,7 +307,9 @@ def tally_vote(task: RQMLTask, outcome: TaskOutcome, voters: list[TaskOutcome]) 
     tolerance = task.validation.vote_tolerance
     failures = [f"vote: {m} differs by {d:.3g} > {tolerance:g}" for m, d in differences.items() if d > tolerance]
     vote = {"differences": differences, "tolerance": tolerance, "agreed": not failures, "voters": [v.node for v in voters]}
-    return replace(outcome, vote=vote, validation_failures=[*outcome.validation_failures, *failures])
+    failures = [*outcome.validation_failures, *failures]
+    state = terminal_state(outcome.status, failures, task.convergence.accept_max_iterations)
+    return replace(outcome, vote=vote, validation_failures=failures, state=state)
 
 
 OUTCOME = TypeAdapter(TaskOutcome)

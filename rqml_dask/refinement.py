@@ -253,6 +253,7 @@ class Refinement:
         uninterrupted (ladder history, heuristics' window), JSON/msgpack-friendly."""
         return {
             "task_key": self.task.key,
+            "input_digest": self.task.input_digest,
             "models": list(self.models),
             "iteration": self.iteration,
             "runs": [asdict(run) for run in self.runs],
@@ -286,6 +287,8 @@ class Refinement:
         models = list(state.get("models", task.model_ladder))
         if state.get("task_key") != task.key or models[position] != checkpoint.model_config.model:
             raise CheckpointError(f"checkpoint at iteration {checkpoint.iteration} belongs to another task or ladder")
+        if state.get("input_digest") != task.input_digest:
+            raise CheckpointError(f"checkpoint at iteration {checkpoint.iteration} was made from other input data")
         refinement = cls(task, problem, backend)
         refinement.models = models
         refinement._switch_model(position, estimate=None)

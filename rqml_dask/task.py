@@ -34,6 +34,8 @@ class ConvergenceSettings:
     A task converges when stability and consistency both hold. The heuristics are evaluated
     every ``check_every`` iterations (each check costs a float64 misfit and one state copy).
     ``max_iterations`` bounds the whole task, ``max_iterations_per_model`` each model on the ladder.
+    A task that reaches ``max_iterations`` without converging is not accepted unless
+    ``accept_max_iterations`` is true (for fixed-iteration runs, where the count is the rule).
     """
 
     __pydantic_config__ = _STRICT
@@ -45,6 +47,7 @@ class ConvergenceSettings:
     consistency_tol: NonNegativeFloat = 1e-3
     novelty_window: PositiveInt = 20
     min_progress: NonNegativeFloat = 1e-3
+    accept_max_iterations: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,15 +171,20 @@ class RQMLTask:
     convergence: ConvergenceSettings = ConvergenceSettings()
     validation: ValidationSettings = ValidationSettings()
     checkpoint: CheckpointSettings | None = None
+    input_digest: str | None = None
 
     @property
     def key(self) -> str:
         """``task_id@fingerprint``: names the task's checkpoints and result in every store.
 
-        The fingerprint covers what determines the result (data, region, ladder, parameters,
-        convergence and validation settings), not scheduling or checkpoint settings, so a
-        changed pipeline never resumes from a checkpoint of a different computation."""
-        body = {k: v for k, v in self.to_dict().items() if k not in ("priority", "expected_difficulty", "checkpoint")}
+        The fingerprint covers what determines the result (where the data is, region, ladder,
+        parameters, convergence and validation settings), not scheduling or checkpoint
+        settings, so a changed pipeline never resumes from a checkpoint of a different
+        computation. The data's content is ``input_digest``, filled in by the worker from
+        what it read (:func:`rqml_dask.execution.load_problem`): a recorded result or a
+        checkpoint is used only if it was made from the same content."""
+        body = {k: v for k, v in self.to_dict().items()
+                if k not in ("priority", "expected_difficulty", "checkpoint", "input_digest")}
         digest = hashlib.sha256(msgpack.packb(body)).hexdigest()[:16]
         return f"{self.task_id}@{digest}"
 

@@ -54,7 +54,7 @@ def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
         "output": {"store": str(out)},
         "tiling": {"tile": [12, 24, 24], "halo": "auto"},
         "models": {"ladder": ["richardson_lucy", "richardson_lucy_accelerated"]},
-        "convergence": {"max_iterations": 60, "check_every": 5},
+        "convergence": {"max_iterations": 60, "check_every": 5, "accept_max_iterations": True},  # a fixed budget
         "cluster": {"n_workers": 2, "dashboard_address": "127.0.0.1:0"},
         "checkpoint": {"every_iterations": 10},
     }

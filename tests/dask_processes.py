@@ -76,6 +76,15 @@ def rqml_worker(scheduler: str, name: str, http_port: int, directory: Path, env:
     )
 
 
+def node_worker(scheduler: str, name: str, log: Path, env: dict[str, str] | None = None) -> DaskProcess:
+    """``dask worker`` with the node preload, one thread and no Nanny: killed, it stays dead."""
+    return DaskProcess(
+        ["worker", scheduler, "--no-nanny", "--preload", "rqml_dask.node", "--name", name, "--nthreads", "1",
+         "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
+        log, env,
+    )
+
+
 class TcpLink:
     """A loopback TCP relay to ``target_port`` that can be cut (every connection through it
     is aborted, new ones are closed at once) and restored."""

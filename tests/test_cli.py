@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import zarr
@@ -44,3 +46,94 @@ def test_bad_pipeline_is_refused_before_any_cluster_starts(tmp_path):
     assert f"{config}: 1 invalid setting(s):" in done.stderr
     assert "convergence.check_every: Input should be greater than 0 (got -1)" in done.stderr
     assert "dashboard" not in done.stderr
+
+
+FIXED = {"max_iterations": 20, "check_every": 5, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 1000}
+NOT_ACCEPTED = {
+    # every model stalls: a stability no model reaches, a progress bar none keeps up with
+    "stalled": {"convergence": {"max_iterations": 300, "check_every": 5, "stability_tol": 1e-12, "novelty_window": 10, "min_progress": 0.5}},
+    "max_iterations": {"convergence": FIXED},  # not converged, and the pipeline does not accept that
+    "rejected": {"convergence": {**FIXED, "accept_max_iterations": True}, "validation": {"max_misfit": 1e-9}},
+    "failed": {"convergence": {**FIXED, "accept_max_iterations": True}, "models": {"ladder": ["raising_model:RaisingModel"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def scheduler_address():
+    from heterogeneous_cluster import heterogeneous_cluster
+
+    with heterogeneous_cluster([1.0, 1.0]) as cluster:
+        yield cluster.scheduler_address
+
+
+def rqml_on(address: str, config: Path) -> subprocess.CompletedProcess:
+    """``rqml run CONFIG --scheduler ADDRESS``, with the tests' models importable."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run([sys.executable, "-m", "rqml_dask.cli", "run", str(config), "--scheduler", address, "--no-progress"],
+                          capture_output=True, text=True, timeout=bound(240), env=env)
+
+
+@pytest.mark.parametrize("state", [*NOT_ACCEPTED, "terminated"])
+def test_a_run_with_a_task_not_accepted_exits_non_zero_names_it_and_leaves_the_output_not_complete(
+    tmp_path, small_volume, scheduler_address, state
+):
+    from distributed import Client
+
+    settings = {"models": {"ladder": ["richardson_lucy"]}, "tiling": {"tile": [24, 48, 48]}, **NOT_ACCEPTED.get(state, {})}
+    if state == "terminated":  # the operator's policy ends tasks refining longer than a second
+        settings.update(models={"ladder": ["sleepy_model:SleepyModel"]}, convergence={**FIXED, "max_iterations": 10**6})
+        with Client(scheduler_address) as client:
+            client.sync(client.scheduler.rqml_policy, policy={"version": 2, "max_task_seconds": 1.0})
+    config = write_yaml(tmp_path / "p.yaml", pipeline_dict(small_volume, tmp_path / "out.zarr", **settings))
+    done = rqml_on(scheduler_address, config)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(rf"^tasks\s+1 \(1 {state}\)$", done.stdout, re.M), done.stdout
+    assert re.search(rf"^  test/0: {state}\b.*; to do: ", done.stdout, re.M), done.stdout
+    reason = {"terminated": "exceeded max_task_seconds=1", "failed": "RuntimeError: a bug in the model",
+              "rejected": "above max_misfit", "stalled": "stalled on every model"}.get(state, "")
+    assert reason in done.stdout, done.stdout
+    assert "1 of 1 task(s) not accepted" in done.stderr
+    attrs = zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]
+    assert attrs["status"] == "rejected" and attrs["rejected"] == {"test/0": state}
+
+
+def test_an_input_regenerated_in_place_is_computed_again_and_an_unchanged_one_is_reused(tmp_path):
+    store = tmp_path / "vol.zarr"
+    synth = ["data", "synth", str(store), "--shape", "20,40,40", "--psf-sigma", "1.5,1,1"]
+    assert rqml(*synth, "--seed", "3").returncode == 0
+    config = write_yaml(tmp_path / "p.yaml", pipeline_dict(store, tmp_path / "out.zarr", tiling={"tile": [10, 20, 20]}))
+    assert rqml("run", str(config), "--no-progress").returncode == 0
+
+    refused = rqml(*synth, "--seed", "4")  # the same path: refused without --overwrite
+    assert refused.returncode == 1 and f"{store} exists: pass --overwrite to replace it" in refused.stderr
+    assert rqml(*synth, "--seed", "4", "--overwrite").returncode == 0  # other content, same path and metadata
+    again = rqml("run", str(config), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert re.search(r"0 reused from an earlier run", again.stdout), again.stdout
+    fresh = write_yaml(tmp_path / "fresh.yaml", pipeline_dict(store, tmp_path / "fresh.zarr", tiling={"tile": [10, 20, 20]}))
+    assert rqml("run", str(fresh), "--no-progress").returncode == 0
+    result = lambda name: zarr.open_group(tmp_path / name, mode="r")["deconvolved"][...]  # noqa: E731
+    assert (result("out.zarr") == result("fresh.zarr")).all()  # what a fresh run on the new data gives
+
+    unchanged = rqml("run", str(config))  # nothing changed but the progress bar: all reused
+    assert unchanged.returncode == 0 and re.search(r"8 reused from an earlier run", unchanged.stdout), unchanged.stdout
+    assert (result("out.zarr") == result("fresh.zarr")).all()
+
+
+def test_an_output_of_another_configuration_or_a_file_is_refused_before_any_cluster_starts(tmp_path, small_volume):
+    out = tmp_path / "out.zarr"
+    first = write_yaml(tmp_path / "a.yaml", pipeline_dict(small_volume, out, tiling={"tile": [24, 48, 48]}))
+    assert rqml("run", str(first), "--no-progress").returncode == 0
+    before = zarr.open_group(out, mode="r")["deconvolved"][...]
+    other = write_yaml(tmp_path / "b.yaml", pipeline_dict(small_volume, out, tiling={"tile": [12, 24, 24]}))
+    refused = rqml("run", str(other), "--no-progress")
+    assert refused.returncode == 1 and "dashboard" not in refused.stderr  # no cluster started
+    assert f"output {out} was written by another pipeline configuration: pass --overwrite" in refused.stderr
+    assert (zarr.open_group(out, mode="r")["deconvolved"][...] == before).all()  # nothing lost
+    assert zarr.open_group(out, mode="r").attrs["rqml"]["status"] == "complete"
+    assert rqml("run", str(other), "--no-progress", "--overwrite").returncode == 0
+    (tmp_path / "file.zarr").write_text("not a group")
+    on_file = write_yaml(tmp_path / "c.yaml", pipeline_dict(small_volume, tmp_path / "file.zarr"))
+    refused = rqml("run", str(on_file), "--no-progress")
+    assert refused.returncode == 1 and "exists and is not a Zarr group (a file)" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -46,7 +46,7 @@ def checkpointed_midway(client: Client) -> list[str]:
 
 
 def long_pipeline(tmp_path, store, iterations=400, name="long") -> Pipeline:
-    fixed = {"max_iterations": iterations, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6}
+    fixed = {"max_iterations": iterations, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6, "accept_max_iterations": True}
     data = pipeline_dict(store, tmp_path / f"{name}.zarr", name=name, convergence=fixed, models={"ladder": ["richardson_lucy"]})
     return Pipeline.from_yaml(write_yaml(tmp_path / f"{name}.yaml", data))
 

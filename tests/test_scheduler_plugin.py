@@ -18,6 +18,8 @@ from rqml_dask import Pipeline, events
 from rqml_dask.events import SUPERVISION, TASK_RESULTS
 
 from conftest import pipeline_dict, write_yaml
+from dask_processes import dask_scheduler, node_worker
+from etcd_server import free_port
 from heterogeneous_cluster import heterogeneous_cluster, placement, sleepy_pipeline
 from timing import bound, gather, wait_for
 
@@ -50,7 +52,7 @@ def test_a_node_that_keeps_failing_gets_fewer_tasks(tmp_path, small_volume):
     rejected = {o.node for o in report.rejected}
     assert len(rejected) == 1 and all(o.validation_failures for o in report.rejected)
     faulty = next(n for n in counts if n.startswith("worker-2"))
-    assert counts[faulty] <= 5 and min(v for n, v in counts.items() if n != faulty) >= 10, counts
+    assert counts[faulty] <= 5 and all(v > counts[faulty] for n, v in counts.items() if n != faulty), counts
     assert status["nodes"][rejected.pop()]["reliability"] < 0.3
 
 
@@ -74,32 +76,33 @@ def test_supervision_decisions_are_published_and_tasks_end_in_a_clear_state(tmp_
 
 
 def test_losing_a_node_and_adding_one_mid_run_loses_no_task_and_runs_none_twice(tmp_path, small_volume):
-    # The fast node is killed; the slow one (three times slower) left alone holds enough work
-    # for the new node to join and take some, however long a worker takes to start here.
-    with heterogeneous_cluster([1.0, 3.0]) as cluster, Client(cluster) as client:
-        client.wait_for_workers(2, timeout=bound(60))
-        finished = []
-        client.subscribe_topic(TASK_RESULTS, lambda event: finished.append(event[1]["task_id"]))
-        pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=60, delay=0.01, name="churn")
-        futures = pipeline.submit(client)
-        wait_for(lambda: len(finished) >= 2, interval=0.02, what="two tasks finished")
-        victim = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "worker-0-x1")
-        os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
-        joining = subprocess.Popen(  # a new node joins, the way users start one
-            [str(Path(sys.executable).with_name("dask")), "worker", cluster.scheduler_address, "--nthreads", "1",
-             "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.node", "--name", "joiner"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},  # it runs the tests' sleepy model
-        )
-        try:
+    # The fast node is killed (no Nanny brings it back); the slow one (three times slower) left
+    # alone holds enough work for a new node to join and take some, however long a worker
+    # takes to start on this machine.
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    logs = tmp_path / "logs"
+    scheduler = dask_scheduler(port, logs / "scheduler.log").start()
+    fast = node_worker(address, "fast", logs / "fast.log", env={"RQML_TEST_SLOWDOWN": "1"}).start()
+    slow = node_worker(address, "slow", logs / "slow.log", env={"RQML_TEST_SLOWDOWN": "3"}).start()
+    joiner = node_worker(address, "joiner", logs / "joiner.log")
+    try:
+        with Client(address, timeout=bound(60)) as client:
+            client.wait_for_workers(2, timeout=bound(60))
+            finished = []
+            client.subscribe_topic(TASK_RESULTS, lambda event: finished.append(event[1]["task_id"]))
+            pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=60, delay=0.01, name="churn")
+            futures = pipeline.submit(client)
+            wait_for(lambda: len(finished) >= 2, interval=0.02, what="two tasks finished")
+            fast.kill()  # SIGKILL, mid-run
+            joiner.start()  # a new node joins, the way users start one
             outcomes = gather(client, futures)
             wait_for(lambda: len(finished) == 27, what="27 task results published")
-            nodes = {o.node for o in outcomes}
-            joiner = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "joiner")
-        finally:
-            joining.terminate()
-            joining.wait(bound(30))
-    assert joiner in nodes  # the new node took work
+            names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+    finally:
+        for process in (joiner, slow, fast, scheduler):
+            process.kill()
+    assert "joiner" in {names.get(o.node) for o in outcomes}  # the new node took work
     assert sorted(o.task_id for o in outcomes) == sorted(t.task_id for t in pipeline.tasks())
     assert sorted(finished) == sorted(set(finished))  # each task ran to completion exactly once
 
@@ -188,7 +191,8 @@ def test_a_rerouted_task_resumes_on_another_node_from_its_checkpoint(tmp_path, s
 def test_cross_node_vote_accepts_agreeing_results_and_rejects_others(tmp_path, small_volume, tolerance, agreed):
     config = pipeline_dict(small_volume, tmp_path / "out.zarr", tiling={"tile": [24, 24, 24]},
                            models={"ladder": ["richardson_lucy"]},
-                           convergence={"max_iterations": 20, "check_every": 5, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 1000},
+                           convergence={"max_iterations": 20, "check_every": 5, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 1000,
+                                        "accept_max_iterations": True},
                            validation={"vote_models": ["landweber"], "vote_tolerance": tolerance})
     with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
         client.wait_for_workers(2, timeout=bound(60))

@@ -45,6 +45,12 @@ DONE_PREFIX = "done:"
 """Pending-replication marker of a task's done record (beside its checkpoint's)."""
 
 
+def done_key(task: RQMLTask) -> str:
+    """Where a task's outcome is recorded: its key and the digest of the input it read, so a
+    result of other input content is never found (and never blocks recording a new one)."""
+    return f"{task.key}~{task.input_digest}" if task.input_digest else task.key
+
+
 @dataclass
 class Resume:
     """The newest valid checkpoint of a task, its artifact arrays (host), and why any newer
@@ -135,24 +141,26 @@ class Checkpointer:
         return Resume(None, {}, rejected)
 
     def outcome(self, task: RQMLTask) -> bytes | None:
-        """The recorded outcome of a task that finished before, from LMDB or the shared store."""
-        found = self.local.done(task.key)
+        """The recorded outcome of a task that finished before from the same input content,
+        from LMDB or the shared store."""
+        found = self.local.done(done_key(task))
         if found is None and self.shared is not None:
             try:
-                found = self.shared.done(task.key)
+                found = self.shared.done(done_key(task))
             except StoreUnavailable:
                 pass
         return found
 
     def finish(self, task: RQMLTask, outcome: bytes) -> None:
-        """Record a finished task's outcome (first record wins) and apply retention."""
+        """Record a finished task's outcome (first record wins, per input content) and apply
+        retention."""
         key = task.key
         with self._cond:
             self._finished.add(key)
             self._queued.pop(key, None)
-        self.local.put_done(key, outcome)
+        self.local.put_done(done_key(task), outcome)
         if self.shared is not None:
-            self._replicate_done(key, outcome)
+            self._replicate_done(done_key(task), outcome)
         if task.checkpoint is None or task.checkpoint.retention == "delete":
             self.local.forget(key)
             if self.shared is not None:

@@ -266,7 +266,7 @@ class NodePlugin(WorkerPlugin):
             try:
                 checkpointer = self.checkpointer_for(task.checkpoint) if task.checkpoint else None
                 resume = checkpointer.latest(task) if checkpointer is not None else None
-                problem = load_problem(task, self.orchestrator.backend)
+                task, problem = load_problem(task, self.orchestrator.backend)
                 outcome = OUTCOME.validate_json(parked[task.key]) if task.key in parked else None
             except Exception as exc:
                 logger.error("held task %s cannot be resumed, dropped: %s", task.task_id, exc)

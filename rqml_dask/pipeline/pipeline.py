@@ -17,6 +17,7 @@ output is created until every task has finished and passed validation; only then
 
 from __future__ import annotations
 
+import hashlib
 import math
 import socket
 import time
@@ -33,7 +34,7 @@ from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 from distributed.comm import get_address_host_port
 
-from rqml_dask.execution import TaskOutcome, run_task, run_vote, tally_vote, vote_array, voter_tasks
+from rqml_dask.execution import TERMINAL_STATES, TaskOutcome, run_task, run_vote, tally_vote, vote_array, voter_tasks
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
 from rqml_dask.scheduler.assignment import TaskTraits
 from rqml_dask.synthetic import write_synthetic
@@ -67,21 +68,24 @@ class RunReport:
 
     @property
     def rejected(self) -> list[TaskOutcome]:
+        """The tasks that ended in any terminal state but ``accepted``."""
         return [o for o in self.outcomes if not o.accepted]
 
     def summary(self) -> str:
-        statuses: dict[str, int] = {}
+        """What ``rqml run`` prints: the figures, and each task not accepted with why and
+        what to do."""
+        states: dict[str, int] = {}
         for o in self.outcomes:
-            statuses[o.status] = statuses.get(o.status, 0) + 1
+            states[o.state] = states.get(o.state, 0) + 1
         lines = [
             f"pipeline     {self.pipeline}",
-            f"tasks        {len(self.outcomes)} ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})",
+            f"tasks        {len(self.outcomes)} ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})",
             f"iterations   {self.iterations} (mean {self.iterations / max(len(self.outcomes), 1):.1f} per task)",
             f"escalations  {self.escalations}",
             f"recovered    {sum(o.resumed_from is not None for o in self.outcomes)} resumed from checkpoints, "
             f"{sum(o.reconciled for o in self.outcomes)} finished by nodes without a scheduler, "
             f"{sum(o.reused and not o.reconciled for o in self.outcomes)} reused from an earlier run",
-            f"rejected     {len(self.rejected)}",
+            f"not accepted {len(self.rejected)}",
             f"time         {self.elapsed_s:.1f} s",
             f"output       {self.output}",
         ]
@@ -89,6 +93,9 @@ class RunReport:
             lines.append(
                 f"error vs truth (relative RMSE): input {self.input_error:.4f} -> output {self.output_error:.4f}"
             )
+        for o in self.rejected:
+            why = "; ".join(o.validation_failures) if o.state == "rejected" else o.reason
+            lines.append(f"  {o.task_id}: {o.state}{f' ({why})' if why else ''}; to do: {TERMINAL_STATES[o.state]}")
         return "\n".join(lines)
 
 
@@ -181,29 +188,64 @@ class Pipeline:
             for i, region in enumerate(regions)
         ]
 
-    def create_output(self, tasks: list[RQMLTask]) -> None:
-        """Create the output array chunked by task core, or keep the one a previous run of
-        this pipeline left (same shape and chunks: its finished cores are reused); mark it
-        incomplete."""
-        image = open_array(self.input_refs.image)
-        tile = tuple(min(t, n) for t, n in zip(self.config.tiling.tile, image.shape))
-        group = zarr.open_group(self.config.output.store, mode="a")
-        names = [self.config.output.array] + [vote_array(self.config.output.array, m) for m in self.config.validation.vote_models]
-        for name in names:
+    def check_output(self, tasks: list[RQMLTask], overwrite: bool = False) -> None:
+        """Refuse (:class:`PipelineError`) an output that this run would destroy: a path that
+        is not a Zarr group, or a group written by another pipeline configuration (other
+        tasks: shape, tiling, models or settings) or holding arrays of another shape or
+        chunking, unless ``overwrite``. Reads metadata only; writes nothing."""
+        store = Path(self.config.output.store)
+        if store.exists() and not store.is_dir():
+            raise PipelineError(f"output {store} exists and is not a Zarr group (a file): choose another output.store")
+        if not store.exists() or overwrite:
+            return
+        try:
+            group = zarr.open_group(store, mode="r")
+        except Exception as exc:
+            raise PipelineError(f"output {store} exists and is not a readable Zarr group ({exc}): "
+                                "choose another output.store, or pass --overwrite") from None
+        recorded = dict(group.attrs).get("rqml", {}).get("configuration")
+        if recorded is not None and recorded != _configuration(tasks):
+            raise PipelineError(f"output {store} was written by another pipeline configuration: pass --overwrite to "
+                                "replace it, or choose another output.store")
+        shape, chunks = self._output_layout()
+        for name in self._output_arrays():
             existing = group.get(name)
-            if not (isinstance(existing, zarr.Array) and existing.shape == image.shape and existing.chunks == tile):
-                group.create_array(name, shape=image.shape, chunks=tile, dtype="float32", overwrite=True)
+            if existing is not None and not (isinstance(existing, zarr.Array) and existing.shape == shape and existing.chunks == chunks):
+                found = f"shape {existing.shape}, chunks {existing.chunks}" if isinstance(existing, zarr.Array) else "a group"
+                raise PipelineError(f"output {store}::{name} holds {found}, this pipeline writes shape {shape}, chunks "
+                                    f"{chunks}: pass --overwrite to replace it, or choose another output.store")
+
+    def create_output(self, tasks: list[RQMLTask], overwrite: bool = False) -> None:
+        """Check the output (:meth:`check_output`), then create the output array chunked by
+        task core, or keep the one a previous run of this pipeline left (its finished cores
+        are reused); mark it incomplete."""
+        self.check_output(tasks, overwrite)
+        shape, chunks = self._output_layout()
+        group = zarr.open_group(self.config.output.store, mode="a")
+        for name in self._output_arrays():
+            existing = group.get(name)
+            if not (isinstance(existing, zarr.Array) and existing.shape == shape and existing.chunks == chunks):
+                group.create_array(name, shape=shape, chunks=chunks, dtype="float32", overwrite=True)
         group.attrs["rqml"] = {
             "status": "incomplete",
             "pipeline": self.config.name,
+            "configuration": _configuration(tasks),
             "tasks": len(tasks),
             "started": datetime.now(timezone.utc).isoformat(),
         }
 
-    def submit(self, client: Client) -> list[Future]:
+    def _output_layout(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The output arrays' shape and chunks (one chunk per task core)."""
+        image = open_array(self.input_refs.image)
+        return tuple(image.shape), tuple(min(t, n) for t, n in zip(self.config.tiling.tile, image.shape))
+
+    def _output_arrays(self) -> list[str]:
+        return [self.config.output.array] + [vote_array(self.config.output.array, m) for m in self.config.validation.vote_models]
+
+    def submit(self, client: Client, overwrite: bool = False) -> list[Future]:
         """Check the input, create the output, and submit one Dask task per RQML task."""
         tasks = self.tasks()
-        self.create_output(tasks)
+        self.create_output(tasks, overwrite)
         return [self._submit_task(client, task) for task in tasks]
 
     def _submit_task(self, client: Client, task: RQMLTask) -> Future:
@@ -222,8 +264,10 @@ class Pipeline:
         with dask.annotate(rqml=asdict(traits)):  # read by the RQML scheduler plugin, if installed
             return client.submit(function, *args, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
 
-    def run(self, client: Client, progress: bool = True, reconnect_timeout: float = 300.0) -> RunReport:
-        """Submit every task, wait for all of them, and finalize the output.
+    def run(self, client: Client, progress: bool = True, reconnect_timeout: float = 300.0, overwrite: bool = False) -> RunReport:
+        """Submit every task, wait for all of them, and finalize the output (an existing
+        output another configuration wrote is refused unless ``overwrite``, see
+        :meth:`check_output`).
 
         If the client loses the scheduler, the tasks not yet returned are submitted again
         once a scheduler answers at the same address (Dask cancels a client's futures when
@@ -234,7 +278,7 @@ class Pipeline:
         of a few seconds it may take as long again); ``reconnect_timeout`` bounds the wait."""
         started = time.perf_counter()
         tasks = self.tasks()
-        self.create_output(tasks)
+        self.create_output(tasks, overwrite)
         pending = {task.task_id: (task, self._submit_task(client, task)) for task in tasks}
         outcomes: list[TaskOutcome] = []
         bar = _progress_bar(len(tasks), self.config.name, progress)
@@ -277,7 +321,8 @@ class Pipeline:
         return self.finalize(outcomes, time.perf_counter() - started)
 
     def finalize(self, outcomes: list[TaskOutcome], elapsed_s: float) -> RunReport:
-        """Build the report; mark the output complete only if every task was accepted."""
+        """Build the report; mark the output ``complete`` only if every task was accepted,
+        else ``rejected`` (with each task's terminal state)."""
         errors = [o.error for o in outcomes if o.error is not None]
         truth_ss = sum(e.truth_ss for e in errors)
         report = RunReport(
@@ -295,7 +340,7 @@ class Pipeline:
             finished=datetime.now(timezone.utc).isoformat(),
             iterations=report.iterations,
             escalations=report.escalations,
-            rejected=[o.task_id for o in report.rejected],
+            rejected={o.task_id: o.state for o in report.rejected},
             input_error=report.input_error,
             output_error=report.output_error,
             outcomes=[_outcome_record(o) for o in outcomes],
@@ -304,9 +349,15 @@ class Pipeline:
         return report
 
 
+def _configuration(tasks: list[RQMLTask]) -> str:
+    """A digest of the tasks' keys: equal for runs of pipelines that compute the same result."""
+    return hashlib.sha256("\n".join(sorted(t.key for t in tasks)).encode()).hexdigest()[:16]
+
+
 def _outcome_record(outcome: TaskOutcome) -> dict[str, Any]:
     return {
         "task_id": outcome.task_id,
+        "state": outcome.state,
         "status": outcome.status,
         "iterations": outcome.iterations,
         "model": outcome.model,

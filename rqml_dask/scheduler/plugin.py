@@ -59,6 +59,9 @@ from rqml_dask.scheduler.reliability import Reliability
 
 logger = logging.getLogger(__name__)
 
+DATA_ERRORS = ("InputError(",)
+"""Task errors (``repr`` of the exception, as Dask reports it) that blame the data, not the
+node: they do not lower its reliability."""
 HOLD = "rqml-hold"
 """The worker restriction that parks an RQML task until the plugin binds it."""
 
@@ -179,7 +182,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     node.reliability.success(now)
         elif start == "processing" and finish == "erred":
             record.state = "erred"
-            self._failure(record.worker, now)
+            if not str(kwargs.get("exception_text", "")).startswith(DATA_ERRORS):  # bad input is not the node's fault
+                self._failure(record.worker, now)
         elif finish in ("released", "waiting", "no-worker") and record.state != "held":
             # handed back by its node, its worker died, or its result was lost with a worker:
             # hold it again, to be bound elsewhere if another node has room
