@@ -39,7 +39,9 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
 
     try:
         pipeline = Pipeline.from_yaml(pipeline_file)
-        pipeline.check_output(pipeline.tasks(), overwrite)  # refuse bad input or output before any cluster starts
+        tasks = pipeline.tasks()  # refuse bad input or output before any cluster starts
+        pipeline.check_input()
+        pipeline.check_output(tasks, overwrite)
     except (PipelineConfigError, InputError, PipelineError) as exc:
         raise click.ClickException(str(exc)) from None
     with contextlib.ExitStack() as stack:

@@ -6,6 +6,8 @@ Every reader here validates what it reads (present, right rank, finite) and rais
 
 from __future__ import annotations
 
+import itertools
+
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,37 @@ def read_window(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.nd
     if any(p for pair in pad for p in pair):
         data = np.pad(data, pad, mode="symmetric")
     return data
+
+
+def check_values(ref: ArrayRef) -> None:
+    """Refuse (:class:`InputError`) an image the models cannot use as it is: NaN or infinite
+    values, or negative ones (Richardson-Lucy and its family need non-negative data, such as
+    photon counts). The message names the array, how many, where and the fix. Reads the
+    array once, chunk by chunk."""
+    array = open_array(ref)
+    nonfinite, first_nonfinite = 0, None
+    negative, lowest, lowest_at = 0, 0.0, None
+    grid = itertools.product(*(range(0, n, c) for n, c in zip(array.shape, array.chunks)))
+    for start in grid:
+        window = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, array.chunks, array.shape))
+        data = np.asarray(array[window], dtype=np.float32)
+        finite = np.isfinite(data)
+        if not finite.all():
+            nonfinite += data.size - int(finite.sum())
+            first_nonfinite = first_nonfinite or tuple(int(i) + s.start for i, s in zip(np.argwhere(~finite)[0], window))
+        below = finite & (data < 0)
+        if below.any():
+            negative += int(below.sum())
+            at = np.unravel_index(np.argmin(np.where(below, data, 0)), data.shape)
+            if data[at] < lowest:
+                lowest, lowest_at = float(data[at]), tuple(int(i) + s.start for i, s in zip(at, window))
+    if nonfinite:
+        raise InputError(f"{ref} contains {nonfinite} NaN or infinite value(s), the first at {first_nonfinite}: "
+                         "fill or mask them before the run")
+    if negative:
+        raise InputError(f"{ref} has {negative} negative value(s), the lowest {lowest:.4g} at {lowest_at}: the models "
+                         "need non-negative data (photon counts); subtract less background, or add an offset and "
+                         "subtract it from the result")
 
 
 def read_core(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.ndarray:

@@ -137,3 +137,16 @@ def test_an_output_of_another_configuration_or_a_file_is_refused_before_any_clus
     refused = rqml("run", str(on_file), "--no-progress")
     assert refused.returncode == 1 and "exists and is not a Zarr group (a file)" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_negative_input_is_refused_before_any_cluster_starts(tmp_path, small_volume):
+    import shutil
+
+    store = tmp_path / "in.zarr"
+    shutil.copytree(small_volume, store)
+    zarr.open_group(store, mode="r+")["observed"][3, 4, 5] = -0.5  # over-subtracted background
+    config = write_yaml(tmp_path / "p.yaml", pipeline_dict(store, tmp_path / "out.zarr"))
+    done = rqml("run", str(config), "--no-progress")
+    assert done.returncode == 1 and "dashboard" not in done.stderr
+    assert f"{store}::observed has 1 negative value(s), the lowest -0.5 at (3, 4, 5)" in done.stderr
+    assert not (tmp_path / "out.zarr").exists()  # nothing written

@@ -9,7 +9,6 @@ import pytest
 import zarr
 
 from rqml_dask import Pipeline, TaskOutcome
-from rqml_dask.pipeline import PipelineError
 from rqml_dask.volumes import InputError
 
 from conftest import pipeline_dict, write_yaml
@@ -86,17 +85,23 @@ def test_stitched_tiles_equal_the_untiled_deconvolution(tmp_path, small_volume, 
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-3 * scale)
 
 
-def test_nan_input_fails_the_run_and_leaves_output_incomplete(tmp_path, small_volume, client):
-    store = tmp_path / "nan.zarr"
+@pytest.mark.parametrize("value,refusal", [
+    (np.nan, r"::observed contains 1 NaN or infinite value\(s\), the first at \(20, 40, 40\): fill or mask them"),
+    (-3.0, r"::observed has 1 negative value\(s\), the lowest -3 at \(20, 40, 40\): the models need non-negative data"),
+], ids=["nan", "negative"])
+def test_unusable_input_values_are_refused_before_anything_is_written(tmp_path, small_volume, client, value, refusal):
+    store = tmp_path / "in.zarr"
     shutil.copytree(small_volume, store)
-    observed = zarr.open_group(store, mode="r+")["observed"]
-    observed[20, 40, 40] = np.nan
     pipeline = make_pipeline(tmp_path, store)
-    with pytest.raises(PipelineError, match=r"::observed\[[0-9:, ]+\] contains 1 NaN or infinite value\(s\), the first at \(20, 40, 40\)"):
+    pipeline.run(client, progress=False)
+    before = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    result, attrs = before["deconvolved"][...], dict(before.attrs["rqml"])
+    zarr.open_group(store, mode="r+")["observed"][20, 40, 40] = value  # the input changes in place
+    with pytest.raises(InputError, match=refusal):
         pipeline.run(client, progress=False)
-    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "incomplete"
-    nodes = client.sync(client.scheduler.rqml_status)["nodes"]
-    assert all(n["failed"] == 0 and n["reliability"] > 0.9 for n in nodes.values()), nodes  # the data's fault, not theirs
+    after = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    assert after.attrs["rqml"] == attrs and attrs["status"] == "complete"  # the earlier result stands, outcomes kept
+    np.testing.assert_array_equal(after["deconvolved"][...], result)
 
 
 def test_psf_of_wrong_rank_is_refused(tmp_path, small_volume):

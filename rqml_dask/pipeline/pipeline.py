@@ -40,7 +40,7 @@ from rqml_dask.scheduler.assignment import TaskTraits
 from rqml_dask.synthetic import write_synthetic
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import auto_halo, plan_regions
-from rqml_dask.volumes import InputError, open_array
+from rqml_dask.volumes import InputError, check_values, open_array
 
 
 class PipelineError(RuntimeError):
@@ -242,9 +242,15 @@ class Pipeline:
     def _output_arrays(self) -> list[str]:
         return [self.config.output.array] + [vote_array(self.config.output.array, m) for m in self.config.validation.vote_models]
 
+    def check_input(self) -> None:
+        """Refuse (:class:`InputError`) input values the models cannot use (NaN, infinite or
+        negative: :func:`~rqml_dask.volumes.check_values`), before anything is written."""
+        check_values(self.input_refs.image)
+
     def submit(self, client: Client, overwrite: bool = False) -> list[Future]:
         """Check the input, create the output, and submit one Dask task per RQML task."""
         tasks = self.tasks()
+        self.check_input()
         self.create_output(tasks, overwrite)
         return [self._submit_task(client, task) for task in tasks]
 
@@ -278,6 +284,7 @@ class Pipeline:
         of a few seconds it may take as long again); ``reconnect_timeout`` bounds the wait."""
         started = time.perf_counter()
         tasks = self.tasks()
+        self.check_input()
         self.create_output(tasks, overwrite)
         pending = {task.task_id: (task, self._submit_task(client, task)) for task in tasks}
         outcomes: list[TaskOutcome] = []
