@@ -39,9 +39,7 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
 
     try:
         pipeline = Pipeline.from_yaml(pipeline_file)
-        tasks = pipeline.tasks()  # refuse bad input or output before any cluster starts
-        pipeline.check_input()
-        pipeline.check_output(tasks, overwrite)
+        tasks = pipeline.prepare(overwrite)  # refuse bad input or output before any cluster starts
     except (PipelineConfigError, InputError, PipelineError) as exc:
         raise click.ClickException(str(exc)) from None
     with contextlib.ExitStack() as stack:
@@ -52,7 +50,7 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
             client = stack.enter_context(Client(cluster))
         click.echo(f"dashboard    {client.dashboard_link}", err=True)
         try:
-            report = pipeline.run(client, progress=progress, overwrite=overwrite)
+            report = pipeline.run(client, progress=progress, tasks=tasks)
         except (PipelineError, InputError) as exc:
             raise click.ClickException(f"{exc}\noutput left marked incomplete: {pipeline.output_ref}") from None
     click.echo(report.summary())

@@ -272,9 +272,9 @@ class Refinement:
         :class:`CheckpointError`, like a damaged one."""
         try:
             return cls._resume(task, problem, backend, checkpoint, arrays)
+        except CheckpointError:
+            raise
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
             raise CheckpointError(f"checkpoint at iteration {checkpoint.iteration} is of a format this release "
                                   f"cannot read: {type(exc).__name__}: {exc}") from None
 

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def rqml(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """``rqml ARGS``, with the tests' models importable."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     return subprocess.run(
-        [sys.executable, "-m", "rqml_dask.cli", *args], capture_output=True, text=True, timeout=bound(240), cwd=cwd
+        [sys.executable, "-m", "rqml_dask.cli", *args], capture_output=True, text=True, timeout=bound(240), cwd=cwd, env=env
     )
 
 
@@ -66,13 +68,6 @@ def scheduler_address():
         yield cluster.scheduler_address
 
 
-def rqml_on(address: str, config: Path) -> subprocess.CompletedProcess:
-    """``rqml run CONFIG --scheduler ADDRESS``, with the tests' models importable."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.run([sys.executable, "-m", "rqml_dask.cli", "run", str(config), "--scheduler", address, "--no-progress"],
-                          capture_output=True, text=True, timeout=bound(240), env=env)
-
-
 @pytest.mark.parametrize("state", [*NOT_ACCEPTED, "terminated"])
 def test_a_run_with_a_task_not_accepted_exits_non_zero_names_it_and_leaves_the_output_not_complete(
     tmp_path, small_volume, scheduler_address, state
@@ -85,7 +80,7 @@ def test_a_run_with_a_task_not_accepted_exits_non_zero_names_it_and_leaves_the_o
         with Client(scheduler_address) as client:
             client.sync(client.scheduler.rqml_policy, policy={"version": 2, "max_task_seconds": 1.0})
     config = write_yaml(tmp_path / "p.yaml", pipeline_dict(small_volume, tmp_path / "out.zarr", **settings))
-    done = rqml_on(scheduler_address, config)
+    done = rqml("run", str(config), "--scheduler", scheduler_address, "--no-progress")
     assert done.returncode == 1, done.stdout + done.stderr
     assert re.search(rf"^tasks\s+1 \(1 {state}\)$", done.stdout, re.M), done.stdout
     assert re.search(rf"^  test/0: {state}\b.*; to do: ", done.stdout, re.M), done.stdout

@@ -215,11 +215,10 @@ class Pipeline:
                 raise PipelineError(f"output {store}::{name} holds {found}, this pipeline writes shape {shape}, chunks "
                                     f"{chunks}: pass --overwrite to replace it, or choose another output.store")
 
-    def create_output(self, tasks: list[RQMLTask], overwrite: bool = False) -> None:
-        """Check the output (:meth:`check_output`), then create the output array chunked by
-        task core, or keep the one a previous run of this pipeline left (its finished cores
-        are reused); mark it incomplete."""
-        self.check_output(tasks, overwrite)
+    def create_output(self, tasks: list[RQMLTask]) -> None:
+        """Create the output array chunked by task core, or keep the one a previous run of
+        this pipeline left (its finished cores are reused); mark it incomplete. Check it
+        first (:meth:`prepare`)."""
         shape, chunks = self._output_layout()
         group = zarr.open_group(self.config.output.store, mode="a")
         for name in self._output_arrays():
@@ -247,11 +246,20 @@ class Pipeline:
         negative: :func:`~rqml_dask.volumes.check_values`), before anything is written."""
         check_values(self.input_refs.image)
 
-    def submit(self, client: Client, overwrite: bool = False) -> list[Future]:
-        """Check the input, create the output, and submit one Dask task per RQML task."""
+    def prepare(self, overwrite: bool = False) -> list[RQMLTask]:
+        """The pipeline's tasks, once its input values and its output are checked
+        (:meth:`check_input`, :meth:`check_output`): what :meth:`submit` and :meth:`run`
+        need, done before any cluster starts if the caller wants (``rqml run`` does)."""
         tasks = self.tasks()
         self.check_input()
-        self.create_output(tasks, overwrite)
+        self.check_output(tasks, overwrite)
+        return tasks
+
+    def submit(self, client: Client, overwrite: bool = False, tasks: list[RQMLTask] | None = None) -> list[Future]:
+        """Create the output and submit one Dask task per RQML task; ``tasks`` is what
+        :meth:`prepare` returned, else it is called here."""
+        tasks = self.prepare(overwrite) if tasks is None else tasks
+        self.create_output(tasks)
         return [self._submit_task(client, task) for task in tasks]
 
     def _submit_task(self, client: Client, task: RQMLTask) -> Future:
@@ -270,10 +278,13 @@ class Pipeline:
         with dask.annotate(rqml=asdict(traits)):  # read by the RQML scheduler plugin, if installed
             return client.submit(function, *args, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
 
-    def run(self, client: Client, progress: bool = True, reconnect_timeout: float = 300.0, overwrite: bool = False) -> RunReport:
-        """Submit every task, wait for all of them, and finalize the output (an existing
-        output another configuration wrote is refused unless ``overwrite``, see
-        :meth:`check_output`).
+    def run(
+        self, client: Client, progress: bool = True, reconnect_timeout: float = 300.0, overwrite: bool = False,
+        tasks: list[RQMLTask] | None = None,
+    ) -> RunReport:
+        """Submit every task, wait for all of them, and finalize the output. ``tasks`` is
+        what :meth:`prepare` returned, else it is called here (an existing output another
+        configuration wrote is refused unless ``overwrite``).
 
         If the client loses the scheduler, the tasks not yet returned are submitted again
         once a scheduler answers at the same address (Dask cancels a client's futures when
@@ -283,9 +294,8 @@ class Pipeline:
         it answers (``client``'s own reconnection backs off exponentially: after an outage
         of a few seconds it may take as long again); ``reconnect_timeout`` bounds the wait."""
         started = time.perf_counter()
-        tasks = self.tasks()
-        self.check_input()
-        self.create_output(tasks, overwrite)
+        tasks = self.prepare(overwrite) if tasks is None else tasks
+        self.create_output(tasks)
         pending = {task.task_id: (task, self._submit_task(client, task)) for task in tasks}
         outcomes: list[TaskOutcome] = []
         bar = _progress_bar(len(tasks), self.config.name, progress)
