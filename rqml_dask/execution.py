@@ -23,7 +23,7 @@ from rqml_dask.arrays import ArrayBackend
 from rqml_dask.convergence import ConvergenceFigures
 from rqml_dask.refinement import ModelRun, Refinement
 from rqml_dask.task import ArrayRef, RQMLTask
-from rqml_dask.volumes import InputError, core_written, open_array, read_core, read_window, write_core
+from rqml_dask.volumes import InputError, open_array, read_core, read_window, write_core
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class TaskOutcome:
 
     ``node`` is the worker that refined it; ``vote`` the cross-node vote, if one ran;
     ``input_digest`` the content it was computed from (:func:`load_problem`);
+    ``written_to`` the array its core was written into and ``result_digest`` that core's
+    digest (:func:`core_digest`; both ``None`` for a failed task, which has no result);
     ``resumed_from`` the checkpoint iteration the final run started from (``None``: from the
     start) and ``began_at`` when that run began (Unix seconds); ``reused`` says it was
     recorded before and nothing was recomputed; ``reconciled`` that it finished while its
@@ -104,6 +106,8 @@ class TaskOutcome:
     reconciled: bool = False
     began_at: float = 0.0
     input_digest: str | None = None
+    written_to: ArrayRef | None = None
+    result_digest: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -111,7 +115,7 @@ class TaskOutcome:
         return self.state == "accepted"
 
 
-RESULT_FORMAT = b"rqml-result-2"
+RESULT_FORMAT = b"rqml-result-3"
 """Part of every input digest: a release that computes or records results differently bumps
 it, and no result or checkpoint of an older one is used."""
 
@@ -131,6 +135,22 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
         digest.update(np.ascontiguousarray(array).data)
     task = replace(task, input_digest=digest.hexdigest())
     return task, {"image": backend.asarray(image), "psf": backend.asarray(psf)}
+
+
+def core_digest(core: np.ndarray) -> str:
+    """The digest of a result core as the output holds it (float32)."""
+    core = np.ascontiguousarray(core, dtype=np.float32)
+    return hashlib.blake2b(repr(core.shape).encode() + core.data, digest_size=16).hexdigest()
+
+
+def holds_result(ref: ArrayRef, task: RQMLTask, digest: str | None) -> bool:
+    """Whether ``ref`` holds, at ``task``'s core, the result whose digest is ``digest``."""
+    if digest is None:
+        return False
+    try:
+        return core_digest(read_core(ref, task.region)) == digest
+    except InputError:  # the array is gone or is not one
+        return False
 
 
 def error_figures(task: RQMLTask, core: np.ndarray, observed: np.ndarray) -> ErrorFigures | None:
@@ -184,17 +204,22 @@ def run_task(task: RQMLTask) -> TaskOutcome:
             checkpointer.flush()
         node.forget(job)
         raise Reschedule()
-    return deliver(node, job, refinement, job.outcome)
+    outcome = deliver(node, job, refinement, job.outcome)
+    if outcome.written_to is not None and outcome.written_to != task.output:  # joined a run writing elsewhere
+        write_core(task.output, task.region, read_core(outcome.written_to, task.region))
+        outcome = replace(outcome, output=f"{task.output}{task.region}", written_to=task.output)
+    return outcome
 
 
 def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskOutcome | None:
-    """The outcome recorded for ``task`` (its done marker) if its core is in the output too
-    and it was computed from the input the task has now (its ``input_digest``): the task is
-    finished and nothing needs computing or writing; else ``None``. A marker that does not
-    decode (damaged, or of another release's format) is ignored, with an alert: the task is
+    """The outcome recorded for ``task`` (its done marker) if it was computed from the input
+    the task has now (its ``input_digest``) and its result is in the task's output (the
+    core's digest checked), or still where it was written, whence it is copied: the task is
+    finished and nothing needs computing; else ``None``. A marker that does not decode
+    (damaged, or of another release's format) is ignored, with an alert: the task is
     computed again."""
     recorded = checkpointer.outcome(task) if checkpointer is not None else None
-    if recorded is None or not core_written(task.output, task.region):
+    if recorded is None:
         return None
     try:
         outcome = OUTCOME.validate_json(recorded)
@@ -206,7 +231,14 @@ def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskO
     if outcome.input_digest is None or outcome.input_digest != task.input_digest:
         logger.info("recorded outcome of %s was computed from other input data: computing it again", task.task_id)
         return None
-    return replace(outcome, reused=True)
+    notes = outcome.notes
+    if not holds_result(task.output, task, outcome.result_digest):
+        source = outcome.written_to
+        if source is None or source == task.output or not holds_result(source, task, outcome.result_digest):
+            return None  # the result is gone or was changed since: computed again
+        write_core(task.output, task.region, read_core(source, task.region))
+        notes = [*notes, f"result copied from {source}"]
+    return replace(outcome, reused=True, output=f"{task.output}{task.region}", written_to=task.output, notes=notes)
 
 
 def host_core(refinement: Refinement) -> np.ndarray:
@@ -238,6 +270,8 @@ def outcome_of(job: Job, refinement: Refinement, node: str, core: np.ndarray | N
         resumed_from=refinement.resumed_from,
         began_at=job.began_at,
         input_digest=task.input_digest,
+        written_to=None if core is None else task.output,
+        result_digest=None if core is None else core_digest(core),
         notes=list(job.resume.rejected) if job.resume is not None else [],
     )
 

@@ -333,4 +333,6 @@ def _relative_change(xp, current: Array, previous: Array) -> float:
     diff = current - previous
     diff *= diff
     denominator = float(xp.sum(previous * previous))
-    return (float(xp.sum(diff)) / denominator) ** 0.5 if denominator > 0 else float("inf")
+    if denominator > 0:
+        return (float(xp.sum(diff)) / denominator) ** 0.5
+    return 0.0 if float(xp.sum(diff)) == 0 else float("inf")  # zero stays zero (an all-zero region) is settled

@@ -178,13 +178,14 @@ class RQMLTask:
         """``task_id@fingerprint``: names the task's checkpoints and result in every store.
 
         The fingerprint covers what determines the result (where the data is, region, ladder,
-        parameters, convergence and validation settings), not scheduling or checkpoint
-        settings, so a changed pipeline never resumes from a checkpoint of a different
-        computation. The data's content is ``input_digest``, filled in by the worker from
-        what it read (:func:`rqml_dask.execution.load_problem`): a recorded result or a
-        checkpoint is used only if it was made from the same content."""
+        parameters, convergence and validation settings), not where the result goes nor
+        scheduling or checkpoint settings, so a changed pipeline never resumes from a
+        checkpoint of a different computation, and one that only writes elsewhere reuses
+        everything. The data's content is ``input_digest``, filled in by the worker from what
+        it read (:func:`rqml_dask.execution.load_problem`): a recorded result or a checkpoint
+        is used only if it was made from the same content."""
         body = {k: v for k, v in self.to_dict().items()
-                if k not in ("priority", "expected_difficulty", "checkpoint", "input_digest")}
+                if k not in ("output", "priority", "expected_difficulty", "checkpoint", "input_digest")}
         digest = hashlib.sha256(msgpack.packb(body)).hexdigest()[:16]
         return f"{self.task_id}@{digest}"
 

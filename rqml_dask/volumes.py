@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from rqml_dask.task import ArrayRef, Region
 
@@ -63,18 +62,26 @@ def read_window(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.nd
     return data
 
 
-def check_values(ref: ArrayRef) -> None:
+def check_values(ref: ArrayRef, accept_saturated: bool = False) -> None:
     """Refuse (:class:`InputError`) an image the models cannot use as it is: NaN or infinite
-    values, or negative ones (Richardson-Lucy and its family need non-negative data, such as
-    photon counts). The message names the array, how many, where and the fix. Reads the
+    values, negative ones (Richardson-Lucy and its family need non-negative data, such as
+    photon counts), or, in an integer image and unless ``accept_saturated``, saturated ones
+    (at the type's maximum: the detector clipped them, and no deconvolution restores what
+    was clipped). The message names the array, how many, where and the fix. Reads the
     array once, chunk by chunk."""
     array = open_array(ref)
     nonfinite, first_nonfinite = 0, None
     negative, lowest, lowest_at = 0, 0.0, None
+    saturation = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) and not accept_saturated else None
+    saturated, first_saturated = 0, None
     grid = itertools.product(*(range(0, n, c) for n, c in zip(array.shape, array.chunks)))
     for start in grid:
         window = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, array.chunks, array.shape))
-        data = np.asarray(array[window], dtype=np.float32)
+        raw = np.asarray(array[window])
+        if saturation is not None and (clipped := raw == saturation).any():
+            saturated += int(clipped.sum())
+            first_saturated = first_saturated or tuple(int(i) + s.start for i, s in zip(np.argwhere(clipped)[0], window))
+        data = raw.astype(np.float32, copy=False)
         finite = np.isfinite(data)
         if not finite.all():
             nonfinite += data.size - int(finite.sum())
@@ -92,6 +99,10 @@ def check_values(ref: ArrayRef) -> None:
         raise InputError(f"{ref} has {negative} negative value(s), the lowest {lowest:.4g} at {lowest_at}: the models "
                          "need non-negative data (photon counts); subtract less background, or add an offset and "
                          "subtract it from the result")
+    if saturated:
+        raise InputError(f"{ref} has {saturated} saturated value(s) (= {saturation}, the most {array.dtype} holds), the "
+                         f"first at {first_saturated}: the detector clipped them and deconvolution cannot restore them; "
+                         "acquire below saturation, or set input.accept_saturated: true to deconvolve them as they are")
 
 
 def read_core(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.ndarray:
@@ -101,16 +112,6 @@ def read_core(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.ndar
 def write_core(ref: ArrayRef, region: Region, data: np.ndarray) -> None:
     """Write a task's core into the output array (cores are chunk-aligned: no write races)."""
     open_array(ref, mode="r+")[region.core_slices] = data
-
-
-def core_written(ref: ArrayRef, region: Region) -> bool:
-    """Whether the output chunk holding ``region``'s core is on disk (cores are chunks).
-
-    Zarr does not store a chunk equal to its fill value, so an all-zero core reads as not
-    written; a caller then recomputes it, which is harmless."""
-    array = open_array(ref)
-    coords = tuple(c0 // c for (c0, _), c in zip(region.core, array.chunks))
-    return bool(sync((array.store_path / array.metadata.encode_chunk_key(coords)).exists()))
 
 
 def _fmt(box: tuple[tuple[int, int], ...]) -> str:

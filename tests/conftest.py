@@ -47,7 +47,10 @@ def client():
 
 
 def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
-    """A small, valid pipeline over ``store``; ``overrides`` replace top-level sections."""
+    """A small, valid pipeline over ``store``; ``overrides`` replace top-level sections.
+
+    Its checkpoints go beside ``out`` unless ``checkpoint.artifacts`` is given: tests share
+    input stores, and by default every run on one input reuses the others' results."""
     config = {
         "name": "test",
         "input": {"store": str(store), "truth": "truth"},
@@ -59,6 +62,7 @@ def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
         "checkpoint": {"every_iterations": 10},
     }
     config.update(overrides)
+    config["checkpoint"] = {"artifacts": f"{out}.checkpoints", **config["checkpoint"]}
     return config
 
 

@@ -53,7 +53,7 @@ def sleepy_pipeline(store: Path, out: Path, tile: list[int], iterations: int, de
                 "models": config.models.model_copy(update={"ladder": ["sleepy_model:SleepyModel"], "params": {"sleepy_model:SleepyModel": {"delay": delay}}}),
                 "convergence": config.convergence.__class__(max_iterations=iterations, stability_tol=0, consistency_tol=0, novelty_window=10**6,
                                                             accept_max_iterations=True),
-                "checkpoint": config.checkpoint.model_copy(update={"every_iterations": 10}),
+                "checkpoint": config.checkpoint.model_copy(update={"every_iterations": 10, "artifacts": Path(f"{out}.checkpoints")}),
             }
         )
     )

@@ -92,12 +92,24 @@ def test_a_run_with_a_task_not_accepted_exits_non_zero_names_it_and_leaves_the_o
     assert attrs["status"] == "rejected" and attrs["rejected"] == {"test/0": state}
 
 
-def test_an_input_regenerated_in_place_is_computed_again_and_an_unchanged_one_is_reused(tmp_path):
+def test_an_input_regenerated_in_place_is_computed_again_and_a_run_writing_elsewhere_reuses_everything(tmp_path):
     store = tmp_path / "vol.zarr"
     synth = ["data", "synth", str(store), "--shape", "20,40,40", "--psf-sigma", "1.5,1,1"]
     assert rqml(*synth, "--seed", "3").returncode == 0
-    config = write_yaml(tmp_path / "p.yaml", pipeline_dict(store, tmp_path / "out.zarr", tiling={"tile": [10, 20, 20]}))
+
+    def pipeline(name: str, out: str, **overrides) -> Path:
+        config = pipeline_dict(store, tmp_path / out, tiling={"tile": [10, 20, 20]}, **overrides)
+        del config["checkpoint"]["artifacts"]  # the default: beside the input, whatever the output
+        return write_yaml(tmp_path / name, config)
+
+    result = lambda out: zarr.open_group(tmp_path / out, mode="r")["deconvolved"][...]  # noqa: E731
+    config = pipeline("p.yaml", "out.zarr")
     assert rqml("run", str(config), "--no-progress").returncode == 0
+    # another output, another priority and cluster size: nothing that changes the result
+    moved = rqml("run", str(pipeline("moved.yaml", "moved.zarr", tasks={"priority": 5}, cluster={"n_workers": 1})), "--no-progress")
+    assert moved.returncode == 0 and re.search(r"8 reused from an earlier run", moved.stdout), moved.stdout + moved.stderr
+    assert (result("moved.zarr") == result("out.zarr")).all()
+    assert zarr.open_group(tmp_path / "moved.zarr", mode="r").attrs["rqml"]["status"] == "complete"
 
     refused = rqml(*synth, "--seed", "4")  # the same path: refused without --overwrite
     assert refused.returncode == 1 and f"{store} exists: pass --overwrite to replace it" in refused.stderr
@@ -105,9 +117,8 @@ def test_an_input_regenerated_in_place_is_computed_again_and_an_unchanged_one_is
     again = rqml("run", str(config), "--no-progress")
     assert again.returncode == 0, again.stderr
     assert re.search(r"0 reused from an earlier run", again.stdout), again.stdout
-    fresh = write_yaml(tmp_path / "fresh.yaml", pipeline_dict(store, tmp_path / "fresh.zarr", tiling={"tile": [10, 20, 20]}))
-    assert rqml("run", str(fresh), "--no-progress").returncode == 0
-    result = lambda name: zarr.open_group(tmp_path / name, mode="r")["deconvolved"][...]  # noqa: E731
+    fresh = pipeline_dict(store, tmp_path / "fresh.zarr", tiling={"tile": [10, 20, 20]})  # checkpoints of its own
+    assert rqml("run", str(write_yaml(tmp_path / "fresh.yaml", fresh)), "--no-progress").returncode == 0
     assert (result("out.zarr") == result("fresh.zarr")).all()  # what a fresh run on the new data gives
 
     unchanged = rqml("run", str(config))  # nothing changed but the progress bar: all reused

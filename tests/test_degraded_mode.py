@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -315,6 +316,45 @@ def test_client_and_scheduler_killed_nodes_finish_alone_and_rqml_run_again_picks
         output = zarr.open_group(tmp_path / "out.zarr", mode="r")
         np.testing.assert_array_equal(output["deconvolved"][...], sleepy_result(small_volume, 200))
         assert output.attrs["rqml"]["status"] == "complete"
+    finally:
+        for worker in workers:
+            worker.kill()
+        scheduler.kill()
+
+
+def test_a_task_a_node_kept_refining_while_its_input_changed_is_computed_again_from_the_new_input(tmp_path, small_volume):
+    store = tmp_path / "in.zarr"
+    shutil.copytree(small_volume, store)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    http = {"node-0": free_port(), "node-1": free_port()}
+    pipeline = sleepy_pipeline(store, tmp_path / "out.zarr", TILE, 600, 0.02, "changed")
+    config = write_yaml(tmp_path / "changed.yaml", pipeline.config.model_dump(mode="json", exclude_none=True))
+    rqml_run = [sys.executable, "-m", "rqml_dask.cli", "run", str(config), "--scheduler", address, "--no-progress"]
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
+    workers = [rqml_worker(address, name, http[name], tmp_path / "workers").start() for name in http]
+    try:
+        with Client(address, timeout=bound(60)) as client:
+            client.wait_for_workers(2, timeout=bound(60))
+            client.sync(client.scheduler.rqml_policy, policy=POLICY)
+        with open(tmp_path / "first-run.log", "wb") as log:
+            first = subprocess.Popen(rqml_run, stdout=log, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
+        try:
+            wait_for(lambda: placed(http, at_least=20), timeout=60)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(bound(30))
+        scheduler.kill()
+        wait_for(lambda: all((http_json(p, "/health") or {}).get("status") == "degraded" for p in http.values()), timeout=60)
+        observed = zarr.open_group(store, mode="r+")["observed"]
+        observed[...] = observed[...] * 1.5  # regenerated in place while the nodes refine the old data
+        scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
+        second = subprocess.run(rqml_run, capture_output=True, text=True, env=environ, timeout=bound(180))
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert re.search(r"finished by nodes without a scheduler, 0 reused", second.stdout), second.stdout
+        np.testing.assert_array_equal(zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],
+                                      sleepy_result(store, 600))  # from the new input, not the old
     finally:
         for worker in workers:
             worker.kill()

@@ -35,6 +35,19 @@ def test_run_deconvolves_and_marks_output_complete(tmp_path, small_volume, clien
     assert np.sqrt(((result - truth) ** 2).sum() / (truth**2).sum()) == pytest.approx(report.output_error, rel=1e-4)
 
 
+def test_a_run_again_reuses_every_result_but_one_whose_output_was_damaged(tmp_path, small_volume, client):
+    pipeline = make_pipeline(tmp_path, small_volume)
+    pipeline.run(client, progress=False)
+    output = zarr.open_group(tmp_path / "out.zarr", mode="r+")["deconvolved"]
+    before = output[...]
+    damaged = pipeline.tasks()[3]
+    output[damaged.region.core_slices] = output[damaged.region.core_slices] * 1.01  # an edited chunk
+    report = pipeline.run(client, progress=False)
+    assert {o.task_id for o in report.outcomes if not o.reused} == {damaged.task_id}
+    np.testing.assert_array_equal(output[...], before)  # computed again, to the same result
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "complete"
+
+
 def test_submit_returns_one_future_per_task_with_its_outcome(tmp_path, small_volume, client):
     pipeline = make_pipeline(tmp_path, small_volume)
     futures = pipeline.submit(client)
@@ -102,6 +115,29 @@ def test_unusable_input_values_are_refused_before_anything_is_written(tmp_path, 
     after = zarr.open_group(tmp_path / "out.zarr", mode="r")
     assert after.attrs["rqml"] == attrs and attrs["status"] == "complete"  # the earlier result stands, outcomes kept
     np.testing.assert_array_equal(after["deconvolved"][...], result)
+
+
+def test_saturated_counts_are_refused_unless_accepted_and_an_all_zero_region_converges_to_zero(tmp_path, small_volume, client):
+    store = tmp_path / "in.zarr"
+    shutil.copytree(small_volume, store)
+    group = zarr.open_group(store, mode="r+")
+    counts = np.rint(group["observed"][...] * 100).astype(np.uint16)  # a camera's counts
+    task = make_pipeline(tmp_path, store).tasks()[0]
+    counts[tuple(slice(max(a, 0), b) for a, b in task.region.window)] = 0  # no signal in all it reads
+    counts[20, 40, 40] = np.iinfo(np.uint16).max  # one clipped pixel
+    group.create_array("observed", data=counts, chunks=(12, 24, 24), overwrite=True)
+    with pytest.raises(InputError, match=r"::observed has 1 saturated value\(s\) \(= 65535, the most uint16 holds\), "
+                                         r"the first at \(20, 40, 40\).*set input.accept_saturated: true"):
+        make_pipeline(tmp_path, store).run(client, progress=False)
+    assert not (tmp_path / "out.zarr").exists()  # refused before anything was written
+
+    pipeline = make_pipeline(tmp_path, store, input={"store": str(store), "truth": "truth", "accept_saturated": True})
+    report = pipeline.run(client, progress=False)
+    silent = next(o for o in report.outcomes if o.task_id == task.task_id)
+    assert silent.state == "accepted" and silent.status == "converged", silent
+    result = zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"]
+    assert not result[task.region.core_slices].any()  # zero in, zero out
+    assert np.isfinite(result[...]).all() and result[...].max() > 0
 
 
 def test_psf_of_wrong_rank_is_refused(tmp_path, small_volume):

@@ -56,6 +56,28 @@ def test_a_node_that_keeps_failing_gets_fewer_tasks(tmp_path, small_volume):
     assert status["nodes"][rejected.pop()]["reliability"] < 0.3
 
 
+def test_a_data_error_a_node_meets_fails_the_run_and_does_not_lower_the_nodes_reliability(tmp_path, small_volume):
+    import shutil
+
+    import zarr
+    from rqml_dask.pipeline.pipeline import PipelineError
+
+    store = tmp_path / "in.zarr"
+    shutil.copytree(small_volume, store)
+    config = pipeline_dict(store, tmp_path / "out.zarr", tiling={"tile": [24, 48, 48]}, models={"ladder": ["richardson_lucy"]})
+    pipeline = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config))
+    tasks = pipeline.prepare()  # the input is checked here...
+    zarr.open_group(store, mode="r+")["observed"][3, 4, 5] = float("nan")  # ...and changes before a node reads it
+    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=bound(60))
+        before = {a: n["reliability"] for a, n in client.sync(client.scheduler.rqml_status)["nodes"].items()}
+        with pytest.raises(PipelineError, match=r"task test/0 failed: .*NaN or infinite value\(s\), the first at \(3, 4, 5\)"):
+            pipeline.run(client, progress=False, tasks=tasks)
+        status = client.sync(client.scheduler.rqml_status)
+    assert {a: n["reliability"] for a, n in status["nodes"].items()} == before
+    assert all(n["failed"] == 0 for n in status["nodes"].values()), status["nodes"]
+
+
 def test_supervision_decisions_are_published_and_tasks_end_in_a_clear_state(tmp_path, small_volume):
     with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
         seen = {SUPERVISION: [], TASK_RESULTS: []}

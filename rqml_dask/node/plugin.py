@@ -25,7 +25,7 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,13 +174,25 @@ class NodePlugin(WorkerPlugin):
 
     def claim(self, task: RQMLTask) -> Job | None:
         """The job this node already has for ``task`` (refining, queued or parked), now
-        claimed by the calling Dask task; ``None`` if there is none to join."""
+        claimed by the calling Dask task; ``None`` if there is none to join. A job made from
+        other input content (the input changed while the node held it) is dropped: it is
+        ended and forgotten before this returns ``None``, so the task starts afresh."""
         with self._jobs_lock:
             job = self.jobs.get(task.key)
             if job is None or job.dropped:
                 return None
-            job.claimed = True
-            return job
+            if job.task.input_digest == task.input_digest:
+                job.claimed = True
+                return job
+            job.dropped = "input changed"
+        logger.warning("%s: the job held was made from other input data; ending it to start afresh", task.task_id)
+        self.orchestrator.decide(Decision(task.task_id, "terminate", "the input changed"))
+        try:
+            job.future.exception(timeout=60)
+        except (TimeoutError, CancelledError):
+            pass
+        self.forget(job)
+        return None
 
     def wait(self, job: Job) -> Refinement:
         """The finished refinement of a claimed job. Raises :class:`SchedulerLost` (the job
@@ -201,8 +213,9 @@ class NodePlugin(WorkerPlugin):
     def forget(self, job: Job) -> None:
         """The job is delivered or given up: drop it from the node and its state."""
         with self._jobs_lock:
-            if self.jobs.get(job.task.key) is job:
-                del self.jobs[job.task.key]
+            if self.jobs.get(job.task.key) is not job:  # forgotten already
+                return
+            del self.jobs[job.task.key]
         self.orchestrator.release(job.task.task_id)
         if self.state is not None:
             self.state.release(job.task.key)

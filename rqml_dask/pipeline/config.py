@@ -28,13 +28,16 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    """Where the data is. ``synthesize`` generates the store first if it does not exist."""
+    """Where the data is. ``synthesize`` generates the store first if it does not exist.
+    ``accept_saturated``: deconvolve an integer image's saturated values (at the type's
+    maximum) as they are, instead of refusing the image."""
 
     store: Path
     image: str = "observed"
     psf: str = "psf"
     truth: str | None = None
     synthesize: SynthSpec | None = None
+    accept_saturated: bool = False
 
 
 class OutputSpec(_Strict):
@@ -82,8 +85,10 @@ class ModelsSpec(_Strict):
 class CheckpointSpec(_Strict):
     """Checkpointing of every task (see :class:`rqml_dask.task.CheckpointSettings`).
 
-    ``artifacts`` defaults to ``OUTPUT.checkpoints`` beside the output store, ``local`` to an
-    LMDB per host inside it; ``shared`` is ``etcd://HOST:PORT`` or ``consul://HOST:PORT``.
+    ``artifacts`` defaults to ``INPUT.checkpoints`` beside the input store (the computations
+    on that input: a run that only writes its output elsewhere finds and reuses them),
+    ``local`` to an LMDB per host inside it; ``shared`` is ``etcd://HOST:PORT`` or
+    ``consul://HOST:PORT``.
     """
 
     enabled: bool = True

@@ -112,7 +112,7 @@ class Pipeline:
     @property
     def checkpoint_settings(self) -> CheckpointSettings:
         spec = self.config.checkpoint
-        artifacts = (spec.artifacts or Path(f"{self.config.output.store}.checkpoints")).absolute()
+        artifacts = (spec.artifacts or Path(f"{self.config.input.store}.checkpoints")).absolute()
         return CheckpointSettings(
             local=spec.local or f"lmdb://{artifacts}/nodes/{{host}}.lmdb",
             artifacts=str(artifacts),
@@ -242,9 +242,10 @@ class Pipeline:
         return [self.config.output.array] + [vote_array(self.config.output.array, m) for m in self.config.validation.vote_models]
 
     def check_input(self) -> None:
-        """Refuse (:class:`InputError`) input values the models cannot use (NaN, infinite or
-        negative: :func:`~rqml_dask.volumes.check_values`), before anything is written."""
-        check_values(self.input_refs.image)
+        """Refuse (:class:`InputError`) input values the models cannot use (NaN, infinite,
+        negative, saturated: :func:`~rqml_dask.volumes.check_values`), before anything is
+        written."""
+        check_values(self.input_refs.image, self.config.input.accept_saturated)
 
     def prepare(self, overwrite: bool = False) -> list[RQMLTask]:
         """The pipeline's tasks, once its input values and its output are checked
