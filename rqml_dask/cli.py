@@ -141,16 +141,19 @@ def data() -> None:
 @click.argument("store", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--kind", type=click.Choice(["beads", "cells"]), default="cells", show_default=True)
 @click.option("--shape", type=_ints, default="64,128,128", show_default=True, help="Volume shape, z,y,x.")
+@click.option("--psf", type=click.Choice(["gaussian", "widefield"]), default="gaussian", show_default=True,
+              help="Gaussian, or a scalar widefield model with spherical aberration (out-of-focus rings).")
 @click.option("--psf-sigma", type=_floats, default="2.0,1.2,1.2", show_default=True, help="Gaussian PSF sigma per axis (voxels).")
-@click.option("--photons", type=float, default=300.0, show_default=True, help="Counts per unit intensity (Poisson noise).")
+@click.option("--photons", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Counts per unit intensity (Poisson noise); 20 is a dim sample.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace STORE if it exists.")
-def synth(store: Path, kind: str, shape, psf_sigma, photons: float, seed: int, overwrite: bool) -> None:
+def synth(store: Path, kind: str, shape, psf: str, psf_sigma, photons: float, seed: int, overwrite: bool) -> None:
     """Write a synthetic ground truth, PSF and blurred noisy observation to STORE."""
     if store.exists() and not overwrite:
         raise click.ClickException(f"{store} exists: pass --overwrite to replace it")
     try:
-        spec = SynthSpec(kind=kind, shape=shape, psf_sigma=psf_sigma, photons=photons, seed=seed)
+        spec = SynthSpec(kind=kind, shape=shape, psf=psf, psf_sigma=psf_sigma, photons=photons, seed=seed)
         path = write_synthetic(store, spec)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

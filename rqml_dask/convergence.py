@@ -36,17 +36,25 @@ class ConvergenceMonitor:
     settings: ConvergenceSettings
     history: deque[tuple[int, float]] = field(default_factory=deque)
     latest: ConvergenceFigures | None = None
+    held_out: tuple[int, float] | None = None
 
-    def observe(self, iteration: int, change: float, misfit: float) -> Verdict:
-        """Record a check at ``iteration`` (iterations counted within this model's run)."""
+    def observe(self, iteration: int, change: float, misfit: float, held_out: float | None = None) -> Verdict:
+        """Record a check at ``iteration`` (iterations counted within this model's run).
+        ``held_out`` is the held-out deviance where the task holds data out: consistency is
+        then its relative change per iteration instead of the misfit's."""
         s = self.settings
         if not math.isfinite(misfit) or not math.isfinite(change):
             self.latest = ConvergenceFigures(iteration, misfit, change, None, None)
             return "stalled"
         consistency = None
-        if self.history:
+        if self.held_out is not None and held_out is not None:
+            last_iteration, last = self.held_out
+            consistency = abs(last - held_out) / max(abs(last), 1e-300) / (iteration - last_iteration)
+        elif held_out is None and self.history:
             last_iteration, last_misfit = self.history[-1]
             consistency = abs(last_misfit - misfit) / max(last_misfit, 1e-300) / (iteration - last_iteration)
+        if held_out is not None:
+            self.held_out = (iteration, held_out)
         self.history.append((iteration, misfit))
         novelty = self._novelty(iteration, misfit)
         self.latest = ConvergenceFigures(iteration, misfit, change, consistency, novelty)

@@ -21,6 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 from rqml_dask import events
 from rqml_dask.arrays import ArrayBackend
 from rqml_dask.convergence import ConvergenceFigures
+from rqml_dask.held_out import HeldOutFigures, thin
 from rqml_dask.refinement import ModelRun, Refinement
 from rqml_dask.task import ArrayRef, RQMLTask
 from rqml_dask.volumes import InputError, open_array, read_core, read_window, write_core
@@ -76,6 +77,7 @@ class TaskOutcome:
 
     ``node`` is the worker that refined it; ``vote`` the cross-node vote, if one ran;
     ``input_digest`` the content it was computed from (:func:`load_problem`);
+    ``held_out`` what the held-out stopping rule saw (``None`` where it is off);
     ``written_to`` the array its core was written into and ``result_digest`` that core's
     digest (:func:`core_digest`; both ``None`` for a failed task, which has no result);
     ``resumed_from`` the checkpoint iteration the final run started from (``None``: from the
@@ -106,6 +108,7 @@ class TaskOutcome:
     reconciled: bool = False
     began_at: float = 0.0
     input_digest: str | None = None
+    held_out: HeldOutFigures | None = None
     written_to: ArrayRef | None = None
     result_digest: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -122,7 +125,11 @@ it, and no result or checkpoint of an older one is used."""
 
 def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]:
     """The task with its ``input_digest`` (of the image window and PSF as read, and
-    :data:`RESULT_FORMAT`), and its problem: the window and PSF on ``backend``, as float32."""
+    :data:`RESULT_FORMAT`), and its problem on ``backend``, as float32: ``observed`` (the
+    window), ``psf``, and ``image``, what the models refine: the window, or, with the
+    held-out stopping rule, the part of its counts not held out (rescaled), the held-out
+    counts being ``held_out`` (:func:`rqml_dask.held_out.thin`, seeded by the digest, so a
+    task splits its data the same way on every node and every run)."""
     image = read_window(task.input.image, task.region)
     psf = np.asarray(open_array(task.input.psf)[...], dtype=np.float32)
     if psf.ndim != image.ndim:
@@ -134,7 +141,11 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
         digest.update(repr((array.shape, array.dtype.str)).encode())
         digest.update(np.ascontiguousarray(array).data)
     task = replace(task, input_digest=digest.hexdigest())
-    return task, {"image": backend.asarray(image), "psf": backend.asarray(psf)}
+    problem = {"observed": image, "image": image, "psf": psf}
+    fraction, counts_per_unit = task.convergence.held_out_fraction, task.input.counts_per_unit
+    if fraction > 0 and counts_per_unit is not None:
+        problem["image"], problem["held_out"] = thin(image, counts_per_unit, fraction, seed=int(task.input_digest[:16], 16))
+    return task, {name: backend.asarray(array) for name, array in problem.items()}
 
 
 def core_digest(core: np.ndarray) -> str:
@@ -264,12 +275,13 @@ def outcome_of(job: Job, refinement: Refinement, node: str, core: np.ndarray | N
         output=f"{task.output}{task.region}",
         elapsed_s=time.time() - job.began_at,
         backend=refinement.backend.name,
-        error=None if core is None else error_figures(task, core, to_numpy(refinement.problem["image"][task.region.core_in_window])),
+        error=None if core is None else error_figures(task, core, to_numpy(refinement.problem["observed"][task.region.core_in_window])),
         reason=refinement.reason,
         node=node,
         resumed_from=refinement.resumed_from,
         began_at=job.began_at,
         input_digest=task.input_digest,
+        held_out=refinement.held_out_figures(),
         written_to=None if core is None else task.output,
         result_digest=None if core is None else core_digest(core),
         notes=list(job.resume.rejected) if job.resume is not None else [],

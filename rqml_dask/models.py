@@ -37,6 +37,9 @@ class RefinementModel(abc.ABC):
     * ``misfit()`` is the data-fit of the current estimate, recomputed apart from the
       iterations' own arithmetic and accumulated in float64, dimensionless (e.g. ``||forward(x) - data|| / ||data||``); the convergence
       heuristics read it.
+    * ``prediction()`` is what the current estimate predicts the data to be (the forward
+      model applied to it, the image's shape and units), or ``None`` (the default) for a
+      family without one; the held-out stopping rule scores it (:mod:`rqml_dask.held_out`).
     * ``state()`` returns every array needed to resume exactly (always including
       ``"estimate"``); ``restore(state)`` resumes from it. Restored and uninterrupted runs
       give the same iterates. A model that sets ``immutable_state = True`` promises that
@@ -67,6 +70,9 @@ class RefinementModel(abc.ABC):
 
     @abc.abstractmethod
     def misfit(self) -> float: ...
+
+    def prediction(self) -> Array | None:
+        return None
 
     def batch_key(self) -> Hashable | None:
         """Models with equal non-``None`` keys can be advanced together by :meth:`step_batch`."""

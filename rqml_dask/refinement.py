@@ -9,6 +9,7 @@ starts from the current estimate; the outcome records every model run.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from typing import Any, Literal
 from rqml_dask.arrays import Array, ArrayBackend
 from rqml_dask.checkpoint import CheckpointError, ModelConfig, TaskCheckpoint
 from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
+from rqml_dask.held_out import HeldOutFigures, HeldOutScore
 from rqml_dask.models import RefinementModel, load_model
 from rqml_dask.task import RQMLTask
 
@@ -74,15 +76,39 @@ class Refinement:
     models: list[str] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     handed_back: bool = False
+    held_out: HeldOutScore | None = None
+    held_out_input: float | None = None
+    best_held_out: float = math.inf
+    best_iteration: int = 0
+    best_estimate: Array | None = None
 
     def __post_init__(self) -> None:
         self.models = self.models or list(self.task.model_ladder)
+        if "held_out" in self.problem:
+            settings = self.task.convergence
+            self.held_out = HeldOutScore(self.problem["held_out"], self.task.input.counts_per_unit,
+                                         settings.held_out_fraction, self.backend)
 
     @classmethod
     def start(cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend) -> Refinement:
         refinement = cls(task, problem, backend)
-        refinement._switch_model(0, estimate=None)
+        refinement._switch_model(0, estimate=problem["image"])  # scored: the input as the estimate
+        refinement.held_out_input = refinement._score()
+        refinement.model.start(None)
         return refinement
+
+    def _score(self) -> float | None:
+        """The held-out deviance of the model's current prediction, if the rule is on."""
+        if self.held_out is None:
+            return None
+        prediction = self.model.prediction()
+        return None if prediction is None else self.held_out.deviance(prediction)
+
+    def held_out_figures(self) -> HeldOutFigures | None:
+        """What the held-out rule saw, for the outcome."""
+        if self.held_out_input is None or self.best_estimate is None:
+            return None
+        return HeldOutFigures(self.held_out_input, self.best_held_out, self.best_iteration, self.held_out.fraction)
 
     @property
     def done(self) -> bool:
@@ -132,8 +158,14 @@ class Refinement:
         self.iteration += 1
         if previous is not None:
             change = _relative_change(xp, self.model.estimate, previous)
-            verdict = self.monitor.observe(run.iterations, change, self.model.misfit())
+            held_out = self._score()
+            if held_out is not None and held_out < self.best_held_out:
+                self.best_held_out, self.best_iteration = held_out, self.iteration
+                self.best_estimate = self._keep(self.model.estimate)
+            verdict = self.monitor.observe(run.iterations, change, self.model.misfit(), held_out)
             self.last_figures = self.monitor.latest
+            if held_out is not None and self.iteration - self.best_iteration >= settings.held_out_patience:
+                verdict = "converged"  # past the held-out optimum: the rest would fit noise
             if verdict == "converged":
                 self._finish("converged")
                 return
@@ -194,6 +226,10 @@ class Refinement:
         rules = self.task.validation
         xp = self.backend.xp
         failures = []
+        figures = self.held_out_figures()
+        if figures is not None and figures.result >= figures.input:
+            failures.append(f"held-out fit of the result ({figures.result:.4g}) no better than the input's "
+                            f"({figures.input:.4g}): every model fitted the noise")
         if rules.require_finite and not bool(xp.all(xp.isfinite(self.estimate))):
             failures.append("estimate has non-finite values")
         lowest = float(xp.min(self.estimate))
@@ -258,6 +294,7 @@ class Refinement:
             "iteration": self.iteration,
             "runs": [asdict(run) for run in self.runs],
             "monitor": [list(point) for point in self.monitor.history],
+            "held_out_input": self.held_out_input,
             "last_figures": asdict(self.last_figures) if self.last_figures else None,
             "reason": self.reason,
             "status": self.status,
@@ -295,6 +332,7 @@ class Refinement:
         refinement.model.restore({name: backend.asarray(array) for name, array in arrays.items()})
         refinement.runs = [ModelRun(**run) for run in state["runs"]]
         refinement.monitor.history.extend((int(i), float(m)) for i, m in state["monitor"])
+        refinement.held_out_input = state.get("held_out_input")
         refinement.last_figures = ConvergenceFigures(**state["last_figures"]) if state["last_figures"] else None
         refinement.iteration = checkpoint.iteration
         refinement.reason = state["reason"]
@@ -325,6 +363,10 @@ class Refinement:
     def _finish(self, status: Status) -> None:
         self._close_run(status)
         self.status = status
+        if self.best_estimate is not None and self.best_iteration != self.iteration:  # the held-out optimum
+            self.model.start(self.best_estimate)
+            self.record_event("rolled_back", model=self.model_name, to_iteration=self.best_iteration,
+                              held_out=self.best_held_out)
         if status in ("stalled", "terminated"):
             self.record_event(status, model=self.model_name, reason=self.reason)
 

@@ -1,7 +1,7 @@
 """Synthetic microscopy data, so nothing has to be downloaded.
 
 :func:`write_synthetic` writes a Zarr group with ``truth`` (beads or cell-like shapes),
-``psf`` (an anisotropic Gaussian, normalised to sum 1) and ``observed`` (the truth blurred
+``psf`` (an anisotropic Gaussian, or a scalar widefield model, normalised to sum 1) and ``observed`` (the truth blurred
 by the PSF with Poisson noise at ``photons`` counts per unit intensity). The group is
 written to a temporary sibling and renamed into place, so a store that exists is complete.
 """
@@ -22,12 +22,14 @@ from pydantic import ConfigDict
 
 @dataclass(frozen=True)
 class SynthSpec:
-    """What to generate. ``psf_sigma`` is in voxels per axis (z, y, x for 3-D)."""
+    """What to generate. ``psf``: ``gaussian`` of ``psf_sigma`` voxels per axis (z, y, x
+    for 3-D), or ``widefield`` (:func:`widefield_psf`, 3-D only)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["beads", "cells"] = "cells"
     shape: tuple[int, ...] = (64, 128, 128)
+    psf: Literal["gaussian", "widefield"] = "gaussian"
     psf_sigma: tuple[float, ...] = (2.0, 1.2, 1.2)
     photons: float = 300.0
     background: float = 0.01
@@ -39,6 +41,31 @@ def gaussian_psf(sigma: tuple[float, ...]) -> np.ndarray:
     axes = [np.arange(-math.ceil(3 * s), math.ceil(3 * s) + 1, dtype=np.float64) for s in sigma]
     grids = np.meshgrid(*axes, indexing="ij")
     psf = np.exp(-0.5 * sum((g / s) ** 2 for g, s in zip(grids, sigma)))
+    return (psf / psf.sum()).astype(np.float32)
+
+
+def widefield_psf(shape: tuple[int, int, int] = (17, 25, 25), pixel_um: float = 0.1, z_step_um: float = 0.2,
+                  wavelength_um: float = 0.52, na: float = 1.1, medium_index: float = 1.33,
+                  spherical_waves: float = 0.5) -> np.ndarray:
+    """A scalar widefield PSF: ``|FT(pupil)|^2`` per plane, the pupil a disc of radius NA /
+    wavelength with defocus ``exp(2 pi i kz z)`` and primary spherical aberration
+    (``spherical_waves`` times the Zernike ``6 r^4 - 6 r^2 + 1``), so out-of-focus planes
+    carry rings and the axial profile is asymmetric. Sums to 1."""
+    nz, ny, nx = shape
+    size = 4 * max(ny, nx)
+    k = np.fft.fftfreq(size, d=pixel_um)
+    kx, ky = np.meshgrid(k, k, indexing="ij")
+    radial2 = kx**2 + ky**2
+    cutoff = na / wavelength_um
+    rho2 = radial2 / cutoff**2
+    pupil = np.where(rho2 <= 1, np.exp(2j * np.pi * spherical_waves * (6 * rho2**2 - 6 * rho2 + 1)), 0)
+    kz = np.sqrt(np.maximum((medium_index / wavelength_um) ** 2 - radial2, 0))
+    c = size // 2
+    planes = []
+    for z in (np.arange(nz) - nz // 2) * z_step_um:
+        field = np.fft.fftshift(np.fft.ifft2(pupil * np.exp(2j * np.pi * kz * z)))
+        planes.append(np.abs(field[c - ny // 2 : c + ny // 2 + 1, c - nx // 2 : c + nx // 2 + 1]) ** 2)
+    psf = np.stack(planes)
     return (psf / psf.sum()).astype(np.float32)
 
 
@@ -73,7 +100,9 @@ def write_synthetic(store: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
     store = Path(store)
     rng = np.random.default_rng(spec.seed)
     truth = make_truth(spec.kind, spec.shape, rng)
-    psf = gaussian_psf(spec.psf_sigma)
+    if spec.psf == "widefield" and len(spec.shape) != 3:
+        raise ValueError(f"the widefield PSF is 3-D; shape {spec.shape} is not")
+    psf = gaussian_psf(spec.psf_sigma) if spec.psf == "gaussian" else widefield_psf()
     blurred = np.clip(scipy.signal.fftconvolve(truth + spec.background, psf, mode="same"), 0, None)
     observed = (rng.poisson(blurred * spec.photons) / spec.photons).astype(np.float32)
     staging = store.with_name(store.name + ".partial")

@@ -31,6 +31,13 @@ class ConvergenceSettings:
     * novelty: over the last ``novelty_window`` iterations the misfit improved by at least
       ``min_progress``; less is a *stall*, which escalates to the next model of the ladder.
 
+    With ``held_out_fraction`` > 0 (photon-count data, :mod:`rqml_dask.held_out`), that
+    fraction of the counts is held out: consistency is then the held-out deviance's
+    relative change per iteration, and a task also converges once the held-out deviance has
+    not improved for ``held_out_patience`` iterations; its result is the iterate where it was
+    lowest. ``0`` (the default) refines the whole image and stops by the iterates alone;
+    ``pipelines/quickstart.yaml`` holds out 0.2, as photon-count data should.
+
     A task converges when stability and consistency both hold. The heuristics are evaluated
     every ``check_every`` iterations (each check costs a float64 misfit and one state copy).
     ``max_iterations`` bounds the whole task, ``max_iterations_per_model`` each model on the ladder.
@@ -48,6 +55,8 @@ class ConvergenceSettings:
     novelty_window: PositiveInt = 20
     min_progress: NonNegativeFloat = 1e-3
     accept_max_iterations: bool = False
+    held_out_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    held_out_patience: PositiveInt = 15
 
 
 @dataclass(frozen=True)
@@ -138,13 +147,16 @@ class ArrayRef:
 
 @dataclass(frozen=True)
 class TaskInput:
-    """Where a deconvolution task reads its data; ``truth`` is optional (synthetic data)."""
+    """Where a deconvolution task reads its data; ``truth`` is optional (synthetic data).
+    ``counts_per_unit``: photons per unit of the image's intensity (what the held-out
+    stopping rule thins), ``None`` where the image is not photon counts."""
 
     __pydantic_config__ = _STRICT
 
     image: ArrayRef
     psf: ArrayRef
     truth: ArrayRef | None = None
+    counts_per_unit: Annotated[float, Field(gt=0)] | None = None
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,10 @@ def test_node_endpoints_answer_over_http_on_every_worker(tmp_path, small_volume,
         assert stats["refinement"]["oldest_age_s"] > 0
         status, body = http_get(base + "/checkpoint_state")
         tasks = json.loads(body)["tasks"]
-        assert status == 200 and tasks and all(t["iteration"] >= 0 for t in tasks.values())
+        # the tasks refining here have an iteration; one the node only checkpointed (moved on
+        # to another node, or finished and awaiting delivery) has none
+        assert status == 200 and any(t["iteration"] is not None and t["iteration"] >= 0 for t in tasks.values())
+        assert all(t["iteration"] is None or t["iteration"] >= 0 for t in tasks.values())
         status, body = http_get(base + "/metrics")
         families = {f.name: f for f in text_string_to_metric_families(body)}
         assert {"rqml_queue_depth", "rqml_iterations", "rqml_escalations", "rqml_checkpoint_lag_seconds"} <= set(families)

@@ -62,3 +62,6 @@ class Landweber(RefinementModel):
 
     def misfit(self) -> float:
         return self.convolver.residual_norm(self._estimate, self.image)
+
+    def prediction(self) -> Array:
+        return self.convolver.forward(self._estimate)

@@ -95,6 +95,9 @@ class RichardsonLucy(RefinementModel):
     def misfit(self) -> float:
         return self.convolver.residual_norm(self._estimate, self.image)
 
+    def prediction(self) -> Array:
+        return self.convolver.forward(self._estimate)
+
 
 class AcceleratedRichardsonLucy(RichardsonLucy):
     """Richardson-Lucy with Biggs & Andrews (1997) vector extrapolation.

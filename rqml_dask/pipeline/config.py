@@ -30,7 +30,10 @@ class _Strict(BaseModel):
 class InputSpec(_Strict):
     """Where the data is. ``synthesize`` generates the store first if it does not exist.
     ``accept_saturated``: deconvolve an integer image's saturated values (at the type's
-    maximum) as they are, instead of refusing the image."""
+    maximum) as they are, instead of refusing the image. ``counts_per_unit``: photons per
+    unit of the image's intensity (for a camera, 1 / gain after the offset is subtracted);
+    unset, it is the synthetic store's ``photons``, 1 for an integer image, else estimated
+    from the image's own noise (:func:`rqml_dask.held_out.estimate_counts_per_unit`)."""
 
     store: Path
     image: str = "observed"
@@ -38,6 +41,7 @@ class InputSpec(_Strict):
     truth: str | None = None
     synthesize: SynthSpec | None = None
     accept_saturated: bool = False
+    counts_per_unit: float | None = Field(default=None, gt=0)
 
 
 class OutputSpec(_Strict):

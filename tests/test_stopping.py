@@ -1,0 +1,115 @@
+"""The held-out stopping rule: thinning, its figures, and results better than the input
+against plain Richardson-Lucy's best iteration (the oracle, computed here from the truth)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from distributed import Client
+
+from rqml_dask import Pipeline
+from rqml_dask.arrays import numpy_backend
+from rqml_dask.held_out import HeldOutScore, estimate_counts_per_unit, thin
+from rqml_dask.pipeline import load_pipeline_config
+from rqml_dask.synthetic import SynthSpec, write_synthetic
+from rqml_dask.volumes import open_array, read_core, read_window
+from rqml_plugins.deconvolution.richardson_lucy import RichardsonLucy
+
+from conftest import local_cluster
+
+
+def test_thinning_splits_counts_into_independent_poisson_halves():
+    rng = np.random.default_rng(0)
+    mean = np.full(200_000, 40.0)
+    image = rng.poisson(mean) / 10.0  # 10 counts per unit
+    train, held = thin(image, 10.0, 0.2, seed=1)
+    kept = train * 10.0 * 0.8
+    np.testing.assert_allclose(kept + held, image * 10.0, atol=1e-3)  # nothing lost
+    assert held.mean() == pytest.approx(0.2 * 40, rel=0.01) and held.var() == pytest.approx(0.2 * 40, rel=0.03)
+    assert abs(np.corrcoef(kept, held)[0, 1]) < 0.01  # independent: a model fitting one cannot fit the other's noise
+    again = thin(image, 10.0, 0.2, seed=1)
+    assert (again[1] == held).all()  # the same split on every node and every run
+
+
+def test_held_out_deviance_is_lowest_for_the_true_mean():
+    rng = np.random.default_rng(2)
+    mean = rng.uniform(1, 5, 100_000)
+    held = rng.poisson(mean * 0.2).astype(np.float32)
+    score = HeldOutScore(held, 1.0, 0.2, numpy_backend())
+    assert score.deviance(mean) < score.deviance(mean * 1.2) and score.deviance(mean) < score.deviance(mean + rng.normal(0, 0.5, mean.size))
+
+
+@pytest.mark.parametrize("photons", [20, 100, 300])
+def test_the_photon_count_is_estimated_from_the_noise_on_the_safe_side(tmp_path, photons):
+    store = write_synthetic(tmp_path / "s.zarr", SynthSpec(shape=(32, 64, 64), photons=photons))
+    estimate = estimate_counts_per_unit(zarr.open_group(store, mode="r")["observed"][...])
+    assert 0.75 * photons < estimate < 1.05 * photons
+
+
+def oracle(pipeline: Pipeline, iterations: int = 120) -> tuple[float, int]:
+    """Plain RL's best volume-wide relative error at any iteration, and that iteration."""
+    tasks = pipeline.tasks()
+    psf = np.asarray(open_array(tasks[0].input.psf)[...], dtype=np.float32)
+    sse, truth_ss = np.zeros(iterations), 0.0
+    for task in tasks:
+        truth = read_core(task.input.truth, task.region, np.float64)
+        truth_ss += float(np.sum(truth**2))
+        model = RichardsonLucy({"image": read_window(task.input.image, task.region), "psf": psf}, numpy_backend())
+        for k in range(iterations):
+            model.step()
+            sse[k] += float(np.sum((model.estimate[task.region.core_in_window] - truth) ** 2))
+    errors = np.sqrt(sse / truth_ss)
+    return float(errors.min()), int(errors.argmin()) + 1
+
+
+def quickstart_on(store, out, tile=(16, 32, 32)) -> Pipeline:
+    """The quickstart's models and convergence settings (the defaults users start from)."""
+    config = load_pipeline_config("pipelines/quickstart.yaml")
+    return Pipeline(config.model_copy(update={
+        "input": config.input.model_copy(update={"store": store, "synthesize": None}),
+        "output": config.output.model_copy(update={"store": out}),
+        "tiling": config.tiling.model_copy(update={"tile": tile}),
+        "checkpoint": config.checkpoint.model_copy(update={"artifacts": out.with_name(out.name + ".checkpoints")}),
+    }))
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    with local_cluster() as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("psf,photons", [("gaussian", 1000), ("gaussian", 30), ("widefield", 100), ("widefield", 30)])
+def test_results_are_better_than_the_input_and_near_the_best_iteration(tmp_path, cluster_client, psf, photons):
+    store = write_synthetic(tmp_path / "in.zarr", SynthSpec(shape=(32, 64, 64), psf=psf, photons=photons, seed=5))
+    pipeline = quickstart_on(store, tmp_path / "out.zarr")
+    report = pipeline.run(cluster_client, progress=False)
+    best, at = oracle(pipeline)
+    assert all(o.accepted for o in report.outcomes), report.summary()
+    assert report.output_error < report.input_error, report.summary()
+    assert report.output_error <= 1.15 * best, (report.summary(), best, at)
+    assert report.iterations <= 1.5 * at * len(report.outcomes) + 10 * len(report.outcomes), (report.iterations, at)
+    for outcome in report.outcomes:  # figures a user without a ground truth can read
+        held = outcome.held_out
+        assert held is not None and held.result < held.input and 0 < held.iteration <= outcome.iterations
+    assert "held-out fit " in report.summary()
+    record = zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["outcomes"][0]
+    assert record["held_out"]["result"] < record["held_out"]["input"]
+
+
+@pytest.mark.slow
+def test_where_every_model_fits_the_noise_the_task_is_not_accepted_and_the_run_says_so(tmp_path, cluster_client):
+    # a third of a photon per unit of intensity through a widefield PSF: next to no signal
+    store = write_synthetic(tmp_path / "in.zarr", SynthSpec(shape=(32, 64, 64), psf="widefield", photons=0.3, seed=5))
+    pipeline = quickstart_on(store, tmp_path / "out.zarr")
+    report = pipeline.run(cluster_client, progress=False)
+    noise = [o for o in report.outcomes if not o.accepted]
+    assert noise and all(o.state == "rejected" and "every model fitted the noise" in o.validation_failures[0] for o in noise)
+    assert "every model fitted the noise" in report.summary()
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "rejected"
+    for outcome in report.outcomes:
+        if outcome.accepted:  # what is accepted is better than its input
+            assert outcome.held_out.result < outcome.held_out.input
+            assert outcome.error.output_sse < outcome.error.input_sse
