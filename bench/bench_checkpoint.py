@@ -37,7 +37,7 @@ from rqml_dask.synthetic import SynthSpec, gaussian_psf, write_synthetic
 from rqml_dask.task import ArrayRef, CheckpointSettings, ConvergenceSettings, Region, RQMLTask, TaskInput
 
 SHAPE = (64, 128, 128)  # 4 MiB of float32
-NEVER_STOP = dict(stability_tol=0, consistency_tol=0, novelty_window=10**9)
+NEVER_STOP = dict(stability_tol=0, consistency_tol=0, novelty_window=10**9, held_out_fraction=0)
 
 
 def throughput(root: Path, iterations: int, checkpoint_every: int | None) -> float:

@@ -21,6 +21,9 @@ from rqml_dask.held_out import HeldOutFigures, HeldOutScore
 from rqml_dask.models import RefinementModel, load_model
 from rqml_dask.task import RQMLTask
 
+HELD_OUT_BEST = "held_out_best"
+"""The checkpoint artifact holding the held-out rule's best iterate (beside the model's state)."""
+
 Status = Literal["running", "converged", "stalled", "max_iterations", "terminated", "failed"]
 
 
@@ -227,8 +230,8 @@ class Refinement:
         xp = self.backend.xp
         failures = []
         figures = self.held_out_figures()
-        if figures is not None and figures.result >= figures.input:
-            failures.append(f"held-out fit of the result ({figures.result:.4g}) no better than the input's "
+        if figures is not None and figures.result > figures.input:
+            failures.append(f"held-out fit of the result ({figures.result:.4g}) worse than the input's "
                             f"({figures.input:.4g}): every model fitted the noise")
         if rules.require_finite and not bool(xp.all(xp.isfinite(self.estimate))):
             failures.append("estimate has non-finite values")
@@ -274,11 +277,14 @@ class Refinement:
         self.checkpoint_reason = None
         self.last_checkpoint_iteration = self.iteration
         self.last_checkpoint_time = time.monotonic()
+        arrays = {name: self._keep(array) for name, array in self.model.state().items()}
+        if self.best_estimate is not None:  # kept already: the held-out rule's best iterate
+            arrays[HELD_OUT_BEST] = self.best_estimate
         return Snapshot(
             task=self.task,
             iteration=self.iteration,
             model_config=ModelConfig(self.model_name, self.ladder_position, self.task.model_params.get(self.model_name, {})),
-            arrays={name: self._keep(array) for name, array in self.model.state().items()},
+            arrays=arrays,
             supervision_state=self.supervision_state(),
             reason=reason,
             backend=self.backend,
@@ -295,6 +301,7 @@ class Refinement:
             "runs": [asdict(run) for run in self.runs],
             "monitor": [list(point) for point in self.monitor.history],
             "held_out_input": self.held_out_input,
+            "held_out_best": [self.best_held_out, self.best_iteration] if self.best_estimate is not None else None,
             "last_figures": asdict(self.last_figures) if self.last_figures else None,
             "reason": self.reason,
             "status": self.status,
@@ -329,7 +336,12 @@ class Refinement:
         refinement = cls(task, problem, backend)
         refinement.models = models
         refinement._switch_model(position, estimate=None)
-        refinement.model.restore({name: backend.asarray(array) for name, array in arrays.items()})
+        arrays = {name: backend.asarray(array) for name, array in arrays.items()}
+        best = arrays.pop(HELD_OUT_BEST, None)
+        refinement.model.restore(arrays)
+        if best is not None and state.get("held_out_best") is not None:
+            refinement.best_held_out, refinement.best_iteration = float(state["held_out_best"][0]), int(state["held_out_best"][1])
+            refinement.best_estimate = best
         refinement.runs = [ModelRun(**run) for run in state["runs"]]
         refinement.monitor.history.extend((int(i), float(m)) for i, m in state["monitor"])
         refinement.held_out_input = state.get("held_out_input")

@@ -35,8 +35,8 @@ class ConvergenceSettings:
     fraction of the counts is held out: consistency is then the held-out deviance's
     relative change per iteration, and a task also converges once the held-out deviance has
     not improved for ``held_out_patience`` iterations; its result is the iterate where it was
-    lowest. ``0`` (the default) refines the whole image and stops by the iterates alone;
-    ``pipelines/quickstart.yaml`` holds out 0.2, as photon-count data should.
+    lowest. ``0`` refines the whole image and stops by the iterates alone (for fixed-budget
+    runs, or data that are not photon counts).
 
     A task converges when stability and consistency both hold. The heuristics are evaluated
     every ``check_every`` iterations (each check costs a float64 misfit and one state copy).
@@ -55,7 +55,7 @@ class ConvergenceSettings:
     novelty_window: PositiveInt = 20
     min_progress: NonNegativeFloat = 1e-3
     accept_max_iterations: bool = False
-    held_out_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    held_out_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     held_out_patience: PositiveInt = 15
 
 

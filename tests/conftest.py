@@ -50,7 +50,9 @@ def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
     """A small, valid pipeline over ``store``; ``overrides`` replace top-level sections.
 
     Its checkpoints go beside ``out`` unless ``checkpoint.artifacts`` is given: tests share
-    input stores, and by default every run on one input reuses the others' results."""
+    input stores, and by default every run on one input reuses the others' results. Its
+    convergence holds no counts out unless ``convergence.held_out_fraction`` is given: these
+    tests pin iteration counts and results; tests/test_stopping.py tests the held-out rule."""
     config = {
         "name": "test",
         "input": {"store": str(store), "truth": "truth"},
@@ -63,6 +65,7 @@ def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
     }
     config.update(overrides)
     config["checkpoint"] = {"artifacts": f"{out}.checkpoints", **config["checkpoint"]}
+    config["convergence"] = {"held_out_fraction": 0, **config["convergence"]}
     return config
 
 

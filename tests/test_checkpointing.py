@@ -66,6 +66,43 @@ def test_resumed_refinement_continues_exactly_as_uninterrupted(tmp_path, checkpo
     assert [dataclasses.astuple(r) for r in resumed.runs] == [dataclasses.astuple(r) for r in uninterrupted.runs]
 
 
+def test_a_resumed_refinement_under_the_held_out_rule_returns_what_an_uninterrupted_one_does(tmp_path, checkpointer):
+    from rqml_dask.held_out import thin
+    from rqml_dask.task import TaskInput
+
+    settings = ConvergenceSettings(max_iterations=200, check_every=5, stability_tol=0, consistency_tol=0,
+                                   novelty_window=10**6, held_out_fraction=0.2, held_out_patience=10)
+    task = task_with_checkpoints(tmp_path, ladder=("richardson_lucy",), every_iterations=5)
+    task = dataclasses.replace(task, convergence=settings, input=TaskInput(task.input.image, task.input.psf, counts_per_unit=50.0))
+
+    def problem():  # a blurred 16^3 volume at 50 photons per unit
+        import scipy.signal
+
+        psf = make_problem(7)["psf"]
+        rng = np.random.default_rng(7)
+        blurred = np.clip(scipy.signal.fftconvolve(rng.random((16, 16, 16)) ** 4, psf, mode="same"), 0, None)
+        observed = (rng.poisson(blurred * 50) / 50).astype(np.float32)
+        train, held = thin(observed, 50.0, 0.2, seed=3)
+        return {"observed": observed, "image": train, "held_out": held, "psf": psf}
+
+    uninterrupted = Refinement.start(task, problem(), numpy_backend())
+    uninterrupted.run_to_end()
+    figures = uninterrupted.held_out_figures()
+    assert uninterrupted.status == "converged" and figures.iteration < uninterrupted.iteration  # rolled back
+    refinement = Refinement.start(task, problem(), numpy_backend())
+    while refinement.iteration < figures.iteration + 5:  # a checkpoint past the best iterate, then a "crash"
+        refinement.step()
+        if reason := refinement.checkpoint_due():
+            checkpointer.submit(refinement.snapshot(reason))
+            assert checkpointer.flush()
+    resume = checkpointer.latest(task)
+    assert resume.checkpoint.iteration > figures.iteration and "held_out_best" in resume.arrays
+    resumed = Refinement.resume(task, problem(), numpy_backend(), resume.checkpoint, resume.arrays)
+    resumed.run_to_end()
+    assert resumed.held_out_figures() == figures and resumed.iteration == uninterrupted.iteration
+    np.testing.assert_array_equal(resumed.estimate, uninterrupted.estimate)
+
+
 def test_a_final_checkpoint_resumes_finished_without_another_iteration(tmp_path, checkpointer):
     task = task_with_checkpoints(tmp_path, every_iterations=10)
     finished = Refinement.start(task, make_problem(7), numpy_backend())
