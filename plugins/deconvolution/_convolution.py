@@ -38,6 +38,8 @@ class Convolver:
             )
         xp = backend.xp
         self.backend = backend
+        self._blurred_for: Array | None = None
+        self._blurred: Array | None = None
         # A circular convolution of length L equals the linear one on the cropped outputs
         # once L >= n + p // 2: the wrapped-around tail of the full (n + p - 1) result then
         # lands only on indices before the crop. That is up to p // 2 shorter than the full
@@ -75,17 +77,24 @@ class Convolver:
         """The adjoint of :meth:`forward` applied to ``x`` (correlation with the PSF)."""
         return self._apply(x, self._otf_flipped, self._adjoint_crop)
 
+    def blurred(self, estimate: Array) -> Array:
+        """:meth:`forward` of ``estimate``, kept for the last estimate given, so a check's
+        misfit and its held-out score share one convolution. For estimates that are never
+        modified in place (``immutable_state`` models); callers must not modify the result."""
+        if self._blurred_for is not estimate:
+            self._blurred_for, self._blurred = estimate, self.forward(estimate)
+        return self._blurred
+
     def residual_norm(self, estimate: Array, image: Array) -> float:
         """``||forward(estimate) - image||_2 / ||image||_2``, summed in float64.
 
-        The convolution is recomputed here, apart from any iteration's own arithmetic; in
-        float32, whose rounding (~1e-7 relative) is far below any convergence tolerance,
-        so a check costs half an iteration rather than the two of a float64 convolution.
-        A zero ``||image||`` is not divided by.
+        The convolution is recomputed here (:meth:`blurred`), apart from any iteration's own
+        arithmetic; in float32, whose rounding (~1e-7 relative) is far below any convergence
+        tolerance, so a check costs half an iteration rather than the two of a float64
+        convolution. A zero ``||image||`` is not divided by.
         """
         xp = self.backend.xp
-        residual = self.forward(estimate)
-        residual -= image
+        residual = self.blurred(estimate) - image
         image_sq = float(xp.sum(image * image, dtype=xp.float64))
         residual_sq = float(xp.sum(residual * residual, dtype=xp.float64))
         return (residual_sq / (image_sq if image_sq > 0.0 else 1.0)) ** 0.5

@@ -96,7 +96,7 @@ class RichardsonLucy(RefinementModel):
         return self.convolver.residual_norm(self._estimate, self.image)
 
     def prediction(self) -> Array:
-        return self.convolver.forward(self._estimate)
+        return self.convolver.blurred(self._estimate)
 
 
 class AcceleratedRichardsonLucy(RichardsonLucy):
