@@ -95,13 +95,13 @@ def make_truth(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> n
 
 def write_synthetic(store: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
     """Write truth, psf and observed to the Zarr group at ``store``; return its path."""
-    if len(spec.psf_sigma) != len(spec.shape):
+    if spec.psf == "gaussian" and len(spec.psf_sigma) != len(spec.shape):
         raise ValueError(f"psf_sigma {spec.psf_sigma} and shape {spec.shape} differ in rank")
     store = Path(store)
-    rng = np.random.default_rng(spec.seed)
-    truth = make_truth(spec.kind, spec.shape, rng)
     if spec.psf == "widefield" and len(spec.shape) != 3:
         raise ValueError(f"the widefield PSF is 3-D; shape {spec.shape} is not")
+    rng = np.random.default_rng(spec.seed)
+    truth = make_truth(spec.kind, spec.shape, rng)
     psf = gaussian_psf(spec.psf_sigma) if spec.psf == "gaussian" else widefield_psf()
     blurred = np.clip(scipy.signal.fftconvolve(truth + spec.background, psf, mode="same"), 0, None)
     observed = (rng.poisson(blurred * spec.photons) / spec.photons).astype(np.float32)
