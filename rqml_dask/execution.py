@@ -141,17 +141,25 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
         digest.update(repr((array.shape, array.dtype.str)).encode())
         digest.update(np.ascontiguousarray(array).data)
     task = replace(task, input_digest=digest.hexdigest())
-    problem = {"observed": image, "image": image, "psf": psf}
+    observed = backend.asarray(image)
+    problem = {"observed": observed, "image": observed, "psf": backend.asarray(psf)}
     fraction, counts_per_unit = task.convergence.held_out_fraction, task.input.counts_per_unit
     if fraction > 0 and counts_per_unit is not None:
-        problem["image"], problem["held_out"] = thin(image, counts_per_unit, fraction, seed=int(task.input_digest[:16], 16))
-    return task, {name: backend.asarray(array) for name, array in problem.items()}
+        train, held = thin(image, counts_per_unit, fraction, seed=int(task.input_digest[:16], 16))
+        problem["image"], problem["held_out"] = backend.asarray(train), backend.asarray(held)
+    return task, problem
 
 
 def core_digest(core: np.ndarray) -> str:
     """The digest of a result core as the output holds it (float32)."""
     core = np.ascontiguousarray(core, dtype=np.float32)
     return hashlib.blake2b(repr(core.shape).encode() + core.data, digest_size=16).hexdigest()
+
+
+def copy_result(outcome: TaskOutcome, task: RQMLTask, source: ArrayRef) -> TaskOutcome:
+    """Write the core ``source`` holds into ``task``'s output; ``outcome`` as written there."""
+    write_core(task.output, task.region, read_core(source, task.region))
+    return replace(outcome, output=f"{task.output}{task.region}", written_to=task.output)
 
 
 def holds_result(ref: ArrayRef, task: RQMLTask, digest: str | None) -> bool:
@@ -217,8 +225,7 @@ def run_task(task: RQMLTask) -> TaskOutcome:
         raise Reschedule()
     outcome = deliver(node, job, refinement, job.outcome)
     if outcome.written_to is not None and outcome.written_to != task.output:  # joined a run writing elsewhere
-        write_core(task.output, task.region, read_core(outcome.written_to, task.region))
-        outcome = replace(outcome, output=f"{task.output}{task.region}", written_to=task.output)
+        outcome = copy_result(outcome, task, outcome.written_to)
     return outcome
 
 
@@ -242,14 +249,13 @@ def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskO
     if outcome.input_digest is None or outcome.input_digest != task.input_digest:
         logger.info("recorded outcome of %s was computed from other input data: computing it again", task.task_id)
         return None
-    notes = outcome.notes
-    if not holds_result(task.output, task, outcome.result_digest):
-        source = outcome.written_to
-        if source is None or source == task.output or not holds_result(source, task, outcome.result_digest):
-            return None  # the result is gone or was changed since: computed again
-        write_core(task.output, task.region, read_core(source, task.region))
-        notes = [*notes, f"result copied from {source}"]
-    return replace(outcome, reused=True, output=f"{task.output}{task.region}", written_to=task.output, notes=notes)
+    outcome = replace(outcome, reused=True)
+    if holds_result(task.output, task, outcome.result_digest):
+        return replace(outcome, output=f"{task.output}{task.region}", written_to=task.output)
+    source = outcome.written_to
+    if source is None or source == task.output or not holds_result(source, task, outcome.result_digest):
+        return None  # the result is gone or was changed since: computed again
+    return copy_result(replace(outcome, notes=[*outcome.notes, f"result copied from {source}"]), task, source)
 
 
 def host_core(refinement: Refinement) -> np.ndarray:

@@ -95,9 +95,11 @@ class Refinement:
     @classmethod
     def start(cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend) -> Refinement:
         refinement = cls(task, problem, backend)
-        refinement._switch_model(0, estimate=problem["image"])  # scored: the input as the estimate
-        refinement.held_out_input = refinement._score()
-        refinement.model.start(None)
+        refinement._switch_model(0, estimate=None)
+        if refinement.held_out is not None:  # the input taken as the estimate: what a result must beat
+            refinement.model.start(problem["image"])
+            refinement.held_out_input = refinement._score()
+            refinement.model.start(None)
         return refinement
 
     def _score(self) -> float | None:

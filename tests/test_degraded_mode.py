@@ -268,29 +268,47 @@ def check_dashboard(browser, client: Client, far: str, near: str, discarded: int
     assert "node-degraded" in alerts["kind"] and summary.startswith("2 nodes, 1 of them worked without a scheduler")
 
 
+class RqmlRun:
+    """``rqml run`` of the sleepy pipeline over ``store`` (TILE tiles, ``iterations`` each)
+    against the scheduler at ``address``, as a subprocess with the tests' models importable."""
+
+    def __init__(self, tmp_path: Path, store: Path, iterations: int, name: str, address: str) -> None:
+        pipeline = sleepy_pipeline(store, tmp_path / "out.zarr", TILE, iterations, 0.02, name)
+        config = write_yaml(tmp_path / f"{name}.yaml", pipeline.config.model_dump(mode="json", exclude_none=True))
+        self.command = [sys.executable, "-m", "rqml_dask.cli", "run", str(config), "--scheduler", address, "--no-progress"]
+        self.environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+        self.log = tmp_path / "first-run.log"
+
+    def killed_once_placed(self, http: dict[str, int]) -> dict[str, dict[str, int]]:
+        """Start it, and SIGKILL it (the client) once every task refines with 20 iterations
+        done; the placement then."""
+        with open(self.log, "wb") as log:
+            first = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.environ, start_new_session=True)
+        try:
+            return wait_for(lambda: placed(http, at_least=20), timeout=60)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(bound(30))
+
+    def again(self, timeout: float) -> subprocess.CompletedProcess:
+        """Run it again to the end."""
+        return subprocess.run(self.command, capture_output=True, text=True, env=self.environ, timeout=bound(timeout))
+
+
 def test_client_and_scheduler_killed_nodes_finish_alone_and_rqml_run_again_picks_up_their_results(tmp_path, small_volume):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     http = {"node-0": free_port(), "node-1": free_port()}
-    pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, 200, 0.02, "rerun")
-    config = write_yaml(tmp_path / "rerun.yaml", pipeline.config.model_dump(mode="json", exclude_none=True))
-    rqml_run = [sys.executable, "-m", "rqml_dask.cli", "run", str(config), "--scheduler", address, "--no-progress"]
+    rqml_run = RqmlRun(tmp_path, small_volume, 200, "rerun", address)
     scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
     workers = [rqml_worker(address, name, http[name], tmp_path / "workers").start() for name in http]
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     try:
         with Client(address, timeout=bound(60)) as client:
             client.wait_for_workers(2, timeout=bound(60))
             client.sync(client.scheduler.rqml_policy, policy=POLICY)
             names = {addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()}
             pids = {names[addr]: pid for addr, pid in client.run(os.getpid).items()}
-        with open(tmp_path / "first-run.log", "wb") as log:
-            first = subprocess.Popen(rqml_run, stdout=log, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
-        try:
-            placement = wait_for(lambda: placed(http, at_least=20), timeout=60)
-        finally:
-            os.killpg(first.pid, signal.SIGKILL)  # the client...
-            first.wait(bound(30))
+        placement = rqml_run.killed_once_placed(http)  # the client...
         scheduler.kill()  # ...and the scheduler
 
         # the nodes finish every task on their own; the results wait in their outboxes
@@ -308,7 +326,7 @@ def test_client_and_scheduler_killed_nodes_finish_alone_and_rqml_run_again_picks
         wait_for(lambda: all((h := http_json(p, "/health")) and h["status"] == "ok" and h["held"] == 0 for p in http.values()), timeout=60)
         iterations_done = {name: metric(p, "rqml_iterations_total") for name, p in http.items()}
 
-        second = subprocess.run(rqml_run, capture_output=True, text=True, env=environ, timeout=bound(120))
+        second = rqml_run.again(120)
         assert second.returncode == 0, second.stderr
         assert re.search(r"recovered\s+0 resumed from checkpoints, 4 finished by nodes without a scheduler, 0 reused", second.stdout), second.stdout
         assert re.search(r"^iterations\s+800 ", second.stdout, re.M)
@@ -328,29 +346,20 @@ def test_a_task_a_node_kept_refining_while_its_input_changed_is_computed_again_f
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     http = {"node-0": free_port(), "node-1": free_port()}
-    pipeline = sleepy_pipeline(store, tmp_path / "out.zarr", TILE, 600, 0.02, "changed")
-    config = write_yaml(tmp_path / "changed.yaml", pipeline.config.model_dump(mode="json", exclude_none=True))
-    rqml_run = [sys.executable, "-m", "rqml_dask.cli", "run", str(config), "--scheduler", address, "--no-progress"]
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    rqml_run = RqmlRun(tmp_path, store, 600, "changed", address)
     scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
     workers = [rqml_worker(address, name, http[name], tmp_path / "workers").start() for name in http]
     try:
         with Client(address, timeout=bound(60)) as client:
             client.wait_for_workers(2, timeout=bound(60))
             client.sync(client.scheduler.rqml_policy, policy=POLICY)
-        with open(tmp_path / "first-run.log", "wb") as log:
-            first = subprocess.Popen(rqml_run, stdout=log, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
-        try:
-            wait_for(lambda: placed(http, at_least=20), timeout=60)
-        finally:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait(bound(30))
+        rqml_run.killed_once_placed(http)
         scheduler.kill()
         wait_for(lambda: all((http_json(p, "/health") or {}).get("status") == "degraded" for p in http.values()), timeout=60)
         observed = zarr.open_group(store, mode="r+")["observed"]
         observed[...] = observed[...] * 1.5  # regenerated in place while the nodes refine the old data
         scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
-        second = subprocess.run(rqml_run, capture_output=True, text=True, env=environ, timeout=bound(180))
+        second = rqml_run.again(180)
         assert second.returncode == 0, second.stdout + second.stderr
         assert re.search(r"finished by nodes without a scheduler, 0 reused", second.stdout), second.stdout
         np.testing.assert_array_equal(zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],

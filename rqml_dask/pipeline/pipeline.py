@@ -148,14 +148,13 @@ class Pipeline:
             truth=ArrayRef(store, truth) if truth else None,
         )
 
-    def counts_per_unit(self) -> float | None:
-        """Photons per unit intensity of the image (see ``input.counts_per_unit``), or
+    def _counts_per_unit(self, image: zarr.Array) -> float | None:
+        """Photons per unit intensity of ``image`` (see ``input.counts_per_unit``), or
         ``None`` if the held-out stopping rule is off. Reads at most one chunk."""
         if self.config.convergence.held_out_fraction == 0:
             return None
         if self.config.input.counts_per_unit is not None:
             return self.config.input.counts_per_unit
-        image = open_array(self.input_refs.image)
         synthetic = zarr.open_group(self.config.input.store, mode="r").attrs.get("rqml_synthetic")
         if isinstance(synthetic, dict) and synthetic.get("photons"):
             return float(synthetic["photons"])
@@ -195,7 +194,7 @@ class Pipeline:
         regions = plan_regions(image.shape, tiling.tile, halo)
         models = self.config.models
         checkpoint = self.checkpoint_settings
-        refs = replace(refs, counts_per_unit=self.counts_per_unit())
+        refs = replace(refs, counts_per_unit=self._counts_per_unit(image))
         width = len(str(len(regions) - 1))
         return [
             RQMLTask(
