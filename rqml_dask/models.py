@@ -46,12 +46,16 @@ class RefinementModel(abc.ABC):
       ``step()`` replaces those arrays instead of writing into them, so the engine keeps them
       (for checkpoints and the stability check) without copying; otherwise they are live and
       the engine copies them.
+    * A family that sets ``regularizes = True`` holds the estimate to a prior (smoothness,
+      sparsity) rather than only fitting the data; where the held-out rule finds that every
+      model fitted the noise, the engine climbs to such a model next, skipping the rest.
     """
 
     task_class: ClassVar[str]
     family: ClassVar[str]
     size: ClassVar[int] = 1
     immutable_state: ClassVar[bool] = False
+    regularizes: ClassVar[bool] = False
 
     def __init__(self, problem: Mapping[str, Array], backend: ArrayBackend, **params: Any) -> None:
         self.problem = problem

@@ -84,6 +84,7 @@ class Refinement:
     best_held_out: float = math.inf
     best_iteration: int = 0
     best_estimate: Array | None = None
+    fitted_noise: bool = False
 
     def __post_init__(self) -> None:
         self.models = self.models or list(self.task.model_ladder)
@@ -169,8 +170,8 @@ class Refinement:
                 self.best_estimate = self._keep(self.model.estimate)
             verdict = self.monitor.observe(run.iterations, change, self.model.misfit(), held_out)
             self.last_figures = self.monitor.latest
-            if held_out is not None and self.iteration - self.best_iteration >= settings.held_out_patience:
-                verdict = "converged"  # past the held-out optimum: the rest would fit noise
+            if held_out is not None and min(self.iteration - self.best_iteration, run.iterations) >= settings.held_out_patience:
+                verdict = "converged"  # past the held-out optimum (each model gets its patience): the rest would fit noise
             if verdict == "converged":
                 self._finish("converged")
                 return
@@ -193,6 +194,22 @@ class Refinement:
         if self.done and self.can_escalate:
             self.status = "running"
         self._escalate_or_finish("stalled", stop="escalated")
+
+    def regularize(self, reason: str) -> bool:
+        """Go on with the next model of the ladder that regularises (skipping faster ones,
+        which reach the same noise-fitted solution sooner), from the held-out rule's best
+        iterate; a finished task runs again. False, and nothing changes, if none is left."""
+        position = next((p for p in range(self.ladder_position + 1, len(self.models))
+                         if load_model(self.models[p]).regularizes), None)
+        if position is None:
+            return False
+        self.reason = reason
+        previous = self.model_name
+        self._close_run("stalled")
+        self.status = "running"
+        self._switch_model(position, estimate=self.model.estimate)
+        self.record_event("escalated", from_model=previous, to_model=self.model_name, because="fitted noise")
+        return True
 
     def diversify(self, model: str, reason: str) -> None:
         """Go on with ``model`` (another family, not on the ladder) from the current estimate,
@@ -232,7 +249,8 @@ class Refinement:
         xp = self.backend.xp
         failures = []
         figures = self.held_out_figures()
-        if figures is not None and figures.result > figures.input:
+        self.fitted_noise = figures is not None and figures.result > figures.input
+        if self.fitted_noise:
             failures.append(f"held-out fit of the result ({figures.result:.4g}) worse than the input's "
                             f"({figures.input:.4g}): every model fitted the noise")
         if rules.require_finite and not bool(xp.all(xp.isfinite(self.estimate))):

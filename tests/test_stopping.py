@@ -107,6 +107,8 @@ def test_where_every_model_fits_the_noise_the_task_is_not_accepted_and_the_run_s
     report = pipeline.run(cluster_client, progress=False)
     noise = [o for o in report.outcomes if not o.accepted]
     assert noise and all(o.state == "rejected" and "every model fitted the noise" in o.validation_failures[0] for o in noise)
+    for outcome in noise:  # it climbed toward regularisation, not toward faster noise-fitting
+        assert [run.model for run in outcome.models] == ["richardson_lucy", "richardson_lucy_tv"], outcome.models
     assert "every model fitted the noise" in report.summary()
     assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "rejected"
     for outcome in report.outcomes:

@@ -167,6 +167,7 @@ class TotalVariationRichardsonLucy(RichardsonLucy):
     """
 
     size = 3
+    regularizes = True
 
     def __init__(
         self,

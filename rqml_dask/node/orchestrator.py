@@ -332,16 +332,25 @@ class NodeOrchestrator:
 
     def _judge(self, refinement: Refinement, what: str) -> bool:
         """Validate the estimate; on failure report it and, under the policy's ``escalate``
-        rule, go on with the next model (taking a checkpoint). True if the task goes on."""
+        rule, go on with the next model (taking a checkpoint): where every model fitted the
+        noise, the next that regularises (:meth:`Refinement.regularize`). True if the task
+        goes on."""
         if not refinement.validate():
             return False
         self.counters.validation_failures += 1
         refinement.record_event("validation_failed", failures=refinement.validation_failures)
-        if self.policy.on_validation_failure == "escalate" and refinement.can_escalate:
-            refinement.escalate(f"{what} failed: " + "; ".join(refinement.validation_failures))
-            refinement.checkpoint_reason = "validation failure"
-            return True
-        return False
+        if self.policy.on_validation_failure != "escalate":
+            return False
+        reason = f"{what} failed: " + "; ".join(refinement.validation_failures)
+        if refinement.fitted_noise:  # the data say noise dominates: regularise, or end honestly
+            if not refinement.regularize(reason):
+                return False
+        elif refinement.can_escalate:
+            refinement.escalate(reason)
+        else:
+            return False
+        refinement.checkpoint_reason = "validation failure"
+        return True
 
     def _diversity_model(self, refinement: Refinement) -> str | None:
         """The next model of another family the policy offers for a task that stalled on
