@@ -32,7 +32,8 @@ import time
 
 import numpy as np
 
-from rqml_dask.scheduler.assignment import NodeTable, TaskTraits
+from rqml_dask.messages import TaskTraits
+from rqml_dask.scheduler.assignment import NodeTable
 
 BUDGET_US = 100.0
 CLASSES = ("deconvolution", "denoising", "registration", "segmentation")

@@ -28,7 +28,7 @@ from rqml_dask.arrays import numpy_backend
 from rqml_dask.cluster import embedded_cluster
 from rqml_dask.node.checkpointer import Checkpointer
 from rqml_dask.node.orchestrator import NodeOrchestrator
-from rqml_dask.node.policy import NodePolicy
+from rqml_dask.messages import NodePolicy
 from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.pipeline.config import ClusterSpec
 from rqml_dask.stores.artifacts import ArtifactStore

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rqml_dask.arrays import ArrayBackend, numpy_backend  # noqa: E402
 from rqml_dask.models import RefinementModel, load_model  # noqa: E402
 from rqml_dask.node.orchestrator import NodeOrchestrator  # noqa: E402
-from rqml_dask.node.policy import NodePolicy  # noqa: E402
+from rqml_dask.messages import NodePolicy  # noqa: E402
 from rqml_dask.node.resources import ResourceMonitor  # noqa: E402
 from rqml_dask.refinement import Refinement  # noqa: E402
 from rqml_dask.task import ArrayRef, ConvergenceSettings, Region, RQMLTask, TaskInput  # noqa: E402

@@ -1,7 +1,7 @@
 """The refinement engine: one task, one iteration per :meth:`Refinement.step`, up its ladder.
 
 :class:`Refinement` owns the running model and the convergence monitor of one task. A caller
-(the node's refinement queue, or :func:`rqml_dask.execution.run_task`) calls ``step()`` until
+(the node's refinement queue) calls ``step()`` until
 ``done``; nothing here waits on the scheduler, the network or the disk, so many refinements
 can be interleaved on one worker. A stall escalates to the next model of the ladder, which
 starts from the current estimate; the outcome records every model run.
@@ -18,6 +18,7 @@ from rqml_dask.arrays import Array, ArrayBackend
 from rqml_dask.checkpoint import CheckpointError, ModelConfig, TaskCheckpoint
 from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
 from rqml_dask.held_out import HeldOutFigures, HeldOutScore
+from rqml_dask.messages import ModelRun
 from rqml_dask.models import RefinementModel, load_model
 from rqml_dask.task import RQMLTask
 
@@ -25,16 +26,6 @@ HELD_OUT_BEST = "held_out_best"
 """The checkpoint artifact holding the held-out rule's best iterate (beside the model's state)."""
 
 Status = Literal["running", "converged", "stalled", "max_iterations", "terminated", "failed"]
-
-
-@dataclass
-class ModelRun:
-    """One model's stint on a task: how many iterations, why it stopped, misfit at the end."""
-
-    model: str
-    iterations: int = 0
-    stop: str = "running"
-    misfit: float | None = None
 
 
 @dataclass

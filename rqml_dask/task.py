@@ -194,7 +194,7 @@ class RQMLTask:
         scheduling or checkpoint settings, so a changed pipeline never resumes from a
         checkpoint of a different computation, and one that only writes elsewhere reuses
         everything. The data's content is ``input_digest``, filled in by the worker from what
-        it read (:func:`rqml_dask.execution.load_problem`): a recorded result or a checkpoint
+        it read (:func:`rqml_dask.problem.load_problem`): a recorded result or a checkpoint
         is used only if it was made from the same content."""
         body = {k: v for k, v in self.to_dict().items()
                 if k not in ("output", "priority", "expected_difficulty", "checkpoint", "input_digest")}

@@ -14,7 +14,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rqml_dask.scheduler.assignment import GPU_PREFERENCE, SPEED_BOUNDS, NodeTable, TaskTraits
+from rqml_dask.messages import TaskTraits
+from rqml_dask.scheduler.assignment import GPU_PREFERENCE, SPEED_BOUNDS, NodeTable
 from rqml_dask.scheduler.reliability import Reliability
 
 SIGMAS = 5.0

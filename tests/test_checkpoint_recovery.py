@@ -17,7 +17,7 @@ from distributed import Client
 from rqml_dask import Pipeline
 from rqml_dask.arrays import numpy_backend
 from rqml_dask.checkpoint import TaskCheckpoint
-from rqml_dask.execution import load_problem
+from rqml_dask.problem import load_problem
 from rqml_dask.node.checkpointer import done_key
 from rqml_dask.stores import open_store
 

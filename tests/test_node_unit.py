@@ -12,7 +12,7 @@ from rqml_plugins.deconvolution.richardson_lucy import RichardsonLucy
 from rqml_dask.arrays import numpy_backend
 from rqml_dask.node.concurrency import AdaptiveConcurrency
 from rqml_dask.node.orchestrator import NodeOrchestrator
-from rqml_dask.node.policy import Decision, NodePolicy
+from rqml_dask.messages import Decision, NodePolicy
 from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.refinement import Refinement
 from rqml_dask.synthetic import gaussian_psf

@@ -15,7 +15,7 @@ from distributed import Client, get_worker
 
 from rqml_dask import events
 from rqml_dask.node.state import NodeState
-from rqml_dask.scheduler.assignment import TaskTraits
+from rqml_dask.messages import TaskTraits
 from rqml_dask.task import ArrayRef, Region, RQMLTask, TaskInput
 
 from conftest import local_cluster

@@ -4,16 +4,40 @@ As a preload: ``dask worker tcp://scheduler:8786 --preload rqml_dask.node`` (or
 ``dask cuda worker ... --preload rqml_dask.node``) installs :class:`NodePlugin` on the worker.
 With ``--worker-class rqml_dask.node.RQMLWorker`` the node also keeps working when the
 scheduler is lost, and reconciles when it is back (:mod:`rqml_dask.node.worker`).
+
+The names below load on first use (PEP 562): importing a module of this package (its
+queues, its state) does not load the worker.
 """
 
-from rqml_dask.node.plugin import PLUGIN_NAME, NodePlugin, SchedulerLost, current_node
-from rqml_dask.node.policy import Decision, NodePolicy
-from rqml_dask.node.worker import RQMLWorker
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "PLUGIN_NAME": "rqml_dask.node.plugin",
+    "NodePlugin": "rqml_dask.node.plugin",
+    "SchedulerLost": "rqml_dask.node.plugin",
+    "current_node": "rqml_dask.node.plugin",
+    "RQMLWorker": "rqml_dask.node.worker",
+}
+
+if TYPE_CHECKING:
+    from rqml_dask.node.plugin import PLUGIN_NAME, NodePlugin, SchedulerLost, current_node
+    from rqml_dask.node.worker import RQMLWorker
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rqml_dask.node' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
 async def dask_setup(worker) -> None:
     """Preload hook: start the node plugin on this worker."""
+    from rqml_dask.node.plugin import NodePlugin
+
     await worker.plugin_add(NodePlugin(), catch_errors=False)
 
 
-__all__ = ["PLUGIN_NAME", "Decision", "NodePlugin", "NodePolicy", "RQMLWorker", "SchedulerLost", "current_node", "dask_setup"]
+__all__ = ["PLUGIN_NAME", "NodePlugin", "RQMLWorker", "SchedulerLost", "current_node", "dask_setup"]

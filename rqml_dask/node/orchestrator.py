@@ -17,7 +17,7 @@ a rejected result goes on refining with the next model of its ladder. A model th
 (built, stepped, checkpointed, validated) fails its own task only, status ``failed`` with
 the model and the error in its reason; the thread goes on with the others. Models are
 built outside the lock, so a large tile does not stall the worker's event loop. Supervision decisions
-(:class:`~rqml_dask.node.policy.Decision`) are applied between rounds. The size of the
+(:class:`~rqml_dask.messages.Decision`) are applied between rounds. The size of the
 refinement queue adapts to throughput and memory pressure
 (:class:`~rqml_dask.node.concurrency.AdaptiveConcurrency`).
 
@@ -45,7 +45,7 @@ from rqml_dask.arrays import ArrayBackend
 from rqml_dask.checkpoint import CheckpointError
 from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.concurrency import AdaptiveConcurrency
-from rqml_dask.node.policy import Decision, NodePolicy
+from rqml_dask.messages import Decision, NodePolicy
 from rqml_dask.node.queues import InboundQueue, QueuedTask
 from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.refinement import Refinement

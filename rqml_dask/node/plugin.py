@@ -26,26 +26,29 @@ import socket
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from distributed import Worker, WorkerPlugin, get_worker
+from distributed import Reschedule, Worker, WorkerPlugin, get_worker, rejoin, secede
 from distributed.utils import sync
 
 from rqml_dask import events
 from rqml_dask.arrays import default_backend
 from rqml_dask.checkpoint import CheckpointError
+from rqml_dask.messages import DECISION, OUTCOME, POLICY, Decision, NodePolicy, TaskOutcome
 from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.http import add_routes, register_collector
-from rqml_dask.node.orchestrator import NodeOrchestrator
-from rqml_dask.node.policy import DECISION, POLICY, Decision, NodePolicy
+from rqml_dask.node.orchestrator import NodeOrchestrator, PushedBack
 from rqml_dask.node.resources import ResourceMonitor
+from rqml_dask.node.results import copy_result, host_core, outcome_of, recorded_outcome
 from rqml_dask.node.state import NodeState
+from rqml_dask.problem import load_problem
 from rqml_dask.refinement import Refinement
 from rqml_dask.stores import LMDBStore, open_store
 from rqml_dask.stores.artifacts import ArtifactStore
 from rqml_dask.task import CheckpointSettings, RQMLTask
+from rqml_dask.volumes import write_core
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class Job:
     began_at: float = field(default_factory=time.time)
     claimed: bool = True
     finished: bool = False
-    outcome: Any = None
+    outcome: TaskOutcome | None = None
     dropped: str = ""
 
 
@@ -158,10 +161,49 @@ class NodePlugin(WorkerPlugin):
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def start_job(
-        self, task: RQMLTask, problem: dict, checkpointer: Checkpointer | None, resume: Resume | None, claimed: bool = True
-    ) -> Job:
-        """Hand ``task`` (its problem loaded) to the orchestrator; remember it until delivered."""
+    def run(self, task: RQMLTask) -> TaskOutcome:
+        """Run ``task`` here and return its outcome: what a Dask task of it does.
+
+        A task whose outcome was recorded before (a re-run of the same pipeline, or a result
+        settled when a degraded node reconnected) and whose core is in the output returns
+        that outcome at once. A task this node already has (it kept refining it without a
+        scheduler) is joined, not started again. Otherwise it starts from its newest valid
+        checkpoint. The data is read on the calling Dask thread, which then secedes from the
+        worker's pool while the refinement thread iterates, so the worker can hand the node
+        more tasks. A task pushed back or rerouted raises :class:`~distributed.Reschedule`.
+        """
+        checkpointer = self.checkpointer_for(task.checkpoint) if task.checkpoint else None
+        task, problem = load_problem(task, self.orchestrator.backend)
+        if (recorded := recorded_outcome(task, checkpointer)) is not None:
+            return recorded
+        job = self.claim(task)
+        if job is None:
+            job = self.start_job(task, problem, checkpointer)
+            events.publish(self.worker, events.TASK_INBOUND, "queued", task_id=task.task_id, worker=self.worker.address,
+                           resume_from=job.resume.checkpoint.iteration if job.resume and job.resume.checkpoint else None)
+        else:
+            events.publish(self.worker, events.TASK_INBOUND, "joined", task_id=task.task_id, worker=self.worker.address)
+        secede()
+        try:
+            refinement = self.wait(job)
+        except PushedBack:
+            raise Reschedule() from None
+        finally:
+            rejoin()
+        if refinement.handed_back:  # rerouted: go on elsewhere from the checkpoint just taken
+            if checkpointer is not None:
+                checkpointer.flush()
+            self.forget(job)
+            raise Reschedule()
+        outcome = self.deliver(job, refinement)
+        if outcome.written_to is not None and outcome.written_to != task.output:  # joined a run writing elsewhere
+            outcome = copy_result(outcome, task, outcome.written_to)
+        return outcome
+
+    def start_job(self, task: RQMLTask, problem: dict, checkpointer: Checkpointer | None, claimed: bool = True) -> Job:
+        """Hand ``task`` (its problem loaded) to the orchestrator, from its newest valid
+        checkpoint; remember it until delivered."""
+        resume = checkpointer.latest(task) if checkpointer is not None else None
         job = Job(task, self.orchestrator.submit(task, problem, checkpointer, resume), checkpointer, resume, claimed=claimed)
         with self._jobs_lock:
             self.jobs[task.key] = job
@@ -220,6 +262,35 @@ class NodePlugin(WorkerPlugin):
         if self.state is not None:
             self.state.release(job.task.key)
 
+    def deliver(self, job: Job, refinement: Refinement) -> TaskOutcome:
+        """Write the task's core into the output, record its outcome (the done marker) and
+        forget the job; the outcome is the job's parked one, if it was parked. If a result
+        for the task was recorded and written first (by another node), that one stands:
+        nothing is written and its outcome is returned. A failed task (its model raised) has
+        no result: nothing is written or recorded, and the next run of the pipeline tries it
+        again; a terminated one is written but not recorded, so the next run tries it again
+        too (from its checkpoints)."""
+        task = job.task
+        if (recorded := recorded_outcome(task, job.checkpointer)) is not None:
+            self.forget(job)
+            return recorded
+        outcome = job.outcome
+        core = None if refinement.status == "failed" else host_core(refinement)
+        if outcome is None:
+            outcome = self._outcome_of(job, refinement, core)
+        if core is not None:
+            write_core(task.output, task.region, core)
+            if job.checkpointer is not None and outcome.state != "terminated":  # a terminated one: tried again
+                job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
+        self.forget(job)
+        events.publish(self.worker, events.TASK_RESULTS, "finished", task_id=task.task_id, worker=self.worker.address,
+                       status=outcome.status, iterations=outcome.iterations, model=outcome.model,
+                       escalations=outcome.escalations, resumed_from=outcome.resumed_from, reconciled=outcome.reconciled)
+        return outcome
+
+    def _outcome_of(self, job: Job, refinement: Refinement, core) -> TaskOutcome:
+        return outcome_of(refinement, self.worker.address, core, job.began_at, job.resume.rejected if job.resume else [])
+
     def _on_finished(self, key: str, future: Future) -> None:
         """Done-callback of a job's future (on the refinement thread: hand work off)."""
         with self._jobs_lock:
@@ -235,8 +306,6 @@ class NodePlugin(WorkerPlugin):
         """Keep an unclaimed finished job in the outbox: a final checkpoint, its outcome in
         LMDB; report it if the scheduler is there. A Dask task that claims the job meanwhile
         delivers it instead."""
-        from rqml_dask.execution import OUTCOME, host_core, outcome_of
-
         if job.dropped or job.future.exception() is not None:  # given up, or pushed back unstarted
             self.forget(job)
             return
@@ -248,8 +317,7 @@ class NodePlugin(WorkerPlugin):
             if job.checkpointer is not None:
                 job.checkpointer.submit(refinement.snapshot("finished"))
                 job.checkpointer.flush()
-            outcome = outcome_of(job, refinement, self.worker.address, host_core(refinement))
-            outcome.reconciled = True
+            outcome = replace(self._outcome_of(job, refinement, host_core(refinement)), reconciled=True)
             with self._jobs_lock:
                 if job.claimed or job.dropped:
                     return
@@ -270,15 +338,12 @@ class NodePlugin(WorkerPlugin):
         if self._resumed or self.state is None:
             return
         self._resumed = True
-        from rqml_dask.execution import OUTCOME, load_problem
-
         parked = self.state.outbox()
         for task in self.state.held():
             if task.key in self.jobs:
                 continue
             try:
                 checkpointer = self.checkpointer_for(task.checkpoint) if task.checkpoint else None
-                resume = checkpointer.latest(task) if checkpointer is not None else None
                 task, problem = load_problem(task, self.orchestrator.backend)
                 outcome = OUTCOME.validate_json(parked[task.key]) if task.key in parked else None
             except Exception as exc:
@@ -286,22 +351,30 @@ class NodePlugin(WorkerPlugin):
                 self.state.release(task.key)
                 continue
             self.link.degraded_since = self.link.degraded_since or time.time()  # working with no scheduler yet
-            checkpoint = resume.checkpoint if resume is not None else None
-            if outcome is not None and checkpoint is not None and checkpoint.iteration == outcome.iterations:
-                try:
-                    refinement = Refinement.resume(task, problem, self.orchestrator.backend, checkpoint, resume.arrays)
-                except CheckpointError as exc:
-                    logger.error("final checkpoint of %s not usable, refining again: %s", task.task_id, exc)
-                    self.start_job(task, problem, checkpointer, resume, claimed=False)
-                    continue
-                finished: Future = Future()
-                finished.set_result(refinement)
-                with self._jobs_lock:
-                    self.jobs[task.key] = Job(task, finished, checkpointer, resume, claimed=False, finished=True, outcome=outcome)
+            if outcome is not None and self._repark(task, problem, checkpointer, outcome):
                 logger.info("held task %s is finished: its result waits in the outbox", task.task_id)
                 continue
-            self.start_job(task, problem, checkpointer, resume, claimed=False)
+            job = self.start_job(task, problem, checkpointer, claimed=False)
+            checkpoint = job.resume.checkpoint if job.resume is not None else None
             logger.info("resumed held task %s from iteration %s", task.task_id, checkpoint.iteration if checkpoint else 0)
+
+    def _repark(self, task: RQMLTask, problem: dict, checkpointer: Checkpointer | None, outcome: TaskOutcome) -> bool:
+        """Put a finished held task back in the outbox from its final checkpoint (the one at
+        its outcome's iteration); False if that checkpoint is missing or not usable."""
+        resume = checkpointer.latest(task) if checkpointer is not None else None
+        checkpoint = resume.checkpoint if resume is not None else None
+        if checkpoint is None or checkpoint.iteration != outcome.iterations:
+            return False
+        try:
+            refinement = Refinement.resume(task, problem, self.orchestrator.backend, checkpoint, resume.arrays)
+        except CheckpointError as exc:
+            logger.error("final checkpoint of %s not usable, refining again: %s", task.task_id, exc)
+            return False
+        finished: Future = Future()
+        finished.set_result(refinement)
+        with self._jobs_lock:
+            self.jobs[task.key] = Job(task, finished, checkpointer, resume, claimed=False, finished=True, outcome=outcome)
+        return True
 
     # -- the scheduler link ------------------------------------------------------------------
 
@@ -350,10 +423,8 @@ class NodePlugin(WorkerPlugin):
             await self._settle(job, verdicts.get(job.task.key, "keep"))
 
     async def _settle(self, job: Job, verdict: str) -> None:
-        from rqml_dask.execution import deliver
-
         if verdict == "accept" and job.outcome is not None:
-            await asyncio.to_thread(deliver, self, job, job.future.result(), job.outcome)
+            await asyncio.to_thread(self.deliver, job, job.future.result())
             self.link.accepted_from_outbox += 1
         elif verdict in ("duplicate", "drop"):
             job.dropped = verdict

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rqml_dask.node.policy import NodePolicy
+from rqml_dask.messages import NodePolicy
 from rqml_dask.task import RQMLTask
 
 

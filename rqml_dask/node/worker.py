@@ -48,6 +48,8 @@ from distributed.comm import Comm, connect
 from distributed.core import Status
 from distributed.worker_state_machine import FreeKeysEvent
 
+from rqml_dask.node.plugin import PLUGIN_NAME, NodePlugin
+
 logger = logging.getLogger(__name__)
 
 RECONNECT_PAUSE = 0.5
@@ -131,8 +133,6 @@ class RQMLWorker(Worker):
             await asyncio.sleep(0.05)
 
     async def _node(self):
-        from rqml_dask.node.plugin import PLUGIN_NAME, NodePlugin
-
         if PLUGIN_NAME not in self.plugins:
             await self.plugin_add(NodePlugin(), catch_errors=False)
         return self.plugins[PLUGIN_NAME]

@@ -34,10 +34,12 @@ from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 from distributed.comm import get_address_host_port
 
-from rqml_dask.execution import TERMINAL_STATES, TaskOutcome, run_task, run_vote, tally_vote, vote_array, voter_tasks
+from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits
+from rqml_dask.node.handover import run_task, run_vote
 from rqml_dask.held_out import estimate_counts_per_unit
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
-from rqml_dask.scheduler.assignment import TaskTraits
+from rqml_dask.pipeline.voting import tally_vote, vote_array, voter_tasks
+from rqml_dask.problem import check_psf
 from rqml_dask.synthetic import write_synthetic
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import auto_halo, plan_regions
@@ -179,13 +181,7 @@ class Pipeline:
         psf = open_array(refs.psf)
         if refs.truth is not None and open_array(refs.truth).shape != image.shape:
             raise InputError(f"truth {refs.truth} has shape {open_array(refs.truth).shape}, image {image.shape}")
-        if psf.ndim != image.ndim:
-            raise InputError(f"PSF {refs.psf} has rank {psf.ndim} but image {refs.image} has rank {image.ndim}")
-        if any(p > n for p, n in zip(psf.shape, image.shape)):
-            raise InputError(f"PSF {refs.psf} {psf.shape} is larger than image {refs.image} {image.shape}")
-        psf_values = np.asarray(psf[...])
-        if not np.all(np.isfinite(psf_values)) or psf_values.sum() <= 0 or psf_values.min() < 0:
-            raise InputError(f"PSF {refs.psf} must be finite, non-negative and have a positive sum")
+        check_psf(np.asarray(psf[...]), refs.psf, image.shape, refs.image)
         tiling = self.config.tiling
         if len(tiling.tile) != image.ndim:
             raise InputError(f"tiling.tile {tiling.tile} has rank {len(tiling.tile)}, image {refs.image} has rank {image.ndim}")

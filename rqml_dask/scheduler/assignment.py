@@ -19,26 +19,12 @@ piling them on one hot node.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from rqml_dask.messages import TaskTraits
 
 SPEED_BOUNDS = (0.25, 4.0)
 GPU_PREFERENCE = 10.0
-
-
-@dataclass(frozen=True)
-class TaskTraits:
-    """What routing needs to know of an RQML task (carried in its ``rqml`` annotation);
-    ``rqml_key`` is the task's :attr:`~rqml_dask.task.RQMLTask.key`, by which nodes report it."""
-
-    task_id: str
-    task_class: str
-    model: str
-    priority: int = 0
-    difficulty: float = 1.0
-    wants_gpu: bool = False
-    rqml_key: str = ""
 
 
 class NodeTable:

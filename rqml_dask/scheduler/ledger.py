@@ -1,6 +1,6 @@
 """The scheduler plugin's ledger of results and holders, for reconciliation.
 
-Nodes back from degraded mode report what they hold (:class:`TaskReport`); the ledger keeps,
+Nodes back from degraded mode report what they hold (:class:`~rqml_dask.messages.TaskReport`); the ledger keeps,
 by RQML task key, whose result was accepted (the first one: later ones are duplicates) and
 which node holds a task still going (a (re)submitted task is bound there), and says when
 tasks nobody holds should wait because returning nodes have not reported yet.
@@ -11,29 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field, TypeAdapter
-from typing_extensions import Annotated
-
 RECONCILE_GRACE = 10.0
 """Seconds a task nobody holds waits, after a node that holds tasks registers, for that
 node's reconciliation report (so a resubmitted task is not started elsewhere first)."""
 RETURN_GRACE = 2.0
 """Seconds a task nobody holds waits after a node back from degraded mode registers: the
 other nodes that lost the scheduler poll every half second and are about to register too."""
-
-
-@dataclass(frozen=True)
-class TaskReport:
-    """One task a node reports at reconciliation: how far it got, and whether it finished
-    (its result waits in the node's outbox)."""
-
-    key: str
-    task_id: str
-    iteration: Annotated[int, Field(ge=0)]
-    finished: bool
-
-
-TASK_REPORTS = TypeAdapter(list[TaskReport])
 
 
 @dataclass

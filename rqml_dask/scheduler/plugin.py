@@ -51,10 +51,10 @@ from distributed.utils import log_errors
 from pydantic import ValidationError
 
 from rqml_dask import events
-from rqml_dask.node.policy import DECISION, POLICY, NodePolicy
-from rqml_dask.scheduler.assignment import NodeTable, TaskTraits
+from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits
+from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.figures import InvalidFigures, check_figures
-from rqml_dask.scheduler.ledger import TASK_REPORTS, Ledger
+from rqml_dask.scheduler.ledger import Ledger
 from rqml_dask.scheduler.reliability import Reliability
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,233 @@
+"""The messages that cross between the client, the scheduler and the nodes.
+
+Plain data, and the pydantic adapters that check them where they arrive: the supervision
+policy a node enforces and the decisions it carries out (scheduler -> node), what routing
+knows of a task (client -> scheduler, in the task's ``rqml`` annotation), what a node back
+from degraded mode reports (node -> scheduler), and a task's outcome (node -> client, and
+into the node's done marker). Both sides import this module, never each other; it imports
+no Dask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from typing_extensions import Annotated
+
+from rqml_dask.convergence import ConvergenceFigures
+from rqml_dask.held_out import HeldOutFigures
+from rqml_dask.task import ArrayRef
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+# -- scheduler -> node ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """How a node orders, runs and judges its RQML tasks.
+
+    * ``class_order``: task classes in the order the inbound queue serves them (classes not
+      listed come after, by name);
+    * ``min_concurrency``/``max_concurrency``: bounds of the refinement queue's adaptive size;
+    * ``on_validation_failure``: ``escalate`` refines a rejected result further with the next
+      model of its ladder (and validates again), ``reject`` returns it as it is;
+    * ``max_task_seconds``: a task refining longer is terminated with that reason;
+    * ``diversity``: per task class, models of other families to try, in order, when a task
+      has stalled on every model of its ladder; a task that stalls on those too ends
+      ``stalled`` with the reason;
+    * ``gpu_classes``: task classes the scheduler places on GPU nodes only;
+    * ``max_inbound``: a node holding more unstarted tasks pushes the last ones in its order
+      back to the scheduler, to be placed elsewhere.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    version: int = 0
+    class_order: tuple[str, ...] = ("deconvolution",)
+    min_concurrency: Annotated[int, Field(ge=1)] = 1
+    max_concurrency: Annotated[int, Field(ge=1)] = 8
+    on_validation_failure: Literal["escalate", "reject"] = "escalate"
+    max_task_seconds: Annotated[float, Field(gt=0)] | None = None
+    diversity: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"deconvolution": ("landweber",)})
+    gpu_classes: tuple[str, ...] = ()
+    max_inbound: Annotated[int, Field(ge=1)] = 4
+
+    def class_rank(self, task_class: str) -> int:
+        try:
+            return self.class_order.index(task_class)
+        except ValueError:
+            return len(self.class_order)
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a crash leaves the old policy or the new one, never half of one."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(POLICY.dump_json(self))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Self | None:
+        """The policy saved at ``path``; ``None`` if there is none or it is unreadable."""
+        try:
+            return POLICY.validate_json(path.read_bytes())
+        except (OSError, ValidationError, json.JSONDecodeError):
+            return None
+
+
+POLICY = TypeAdapter(NodePolicy)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A supervision decision for one task: ``escalate`` to the next model now,
+    ``terminate`` it (it ends with status ``terminated`` and ``reason``), ``revalidate`` it
+    (apply its validation rules to the current estimate now; a failure escalates under the
+    policy's ``escalate`` rule), or ``reroute`` it: checkpoint it and hand it back to the
+    scheduler, which binds it to another node where it resumes from that checkpoint."""
+
+    __pydantic_config__ = _STRICT
+
+    task_id: str
+    action: Literal["escalate", "terminate", "revalidate", "reroute"]
+    reason: str = ""
+
+
+DECISION = TypeAdapter(Decision)
+
+# -- client -> scheduler ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskTraits:
+    """What routing needs to know of an RQML task (carried in its ``rqml`` annotation);
+    ``rqml_key`` is the task's :attr:`~rqml_dask.task.RQMLTask.key`, by which nodes report it."""
+
+    task_id: str
+    task_class: str
+    model: str
+    priority: int = 0
+    difficulty: float = 1.0
+    wants_gpu: bool = False
+    rqml_key: str = ""
+
+
+# -- node -> scheduler --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """One task a node reports at reconciliation: how far it got, and whether it finished
+    (its result waits in the node's outbox)."""
+
+    key: str
+    task_id: str
+    iteration: Annotated[int, Field(ge=0)]
+    finished: bool
+
+
+TASK_REPORTS = TypeAdapter(list[TaskReport])
+
+
+# -- node -> client -----------------------------------------------------------------------
+
+
+@dataclass
+class ModelRun:
+    """One model's stint on a task: how many iterations, why it stopped, misfit at the end."""
+
+    model: str
+    iterations: int = 0
+    stop: str = "running"
+    misfit: float | None = None
+
+
+@dataclass(frozen=True)
+class ErrorFigures:
+    """Sums over a task's core against the ground truth, for a volume-wide relative RMSE."""
+
+    output_sse: float
+    input_sse: float
+    truth_ss: float
+
+
+TERMINAL_STATES = {
+    "accepted": "nothing",
+    "stalled": "add or change models of the ladder, or relax convergence.min_progress",
+    "max_iterations": "raise convergence.max_iterations, or set convergence.accept_max_iterations",
+    "terminated": "see the reason; the next run tries it again",
+    "rejected": "see the validation failures",
+    "failed": "fix the model; the next run tries it again",
+}
+"""Every task ends in one of these states, each with what to do about it. Only ``accepted``
+(converged, or at ``max_iterations`` where the pipeline accepts that, and validated) counts:
+``stalled`` (every model of the ladder and the policy's diversity stalled), ``max_iterations``
+(not converged), ``terminated`` (a supervision decision, or the policy's max_task_seconds),
+``rejected`` (failed validation, a cross-node vote included), ``failed`` (its model raised)."""
+
+
+def terminal_state(status: str, validation_failures: list[str], accept_max_iterations: bool) -> str:
+    """The :data:`TERMINAL_STATES` entry of a task that stopped with ``status``."""
+    if status == "failed":
+        return "failed"
+    if validation_failures:
+        return "rejected"
+    if status == "converged" or (status == "max_iterations" and accept_max_iterations):
+        return "accepted"
+    return status
+
+
+@dataclass
+class TaskOutcome:
+    """What a finished RQML task reports to whoever submitted it.
+
+    ``state`` is its terminal state (:data:`TERMINAL_STATES`); ``status`` how its refinement
+    stopped (``converged``, ``stalled``, ``max_iterations``, ``terminated``, ``failed``).
+
+    ``node`` is the worker that refined it; ``vote`` the cross-node vote, if one ran;
+    ``input_digest`` the content it was computed from (:func:`rqml_dask.problem.load_problem`);
+    ``held_out`` what the held-out stopping rule saw (``None`` where it is off);
+    ``written_to`` the array its core was written into and ``result_digest`` that core's
+    digest (:func:`rqml_dask.problem.core_digest`; both ``None`` for a failed task, which has no result);
+    ``resumed_from`` the checkpoint iteration the final run started from (``None``: from the
+    start) and ``began_at`` when that run began (Unix seconds); ``reused`` says it was
+    recorded before and nothing was recomputed; ``reconciled`` that it finished while its
+    node had no scheduler and was accepted when the node reconnected; ``notes`` lists
+    checkpoints rejected on the way.
+    """
+
+    task_id: str
+    state: str
+    status: str
+    iterations: int
+    model: str
+    escalations: int
+    models: list[ModelRun]
+    convergence: ConvergenceFigures | None
+    validation_failures: list[str]
+    output: str
+    elapsed_s: float
+    backend: str
+    error: ErrorFigures | None = None
+    reason: str = ""
+    node: str = ""
+    vote: dict[str, Any] | None = None
+    resumed_from: int | None = None
+    reused: bool = False
+    reconciled: bool = False
+    began_at: float = 0.0
+    input_digest: str | None = None
+    held_out: HeldOutFigures | None = None
+    written_to: ArrayRef | None = None
+    result_digest: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        return self.state == "accepted"
+
+
+OUTCOME = TypeAdapter(TaskOutcome)

@@ -1,0 +1,23 @@
+"""The Dask task functions of RQML tasks: each hands its task to this worker's node.
+
+What the scheduler sees of an RQML task is one Dask task running :func:`run_task` (or
+:func:`run_vote` for a voter); everything else (claim, resume, refine, checkpoint,
+validate, deliver) is the node's (:meth:`rqml_dask.node.plugin.NodePlugin.run`).
+"""
+
+from __future__ import annotations
+
+from rqml_dask.messages import TaskOutcome
+from rqml_dask.node.plugin import current_node
+from rqml_dask.task import RQMLTask
+
+
+def run_task(task: RQMLTask) -> TaskOutcome:
+    """Give ``task`` to this worker's node and return its outcome when the node is done."""
+    return current_node().run(task)
+
+
+def run_vote(voter: RQMLTask, result: TaskOutcome) -> TaskOutcome:
+    """A voter's Dask task: it depends on the result it votes on, so it runs after it, and
+    the scheduler plugin binds it away from the node holding that result."""
+    return current_node().run(voter)
