@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from rqml_dask.messages import TaskTraits
-from rqml_dask.scheduler.assignment import GPU_PREFERENCE, SPEED_BOUNDS, NodeTable
+from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.reliability import Reliability
 
 SIGMAS = 5.0
@@ -151,7 +151,7 @@ def test_wants_gpu_prefers_gpu_nodes_ten_to_one():
     nodes.gpu[1] = True
     n = 6000
     counts = draws(nodes, n, wants)
-    assert_frequency(counts["gpu"], n, GPU_PREFERENCE / (GPU_PREFERENCE + 1))
+    assert_frequency(counts["gpu"], n, nodes.gpu_preference / (nodes.gpu_preference + 1))
     assert counts["cpu"] > 0  # a preference, not a restriction
     # one GPU node against ten equal CPU nodes: an even split
     nodes = table(*(f"cpu{i}" for i in range(10)), "gpu", room=1.0)
@@ -227,9 +227,10 @@ def test_set_speeds_clips():
     nodes = table(*(f"n{i}" for i in range(10)))
     rates = {f"n{i}": 1.0 for i in range(9)} | {"n9": 1000.0}
     nodes.set_speeds(rates)
-    assert nodes.speed[9] == SPEED_BOUNDS[1]
-    np.testing.assert_array_equal(nodes.speed[:9], SPEED_BOUNDS[0])
-    assert ((nodes.speed >= SPEED_BOUNDS[0]) & (nodes.speed <= SPEED_BOUNDS[1])).all()
+    low, high = nodes.speed_bounds
+    assert nodes.speed[9] == high
+    np.testing.assert_array_equal(nodes.speed[:9], low)
+    assert ((nodes.speed >= low) & (nodes.speed <= high)).all()
 
 
 def test_set_speeds_without_reports_keeps_speeds():

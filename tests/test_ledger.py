@@ -3,7 +3,7 @@ returning nodes (pure bookkeeping, no cluster)."""
 
 from __future__ import annotations
 
-from rqml_dask.scheduler.ledger import RECONCILE_GRACE, RETURN_GRACE, Ledger
+from rqml_dask.scheduler.ledger import Ledger
 
 
 def test_the_first_accepted_result_stays_and_the_ledger_is_bounded():
@@ -22,11 +22,11 @@ def test_tasks_wait_for_returning_nodes_until_they_report_or_the_grace_ends():
     ledger.node_registered("fresh", {"held": 0, "scheduler_losses": 0}, now=0.0)
     assert not ledger.waiting_for_nodes(0.0)  # a new node holds nothing: no wait
     ledger.node_registered("back", {"held": 3, "scheduler_losses": 1}, now=0.0)
-    assert ledger.waiting_for_nodes(RETURN_GRACE + 0.1)  # its report is still awaited
+    assert ledger.waiting_for_nodes(ledger.return_grace + 0.1)  # its report is still awaited
     ledger.node_reported("back")
-    assert ledger.waiting_for_nodes(RETURN_GRACE - 0.1) and not ledger.waiting_for_nodes(RETURN_GRACE + 0.1)
+    assert ledger.waiting_for_nodes(ledger.return_grace - 0.1) and not ledger.waiting_for_nodes(ledger.return_grace + 0.1)
     ledger.node_registered("silent", {"held": 1}, now=10.0)
-    assert ledger.waiting_for_nodes(10.0 + RECONCILE_GRACE - 0.1) and not ledger.waiting_for_nodes(10.0 + RECONCILE_GRACE + 0.1)
+    assert ledger.waiting_for_nodes(10.0 + ledger.reconcile_grace - 0.1) and not ledger.waiting_for_nodes(10.0 + ledger.reconcile_grace + 0.1)
 
 
 def test_a_node_that_leaves_holds_nothing_any_more():

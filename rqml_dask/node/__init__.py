@@ -34,9 +34,15 @@ def __getattr__(name: str) -> Any:
 
 
 async def dask_setup(worker) -> None:
-    """Preload hook: start the node plugin on this worker."""
+    """Preload hook: start the node plugin on this worker. A bad ``rqml.node`` value stops
+    the worker, naming its key (Dask only logs an exception a preload raises)."""
+    from rqml_dask.config import ConfigError, node_settings
     from rqml_dask.node.plugin import NodePlugin
 
+    try:
+        node_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"rqml node: {exc}") from None
     await worker.plugin_add(NodePlugin(), catch_errors=False)
 
 

@@ -43,9 +43,10 @@ from typing import Any
 
 from rqml_dask.arrays import ArrayBackend
 from rqml_dask.checkpoint import CheckpointError
+from rqml_dask.config import NodeSettings, node_settings
+from rqml_dask.messages import Decision, NodePolicy
 from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.concurrency import AdaptiveConcurrency
-from rqml_dask.messages import Decision, NodePolicy
 from rqml_dask.node.queues import InboundQueue, QueuedTask
 from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.refinement import Refinement
@@ -58,9 +59,6 @@ logger = logging.getLogger(__name__)
 class PushedBack(RuntimeError):
     """A queued task the node handed back unstarted, for the scheduler to place elsewhere."""
 
-
-WARM_SECONDS = 600.0
-"""A model used within this many seconds counts as warm on the node."""
 
 
 @dataclass
@@ -95,13 +93,17 @@ class NodeOrchestrator:
         policy: NodePolicy | None = None,
         window_seconds: float = 1.0,
         on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+        settings: NodeSettings | None = None,
     ) -> None:
+        self.settings = settings or node_settings()
         self.backend = backend
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.resources = resources
         self.policy = NodePolicy.load(self.policy_path) or policy or NodePolicy()
-        self.concurrency = AdaptiveConcurrency(self.policy.min_concurrency, self.policy.max_concurrency)
+        knobs = self.settings.concurrency
+        self.concurrency = AdaptiveConcurrency(self.policy.min_concurrency, self.policy.max_concurrency, gain=knobs.gain,
+                                               memory_high=knobs.memory_high, hold_windows=knobs.hold_windows)
         self.window_seconds = window_seconds
         self.on_event = on_event
         self.batching = backend.is_gpu or backend.fft_workers > 1
@@ -174,7 +176,7 @@ class NodeOrchestrator:
             return {a.queued.task.key: a.refinement.iteration for a in self.refining}
 
     def is_warm(self, model: str) -> bool:
-        return time.monotonic() - self.warm_models.get(model, -math.inf) < WARM_SECONDS
+        return time.monotonic() - self.warm_models.get(model, -math.inf) < self.settings.warm_seconds
 
     def queue_stats(self) -> dict[str, Any]:
         """Each queue's depth, oldest age (seconds) and per-class counts."""

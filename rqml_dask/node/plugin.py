@@ -36,6 +36,7 @@ from distributed.utils import sync
 from rqml_dask import events
 from rqml_dask.arrays import default_backend
 from rqml_dask.checkpoint import CheckpointError
+from rqml_dask.config import NodeSettings, node_settings
 from rqml_dask.messages import DECISION, OUTCOME, POLICY, Decision, NodePolicy, TaskOutcome
 from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.http import add_routes, register_collector
@@ -101,6 +102,7 @@ class NodePlugin(WorkerPlugin):
     def __init__(self, policy: NodePolicy | None = None) -> None:
         self.policy = policy
         self.orchestrator: NodeOrchestrator | None = None
+        self.settings: NodeSettings | None = None
         self.worker: Worker | None = None
         self.state: NodeState | None = None
         self.checkpointers: dict[tuple, Checkpointer] = {}
@@ -114,6 +116,7 @@ class NodePlugin(WorkerPlugin):
         self._unsent_alerts: list[tuple[str, dict[str, Any]]] = []
 
     def setup(self, worker: Worker) -> None:
+        self.settings = node_settings()  # checked at start: a bad value stops the worker, naming its key
         self.worker = worker
         # An RQMLWorker has a node directory that outlives the process; a stock worker does not.
         node_directory = getattr(worker, "node_directory", None)
@@ -124,7 +127,8 @@ class NodePlugin(WorkerPlugin):
                 self._unsent_alerts.append(("node-state-damaged", {"problem": damage}))
         backend = default_backend(cpu_threads=worker.state.nthreads)
         resources = ResourceMonitor(worker.memory_manager.memory_limit)
-        self.orchestrator = NodeOrchestrator(backend, state_dir, resources, self.policy, on_event=self._supervision_event)
+        self.orchestrator = NodeOrchestrator(backend, state_dir, resources, self.policy, on_event=self._supervision_event,
+                                             settings=self.settings)
         self.orchestrator.start()
         worker.metrics["rqml"] = self.heartbeat
         worker.handlers["rqml_decide"] = self._handle_decision
@@ -155,7 +159,9 @@ class NodePlugin(WorkerPlugin):
                 if not isinstance(local_store, LMDBStore):
                     raise ValueError(f"checkpoint.local must be an lmdb:// URL, not {settings.local!r}")
                 shared = open_store(settings.shared) if settings.shared else None
-                checkpointer = Checkpointer(local_store, shared, ArtifactStore(settings.artifacts), self.worker.address, self._alert)
+                writer = self.settings.checkpoint
+                checkpointer = Checkpointer(local_store, shared, ArtifactStore(settings.artifacts), self.worker.address, self._alert,
+                                            max_backoff=writer.max_backoff, max_duty=writer.max_duty)
                 self.checkpointers[key] = checkpointer
             return checkpointer
 

@@ -41,7 +41,6 @@ import re
 import time
 from pathlib import Path
 
-import dask
 from distributed import Worker
 from distributed.batched import BatchedSend
 from distributed.comm import Comm, connect
@@ -51,10 +50,6 @@ from distributed.worker_state_machine import FreeKeysEvent
 from rqml_dask.node.plugin import PLUGIN_NAME, NodePlugin
 
 logger = logging.getLogger(__name__)
-
-RECONNECT_PAUSE = 0.5
-"""Seconds between attempts to reach the scheduler again."""
-
 
 class RQMLWorker(Worker):
     """A Dask worker that survives the loss of its scheduler (see the module docstring)."""
@@ -90,7 +85,7 @@ class RQMLWorker(Worker):
         """Keep the node working without a scheduler; register again when one answers."""
         node = await self._node()
         lost_at = time.monotonic()
-        limit = dask.config.get("rqml.node.degraded-limit", 3600)
+        limit, pause = node.settings.degraded_limit, node.settings.reconnect_pause
         logger.warning("lost the scheduler %s: degraded mode, the node keeps refining its tasks", self.scheduler.address)
         self.periodic_callbacks["heartbeat"].stop()
         self.periodic_callbacks["keep-alive"].stop()
@@ -101,8 +96,8 @@ class RQMLWorker(Worker):
             if remaining is not None and remaining <= 0:
                 await self.close(reason="rqml-degraded-limit")
                 return
-            if not await self._scheduler_answers():
-                await asyncio.sleep(RECONNECT_PAUSE)
+            if not await self._scheduler_answers(pause):
+                await asyncio.sleep(pause)
                 continue
             self.batched_stream = BatchedSend(interval="2ms", loop=self.loop)
             try:
@@ -110,14 +105,14 @@ class RQMLWorker(Worker):
                 return
             except (ValueError, OSError, asyncio.TimeoutError) as exc:
                 logger.info("not registered again yet: %s", exc)
-                await asyncio.sleep(RECONNECT_PAUSE)
+                await asyncio.sleep(pause)
 
-    async def _scheduler_answers(self) -> bool:
+    async def _scheduler_answers(self, pause: float) -> bool:
         """One short connection attempt: ``connect``'s own retries back off exponentially
         (seconds between tries after an outage of a few seconds); polling keeps the gap
-        between the scheduler's return and re-registration under ``RECONNECT_PAUSE``."""
+        between the scheduler's return and re-registration under ``pause``."""
         try:
-            comm = await connect(self.scheduler.address, timeout=RECONNECT_PAUSE * 2, **self.connection_args)
+            comm = await connect(self.scheduler.address, timeout=pause * 2, **self.connection_args)
         except OSError:
             return False
         await comm.close()

@@ -1,12 +1,16 @@
 """The RQML scheduler plugin: ``dask scheduler --preload rqml_dask.scheduler``.
 
-Importing this module (as the preload does, before the scheduler builds its dashboard) also
-adds the ``/rqml`` dashboard page (:mod:`rqml_dask.scheduler.dashboard`).
+Importing this module (as the preload does, before the scheduler builds its dashboard) checks
+the ``rqml.scheduler`` configuration (a bad value raises, and the scheduler does not start:
+Dask only logs a failing ``dask_setup``) and adds the ``/rqml`` dashboard page
+(:mod:`rqml_dask.scheduler.dashboard`).
 """
 
+from rqml_dask.config import scheduler_settings
 from rqml_dask.scheduler import dashboard
 from rqml_dask.scheduler.plugin import HOLD, PLUGIN_NAME, RQMLSchedulerPlugin
 
+scheduler_settings()  # a bad `rqml.scheduler` value stops the scheduler here, naming its key
 dashboard.register()
 
 

@@ -5,10 +5,10 @@ A node's weight for a task is ``room * speed * reliability * routing``:
 * ``room``: free inbound slots (the node's advertised concurrency limit plus one queued
   task, minus the tasks bound to it and not finished); a node without room gets nothing;
 * ``speed``: its advertised iterations per second relative to the cluster's mean (clipped
-  to [0.25, 4]; 1 until it has reported);
+  to ``rqml.scheduler.speed-bounds``, [0.25, 4]; 1 until it has reported);
 * ``reliability``: :class:`~rqml_dask.scheduler.reliability.Reliability` score;
 * ``routing``: the task's class policy (``gpu``-only classes never go to CPU nodes, and a
-  task that wants a GPU prefers GPU nodes 10:1); and *warm first*: when nodes that can start
+  task that wants a GPU prefers GPU nodes ``rqml.scheduler.gpu-preference`` (10) to 1); and *warm first*: when nodes that can start
   the task now (a free refinement slot, ``free``) have its first model warm, the choice is
   made among them only. A warm node whose only room is a queue slot does not win over a cold
   node that would start the task at once.
@@ -23,14 +23,12 @@ import numpy as np
 
 from rqml_dask.messages import TaskTraits
 
-SPEED_BOUNDS = (0.25, 4.0)
-GPU_PREFERENCE = 10.0
-
-
 class NodeTable:
     """Per-node figures as arrays, index-aligned with ``addresses``."""
 
-    def __init__(self) -> None:
+    def __init__(self, speed_bounds: tuple[float, float] = (0.25, 4.0), gpu_preference: float = 10.0) -> None:
+        self.speed_bounds = speed_bounds
+        self.gpu_preference = gpu_preference
         self.addresses: list[str] = []
         self.index: dict[str, int] = {}
         self.room = np.zeros(0)
@@ -77,7 +75,7 @@ class NodeTable:
         rates = np.array([iterations_per_second.get(a, 0.0) for a in self.addresses])
         busy = rates > 0
         if busy.any():
-            self.speed = np.where(busy, np.clip(rates / rates[busy].mean(), *SPEED_BOUNDS), 1.0)
+            self.speed = np.where(busy, np.clip(rates / rates[busy].mean(), *self.speed_bounds), 1.0)
 
     def weights(self, task: TaskTraits, gpu_only: bool = False, avoid: frozenset[str] = frozenset()) -> np.ndarray:
         """Each node's weight for ``task``. Nodes in ``avoid`` get none unless no other node
@@ -86,7 +84,7 @@ class NodeTable:
         if gpu_only:
             weights = np.where(self.gpu, weights, 0.0)
         elif task.wants_gpu and self.gpu.any():
-            weights = np.where(self.gpu, weights * GPU_PREFERENCE, weights)
+            weights = np.where(self.gpu, weights * self.gpu_preference, weights)
         if avoid:
             others = weights.copy()
             others[[self.index[a] for a in avoid if a in self.index]] = 0.0

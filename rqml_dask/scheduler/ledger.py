@@ -11,19 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-RECONCILE_GRACE = 10.0
-"""Seconds a task nobody holds waits, after a node that holds tasks registers, for that
-node's reconciliation report (so a resubmitted task is not started elsewhere first)."""
-RETURN_GRACE = 2.0
-"""Seconds a task nobody holds waits after a node back from degraded mode registers: the
-other nodes that lost the scheduler poll every half second and are about to register too."""
-
-
 @dataclass
 class Ledger:
-    """Accepted results and task holders by RQML task key; ``kept`` bounds the accepted."""
+    """Accepted results and task holders by RQML task key; ``kept`` bounds the accepted.
+
+    ``reconcile_grace``: seconds a task nobody holds waits, after a node that holds tasks
+    registers, for that node's reconciliation report (so a resubmitted task is not started
+    elsewhere first); ``return_grace``: seconds it waits after a node back from degraded
+    mode registers (the other nodes that lost the scheduler poll every half second and are
+    about to register too). The scheduler plugin passes ``rqml.scheduler``'s values.
+    """
 
     kept: int
+    reconcile_grace: float = 10.0
+    return_grace: float = 2.0
     accepted: dict[str, str] = field(default_factory=dict)
     holders: dict[str, str] = field(default_factory=dict)
     awaiting: dict[str, float] = field(default_factory=dict)
@@ -43,9 +44,9 @@ class Ledger:
     def node_registered(self, node: str, link: dict[str, Any], now: float) -> None:
         """A node registered; ``link`` is its advertised scheduler link (heartbeat ``link``)."""
         if link.get("held", 0) > 0:
-            self.awaiting[node] = now + RECONCILE_GRACE
+            self.awaiting[node] = now + self.reconcile_grace
         if link.get("held", 0) > 0 or link.get("scheduler_losses", 0) > 0:
-            self.returns_until = max(self.returns_until, now + RETURN_GRACE)
+            self.returns_until = max(self.returns_until, now + self.return_grace)
 
     def node_reported(self, node: str) -> None:
         self.awaiting.pop(node, None)

@@ -51,6 +51,7 @@ from distributed.utils import log_errors
 from pydantic import ValidationError
 
 from rqml_dask import events
+from rqml_dask.config import SchedulerSettings, scheduler_settings
 from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.figures import InvalidFigures, check_figures
@@ -66,16 +67,6 @@ HOLD = "rqml-hold"
 """The worker restriction that parks an RQML task until the plugin binds it."""
 
 PLUGIN_NAME = "rqml-scheduler"
-FINISHED_KEPT = 10_000
-"""Records of tasks the clients have released that ``rqml status`` still shows."""
-HEARTBEAT_SECONDS = 2.0
-"""How often the plugin publishes node figures and cluster metrics on the event bus."""
-QUEUED_PER_NODE = 1
-"""Tasks a node may hold beyond its refinement concurrency (so it never idles between tasks)."""
-TAIL_SPEED_RATIO = 0.5
-"""In the tail of a run (fewer held tasks than nodes), nodes slower than this fraction of the
-fastest get no new task: it would finish later than a fast node that frees up meanwhile.
-Nodes in reliability backoff likewise rest while any other node can take work."""
 
 
 @dataclass
@@ -93,7 +84,7 @@ class TaskRecord:
 @dataclass
 class NodeRecord:
     address: str
-    reliability: Reliability = field(default_factory=Reliability)
+    reliability: Reliability
     bound: set[str] = field(default_factory=set)
     completed: int = 0
     failed: int = 0
@@ -106,15 +97,16 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     name = PLUGIN_NAME
 
     def __init__(self, policy: NodePolicy | None = None, seed: int | None = None, release_interval: float = 0.1) -> None:
+        self.settings: SchedulerSettings = scheduler_settings()
         self.policy = policy or NodePolicy(version=1)
         self.rng = np.random.default_rng(seed)
         self.release_interval = release_interval
         self.tasks: dict[str, TaskRecord] = {}
         self.keys_by_task_id: dict[str, str] = {}
         self.finished: dict[str, TaskRecord] = {}
-        self.ledger = Ledger(kept=FINISHED_KEPT)
+        self.ledger = Ledger(self.settings.finished_kept, self.settings.reconcile_grace, self.settings.return_grace)
         self.nodes: dict[str, NodeRecord] = {}
-        self.table = NodeTable()
+        self.table = NodeTable(self.settings.speed_bounds, self.settings.gpu_preference)
         self._held: list[tuple] = []
         self._counter = itertools.count()
         self._release_scheduled = False
@@ -164,7 +156,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             self.tasks.pop(key, None)
             self.keys_by_task_id.pop(record.traits.task_id, None)
             self.finished[record.traits.task_id] = record  # kept for `rqml status`, bounded
-            while len(self.finished) > FINISHED_KEPT:
+            while len(self.finished) > self.settings.finished_kept:
                 self.finished.pop(next(iter(self.finished)))
             return
         now = time.monotonic()
@@ -199,7 +191,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         link = ((ws.metrics.get("rqml") if ws is not None else None) or {}).get("link", {})
         self.ledger.node_registered(worker, link, time.monotonic())
         if worker not in self.nodes:
-            self.nodes[worker] = NodeRecord(worker)
+            self.nodes[worker] = NodeRecord(worker, Reliability(**asdict(self.settings.reliability)))
             self.table.add(worker)
             self._update_room(self.nodes[worker])
             scheduler.loop.add_callback(self._push_policy, worker)
@@ -243,7 +235,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self._refresh_figures()
         self._release()
         now = time.monotonic()
-        if now - self._published_at >= HEARTBEAT_SECONDS:
+        if now - self._published_at >= self.settings.heartbeat_interval:
             self._published_at = now
             self._publish_heartbeat()
 
@@ -279,7 +271,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
              for a in self.table.addresses], dtype=bool,
         )
         if len(self._held) < len(self.table.addresses):
-            resting |= self.table.speed < TAIL_SPEED_RATIO * self.table.speed.max(initial=0)
+            resting |= self.table.speed < self.settings.tail_speed_ratio * self.table.speed.max(initial=0)
         if resting.all():
             resting[:] = False
         awaiting = self.ledger.waiting_for_nodes(now)
@@ -355,8 +347,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         """Tasks a node may hold: what it refines at once, plus one queued if it is not slow
         (a task queued on a slow node would wait there while faster nodes free up)."""
         i = self.table.index.get(node.address)
-        slow = i is not None and self.table.speed[i] < TAIL_SPEED_RATIO * self.table.speed.max()
-        return int(node.figures.get("concurrency_limit", 1)) + (0 if slow else QUEUED_PER_NODE)
+        slow = i is not None and self.table.speed[i] < self.settings.tail_speed_ratio * self.table.speed.max()
+        return int(node.figures.get("concurrency_limit", 1)) + (0 if slow else self.settings.queued_per_node)
 
     def _update_room(self, node: NodeRecord) -> None:
         i = self.table.index.get(node.address)

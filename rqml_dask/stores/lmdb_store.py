@@ -15,23 +15,22 @@ from pathlib import Path
 
 import lmdb
 
+from rqml_dask.config import node_settings
 from rqml_dask.stores.base import RecordStore, SlotEntry, decode_slot, merge_slot
-
-MAP_SIZE = 4 * 2**30
-"""Address space reserved for the environment (sparse: disk use follows the data)."""
 
 _environments: dict[Path, lmdb.Environment] = {}
 _environments_lock = threading.Lock()
 
 
 def open_environment(path: Path) -> lmdb.Environment:
-    """LMDB allows one open environment per path per process: share it."""
+    """LMDB allows one open environment per path per process: share it. Its map size (the
+    address space reserved, sparse: disk use follows the data) is ``rqml.node.lmdb-map-size``."""
     path = path.resolve()
     with _environments_lock:
         env = _environments.get(path)
         if env is None:
             path.mkdir(parents=True, exist_ok=True)
-            env = lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, max_spare_txns=4, metasync=False)
+            env = lmdb.open(str(path), map_size=node_settings().lmdb_map_size, max_dbs=4, max_spare_txns=4, metasync=False)
             _environments[path] = env
         return env
 

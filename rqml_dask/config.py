@@ -1,0 +1,152 @@
+"""The ``rqml`` section of Dask's configuration: its defaults, and the checked settings.
+
+The defaults ship in ``rqml.yaml`` beside this module and join Dask's configuration when it
+is imported (``dask.config.update_defaults``, as distributed and dask-cuda do), so they are
+overridden the Dask way: a YAML file under ``DASK_CONFIG`` or ``~/.config/dask``, an
+environment variable (``DASK_RQML__SCHEDULER__QUEUED_PER_NODE=2``) or ``dask.config.set``.
+:func:`node_settings` and :func:`scheduler_settings` read and check a side's section when
+it starts: a value of the wrong type or range, or a key that does not exist, raises
+:class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dask.config
+import yaml
+from dask.utils import parse_bytes, parse_timedelta
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from typing_extensions import Annotated
+
+_DEFAULTS = yaml.safe_load((Path(__file__).with_name("rqml.yaml")).read_text())
+dask.config.update_defaults(_DEFAULTS)
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+def _parsed(parse: Any) -> BeforeValidator:
+    """Dask's reading of a string (``"2s"``, ``"4GiB"``), its errors as validation errors."""
+
+    def read(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse(value)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(str(exc).strip("'\"")) from None
+
+    return BeforeValidator(read)
+
+
+Seconds = Annotated[float, _parsed(lambda v: parse_timedelta(v, default="seconds")), Field(ge=0)]
+Size = Annotated[int, _parsed(parse_bytes), Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A value of the ``rqml`` configuration section is missing, misspelt or out of range."""
+
+
+@dataclass(frozen=True)
+class ConcurrencySettings:
+    """``rqml.node.concurrency``: :class:`~rqml_dask.node.concurrency.AdaptiveConcurrency`'s knobs."""
+
+    __pydantic_config__ = _STRICT
+
+    gain: Annotated[float, Field(gt=0)]
+    memory_high: Fraction
+    hold_windows: Annotated[int, Field(ge=0)]
+
+
+@dataclass(frozen=True)
+class CheckpointWriterSettings:
+    """``rqml.node.checkpoint``: the node's checkpoint writer."""
+
+    __pydantic_config__ = _STRICT
+
+    max_duty: Fraction
+    max_backoff: Seconds
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """``rqml.node``: what a node (its plugin, its worker, its stores) reads when it starts."""
+
+    __pydantic_config__ = _STRICT
+
+    degraded_limit: Seconds | None
+    reconnect_pause: Annotated[Seconds, Field(gt=0)]
+    warm_seconds: Seconds
+    concurrency: ConcurrencySettings
+    checkpoint: CheckpointWriterSettings
+    lmdb_map_size: Size
+
+
+@dataclass(frozen=True)
+class ReliabilitySettings:
+    """``rqml.scheduler.reliability``: :class:`~rqml_dask.scheduler.reliability.Reliability`'s knobs."""
+
+    __pydantic_config__ = _STRICT
+
+    half_life: Annotated[Seconds, Field(gt=0)]
+    penalty: Annotated[float, Field(ge=0)]
+    backoff_base: Seconds
+    backoff_cap: Seconds
+    backoff_factor: Fraction
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """``rqml.scheduler``: what the scheduler plugin reads when it starts."""
+
+    __pydantic_config__ = _STRICT
+
+    finished_kept: Annotated[int, Field(ge=1)]
+    heartbeat_interval: Annotated[Seconds, Field(gt=0)]
+    queued_per_node: Annotated[int, Field(ge=0)]
+    tail_speed_ratio: Annotated[float, Field(ge=0, le=1)]
+    speed_bounds: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+    gpu_preference: Annotated[float, Field(ge=1)]
+    reconcile_grace: Seconds
+    return_grace: Seconds
+    reliability: ReliabilitySettings
+
+
+_Settings = TypeVar("_Settings")
+
+
+def node_settings() -> NodeSettings:
+    """``rqml.node`` as configured now, checked."""
+    return _read("rqml.node", NodeSettings)
+
+
+def scheduler_settings() -> SchedulerSettings:
+    """``rqml.scheduler`` as configured now, checked; and Dask's
+    ``distributed.scheduler.no-workers-timeout``, which must be unset: the plugin parks the
+    tasks it has not bound yet in ``no-worker``, and that timeout would fail them."""
+    timeout = dask.config.get("distributed.scheduler.no-workers-timeout", None)
+    if timeout is not None:
+        raise ConfigError(
+            f"Dask config distributed.scheduler.no-workers-timeout: must be null with the RQML scheduler plugin, "
+            f"which holds tasks in no-worker until a node has room (got {timeout!r})"
+        )
+    return _read("rqml.scheduler", SchedulerSettings)
+
+
+def _read(key: str, cls: type[_Settings]) -> _Settings:
+    try:
+        return TypeAdapter(cls).validate_python(_underscored(dask.config.get(key)))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join([key, *(str(part).replace("_", "-") for part in error["loc"])])
+        raise ConfigError(f"Dask config {where}: {error['msg']} (got {error['input']!r})") from None
+
+
+def _underscored(value: Any) -> Any:
+    """Dask's dashed keys as Python names (Dask treats ``-`` and ``_`` in keys alike)."""
+    if isinstance(value, dict):
+        return {str(k).replace("-", "_"): _underscored(v) for k, v in value.items()}
+    return value
