@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed import Reschedule, Worker, WorkerPlugin, get_worker, rejoin, secede
-from distributed.utils import sync
+from distributed.utils import log_errors, sync
 
 from rqml_dask import events
 from rqml_dask.arrays import default_backend
@@ -498,14 +498,17 @@ class NodePlugin(WorkerPlugin):
             "written": sum(s["written"] for s in summaries),
         }
 
+    @log_errors
     def _handle_decision(self, decision: dict) -> dict:
         self.orchestrator.decide(DECISION.validate_python(decision))
         return {"status": "OK"}
 
+    @log_errors
     def _handle_policy(self, policy: dict) -> dict:
         self.orchestrator.set_policy(POLICY.validate_python(policy))
         return {"status": "OK"}
 
+    @log_errors
     def _handle_progress(self, keys: list[str]) -> dict[str, int]:
         """``rqml_progress``: the iteration each of ``keys`` has reached here."""
         progress = self._progress()

@@ -10,7 +10,9 @@ Launch it with ``--worker-class``::
 scheduler that comes back (``../shared/notes/dask-extension-points.md``). A WorkerPlugin or
 preload cannot change that, and a supervisor restarting the process would throw away the
 warm models, the GPU context and every iteration since the last checkpoint. This class
-overrides only what happens on a broken connection:
+overrides only what happens on a broken connection (``handle_scheduler``) and registers again
+(``_register_with_scheduler``): the Dask internals that takes are in :mod:`rqml_dask.compat`,
+each checked by ``tests/test_compat.py``:
 
 1. *Degraded mode.* The node (:class:`~rqml_dask.node.NodePlugin`) is told the scheduler is
    gone: its refinement thread and inbound queue go on under the cached policy, results
@@ -42,11 +44,11 @@ import time
 from pathlib import Path
 
 from distributed import Worker
-from distributed.batched import BatchedSend
 from distributed.comm import Comm, connect
 from distributed.core import Status
 from distributed.worker_state_machine import FreeKeysEvent
 
+from rqml_dask.compat import in_background, prepare_registration, stop_heartbeats
 from rqml_dask.node.plugin import PLUGIN_NAME, NodePlugin
 
 logger = logging.getLogger(__name__)
@@ -64,20 +66,15 @@ class RQMLWorker(Worker):
     async def _register_with_scheduler(self) -> None:
         node = await self._node()
         node.resume_held()  # no-op once running: the first registration of a restarted node
-        # Metrics gathered for the lost scheduler are not the new one's; registration also
-        # expects none pending (SpansWorkerExtension.collect_digests asserts it).
-        self.digests_total_since_heartbeat.clear()
-        if (spans := self.extensions.get("spans")) is not None:
-            spans.heartbeat()
         await super()._register_with_scheduler()
-        self._ongoing_background_tasks.call_soon(node.reconcile)
+        in_background(self, node.reconcile)
 
     async def handle_scheduler(self, comm: Comm) -> None:
         try:
             await self.handle_stream(comm)
         finally:
             if self.status in (Status.running, Status.paused):
-                self._ongoing_background_tasks.call_soon(self._degraded)
+                in_background(self, self._degraded)
             else:  # closing on request: as a stock worker
                 await self.close(reason="worker-handle-scheduler-connection-broken")
 
@@ -87,8 +84,7 @@ class RQMLWorker(Worker):
         lost_at = time.monotonic()
         limit, pause = node.settings.degraded_limit, node.settings.reconnect_pause
         logger.warning("lost the scheduler %s: degraded mode, the node keeps refining its tasks", self.scheduler.address)
-        self.periodic_callbacks["heartbeat"].stop()
-        self.periodic_callbacks["keep-alive"].stop()
+        stop_heartbeats(self)
         node.scheduler_lost()
         await self._release_dask_tasks()
         while self.status in (Status.running, Status.paused):
@@ -99,7 +95,7 @@ class RQMLWorker(Worker):
             if not await self._scheduler_answers(pause):
                 await asyncio.sleep(pause)
                 continue
-            self.batched_stream = BatchedSend(interval="2ms", loop=self.loop)
+            prepare_registration(self)
             try:
                 await asyncio.wait_for(self._register_with_scheduler(), remaining)
                 return

@@ -26,6 +26,7 @@ from distributed import Scheduler
 from distributed.dashboard.components import add_periodic_callback
 
 from rqml_dask import events
+from rqml_dask.compat import add_dashboard_page
 
 PATH = "/rqml"
 ALERTS_SHOWN = 50
@@ -137,7 +138,5 @@ def rqml_doc(scheduler: Scheduler, extra: dict, doc) -> None:
 
 
 def register() -> None:
-    """Add the page to the scheduler dashboard's applications (idempotent)."""
-    from distributed.dashboard.scheduler import applications
-
-    applications.setdefault(PATH, rqml_doc)
+    """Add the page to the dashboards of schedulers made from now on (idempotent)."""
+    add_dashboard_page(PATH, rqml_doc)

@@ -48,9 +48,11 @@ from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import TaskState
 from distributed.utils import log_errors
+from tornado.ioloop import PeriodicCallback
 from pydantic import ValidationError
 
 from rqml_dask import events
+from rqml_dask.compat import restrict_strictly
 from rqml_dask.config import SchedulerSettings, scheduler_settings
 from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits
 from rqml_dask.scheduler.assignment import NodeTable
@@ -67,13 +69,15 @@ HOLD = "rqml-hold"
 """The worker restriction that parks an RQML task until the plugin binds it."""
 
 PLUGIN_NAME = "rqml-scheduler"
+TICK = "rqml-release"
+"""The plugin's entry in ``scheduler.periodic_callbacks``: binds held tasks, publishes figures."""
 
 
 @dataclass
 class TaskRecord:
     traits: TaskTraits
     key: str
-    state: str = "held"  # held, bound, done, erred
+    state: str = "held"  # held, bound, done, erred; released: forgotten before it ended
     worker: str | None = None
     attempts: int = 0
     avoid: set[str] = field(default_factory=set)
@@ -123,14 +127,25 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["rqml_reconcile"] = self.reconcile
         for address in scheduler.workers:
             self.add_worker(scheduler, address)
-        from tornado.ioloop import PeriodicCallback
-
-        self._periodic = PeriodicCallback(self._tick, self.release_interval * 1000)
-        self._periodic.start()
+        callback = PeriodicCallback(self._tick, self.release_interval * 1000)
+        scheduler.periodic_callbacks[TICK] = callback
+        callback.start()
 
     async def close(self) -> None:
-        if getattr(self, "_periodic", None) is not None:
-            self._periodic.stop()
+        if self.scheduler is not None and (callback := self.scheduler.periodic_callbacks.pop(TICK, None)) is not None:
+            callback.stop()
+
+    def restart(self, scheduler: Scheduler) -> None:
+        """``Client.restart``: every task is gone, so is what the plugin knew of them; the
+        nodes, their reliability and the ledger of accepted results stay."""
+        for record in self.tasks.values():
+            self._keep_finished(record)
+        self.tasks.clear()
+        self.keys_by_task_id.clear()
+        self._held.clear()
+        for node in self.nodes.values():
+            node.bound.clear()
+            self._update_room(node)
 
     # -- scheduler hooks -------------------------------------------------------------------
 
@@ -140,7 +155,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             if ts is None or ts.state not in ("released", "waiting"):
                 continue
             traits = TaskTraits(**info)
-            ts.loose_restrictions = False
+            restrict_strictly(ts)
             record = self.tasks.get(key) or TaskRecord(traits, key)
             self.tasks[key] = record
             self.keys_by_task_id[traits.task_id] = key
@@ -155,9 +170,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         if finish == "forgotten":
             self.tasks.pop(key, None)
             self.keys_by_task_id.pop(record.traits.task_id, None)
-            self.finished[record.traits.task_id] = record  # kept for `rqml status`, bounded
-            while len(self.finished) > self.settings.finished_kept:
-                self.finished.pop(next(iter(self.finished)))
+            self._keep_finished(record)
             return
         now = time.monotonic()
         node = self.nodes.get(record.worker) if record.worker is not None else None
@@ -185,6 +198,15 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         else:
             return
         self._schedule_release()
+
+    def _keep_finished(self, record: TaskRecord) -> None:
+        """Keep a forgotten task's record for ``rqml status`` (bounded); one its clients let go
+        of before it ended is ``released``, not held or bound any more."""
+        if record.state in ("held", "bound"):
+            record.state, record.worker = "released", None
+        self.finished[record.traits.task_id] = record
+        while len(self.finished) > self.settings.finished_kept:
+            self.finished.pop(next(iter(self.finished)))
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         ws = scheduler.workers.get(worker)
@@ -218,9 +240,11 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     # -- placement -------------------------------------------------------------------------
 
     def _hold(self, record: TaskRecord, ts: TaskState | None) -> None:
-        """Park ``record``'s task (Dask's ``ts``) until :meth:`_release` binds it to a node."""
+        """Park ``record``'s task (Dask's ``ts``) until :meth:`_release` binds it to a node.
+        Called from :meth:`transition` too: a task handed back must be restricted before the
+        scheduler's next transition would bind it to any worker."""
         if ts is not None:
-            ts.worker_restrictions = {HOLD}
+            self.scheduler.set_restrictions({ts.key: HOLD})
         record.state, record.worker = "held", None
         traits = record.traits
         heapq.heappush(self._held, (-traits.priority, -traits.difficulty, next(self._counter), record.key))
@@ -334,7 +358,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             return "full" if self.table.room.max(initial=0) <= 0 else "wait"
         record.state, record.worker, record.failed_here = "bound", address, False
         record.attempts += 1
-        ts.worker_restrictions = {address}
+        self.scheduler.set_restrictions({ts.key: address})
         node = self.nodes[address]
         node.bound.add(record.key)
         self._update_room(node)
@@ -393,6 +417,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
 
     # -- handlers --------------------------------------------------------------------------
 
+    @log_errors
     def status(self, comm: Any = None) -> dict[str, Any]:
         """Nodes (weight figures, reliability, queues, warm models) and tasks (state, node)."""
         now = time.monotonic()
@@ -427,6 +452,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         }
         return {"nodes": nodes, "tasks": tasks, "policy": asdict(self.policy)}
 
+    @log_errors
     def handle_policy(self, comm: Any = None, policy: dict | None = None) -> dict[str, Any]:
         """Set (when given) and return the policy; a new one is pushed to every node."""
         if policy is not None:
@@ -435,6 +461,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 self.scheduler.loop.add_callback(self._push_policy, address)
         return asdict(self.policy)
 
+    @log_errors
     async def handle_decision(self, comm: Any = None, task_id: str = "", action: str = "", reason: str = "") -> dict[str, Any]:
         """Send a supervision decision (``escalate``, ``terminate``, ``reroute``) to the node
         refining ``task_id``; published on the supervision topic."""
@@ -447,6 +474,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         await self.scheduler.rpc(record.worker).rqml_decide(decision=decision)
         return {"status": "OK", "node": record.worker}
 
+    @log_errors
     async def reconcile(self, comm: Any = None, node: str = "", tasks: list[dict] | None = None) -> dict[str, str]:
         """Settle the tasks ``node`` reports after registering (each ``{key, task_id,
         iteration, finished}``). Verdicts, by task key: ``accept`` (write this finished

@@ -1,0 +1,64 @@
+"""Every place rqml-dask relies on a part of Dask that is not public API, and why.
+
+Dask has public doors for most of what the service does (scheduler and worker plugins,
+handlers, ``Scheduler.set_restrictions``, ``periodic_callbacks``, custom heartbeat metrics,
+HTTP routes). What it has none for is here, one function each, and
+``tests/test_compat.py`` checks each assumption against the installed Dask, so an upgrade
+that breaks one fails there, loudly, and nowhere else:
+
+* a dashboard page served from the scheduler's start (:func:`add_dashboard_page`): the
+  ``applications`` dict the scheduler reads when it builds its dashboard;
+* strict placement (:func:`restrict_strictly`): ``TaskState.loose_restrictions``, which
+  only ``update_graph``'s annotations set, and which must be off for a bound task;
+* a worker that survives the loss of its scheduler
+  (:class:`~rqml_dask.node.worker.RQMLWorker`): it overrides ``Worker.handle_scheduler``
+  (which closes the worker on a broken stream, under ``@fail_hard``) and calls
+  ``Worker._register_with_scheduler`` again (which Dask asserts is only called once), after
+  :func:`prepare_registration` (a fresh ``BatchedSend``, the heartbeat digests and spans
+  state a registration expects to be empty), with :func:`stop_heartbeats` while it has no
+  scheduler and :func:`in_background` for the worker's own background task group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from distributed import Worker
+from distributed.batched import BatchedSend
+from distributed.scheduler import TaskState
+
+
+def add_dashboard_page(path: str, make_doc: Callable[..., Any]) -> None:
+    """Serve ``make_doc`` at ``path`` on the dashboards of schedulers made from now on (a
+    preload's module body runs early enough; idempotent)."""
+    from distributed.dashboard.scheduler import applications
+
+    applications.setdefault(path, make_doc)
+
+
+def restrict_strictly(ts: TaskState) -> None:
+    """A task's worker restrictions bind it: work stealing never moves it elsewhere."""
+    ts.loose_restrictions = False
+
+
+def prepare_registration(worker: Worker) -> None:
+    """Make a worker that lost its scheduler ready to register again: metrics gathered for
+    the lost scheduler are not the new one's, and registration expects none pending
+    (``SpansWorkerExtension.collect_digests`` asserts it); the old batched stream is
+    closed, so a new one takes the new connection."""
+    worker.digests_total_since_heartbeat.clear()
+    if (spans := worker.extensions.get("spans")) is not None:
+        spans.heartbeat()
+    worker.batched_stream = BatchedSend(interval="2ms", loop=worker.loop)
+
+
+def stop_heartbeats(worker: Worker) -> None:
+    """Stop the worker's heartbeats and keep-alives (registration starts them again)."""
+    worker.periodic_callbacks["heartbeat"].stop()
+    worker.periodic_callbacks["keep-alive"].stop()
+
+
+def in_background(worker: Worker, function: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    """Run ``function()`` in the worker's background task group (cancelled when it closes)."""
+    worker._ongoing_background_tasks.call_soon(function)

@@ -1,0 +1,55 @@
+"""One test per assumption ``rqml_dask/compat.py`` makes about Dask's private parts: a Dask
+upgrade that breaks one fails here, by name."""
+
+from __future__ import annotations
+
+import inspect
+
+from distributed import Worker
+from distributed.batched import BatchedSend
+from distributed.scheduler import TaskState
+from distributed.spans import SpansWorkerExtension
+
+
+def source(function) -> str:
+    return inspect.getsource(inspect.unwrap(function))
+
+
+def test_the_dashboard_reads_its_pages_from_a_module_dict_when_a_scheduler_starts():
+    from distributed.dashboard import scheduler as dashboard
+
+    assert isinstance(dashboard.applications, dict) and "/status" in dashboard.applications
+    assert "applications" in inspect.getsource(dashboard.connect)
+
+
+def test_a_task_state_has_loose_restrictions():
+    assert "loose_restrictions" in TaskState.__slots__
+
+
+def test_a_worker_closes_when_its_scheduler_stream_breaks_and_registers_only_once():
+    assert "close(" in source(Worker.handle_scheduler)  # what RQMLWorker.handle_scheduler replaces
+    register = source(Worker._register_with_scheduler)
+    assert inspect.iscoroutinefunction(Worker._register_with_scheduler)
+    assert "assert not self.data" in register and "assert not self.state.tasks" in register  # RQMLWorker empties both first
+    assert "self.batched_stream.start(comm)" in register and "handle_scheduler" in register
+
+
+def test_registration_reads_the_heartbeat_digests_and_spans_a_new_scheduler_expects_empty():
+    from distributed.core import Server
+
+    assert "self.digests_total_since_heartbeat = defaultdict(int)" in source(Server.__init__)
+    assert "assert not self.digests_total_since_heartbeat" in source(SpansWorkerExtension.collect_digests)
+    assert "self.digests_total_since_heartbeat = {}" in source(SpansWorkerExtension.heartbeat)  # what empties it
+
+
+def test_a_batched_send_takes_an_interval_and_a_loop():
+    assert {"interval", "loop"} <= set(inspect.signature(BatchedSend).parameters)
+
+
+def test_a_worker_has_heartbeat_and_keep_alive_callbacks_and_a_background_task_group():
+    init = source(Worker.__init__)
+    assert '"heartbeat"' in init and '"keep-alive"' in init
+    from distributed.core import AsyncTaskGroup, Server
+
+    assert "self._ongoing_background_tasks = AsyncTaskGroup()" in source(Server.__init__)
+    assert callable(AsyncTaskGroup.call_soon)
