@@ -76,7 +76,7 @@ def build_tasks(args: argparse.Namespace, rng: np.random.Generator, addresses: l
         )
         key = f"rqml-{i}"
         avoid = {addresses[rng.integers(len(addresses))]} if handed_back[i] else set()
-        records[key] = {"traits": traits, "state": "held", "worker": None, "avoid": avoid}
+        records[key] = {"traits": traits, "state": "pending", "worker": None, "avoid": avoid}
         heapq.heappush(held, (-traits.priority, -traits.difficulty, next(counter), key))
     return held, records
 

@@ -145,7 +145,7 @@ def node_timer(tasks: int, metrics: bool, seen: dict | None = None) -> Timer:
         per_task = iterations // tasks
         jobs = [(make_task(f"t{i}", per_task, check_every), make_problem(backend, size)) for i in range(tasks)]
         with tempfile.TemporaryDirectory() as state_dir:
-            policy = NodePolicy(min_concurrency=tasks, max_concurrency=tasks)
+            policy = NodePolicy(min_concurrency=tasks, max_concurrency=tasks, max_inbound=tasks)  # all submitted at once: none pushed back
             node = NodeOrchestrator(backend, Path(state_dir), ResourceMonitor(None), policy)
             node.start()
             stop = threading.Event()

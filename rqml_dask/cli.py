@@ -91,7 +91,7 @@ def status(scheduler: str, as_json: bool) -> None:
         counts[t["state"]] = counts.get(t["state"], 0) + 1
     click.echo(f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(counts.items())) or 'none'}")
     for task_id, t in sorted(state["tasks"].items()):
-        if t["state"] in ("held", "bound"):
+        if t["state"] in ("pending", "bound"):
             click.echo(f"  {task_id:<24} {t['state']:<6} {t['node'] or '-':<28} {t['model']}  attempts {t['attempts']}")
 
 

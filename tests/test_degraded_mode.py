@@ -157,7 +157,7 @@ def test_scheduler_killed_mid_run_nodes_keep_refining_reconcile_and_the_run_comp
                 alerts = [e for _, e in client.get_events(events.ALERTS)]
                 degraded = [e for e in alerts if e["kind"] == "node-degraded"]
                 health = [http_json(p, "/health") or {} for p in http.values()]
-                back = all(h.get("status") == "ok" and h.get("held") == 0 and h.get("outbox") == 0 for h in health)
+                back = all(h.get("status") == "ok" and h.get("jobs") == 0 and h.get("outbox") == 0 for h in health)
                 return back and len({e["worker"] for e in degraded}) == 2 and (alerts, degraded)
 
             alerts, degraded = wait_for(both_back, what="both nodes reconciled and idle")
@@ -216,7 +216,7 @@ def test_a_node_cut_off_while_its_tasks_move_elsewhere_reconnects_and_duplicates
             assert sorted(o.task_id for o in report.outcomes) == sorted(keys.values())
             assert all(o.iterations == 200 for o in report.outcomes)
             health = wait_for(lambda: (h := http_json(http[far], "/health")) and h["status"] == "ok" and h["outbox"] == 0 and h)
-            assert health["held"] == 0 and health["reconciled"] >= len(far_tasks)
+            assert health["jobs"] == 0 and health["reconciled"] >= len(far_tasks)
 
             # each of the far node's tasks ended with one accepted result; an alert records the other
             alerts = [e for _, e in client.get_events(events.ALERTS)]
@@ -323,7 +323,7 @@ def test_client_and_scheduler_killed_nodes_finish_alone_and_rqml_run_again_picks
         assert metric(http[victim], "rqml_iterations_total") == 0
         scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
         # reconnected, the nodes have their results accepted and write them, with no client
-        wait_for(lambda: all((h := http_json(p, "/health")) and h["status"] == "ok" and h["held"] == 0 for p in http.values()), timeout=60)
+        wait_for(lambda: all((h := http_json(p, "/health")) and h["status"] == "ok" and h["jobs"] == 0 for p in http.values()), timeout=60)
         iterations_done = {name: metric(p, "rqml_iterations_total") for name, p in http.items()}
 
         second = rqml_run.again(120)
@@ -394,14 +394,14 @@ def test_a_node_gives_up_after_the_degraded_limit_and_keeps_its_tasks_for_a_rest
             pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, 10_000, 0.02, "limit")
             futures = pipeline.submit(client)
             # two tasks refining and one queued (room: the concurrency limit plus one)
-            wait_for(lambda: (h := http_json(http["node-0"], "/health")) and h["held"] == 3 and placed(http, tasks=2), timeout=60)
+            wait_for(lambda: (h := http_json(http["node-0"], "/health")) and h["jobs"] == 3 and placed(http, tasks=2), timeout=60)
             scheduler.kill()
             lost_at = time.monotonic()
             worker.process.wait(bound(60))  # the worker closes, and its Nanny with it
             assert 3 <= time.monotonic() - lost_at < bound(30)
             del futures
         state = NodeState(tmp_path / "workers" / "dask-scratch-space" / "rqml-node" / "node-0" / "node.lmdb")
-        assert len(state.held()) == 3  # what a restarted node 'node-0' takes up again
+        assert len(state.jobs()) == 3  # what a restarted node 'node-0' takes up again
     finally:
         worker.kill()
         scheduler.kill()

@@ -82,7 +82,7 @@ def test_node_endpoints_answer_over_http_on_every_worker(tmp_path, small_volume,
         base = f"http://127.0.0.1:{info['services']['dashboard']}"
         status, body = http_get(base + "/health")
         health = json.loads(body)
-        assert status == 200 and health["status"] == "ok" and health["held"] >= 1 and health["outbox"] == 0
+        assert status == 200 and health["status"] == "ok" and health["jobs"] >= 1 and health["outbox"] == 0
         status, body = http_get(base + "/queue_stats")
         stats = json.loads(body)
         assert status == 200 and set(stats) == {"inbound", "refinement", "outbound"}

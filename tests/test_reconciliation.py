@@ -46,7 +46,7 @@ def test_first_accepted_result_wins_and_later_ones_are_duplicates_with_an_alert(
 
 def test_a_task_submitted_later_is_bound_to_the_node_that_holds_it(rqml_client):
     workers = sorted(rqml_client.scheduler_info()["workers"])
-    holders = {f"held-{i}@y": workers[i % 2] for i in range(6)}
+    holders = {f"job-{i}@y": workers[i % 2] for i in range(6)}
     for key, node in holders.items():
         assert reconcile(rqml_client, node, (key, 10, False)) == {key: "keep"}
     futures = {}
@@ -79,15 +79,15 @@ def small_task(task_id: str) -> RQMLTask:
 def test_node_state_keeps_held_tasks_and_outbox_across_reopening_and_drops_a_corrupt_record(tmp_path, caplog):
     state = NodeState(tmp_path / "node.lmdb")
     first, second = small_task("a/0"), small_task("a/1")
-    state.hold(first)
-    state.hold(second)
+    state.take(first)
+    state.take(second)
     state.park(second.key, b'{"status": "converged"}')
     with state.env.begin(write=True) as txn:  # a record damaged on disk
-        txn.put(b"broken@0", b"\x93not a task", db=state._held)
+        txn.put(b"broken@0", b"\x93not a task", db=state._jobs)
     reopened = NodeState(tmp_path / "node.lmdb")
     with caplog.at_level(logging.ERROR, logger="rqml_dask.node.state"):
-        assert sorted(t.task_id for t in reopened.held()) == ["a/0", "a/1"]
-    assert "held task 'broken@0' is unreadable, dropped" in caplog.text
+        assert sorted(t.task_id for t in reopened.jobs()) == ["a/0", "a/1"]
+    assert "job 'broken@0' is unreadable, dropped" in caplog.text
     assert reopened.outbox() == {second.key: b'{"status": "converged"}'}
     reopened.release(second.key)
-    assert [t.task_id for t in reopened.held()] == ["a/0"] and reopened.outbox() == {}
+    assert [t.task_id for t in reopened.jobs()] == ["a/0"] and reopened.outbox() == {}

@@ -214,7 +214,7 @@ class NodePlugin(WorkerPlugin):
         with self._jobs_lock:
             self.jobs[task.key] = job
         if self.state is not None:
-            self.state.hold(task)
+            self.state.take(task)
         # by key, not by job: a callback holding the job would make a cycle (job -> future ->
         # callback -> job) that keeps every finished refinement's arrays until a full GC
         job.future.add_done_callback(lambda future, key=task.key: self._on_finished(key, future))
@@ -223,7 +223,7 @@ class NodePlugin(WorkerPlugin):
     def claim(self, task: RQMLTask) -> Job | None:
         """The job this node already has for ``task`` (refining, queued or parked), now
         claimed by the calling Dask task; ``None`` if there is none to join. A job made from
-        other input content (the input changed while the node held it) is dropped: it is
+        other input content (the input changed while the node had it) is dropped: it is
         ended and forgotten before this returns ``None``, so the task starts afresh."""
         with self._jobs_lock:
             job = self.jobs.get(task.key)
@@ -233,7 +233,7 @@ class NodePlugin(WorkerPlugin):
                 job.claimed = True
                 return job
             job.dropped = "input changed"
-        logger.warning("%s: the job held was made from other input data; ending it to start afresh", task.task_id)
+        logger.warning("%s: the job here was made from other input data; ending it to start afresh", task.task_id)
         self.orchestrator.decide(Decision(task.task_id, "terminate", "the input changed"))
         try:
             job.future.exception(timeout=60)
@@ -337,15 +337,15 @@ class NodePlugin(WorkerPlugin):
         if self.link.degraded_since is None:
             self.worker.loop.add_callback(self._report, [job])
 
-    def resume_held(self) -> None:
-        """Take up again the tasks a previous process of this node held (once, at start):
+    def resume_jobs(self) -> None:
+        """Take up again the jobs a previous process of this node had (once, at start):
         a task whose outcome is in the outbox is parked again from its final checkpoint,
         the others go on refining from their newest checkpoints."""
         if self._resumed or self.state is None:
             return
         self._resumed = True
         parked = self.state.outbox()
-        for task in self.state.held():
+        for task in self.state.jobs():
             if task.key in self.jobs:
                 continue
             try:
@@ -353,19 +353,19 @@ class NodePlugin(WorkerPlugin):
                 task, problem = load_problem(task, self.orchestrator.backend)
                 outcome = OUTCOME.validate_json(parked[task.key]) if task.key in parked else None
             except Exception as exc:
-                logger.error("held task %s cannot be resumed, dropped: %s", task.task_id, exc)
+                logger.error("job %s cannot be resumed, dropped: %s", task.task_id, exc)
                 self.state.release(task.key)
                 continue
             self.link.degraded_since = self.link.degraded_since or time.time()  # working with no scheduler yet
             if outcome is not None and self._repark(task, problem, checkpointer, outcome):
-                logger.info("held task %s is finished: its result waits in the outbox", task.task_id)
+                logger.info("job %s is finished: its result waits in the outbox", task.task_id)
                 continue
             job = self.start_job(task, problem, checkpointer, claimed=False)
             checkpoint = job.resume.checkpoint if job.resume is not None else None
-            logger.info("resumed held task %s from iteration %s", task.task_id, checkpoint.iteration if checkpoint else 0)
+            logger.info("resumed job %s from iteration %s", task.task_id, checkpoint.iteration if checkpoint else 0)
 
     def _repark(self, task: RQMLTask, problem: dict, checkpointer: Checkpointer | None, outcome: TaskOutcome) -> bool:
-        """Put a finished held task back in the outbox from its final checkpoint (the one at
+        """Put a finished job back in the outbox from its final checkpoint (the one at
         its outcome's iteration); False if that checkpoint is missing or not usable."""
         resume = checkpointer.latest(task) if checkpointer is not None else None
         checkpoint = resume.checkpoint if resume is not None else None
@@ -453,10 +453,10 @@ class NodePlugin(WorkerPlugin):
             self._alert("task-failed", payload)
 
     def health(self) -> dict[str, Any]:
-        """``/health``: the scheduler link, and the work the node holds."""
+        """``/health``: the scheduler link, and the node's jobs and outbox."""
         link = self.link
         with self._jobs_lock:
-            held = len(self.jobs)
+            jobs = len(self.jobs)
             parked = sum(job.outcome is not None for job in self.jobs.values())
         return {
             "status": "ok" if link.degraded_since is None else "degraded",
@@ -464,7 +464,7 @@ class NodePlugin(WorkerPlugin):
             "degraded_seconds": time.time() - link.degraded_since if link.degraded_since is not None else 0.0,
             "degraded_seconds_total": link.degraded_seconds_total,
             "scheduler_losses": link.losses,
-            "held": held,
+            "jobs": jobs,
             "outbox": parked,
             "reconciled": link.reconciled,
             "accepted_from_outbox": link.accepted_from_outbox,

@@ -1,7 +1,7 @@
 """What an autonomous node remembers across its own restarts: its tasks and its outbox.
 
 An :class:`~rqml_dask.node.worker.RQMLWorker` keeps one LMDB environment in its node
-directory. ``held`` has the full spec of every RQML task the node has taken and not yet
+directory. ``jobs`` has the full spec of every RQML task the node has taken and not yet
 delivered, so a node restarted while its scheduler is away (killed, then started again by
 its Nanny or launcher) resumes them from their checkpoints before it registers. ``outbox``
 has the outcome of every task that finished while no scheduler was there to take it; the
@@ -10,7 +10,7 @@ which result is accepted.
 
 A damaged environment (a crash mid-write on a disk that lies, a truncated copy) never stops
 the node from starting: :meth:`NodeState.open` moves it aside and starts a fresh one, and the
-node raises an alert. What is lost is only the list of held tasks; their checkpoints are in
+node raises an alert. What is lost is only the list of jobs; their checkpoints are in
 the checkpoint stores, so a resubmitted task still resumes from them.
 """
 
@@ -30,12 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 class NodeState:
-    """The node's ``held`` tasks and ``outbox`` outcomes, by task key. Thread-safe."""
+    """The node's ``jobs`` (their tasks) and ``outbox`` outcomes, by task key. Thread-safe."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.env = open_environment(self.path)
-        self._held = self.env.open_db(b"held")
+        self._jobs = self.env.open_db(b"jobs")
         self._outbox = self.env.open_db(b"outbox")
 
     @classmethod
@@ -48,7 +48,7 @@ class NodeState:
             state = cls(path)
             state.outbox()
             with state.env.begin() as txn:
-                for _ in txn.cursor(db=state._held):
+                for _ in txn.cursor(db=state._jobs):
                     pass
             return state, None
         except lmdb.Error as exc:
@@ -59,9 +59,9 @@ class NodeState:
             logger.error(problem)
             return cls(path), problem
 
-    def hold(self, task: RQMLTask) -> None:
+    def take(self, task: RQMLTask) -> None:
         with self.env.begin(write=True) as txn:
-            txn.put(task.key.encode(), task.to_msgpack(), db=self._held)
+            txn.put(task.key.encode(), task.to_msgpack(), db=self._jobs)
 
     def park(self, key: str, outcome: bytes) -> None:
         """Keep a finished task's outcome until a scheduler settles it."""
@@ -71,20 +71,20 @@ class NodeState:
     def release(self, key: str) -> None:
         """The task is delivered, or given up: forget it."""
         with self.env.begin(write=True) as txn:
-            txn.delete(key.encode(), db=self._held)
+            txn.delete(key.encode(), db=self._jobs)
             txn.delete(key.encode(), db=self._outbox)
 
-    def held(self) -> list[RQMLTask]:
-        """Every held task; a record that does not decode is logged and dropped (it names
+    def jobs(self) -> list[RQMLTask]:
+        """The task of every job; a record that does not decode is logged and dropped (it names
         the key and why), never resumed half-read."""
         tasks, broken = [], []
         with self.env.begin() as txn:
-            for key, payload in txn.cursor(db=self._held):
+            for key, payload in txn.cursor(db=self._jobs):
                 try:
                     tasks.append(RQMLTask.from_msgpack(payload))
                 except (ValidationError, ValueError, TypeError) as exc:
                     broken.append(key)
-                    logger.error("node state %s: held task %r is unreadable, dropped: %s", self.path, key.decode(errors="replace"), exc)
+                    logger.error("node state %s: job %r is unreadable, dropped: %s", self.path, key.decode(errors="replace"), exc)
         for key in broken:
             self.release(key.decode(errors="replace"))
         return tasks

@@ -22,13 +22,13 @@ each checked by ``tests/test_compat.py``:
    answers at the same address (a restarted one, or the same one after a network cut)
    or until ``rqml.node.degraded-limit`` seconds have passed (then it closes, its work
    safe in LMDB). Heartbeats restart with the registration.
-3. *Reconciliation.* The node reports the tasks it holds and its outbox to the RQML
+3. *Reconciliation.* The node reports its jobs and its outbox to the RQML
    scheduler plugin, which settles each one (:meth:`RQMLSchedulerPlugin.reconcile`).
 
 A scheduler that closes normally tells its workers to close: they do, as stock workers do.
 
 **Its own restarts.** A node with a stable name (``--name``) keeps its state in
-``<local directory>/rqml-node/<name>/``: the cached policy and the LMDB of held tasks and
+``<local directory>/rqml-node/<name>/``: the cached policy and the LMDB of its jobs and
 outbox (:mod:`rqml_dask.node.state`). A worker killed while degraded and started again by
 its Nanny (which restarts a worker that dies) resumes those tasks from their checkpoints
 before it registers: the node plugin is installed, by ``--preload rqml_dask.node`` or by
@@ -65,7 +65,7 @@ class RQMLWorker(Worker):
 
     async def _register_with_scheduler(self) -> None:
         node = await self._node()
-        node.resume_held()  # no-op once running: the first registration of a restarted node
+        node.resume_jobs()  # no-op once running: the first registration of a restarted node
         await super()._register_with_scheduler()
         in_background(self, node.reconcile)
 

@@ -8,7 +8,7 @@ Dask only logs a failing ``dask_setup``) and adds the ``/rqml`` dashboard page
 
 from rqml_dask.config import scheduler_settings
 from rqml_dask.scheduler import dashboard
-from rqml_dask.scheduler.plugin import HOLD, PLUGIN_NAME, RQMLSchedulerPlugin
+from rqml_dask.scheduler.plugin import PENDING, PLUGIN_NAME, RQMLSchedulerPlugin
 
 scheduler_settings()  # a bad `rqml.scheduler` value stops the scheduler here, naming its key
 dashboard.register()
@@ -20,4 +20,4 @@ def dask_setup(scheduler) -> None:
         scheduler.add_plugin(RQMLSchedulerPlugin())
 
 
-__all__ = ["HOLD", "PLUGIN_NAME", "RQMLSchedulerPlugin", "dask_setup"]
+__all__ = ["PENDING", "PLUGIN_NAME", "RQMLSchedulerPlugin", "dask_setup"]

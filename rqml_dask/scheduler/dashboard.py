@@ -9,7 +9,7 @@ What it shows, refreshed twice a second from the RQML scheduler plugin:
 
 * a summary line: nodes, nodes that have worked without a scheduler, tasks by state;
 * one row per node: queues, speed, reliability, warm models, checkpoint backlog, and its
-  link: how often it lost the scheduler, for how long, what it held and had in its outbox,
+  link: how often it lost the scheduler, for how long, its jobs and its outbox,
   what reconciliation settled;
 * the latest alerts (``rqml-alerts``): degraded nodes, duplicates resolved, rejected
   checkpoints, an unavailable shared store.
@@ -37,7 +37,7 @@ NODE_COLUMNS = {
     "link": "link",
     "losses": "scheduler losses",
     "degraded_s": "degraded (s)",
-    "held": "held",
+    "jobs": "jobs",
     "outbox": "outbox",
     "reconciled": "reconciled",
     "discarded": "discarded",
@@ -104,7 +104,7 @@ class RQMLPage:
             "link": link.get("status", "unknown"),
             "losses": link.get("scheduler_losses", 0),
             "degraded_s": round(link.get("degraded_seconds_total", 0.0), 1),
-            "held": link.get("held", 0),
+            "jobs": link.get("jobs", 0),
             "outbox": link.get("outbox", 0),
             "reconciled": link.get("reconciled", 0),
             "discarded": link.get("discarded", 0),

@@ -1,9 +1,10 @@
-"""The scheduler plugin's ledger of results and holders, for reconciliation.
+"""The scheduler plugin's ledger of results and jobs, for reconciliation.
 
-Nodes back from degraded mode report what they hold (:class:`~rqml_dask.messages.TaskReport`); the ledger keeps,
-by RQML task key, whose result was accepted (the first one: later ones are duplicates) and
-which node holds a task still going (a (re)submitted task is bound there), and says when
-tasks nobody holds should wait because returning nodes have not reported yet.
+Nodes back from degraded mode report their jobs (:class:`~rqml_dask.messages.TaskReport`);
+the ledger keeps, by RQML task key, whose result was accepted (the first one: later ones are
+duplicates) and which node has a job of a task still going (a (re)submitted task is bound
+there), and says when a task no node has a job for should wait because returning nodes have
+not reported yet.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 @dataclass
 class Ledger:
-    """Accepted results and task holders by RQML task key; ``kept`` bounds the accepted.
+    """Accepted results, and the node with each task's job, by RQML task key; ``kept``
+    bounds the accepted.
 
-    ``reconcile_grace``: seconds a task nobody holds waits, after a node that holds tasks
+    ``reconcile_grace``: seconds a task no node has a job for waits, after a node with jobs
     registers, for that node's reconciliation report (so a resubmitted task is not started
     elsewhere first); ``return_grace``: seconds it waits after a node back from degraded
     mode registers (the other nodes that lost the scheduler poll every half second and are
@@ -26,15 +28,16 @@ class Ledger:
     reconcile_grace: float = 10.0
     return_grace: float = 2.0
     accepted: dict[str, str] = field(default_factory=dict)
-    holders: dict[str, str] = field(default_factory=dict)
+    jobs: dict[str, str] = field(default_factory=dict)
+    """Task key -> the node that has its job (refining it, or its result in the outbox)."""
     awaiting: dict[str, float] = field(default_factory=dict)
-    """Node -> until when its report is awaited (it registered holding tasks)."""
+    """Node -> until when its report is awaited (it registered with jobs)."""
     returns_until: float = 0.0
     """Until when more nodes back from degraded mode are expected to register."""
 
     def accept(self, key: str, node: str | None) -> None:
         """``node``'s result for ``key`` is the one, unless one was accepted before."""
-        self.holders.pop(key, None)
+        self.jobs.pop(key, None)
         if key in self.accepted or node is None:
             return
         self.accepted[key] = node
@@ -43,18 +46,18 @@ class Ledger:
 
     def node_registered(self, node: str, link: dict[str, Any], now: float) -> None:
         """A node registered; ``link`` is its advertised scheduler link (heartbeat ``link``)."""
-        if link.get("held", 0) > 0:
+        if link.get("jobs", 0) > 0:
             self.awaiting[node] = now + self.reconcile_grace
-        if link.get("held", 0) > 0 or link.get("scheduler_losses", 0) > 0:
+        if link.get("jobs", 0) > 0 or link.get("scheduler_losses", 0) > 0:
             self.returns_until = max(self.returns_until, now + self.return_grace)
 
     def node_reported(self, node: str) -> None:
         self.awaiting.pop(node, None)
 
     def node_left(self, node: str) -> None:
-        self.holders = {key: holder for key, holder in self.holders.items() if holder != node}
+        self.jobs = {key: owner for key, owner in self.jobs.items() if owner != node}
         self.awaiting.pop(node, None)
 
     def waiting_for_nodes(self, now: float) -> bool:
-        """Whether a task nobody holds should wait: returning nodes have not all reported."""
+        """Whether a task no node has a job for should wait: returning nodes have not all reported."""
         return now < self.returns_until or any(deadline > now for deadline in self.awaiting.values())

@@ -2,8 +2,8 @@
 
 Mechanism (chosen after reading ``distributed/scheduler.py`` and ``stealing.py``): an RQML
 task carries an ``rqml`` annotation. In :meth:`update_graph`, before the scheduler's first
-transition, the plugin restricts it to a worker name no worker has (``HOLD``): it parks in
-``no-worker`` instead of binding to a worker at once. The plugin then *releases* held tasks
+transition, the plugin restricts it to a worker name no worker has (``PENDING``): it waits in
+``no-worker`` instead of binding to a worker at once. The plugin then *binds* pending tasks
 itself, in priority order, whenever a node has inbound room (an idle node pulls): it draws a
 node in proportion to its weight (:mod:`rqml_dask.scheduler.assignment`), restricts the task
 to that node's address (strict: work stealing then never moves it) and asks the scheduler to
@@ -15,7 +15,7 @@ Feedback: a task ending in ``memory`` counts as a success for its node, ``erred`
 worker lost while the task ran count as failures, and nodes report validation failures and
 timeouts on the supervision topic; the reliability record decays, with exponential backoff
 for a failing streak. A task handed back (its node pushed it back, rerouting, a dead
-worker) is held again and rebound, avoiding the node it left when another has room.
+worker) is pending again and rebound, avoiding the node it left when another has room.
 
 Supervision: nodes apply the policy this plugin sends them (escalate along the ladder, then
 diversify to another model family, then end the task with a clear reason) and report every
@@ -25,11 +25,11 @@ policy's limits.
 
 Reconciliation: a node that kept working without a scheduler (an
 :class:`~rqml_dask.node.worker.RQMLWorker` in degraded mode) reports, once registered again,
-every task it holds and every result in its outbox; :meth:`reconcile` settles each one so
+every job it has and every result in its outbox; :meth:`reconcile` settles each one so
 that a task ends with exactly one accepted result: the first result accepted wins (a later
 one is a duplicate, discarded, and an alert says so); a finished result beats a run still
 going elsewhere, and of two runs the one further along goes on (the other is rerouted to
-the node that holds the task, or dropped there). The node that holds a task is preferred
+the node with the other job, or dropped there). The node with a task's job is preferred
 when the task is (re)submitted, so a client that resubmits after the scheduler came back
 joins the running work instead of starting it again.
 """
@@ -65,19 +65,20 @@ logger = logging.getLogger(__name__)
 DATA_ERRORS = ("InputError(",)
 """Task errors (``repr`` of the exception, as Dask reports it) that blame the data, not the
 node: they do not lower its reliability."""
-HOLD = "rqml-hold"
-"""The worker restriction that parks an RQML task until the plugin binds it."""
+PENDING = "rqml-pending"
+"""The worker restriction that keeps an RQML task *pending* (in Dask's ``no-worker``) until the
+plugin binds it to a node."""
 
 PLUGIN_NAME = "rqml-scheduler"
 TICK = "rqml-release"
-"""The plugin's entry in ``scheduler.periodic_callbacks``: binds held tasks, publishes figures."""
+"""The plugin's entry in ``scheduler.periodic_callbacks``: binds pending tasks, publishes figures."""
 
 
 @dataclass
 class TaskRecord:
     traits: TaskTraits
     key: str
-    state: str = "held"  # held, bound, done, erred; released: forgotten before it ended
+    state: str = "pending"  # pending, bound, done, erred; released: forgotten before it ended
     worker: str | None = None
     attempts: int = 0
     avoid: set[str] = field(default_factory=set)
@@ -111,7 +112,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.ledger = Ledger(self.settings.finished_kept, self.settings.reconcile_grace, self.settings.return_grace)
         self.nodes: dict[str, NodeRecord] = {}
         self.table = NodeTable(self.settings.speed_bounds, self.settings.gpu_preference)
-        self._held: list[tuple] = []
+        self._pending: list[tuple] = []
         self._counter = itertools.count()
         self._release_scheduled = False
         self._published_at = 0.0
@@ -142,7 +143,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             self._keep_finished(record)
         self.tasks.clear()
         self.keys_by_task_id.clear()
-        self._held.clear()
+        self._pending.clear()
         for node in self.nodes.values():
             node.bound.clear()
             self._update_room(node)
@@ -159,8 +160,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             record = self.tasks.get(key) or TaskRecord(traits, key)
             self.tasks[key] = record
             self.keys_by_task_id[traits.task_id] = key
-            self._hold(record, ts)
-            events.publish(scheduler, events.TASK_INBOUND, "held", task_id=traits.task_id, key=key)
+            self._make_pending(record, ts)
+            events.publish(scheduler, events.TASK_INBOUND, "pending", task_id=traits.task_id, key=key)
         self._schedule_release()
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
@@ -189,20 +190,20 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             record.state = "erred"
             if not str(kwargs.get("exception_text", "")).startswith(DATA_ERRORS):  # bad input is not the node's fault
                 self._failure(record.worker, now)
-        elif finish in ("released", "waiting", "no-worker") and record.state != "held":
+        elif finish in ("released", "waiting", "no-worker") and record.state != "pending":
             # handed back by its node, its worker died, or its result was lost with a worker:
-            # hold it again, to be bound elsewhere if another node has room
+            # pending again, to be bound elsewhere if another node has room
             if start == "processing" and record.worker is not None:
                 record.avoid.add(record.worker)
-            self._hold(record, self.scheduler.tasks.get(key))
+            self._make_pending(record, self.scheduler.tasks.get(key))
         else:
             return
         self._schedule_release()
 
     def _keep_finished(self, record: TaskRecord) -> None:
         """Keep a forgotten task's record for ``rqml status`` (bounded); one its clients let go
-        of before it ended is ``released``, not held or bound any more."""
-        if record.state in ("held", "bound"):
+        of before it ended is ``released``, not pending or bound any more."""
+        if record.state in ("pending", "bound"):
             record.state, record.worker = "released", None
         self.finished[record.traits.task_id] = record
         while len(self.finished) > self.settings.finished_kept:
@@ -239,15 +240,15 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
 
     # -- placement -------------------------------------------------------------------------
 
-    def _hold(self, record: TaskRecord, ts: TaskState | None) -> None:
-        """Park ``record``'s task (Dask's ``ts``) until :meth:`_release` binds it to a node.
+    def _make_pending(self, record: TaskRecord, ts: TaskState | None) -> None:
+        """Keep ``record``'s task (Dask's ``ts``) pending until :meth:`_release` binds it to a node.
         Called from :meth:`transition` too: a task handed back must be restricted before the
         scheduler's next transition would bind it to any worker."""
         if ts is not None:
-            self.scheduler.set_restrictions({ts.key: HOLD})
-        record.state, record.worker = "held", None
+            self.scheduler.set_restrictions({ts.key: PENDING})
+        record.state, record.worker = "pending", None
         traits = record.traits
-        heapq.heappush(self._held, (-traits.priority, -traits.difficulty, next(self._counter), record.key))
+        heapq.heappush(self._pending, (-traits.priority, -traits.difficulty, next(self._counter), record.key))
 
     def _schedule_release(self) -> None:
         if not self._release_scheduled and self.scheduler is not None:
@@ -280,8 +281,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
 
     @log_errors
     def _release(self) -> None:
-        """Bind held tasks, highest priority first, to nodes with inbound room. A task that
-        cannot be placed, for any reason (an exception included, logged), stays held."""
+        """Bind pending tasks, highest priority first, to nodes with inbound room. A task that
+        cannot be placed, for any reason (an exception included, logged), stays pending."""
         self._release_scheduled = False
         scheduler = self.scheduler
         recommendations: dict = {}
@@ -294,7 +295,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             [a not in running or now < self.nodes[a].reliability.backoff_until or self.nodes[a].invalid_figures is not None
              for a in self.table.addresses], dtype=bool,
         )
-        if len(self._held) < len(self.table.addresses):
+        if len(self._pending) < len(self.table.addresses):
             resting |= self.table.speed < self.settings.tail_speed_ratio * self.table.speed.max(initial=0)
         if resting.all():
             resting[:] = False
@@ -302,12 +303,12 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         saved_room = self.table.room.copy()
         self.table.room[resting] = 0
         try:
-            while self._held:
-                entry = heapq.heappop(self._held)
+            while self._pending:
+                entry = heapq.heappop(self._pending)
                 try:
                     placed = self._place(entry, running, awaiting)
                 except Exception:
-                    logger.exception("could not place RQML task %s; it stays held", entry[-1])
+                    logger.exception("could not place RQML task %s; it stays pending", entry[-1])
                     placed = "wait"
                 if placed == "wait":
                     skipped.append(entry)
@@ -318,7 +319,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     recommendations[placed] = "processing"
         finally:
             for entry in skipped:
-                heapq.heappush(self._held, entry)
+                heapq.heappush(self._pending, entry)
             self.table.room = np.where(resting, saved_room, self.table.room)
         if recommendations:
             scheduler.transitions(recommendations, stimulus_id=f"rqml-release-{time.time()}")
@@ -330,23 +331,23 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                         node.bound.discard(key)
                         self._update_room(node)
                     if ts is not None and ts.state == "no-worker":
-                        self._hold(record, ts)
+                        self._make_pending(record, ts)
 
     def _place(self, entry: tuple, running: set[str], awaiting: bool) -> str | None:
-        """Bind the held task of heap ``entry`` to a node: its key once bound; ``"wait"`` if
-        it stays held, ``"full"`` if it stays held and no node has room; ``None`` if it is no
-        longer held (done, forgotten, or bound meanwhile)."""
+        """Bind the pending task of heap ``entry`` to a node: its key once bound; ``"wait"`` if
+        it stays pending, ``"full"`` if it stays pending and no node has room; ``None`` if it is no
+        longer pending (done, forgotten, or bound meanwhile)."""
         record = self.tasks.get(entry[-1])
         ts = self.scheduler.tasks.get(entry[-1])
-        if record is None or record.state != "held" or ts is None or ts.state != "no-worker":
-            if record is not None and record.state == "held" and ts is not None and ts.state in ("waiting", "released"):
+        if record is None or record.state != "pending" or ts is None or ts.state != "no-worker":
+            if record is not None and record.state == "pending" and ts is not None and ts.state in ("waiting", "released"):
                 return "wait"  # not runnable yet
             return None
-        holder = self.ledger.holders.get(record.traits.rqml_key)
-        if holder in running and holder in self.nodes:
-            address = holder  # the node already refines it (or has its result): join it there
+        job_node = self.ledger.jobs.get(record.traits.rqml_key)
+        if job_node in running and job_node in self.nodes:
+            address = job_node  # the node already refines it (or has its result): join it there
         elif awaiting:
-            return "wait"  # a node that may hold it has not reported yet
+            return "wait"  # a node that may have its job has not reported yet
         else:
             # a task that depends on results (a vote) goes to a node not holding them
             result_holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
@@ -503,7 +504,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     if finished or report.iteration > other:
                         events.publish(self.scheduler, events.ALERTS, "duplicate-run", task_id=task_id,
                                        kept=node, discarded=record.worker, iterations={node: report.iteration, record.worker: other})
-                        await self._reroute(record, f"{node} holds it further along")
+                        await self._reroute(record, f"{node} has it further along")
                     else:
                         verdict = "drop"
                         events.publish(self.scheduler, events.ALERTS, "duplicate-run", task_id=task_id, kept=record.worker,
@@ -511,7 +512,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 if verdict == "accept":
                     self.ledger.accept(key, node)
                 if verdict in ("accept", "keep"):
-                    self.ledger.holders[key] = node  # an accepted result is returned from its node's store
+                    self.ledger.jobs[key] = node  # an accepted result is returned from its node's store
             verdicts[key] = verdict
         counts = {v: list(verdicts.values()).count(v) for v in set(verdicts.values())}
         events.publish(self.scheduler, events.ALERTS, "reconciled", node=node, verdicts=counts)
