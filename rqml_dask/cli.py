@@ -160,5 +160,61 @@ def synth(store: Path, kind: str, shape, psf: str, psf_sigma, photons: float, se
     click.echo(f"wrote truth, observed and psf {shape} to {path}")
 
 
+@main.group()
+def ca() -> None:
+    """The cluster's Central Authority: ML-DSA-65 node, scheduler and client certificates."""
+
+
+_passphrase = click.option("--passphrase", envvar="RQML_CA_PASSPHRASE", default=None,
+                           help="The CA key's passphrase (or $RQML_CA_PASSPHRASE); none: the key is stored unencrypted, mode 0600.")
+
+
+@ca.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default="rqml-ca", show_default=True, help="The root certificate's common name.")
+@_passphrase
+def ca_init(directory: Path, name: str, passphrase: str | None) -> None:
+    """Create a CA in DIRECTORY: ca.pem, ca-key.pem (0600) and an empty crl.pem."""
+    from rqml_dask.trust import ca as authority
+
+    try:
+        click.echo(f"wrote {authority.init(directory, name, passphrase)}")
+    except authority.CAError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@ca.command("issue")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+@click.option("--role", type=click.Choice(["node", "scheduler", "client"]), required=True)
+@click.option("--host", "hosts", multiple=True, help="An IP address or DNS name the holder runs at (repeatable; default 127.0.0.1 and localhost).")
+@click.option("--hours", type=float, default=24.0 * 365, show_default=True, help="How long the certificate is valid.")
+@_passphrase
+def ca_issue(directory: Path, name: str, role: str, hosts: tuple[str, ...], hours: float, passphrase: str | None) -> None:
+    """Issue NAME an ML-DSA-65 key and a certificate of ROLE: DIRECTORY/issued/NAME.pem and NAME-key.pem."""
+    from rqml_dask.trust import ca as authority
+
+    try:
+        credential = authority.issue(directory, name, role, hosts or ("127.0.0.1", "localhost"), hours, passphrase)  # type: ignore[arg-type]
+    except authority.CAError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {credential.cert} and {credential.key}")
+
+
+@ca.command("revoke")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+@_passphrase
+def ca_revoke(directory: Path, name: str, passphrase: str | None) -> None:
+    """Revoke NAME's certificate: crl.pem is signed again, and pqtls:// peers refuse it from their next connection."""
+    from rqml_dask.trust import ca as authority
+
+    try:
+        serial = authority.revoke(directory, name, passphrase)
+    except authority.CAError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"revoked {name} (serial {serial:x}) in {directory / 'crl.pem'}")
+
+
 if __name__ == "__main__":
     main()

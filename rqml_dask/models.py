@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 from rqml_dask.arrays import Array, ArrayBackend
 
+__all__ = ["Array", "ArrayBackend", "RefinementModel", "load_model", "registered_models"]
+
 ENTRY_POINT_GROUP = "rqml_dask.models"
 
 

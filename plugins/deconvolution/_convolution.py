@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 
-from rqml_dask.arrays import Array, ArrayBackend
+from rqml_dask.models import Array, ArrayBackend
 
 
 class Convolver:

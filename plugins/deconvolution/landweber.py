@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from rqml_dask.arrays import Array, ArrayBackend
-from rqml_dask.models import RefinementModel
+from rqml_dask.models import Array, ArrayBackend, RefinementModel
 from rqml_plugins.deconvolution._convolution import Convolver
 
 

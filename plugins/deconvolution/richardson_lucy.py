@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from types import EllipsisType, ModuleType
 
-from rqml_dask.arrays import Array, ArrayBackend
-from rqml_dask.models import RefinementModel
+from rqml_dask.models import Array, ArrayBackend, RefinementModel
 from rqml_plugins.deconvolution._convolution import Convolver
 
 EPSILON = 1e-12

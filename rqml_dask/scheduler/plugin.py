@@ -126,6 +126,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["rqml_policy"] = self.handle_policy
         scheduler.handlers["rqml_decide"] = self.handle_decision
         scheduler.handlers["rqml_reconcile"] = self.reconcile
+        scheduler.handlers["register-worker"] = self._node_certificates_only(scheduler.handlers["register-worker"])
         for address in scheduler.workers:
             self.add_worker(scheduler, address)
         callback = PeriodicCallback(self._tick, self.release_interval * 1000)
@@ -135,6 +136,23 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     async def close(self) -> None:
         if self.scheduler is not None and (callback := self.scheduler.periodic_callbacks.pop(TICK, None)) is not None:
             callback.stop()
+
+    @staticmethod
+    def _node_certificates_only(register_worker: Any) -> Any:
+        """Wrap Dask's ``register-worker`` handler: over a transport that authenticates its
+        peers (``pqtls://``: the comm carries the peer certificate's role), only a ``node``
+        certificate registers a worker; anything else gets Dask's registration error."""
+
+        async def register(comm: Any = None, **message: Any) -> Any:
+            role = getattr(comm, "peer_role", "node")
+            if role != "node":
+                logger.warning("refused to register a worker presenting %s's certificate of role %s", comm.peer_name, role)
+                await comm.write({"status": "error", "time": time.time(),
+                                  "message": f"the certificate of {comm.peer_name} has role {role}: only a node certificate registers a worker"})
+                return None
+            return await register_worker(comm=comm, **message)
+
+        return register
 
     def restart(self, scheduler: Scheduler) -> None:
         """``Client.restart``: every task is gone, so is what the plugin knew of them; the

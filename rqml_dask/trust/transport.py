@@ -1,0 +1,379 @@
+"""``pqtls://``: a Dask comm over TLS 1.3 with ML-DSA-65 certificates and X25519MLKEM768.
+
+Python's ``ssl`` (and so Dask's ``tls://``) is linked to an OpenSSL that has neither ML-DSA
+nor ML-KEM here; ``cryptography``'s wheels bundle one that has both, and pyOpenSSL runs on
+it (``../shared/notes/pqc.md``). This backend drives a pyOpenSSL connection over memory BIOs
+on asyncio streams: the TLS is OpenSSL's, the framing is Dask's (``to_frames`` /
+``from_frames``), nothing is a protocol of our own. Dask finds it through the entry-point
+group ``distributed.comm.backends`` (name ``pqtls``), so ``dask scheduler --protocol pqtls``,
+``dask worker pqtls://...`` and ``Client("pqtls://...")`` use it with no patching.
+
+Both ends present a certificate of the cluster's CA (:mod:`rqml_dask.trust.ca`) and verify
+the other's: a peer without one, with an expired one, or with a revoked one (the CRL file is
+read again whenever it changes) never completes the handshake. The credentials are the
+project's own Dask config keys ``rqml.trust.{ca,cert,key,crl}``. Each comm knows its
+peer's certificate name and role (``peer_name``, ``peer_role``) and the negotiated group;
+what a role may do is the scheduler plugin's to enforce (a client certificate cannot
+register a worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.config
+from cryptography import x509
+from distributed.comm.core import BaseListener, Comm, CommClosedError, Connector, FatalCommClosedError
+from distributed.comm.registry import Backend
+from distributed.comm.utils import ensure_concrete_host, from_frames, to_frames
+from distributed.protocol.utils import pack_frames, unpack_frames
+from distributed.utils import ensure_ip, get_ip
+from distributed.comm.addressing import parse_host_port, unparse_host_port
+from OpenSSL import SSL, crypto
+
+from rqml_dask.trust.ca import load_crl, name_of, role_of
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "pqtls"
+PREFIX = f"{SCHEME}://"
+_CHUNK = 1 << 20
+_LENGTH = struct.Struct("!Q")
+
+
+class TrustConfigError(ValueError):
+    """The ``rqml.trust`` credentials are missing or unusable."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Paths of this process's credentials (``rqml.trust`` in Dask's config)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path | None
+
+    @classmethod
+    def from_config(cls) -> Credentials:
+        settings = dask.config.get("rqml.trust", default={}) or {}
+        missing = [k for k in ("ca", "cert", "key") if not settings.get(k)]
+        if missing:
+            raise TrustConfigError(
+                f"pqtls:// needs Dask config rqml.trust.{', rqml.trust.'.join(missing)} (the CA certificate, this "
+                "process's certificate and key: `rqml ca issue`)"
+            )
+        paths = {k: Path(os.path.expanduser(str(settings[k]))) for k in ("ca", "cert", "key")}
+        crl = settings.get("crl") or (paths["ca"].parent / "crl.pem")
+        crl = Path(os.path.expanduser(str(crl)))
+        for key, path in paths.items():
+            if not path.is_file():
+                raise TrustConfigError(f"Dask config rqml.trust.{key}: {path} is not a file")
+        return cls(paths["ca"], paths["cert"], paths["key"], crl if crl.is_file() else None)
+
+
+_contexts: dict[Credentials, tuple[int | None, SSL.Context]] = {}
+
+
+def context(credentials: Credentials) -> SSL.Context:
+    """A TLS 1.3-only context presenting ``credentials`` and requiring a peer certificate
+    from their CA, not revoked (built again when the revocation list changes)."""
+    crl_stamp = credentials.crl.stat().st_mtime_ns if credentials.crl is not None else None
+    cached = _contexts.get(credentials)
+    if cached is not None and cached[0] == crl_stamp:
+        return cached[1]
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    try:
+        ctx.use_certificate_chain_file(str(credentials.cert))
+        ctx.use_privatekey_file(str(credentials.key))
+        ctx.check_privatekey()
+        ctx.load_verify_locations(str(credentials.ca))
+    except SSL.Error as exc:
+        raise TrustConfigError(f"rqml.trust credentials {credentials.cert}, {credentials.key}: {exc}") from None
+    if credentials.crl is not None:
+        store = ctx.get_cert_store()
+        store.add_crl(load_crl(credentials.crl))
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda conn, cert, errno, depth, ok: bool(ok))
+    _contexts[credentials] = (crl_stamp, ctx)
+    return ctx
+
+
+def _reason(exc: SSL.Error) -> str:
+    """OpenSSL's reasons, e.g. ``tlsv1 alert unknown ca`` or ``certificate has expired``."""
+    reasons = [str(part[-1]) for part in (exc.args[0] if exc.args and isinstance(exc.args[0], list) else []) if part]
+    return "; ".join(reasons) or str(exc)
+
+
+class _Channel:
+    """One TLS connection on an asyncio stream pair, driven through memory BIOs."""
+
+    def __init__(self, connection: SSL.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.tls, self.reader, self.writer = connection, reader, writer
+        self._read_lock, self._write_lock = asyncio.Lock(), asyncio.Lock()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except SSL.WantReadError:
+                await self._flush()
+                await self._feed()
+        await self._flush()
+
+    def _pending_out(self) -> None:
+        while True:
+            try:
+                data = self.tls.bio_read(_CHUNK)
+            except SSL.WantReadError:
+                return
+            if not data:
+                return
+            self.writer.write(data)
+
+    async def _flush(self) -> None:
+        self._pending_out()
+        await self.writer.drain()
+
+    async def _feed(self) -> None:
+        data = await self.reader.read(_CHUNK)
+        if not data:
+            raise CommClosedError("the peer closed the connection")
+        self.tls.bio_write(data)
+
+    async def send(self, parts: list[bytes | memoryview]) -> None:
+        async with self._write_lock:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                for i in range(0, len(view), _CHUNK):
+                    self.tls.sendall(view[i : i + _CHUNK])
+                    self._pending_out()
+            await self.writer.drain()
+
+    async def receive(self, n: int) -> bytearray:
+        buffer = bytearray()
+        while len(buffer) < n:
+            try:
+                buffer += self.tls.recv(min(n - len(buffer), _CHUNK))
+            except SSL.WantReadError:
+                self._pending_out()  # e.g. a key update
+                await self._feed()
+            except SSL.ZeroReturnError:
+                raise CommClosedError("the peer closed the TLS session") from None
+        return buffer
+
+    async def read_message(self) -> bytearray:
+        async with self._read_lock:
+            (length,) = _LENGTH.unpack(await self.receive(_LENGTH.size))
+            return await self.receive(length)
+
+    def close(self) -> None:
+        try:
+            self.tls.shutdown()
+            self._pending_out()
+        except SSL.Error:
+            pass
+        self.writer.close()
+
+
+class PQTLS(Comm):
+    """A Dask comm over :class:`_Channel`; ``peer_name``/``peer_role`` come from the peer's
+    verified certificate, ``group`` is the negotiated key exchange."""
+
+    def __init__(self, channel: _Channel, local_address: str, peer_address: str, deserialize: bool = True) -> None:
+        super().__init__(deserialize=deserialize)
+        self._channel: _Channel | None = channel
+        self._local_addr, self._peer_addr = local_address, peer_address
+        peer = channel.tls.get_peer_certificate()
+        certificate = peer.to_cryptography() if peer is not None else None
+        self.peer_certificate: x509.Certificate | None = certificate
+        self.peer_name = name_of(certificate) if certificate is not None else None
+        self.peer_role = role_of(certificate) if certificate is not None else None
+        self.group = channel.tls.get_group_name() if hasattr(channel.tls, "get_group_name") else None
+        self.cipher = channel.tls.get_cipher_name()
+
+    @property
+    def local_address(self) -> str:
+        return self._local_addr
+
+    @property
+    def peer_address(self) -> str:
+        return self._peer_addr
+
+    def extra_info(self) -> dict[str, Any]:
+        return {"peer_name": self.peer_name, "peer_role": self.peer_role, "group": self.group, "cipher": self.cipher}
+
+    async def read(self, deserializers=None) -> Any:
+        channel = self._channel
+        if channel is None:
+            raise CommClosedError()
+        try:
+            payload = await channel.read_message()
+        except SSL.Error as exc:  # with TLS 1.3 a peer refusing our certificate says so here
+            self.abort()
+            raise FatalCommClosedError(f"pqtls session with {self._peer_addr} ended by TLS: {_reason(exc)}") from None
+        except (CommClosedError, OSError) as exc:
+            self.abort()
+            raise CommClosedError(f"{self}: {exc}") from None
+        except BaseException:
+            self.abort()
+            raise
+        frames = unpack_frames(memoryview(payload))
+        return await from_frames(frames, deserialize=self.deserialize, deserializers=deserializers, allow_offload=self.allow_offload)
+
+    async def write(self, msg, serializers=None, on_error="message") -> int:
+        channel = self._channel
+        if channel is None:
+            raise CommClosedError()
+        frames = await to_frames(msg, allow_offload=self.allow_offload, serializers=serializers, on_error=on_error,
+                                 context={"sender": self.local_info, "recipient": self.remote_info, **self.handshake_options})
+        payload = pack_frames(frames)
+        try:
+            await channel.send([_LENGTH.pack(len(payload)), payload])
+        except (OSError, SSL.Error) as exc:
+            self.abort()
+            raise CommClosedError(f"{self}: {exc}") from None
+        except BaseException:
+            self.abort()
+            raise
+        return len(payload)
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+            try:
+                await channel.writer.wait_closed()
+            except OSError:
+                pass
+
+    def abort(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.writer.transport.abort()
+
+    def closed(self) -> bool:
+        return self._channel is None
+
+
+def _address(sock_address: tuple) -> str:
+    return PREFIX + unparse_host_port(*sock_address[:2])
+
+
+class PQTLSConnector(Connector):
+    async def connect(self, address: str, deserialize: bool = True, **connection_args: Any) -> PQTLS:
+        host, port = parse_host_port(address)
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            raise CommClosedError(f"pqtls connect to {address}: {exc}") from None
+        connection = SSL.Connection(context(Credentials.from_config()), None)
+        connection.set_connect_state()
+        channel = _Channel(connection, reader, writer)
+        try:
+            await channel.handshake()
+        except SSL.Error as exc:
+            writer.close()
+            raise FatalCommClosedError(f"pqtls handshake with {address} failed: {_reason(exc)}") from None
+        except CommClosedError as exc:
+            writer.close()
+            raise FatalCommClosedError(f"pqtls handshake with {address} failed (the peer refused our certificate?): {exc}") from None
+        local = _address(writer.get_extra_info("sockname"))
+        return PQTLS(channel, local, PREFIX + unparse_host_port(host, port), deserialize)
+
+
+class PQTLSListener(BaseListener):
+    prefix = PREFIX
+
+    def __init__(self, address: str, comm_handler, deserialize: bool = True, allow_offload: bool = True,
+                 default_host: str | None = None, default_port: int = 0, **connection_args: Any) -> None:
+        super().__init__()
+        self.ip, self.port = parse_host_port(address, default_port)
+        self.default_host = default_host
+        self.comm_handler = comm_handler
+        self.deserialize = deserialize
+        self.allow_offload = allow_offload
+        self.server: asyncio.base_events.Server | None = None
+        self.credentials = Credentials.from_config()  # this listener's, for its life; refused without them
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, self.ip or None, self.port, family=socket.AF_INET, reuse_address=True)
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _address(writer.get_extra_info("peername"))
+        connection = SSL.Connection(context(self.credentials), None)
+        connection.set_accept_state()
+        channel = _Channel(connection, reader, writer)
+        try:
+            await asyncio.wait_for(channel.handshake(), timeout=30)
+        except (SSL.Error, CommClosedError, OSError, asyncio.TimeoutError) as exc:
+            logger.warning("pqtls listener %s: handshake with %s refused: %s", self.listen_address, peer, exc)
+            with contextlib.suppress(SSL.Error, OSError):
+                channel._pending_out()  # the alert that tells the peer why
+            writer.close()
+            return
+        if self.server is None:
+            channel.close()
+            return
+        comm = PQTLS(channel, _address(writer.get_extra_info("sockname")), peer, self.deserialize)
+        comm.allow_offload = self.allow_offload
+        try:
+            await self.on_connection(comm)
+        except CommClosedError:
+            logger.info("pqtls connection from %s closed before the Dask handshake", peer)
+            return
+        await self.comm_handler(comm)
+
+    def get_host_port(self) -> tuple[str, int]:
+        if self.server is None:
+            raise ValueError("invalid operation on a pqtls listener that is not started")
+        return self.server.sockets[0].getsockname()[:2]
+
+    @property
+    def listen_address(self) -> str:
+        return self.prefix + unparse_host_port(*self.get_host_port())
+
+    @property
+    def contact_address(self) -> str:
+        host, port = self.get_host_port()
+        host = ensure_concrete_host(host, default_host=self.default_host)
+        return self.prefix + unparse_host_port(host, port)
+
+
+class PQTLSBackend(Backend):
+    """The ``pqtls`` scheme for Dask (entry point ``distributed.comm.backends``)."""
+
+    def get_connector(self) -> PQTLSConnector:
+        return PQTLSConnector()
+
+    def get_listener(self, loc, handle_comm, deserialize, **connection_args) -> PQTLSListener:
+        return PQTLSListener(loc, handle_comm, deserialize, **connection_args)
+
+    def get_address_host(self, loc: str) -> str:
+        return parse_host_port(loc)[0]
+
+    def get_address_host_port(self, loc: str) -> tuple[str, int]:
+        return parse_host_port(loc)
+
+    def resolve_address(self, loc: str) -> str:
+        host, port = parse_host_port(loc)
+        return unparse_host_port(ensure_ip(host), port)
+
+    def get_local_address_for(self, loc: str) -> str:
+        host, _ = parse_host_port(loc)
+        return unparse_host_port(get_ip(ensure_ip(host)), None)

@@ -1,0 +1,148 @@
+"""Trust between nodes: the Central Authority, and the pqtls:// transport between real
+Dask processes (ML-DSA-65 certificates, X25519MLKEM768, mutual TLS 1.3)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import dask
+import pytest
+from cryptography import x509
+from distributed import Client
+
+from rqml_dask.trust import ca
+from etcd_server import free_port
+from timing import bound
+
+pytestmark = pytest.mark.slow
+
+REFUSED = "alert|certificate|handshake"  # what OpenSSL says when the other side refuses a certificate
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("ca")
+    ca.init(directory)
+    for name, role in (("scheduler", "scheduler"), ("node-a", "node"), ("alice", "client"), ("mallory", "client")):
+        ca.issue(directory, name, role)
+    return directory
+
+
+def trust_env(directory: Path, name: str) -> dict[str, str]:
+    return {
+        "DASK_RQML__TRUST__CA": str(directory / "ca.pem"),
+        "DASK_RQML__TRUST__CERT": str(directory / "issued" / f"{name}.pem"),
+        "DASK_RQML__TRUST__KEY": str(directory / "issued" / f"{name}-key.pem"),
+    }
+
+
+def trust_config(directory: Path, name: str) -> dict:
+    return {"rqml.trust": {"ca": str(directory / "ca.pem"), "cert": str(directory / "issued" / f"{name}.pem"),
+                           "key": str(directory / "issued" / f"{name}-key.pem")}}
+
+
+def test_the_ca_issues_ml_dsa_credentials_with_private_keys_only_its_owner_reads(tmp_path):
+    ca.init(tmp_path, passphrase="s3cret")
+    assert stat.S_IMODE((tmp_path / "ca-key.pem").stat().st_mode) == 0o600
+    with pytest.raises(ca.CAError, match="already holds a CA"):
+        ca.init(tmp_path)
+    with pytest.raises(ca.CAError, match="passphrase"):
+        ca.issue(tmp_path, "node-a", "node")  # the CA key is encrypted
+    credential = ca.issue(tmp_path, "node-a", "node", hosts=("10.0.0.7", "gpu-a.example"), passphrase="s3cret")
+    assert stat.S_IMODE(credential.key.stat().st_mode) == 0o600
+    leaf, root = x509.load_pem_x509_certificates(credential.cert.read_bytes())
+    root.public_key().verify(leaf.signature, leaf.tbs_certificate_bytes)  # ML-DSA-65: no hash argument
+    assert leaf.signature_algorithm_oid.dotted_string == "2.16.840.1.101.3.4.3.18"  # id-ml-dsa-65
+    assert ca.role_of(leaf) == "node" and ca.name_of(leaf) == "node-a"
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+    assert sans.get_values_for_type(x509.DNSName) == ["gpu-a.example"]
+    with pytest.raises(ca.CAError, match="role 'admin'"):
+        ca.issue(tmp_path, "eve", "admin", passphrase="s3cret")
+    serial = ca.revoke(tmp_path, "node-a", passphrase="s3cret")
+    crl = ca.load_crl(tmp_path / "crl.pem")
+    assert [entry.serial_number for entry in crl] == [serial] and crl.is_signature_valid(root.public_key())
+
+
+@pytest.fixture(scope="module")
+def pq_scheduler(authority):
+    port = free_port()
+    env = {**os.environ, **trust_env(authority, "scheduler")}
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "pqtls", "--host", "127.0.0.1",
+         "--port", str(port), "--dashboard-address", ":0", "--preload", "rqml_dask.scheduler"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", f"pqtls://127.0.0.1:{port}", "--nthreads", "1",
+         "--name", "node-a", "--dashboard-address", ":0", "--preload", "rqml_dask.node"],
+        env={**os.environ, **trust_env(authority, "node-a")}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield f"pqtls://127.0.0.1:{port}", scheduler
+    finally:
+        for process in (worker, scheduler):
+            process.terminate()
+        for process in (worker, scheduler):
+            try:
+                process.wait(timeout=bound(30))
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_a_client_with_a_certificate_of_the_ca_runs_work_on_a_node_over_post_quantum_tls(authority, pq_scheduler):
+    address, _ = pq_scheduler
+    with dask.config.set(trust_config(authority, "alice")), Client(address, timeout=bound(60)) as client:
+        client.wait_for_workers(1, timeout=bound(60))
+        assert client.submit(lambda x: x + 1, 41).result(timeout=bound(60)) == 42
+        comm = client.scheduler_comm.comm
+        assert comm.group == "X25519MLKEM768" and comm.peer_name == "scheduler" and comm.peer_role == "scheduler"
+        assert comm.cipher.startswith("TLS_AES")
+
+
+def test_a_peer_without_a_certificate_of_the_ca_never_connects(tmp_path, authority, pq_scheduler):
+    address, _ = pq_scheduler
+    other = tmp_path / "other-ca"
+    ca.init(other)
+    ca.issue(other, "alice", "client")  # the right name, from the wrong authority
+    with dask.config.set(trust_config(other, "alice")), pytest.raises(OSError, match=REFUSED):
+        Client(address, timeout=bound(20))
+
+
+def test_an_expired_certificate_is_refused(tmp_path, authority, pq_scheduler):
+    address, _ = pq_scheduler
+    ca.issue(authority, "late", "client", hours=-0.05)
+    with dask.config.set(trust_config(authority, "late")), pytest.raises(OSError, match=REFUSED):
+        Client(address, timeout=bound(20))
+
+
+def test_a_revoked_certificate_is_refused_without_restarting_the_scheduler(authority, pq_scheduler):
+    address, _ = pq_scheduler
+    with dask.config.set(trust_config(authority, "mallory")):
+        with Client(address, timeout=bound(60)) as client:
+            assert client.submit(lambda: 1).result(timeout=bound(60)) == 1
+        ca.revoke(authority, "mallory")
+        with pytest.raises(OSError, match=REFUSED):
+            Client(address, timeout=bound(20))
+
+
+def test_a_client_certificate_cannot_register_a_worker(authority, pq_scheduler):
+    address, _ = pq_scheduler
+    worker = subprocess.run(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
+         "--dashboard-address", ":0", "--death-timeout", "20"],
+        env={**os.environ, **trust_env(authority, "alice")}, capture_output=True, text=True, timeout=bound(60),
+    )
+    assert worker.returncode != 0
+    assert "role client" in worker.stderr, worker.stderr[-3000:]
+
+
+def test_pqtls_without_credentials_says_which_keys_are_missing():
+    from rqml_dask.trust.transport import Credentials, TrustConfigError
+
+    with dask.config.set({"rqml.trust": {"ca": None, "cert": None, "key": None}}), pytest.raises(TrustConfigError, match="rqml.trust.ca"):
+        Credentials.from_config()
