@@ -86,6 +86,10 @@ def status(scheduler: str, as_json: bool) -> None:
             f"{address:<28}{n['room']:>5.0f}{n['speed']:>7.2f}{n['reliability']:>8.2f}{n['bound']:>6}{n['completed']:>6}"
             f"{n['failed']:>5}  {q['inbound']}/{q['refining']}/{q['outbound']:<9} {lost:<16} {', '.join(n['warm_models'])}{flag}"
         )
+        if peer := n.get("identity"):
+            click.echo(f"  certificate {peer['name']} ({peer['role']}), key exchange {peer['group']}")
+    for name, reason in sorted(state.get("quarantined", {}).items()):
+        click.echo(f"quarantined  {name}: {reason}")
     counts: dict[str, int] = {}
     for t in state["tasks"].values():
         counts[t["state"]] = counts.get(t["state"], 0) + 1

@@ -16,7 +16,7 @@ from distributed import Client
 
 from rqml_dask.trust import ca
 from etcd_server import free_port
-from timing import bound
+from timing import bound, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +146,89 @@ def test_pqtls_without_credentials_says_which_keys_are_missing():
 
     with dask.config.set({"rqml.trust": {"ca": None, "cert": None, "key": None}}), pytest.raises(TrustConfigError, match="rqml.trust.ca"):
         Credentials.from_config()
+
+
+def test_a_secure_run_gives_the_same_output_as_over_tcp_and_shows_who_is_connected(tmp_path, authority, pq_scheduler, small_volume, client):
+    import numpy as np
+    import zarr
+
+    from rqml_dask import Pipeline
+    from rqml_dask.pipeline import load_pipeline_config
+
+    from conftest import pipeline_dict, write_yaml
+
+    address, _ = pq_scheduler
+    outputs = {}
+    for transport in ("tcp", "pqtls"):
+        pipeline = Pipeline(load_pipeline_config(write_yaml(tmp_path / f"{transport}.yaml",
+                                                            pipeline_dict(small_volume, tmp_path / f"{transport}.zarr"))))
+        if transport == "tcp":
+            report = pipeline.run(client, progress=False)  # the suite's embedded tcp:// cluster
+        else:
+            with dask.config.set(trust_config(authority, "alice")), Client(address, timeout=bound(60)) as secure:
+                report = pipeline.run(secure, progress=False)
+                state = secure.sync(secure.scheduler.rqml_status)
+                [node] = [n for n in state["nodes"].values() if n["identity"]["name"] == "node-a"]
+                health = secure.run(lambda dask_worker: dask_worker.plugins["rqml-node"].health())
+        assert all(o.accepted for o in report.outcomes)
+        outputs[transport] = zarr.open_group(tmp_path / f"{transport}.zarr", mode="r")["deconvolved"][...]
+    np.testing.assert_array_equal(outputs["pqtls"], outputs["tcp"])
+    assert node["identity"] == {"name": "node-a", "role": "node", "group": "X25519MLKEM768"}
+    [link] = health.values()
+    assert link["scheduler_identity"] == {"name": "scheduler", "role": "scheduler", "group": "X25519MLKEM768"}
+
+
+def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq_scheduler):
+    from rqml_dask import events
+
+    address, _ = pq_scheduler
+    ca.issue(authority, "node-b", "node")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-b",
+         "--dashboard-address", ":0", "--no-nanny"],
+        env={**os.environ, **trust_env(authority, "node-b")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with dask.config.set(trust_config(authority, "alice")), Client(address, timeout=bound(60)) as client:
+            client.wait_for_workers(2, timeout=bound(60))
+            ca.revoke(authority, "node-b")
+            wait_for(lambda: "node-b" in client.sync(client.scheduler.rqml_status)["quarantined"], timeout=30,
+                     what="node-b in quarantine")
+            state = client.sync(client.scheduler.rqml_status)
+            assert state["quarantined"]["node-b"] == "its certificate was revoked"
+            wait_for(lambda: [w["name"] for w in client.scheduler_info()["workers"].values()] == ["node-a"], timeout=30,
+                     what="node-b removed")
+            alerts = [e for _, e in client.get_events(events.ALERTS) if e.get("kind") == "node-quarantined"]
+            assert [(a["node_name"], a["reason"], a["security"]) for a in alerts] == [("node-b", "its certificate was revoked", True)]
+            assert client.submit(lambda: 7).result(timeout=bound(60)) == 7  # node-a goes on
+        assert worker.wait(timeout=bound(60)) is not None  # node-b was closed, and cannot come back
+    finally:
+        worker.kill()
+
+
+def test_a_node_whose_certificate_names_another_node_cannot_register(authority, pq_scheduler):
+    address, _ = pq_scheduler
+    worker = subprocess.run(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny", "--name", "impostor",
+         "--dashboard-address", ":0", "--death-timeout", "20"],
+        env={**os.environ, **trust_env(authority, "node-a")}, capture_output=True, text=True, timeout=bound(60),
+    )
+    assert worker.returncode != 0
+    assert "the certificate names node-a but the worker registers as --name impostor" in worker.stderr, worker.stderr[-3000:]
+
+
+def test_a_plain_tcp_client_cannot_talk_to_a_pqtls_scheduler(pq_scheduler):
+    address, _ = pq_scheduler
+    with pytest.raises((OSError, TimeoutError)):
+        Client(address.replace("pqtls://", "tcp://"), timeout=5)
+
+
+def test_the_rqml_handlers_answer_only_the_roles_they_serve(authority, pq_scheduler):
+    address, _ = pq_scheduler
+    with dask.config.set(trust_config(authority, "node-a")), Client(address, timeout=bound(60)) as as_node:
+        with pytest.raises(PermissionError, match="rqml_policy: the certificate of node-a has role node"):
+            as_node.sync(as_node.scheduler.rqml_policy, policy={"max_inbound": 1})
+    with dask.config.set(trust_config(authority, "alice")), Client(address, timeout=bound(60)) as as_client:
+        with pytest.raises(PermissionError, match="rqml_reconcile: the certificate of alice has role client"):
+            as_client.sync(as_client.scheduler.rqml_reconcile, node="x", tasks=[])
+        assert as_client.sync(as_client.scheduler.rqml_status)["nodes"]  # a client reads the status

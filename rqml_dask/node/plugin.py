@@ -49,6 +49,7 @@ from rqml_dask.refinement import Refinement
 from rqml_dask.stores import LMDBStore, open_store
 from rqml_dask.stores.artifacts import ArtifactStore
 from rqml_dask.task import CheckpointSettings, RQMLTask
+from rqml_dask.trust.transport import peer_identity
 from rqml_dask.volumes import write_core
 
 logger = logging.getLogger(__name__)
@@ -469,6 +470,7 @@ class NodePlugin(WorkerPlugin):
             "reconciled": link.reconciled,
             "accepted_from_outbox": link.accepted_from_outbox,
             "discarded": link.discarded,
+            "scheduler_identity": peer_identity(getattr(self.worker.batched_stream, "comm", None)),
         }
 
     def heartbeat(self, worker: Worker) -> dict[str, Any]:

@@ -57,8 +57,10 @@ from rqml_dask.config import SchedulerSettings, scheduler_settings
 from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.figures import InvalidFigures, check_figures
+from rqml_dask.scheduler.gatekeeper import HANDLER_ROLES, Gatekeeper, only_roles
 from rqml_dask.scheduler.ledger import Ledger
 from rqml_dask.scheduler.reliability import Reliability
+from rqml_dask.trust.transport import peer_identity as identity
 
 logger = logging.getLogger(__name__)
 
@@ -116,17 +118,19 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self._counter = itertools.count()
         self._release_scheduled = False
         self._published_at = 0.0
+        self.gatekeeper = Gatekeeper()
         self.scheduler: Scheduler | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        scheduler.handlers["rqml_status"] = self.status
-        scheduler.handlers["rqml_policy"] = self.handle_policy
-        scheduler.handlers["rqml_decide"] = self.handle_decision
-        scheduler.handlers["rqml_reconcile"] = self.reconcile
-        scheduler.handlers["register-worker"] = self._node_certificates_only(scheduler.handlers["register-worker"])
+        handlers = {"rqml_status": self.status, "rqml_policy": self.handle_policy, "rqml_decide": self.handle_decision,
+                    "rqml_reconcile": self.reconcile}
+        for name, handler in handlers.items():
+            scheduler.handlers[name] = only_roles(handler, HANDLER_ROLES[name], name)
+        scheduler.handlers["register-worker"] = self.gatekeeper.guard_registration(
+            scheduler.handlers["register-worker"], lambda name, reason: self._security_alert("registration-refused", name, reason))
         for address in scheduler.workers:
             self.add_worker(scheduler, address)
         callback = PeriodicCallback(self._tick, self.release_interval * 1000)
@@ -136,23 +140,6 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     async def close(self) -> None:
         if self.scheduler is not None and (callback := self.scheduler.periodic_callbacks.pop(TICK, None)) is not None:
             callback.stop()
-
-    @staticmethod
-    def _node_certificates_only(register_worker: Any) -> Any:
-        """Wrap Dask's ``register-worker`` handler: over a transport that authenticates its
-        peers (``pqtls://``: the comm carries the peer certificate's role), only a ``node``
-        certificate registers a worker; anything else gets Dask's registration error."""
-
-        async def register(comm: Any = None, **message: Any) -> Any:
-            role = getattr(comm, "peer_role", "node")
-            if role != "node":
-                logger.warning("refused to register a worker presenting %s's certificate of role %s", comm.peer_name, role)
-                await comm.write({"status": "error", "time": time.time(),
-                                  "message": f"the certificate of {comm.peer_name} has role {role}: only a node certificate registers a worker"})
-                return None
-            return await register_worker(comm=comm, **message)
-
-        return register
 
     def restart(self, scheduler: Scheduler) -> None:
         """``Client.restart``: every task is gone, so is what the plugin knew of them; the
@@ -280,7 +267,21 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         now = time.monotonic()
         if now - self._published_at >= self.settings.heartbeat_interval:
             self._published_at = now
+            for address, name, reason in self.gatekeeper.invalid_peers(self.scheduler):
+                self._quarantine(address, name, reason)
             self._publish_heartbeat()
+
+    def _quarantine(self, address: str, name: str, reason: str) -> None:
+        """Shut a node out: it is removed (Dask rebinds its tasks elsewhere, and results
+        only it held are computed again) and may not register again under its name."""
+        self.gatekeeper.quarantined[name] = reason
+        self._security_alert("node-quarantined", name, reason, worker=address)
+        self.scheduler.loop.add_callback(self.scheduler.remove_worker, address=address, close=True,
+                                         stimulus_id=f"rqml-quarantine-{time.time()}")
+
+    def _security_alert(self, kind: str, name: str, reason: str, **extra: Any) -> None:
+        logger.warning("%s: %s: %s", kind, name, reason)
+        events.publish(self.scheduler, events.ALERTS, kind, node_name=name, reason=reason, security=True, **extra)
 
     def _publish_heartbeat(self) -> None:
         """Nodes' figures on ``heartbeats``, the cluster's task counts on ``metrics``."""
@@ -458,6 +459,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 "checkpoint_backlog": (f.get("checkpoints") or {}).get("pending", 0),
                 "link": f.get("link", {}),
                 "invalid_figures": node.invalid_figures,
+                "identity": identity(getattr(self.scheduler.stream_comms.get(address), "comm", None)),
             }
         tasks = {
             r.traits.task_id: {
@@ -469,7 +471,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             }
             for r in [*self.finished.values(), *self.tasks.values()]
         }
-        return {"nodes": nodes, "tasks": tasks, "policy": asdict(self.policy)}
+        return {"nodes": nodes, "tasks": tasks, "policy": asdict(self.policy), "quarantined": dict(self.gatekeeper.quarantined)}
 
     @log_errors
     def handle_policy(self, comm: Any = None, policy: dict | None = None) -> dict[str, Any]:
@@ -499,7 +501,11 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         iteration, finished}``). Verdicts, by task key: ``accept`` (write this finished
         result: it is the one), ``duplicate`` (another node's result was accepted: discard
         yours), ``keep`` (go on; the task is bound to you when submitted) or ``drop`` (another
-        node is further along: stop). Published on the alerts topic."""
+        node is further along: stop). Published on the alerts topic. Over ``pqtls://``
+        ``node`` must be the worker the calling certificate registered."""
+        peer, worker = identity(comm), self.scheduler.workers.get(node)
+        if peer is not None and (worker is None or str(worker.name) != peer["name"]):
+            raise PermissionError(f"rqml_reconcile: {peer['name']} may not report for {node}")
         try:
             reports = TASK_REPORTS.validate_python(tasks or [])
         except ValidationError as exc:

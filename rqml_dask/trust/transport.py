@@ -266,6 +266,14 @@ class PQTLS(Comm):
         return self._channel is None
 
 
+def peer_identity(comm: Any) -> dict[str, str | None] | None:
+    """The authenticated peer of ``comm``: its certificate's name and role, and the
+    key-exchange group; ``None`` over a transport without certificates (``tcp://``)."""
+    if getattr(comm, "peer_certificate", None) is None:
+        return None
+    return {"name": comm.peer_name, "role": comm.peer_role, "group": comm.group}
+
+
 def _address(sock_address: tuple) -> str:
     return PREFIX + unparse_host_port(*sock_address[:2])
 
@@ -290,6 +298,20 @@ class PQTLSConnector(Connector):
             raise FatalCommClosedError(f"pqtls handshake with {address} failed (the peer refused our certificate?): {exc}") from None
         local = _address(writer.get_extra_info("sockname"))
         return PQTLS(channel, local, PREFIX + unparse_host_port(host, port), deserialize)
+
+
+async def _refuse(channel: _Channel) -> None:
+    """Close a refused connection so that the peer reads why: send OpenSSL's alert, then
+    read what the peer sent meanwhile until it hangs up (closing with unread data would
+    reset the connection, and the alert with it), for at most a few seconds."""
+    with contextlib.suppress(SSL.Error, OSError):
+        channel._pending_out()
+        await channel.writer.drain()
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        async with asyncio.timeout(5):
+            while await channel.reader.read(_CHUNK):
+                pass
+    channel.writer.close()
 
 
 class PQTLSListener(BaseListener):
@@ -323,9 +345,7 @@ class PQTLSListener(BaseListener):
             await asyncio.wait_for(channel.handshake(), timeout=30)
         except (SSL.Error, CommClosedError, OSError, asyncio.TimeoutError) as exc:
             logger.warning("pqtls listener %s: handshake with %s refused: %s", self.listen_address, peer, exc)
-            with contextlib.suppress(SSL.Error, OSError):
-                channel._pending_out()  # the alert that tells the peer why
-            writer.close()
+            await _refuse(channel)
             return
         if self.server is None:
             channel.close()
