@@ -34,7 +34,7 @@ from cryptography import x509
 from distributed.comm.core import BaseListener, Comm, CommClosedError, Connector, FatalCommClosedError
 from distributed.comm.registry import Backend
 from distributed.comm.utils import ensure_concrete_host, from_frames, to_frames
-from distributed.protocol.utils import pack_frames, unpack_frames
+from distributed.protocol.utils import pack_frames_prelude, unpack_frames
 from distributed.utils import ensure_ip, get_ip
 from distributed.comm.addressing import parse_host_port, unparse_host_port
 from OpenSSL import SSL, crypto
@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 SCHEME = "pqtls"
 PREFIX = f"{SCHEME}://"
 _CHUNK = 1 << 20
+_SMALL = 64 << 10
+_BUFFER = 8 << 20  # what the socket reader may hold: large reads, few wake-ups
 _LENGTH = struct.Struct("!Q")
 
 
@@ -152,19 +154,35 @@ class _Channel:
         self.tls.bio_write(data)
 
     async def send(self, parts: list[bytes | memoryview]) -> None:
+        """Encrypt and send ``parts`` in order: small ones together in one record, large
+        ones a chunk at a time (waiting for the socket between chunks, so a large message
+        is never held encrypted in memory whole)."""
         async with self._write_lock:
+            small = bytearray()
             for part in parts:
                 view = memoryview(part).cast("B")
+                if len(view) < _SMALL:
+                    small += view
+                    continue
+                if small:
+                    self.tls.sendall(small)
+                    small.clear()
                 for i in range(0, len(view), _CHUNK):
                     self.tls.sendall(view[i : i + _CHUNK])
                     self._pending_out()
+                    await self.writer.drain()
+            if small:
+                self.tls.sendall(small)
+            self._pending_out()
             await self.writer.drain()
 
     async def receive(self, n: int) -> bytearray:
-        buffer = bytearray()
-        while len(buffer) < n:
+        """Exactly ``n`` decrypted bytes, decrypted straight into one buffer."""
+        buffer = bytearray(n)
+        view, filled = memoryview(buffer), 0
+        while filled < n:
             try:
-                buffer += self.tls.recv(min(n - len(buffer), _CHUNK))
+                filled += self.tls.recv_into(view[filled:], min(n - filled, _CHUNK))
             except SSL.WantReadError:
                 self._pending_out()  # e.g. a key update
                 await self._feed()
@@ -237,16 +255,17 @@ class PQTLS(Comm):
             raise CommClosedError()
         frames = await to_frames(msg, allow_offload=self.allow_offload, serializers=serializers, on_error=on_error,
                                  context={"sender": self.local_info, "recipient": self.remote_info, **self.handshake_options})
-        payload = pack_frames(frames)
+        prelude = pack_frames_prelude(frames)  # the frames go out as they are: no joined copy
+        size = len(prelude) + sum(memoryview(frame).nbytes for frame in frames)
         try:
-            await channel.send([_LENGTH.pack(len(payload)), payload])
+            await channel.send([_LENGTH.pack(size), prelude, *frames])
         except (OSError, SSL.Error) as exc:
             self.abort()
             raise CommClosedError(f"{self}: {exc}") from None
         except BaseException:
             self.abort()
             raise
-        return len(payload)
+        return size
 
     async def close(self) -> None:
         channel, self._channel = self._channel, None
@@ -282,7 +301,7 @@ class PQTLSConnector(Connector):
     async def connect(self, address: str, deserialize: bool = True, **connection_args: Any) -> PQTLS:
         host, port = parse_host_port(address)
         try:
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, limit=_BUFFER)
         except OSError as exc:
             raise CommClosedError(f"pqtls connect to {address}: {exc}") from None
         connection = SSL.Connection(context(Credentials.from_config()), None)
@@ -329,7 +348,8 @@ class PQTLSListener(BaseListener):
         self.credentials = Credentials.from_config()  # this listener's, for its life; refused without them
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._accept, self.ip or None, self.port, family=socket.AF_INET, reuse_address=True)
+        self.server = await asyncio.start_server(self._accept, self.ip or None, self.port, family=socket.AF_INET,
+                                                 reuse_address=True, limit=_BUFFER)
 
     def stop(self) -> None:
         server, self.server = self.server, None
