@@ -31,11 +31,17 @@ def main() -> None:
 @click.option("--scheduler", metavar="ADDRESS", help="Use this Dask scheduler instead of an embedded cluster.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar while tasks run.")
 @click.option("--overwrite", is_flag=True, help="Replace an output another pipeline configuration wrote.")
-def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: bool) -> None:
+@click.option("--secure", is_flag=True,
+              help="Run the embedded cluster over pqtls:// (post-quantum TLS), with throw-away certificates.")
+def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: bool, secure: bool) -> None:
     """Run every task of PIPELINE_FILE and write its output Zarr."""
     from distributed import Client
 
-    from rqml_dask.cluster import embedded_cluster
+    from rqml_dask.cluster import embedded_cluster, secure_embedded_cluster
+
+    if secure and scheduler:
+        raise click.ClickException("--secure starts an embedded cluster; for a cluster of your own, "
+                                   "give --scheduler pqtls://... and this host's rqml.trust credentials")
 
     try:
         pipeline = Pipeline.from_yaml(pipeline_file)
@@ -45,6 +51,11 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
     with contextlib.ExitStack() as stack:
         if scheduler:
             client = stack.enter_context(Client(scheduler))
+        elif secure:
+            cluster = stack.enter_context(secure_embedded_cluster(pipeline.config.cluster))
+            client = stack.enter_context(Client(cluster))
+            peer = client.scheduler_comm.comm.extra_info()
+            click.echo(f"secure       {client.scheduler.address}: certificate {peer['peer_name']}, key exchange {peer['group']}", err=True)
         else:
             cluster = stack.enter_context(embedded_cluster(pipeline.config.cluster))
             client = stack.enter_context(Client(cluster))

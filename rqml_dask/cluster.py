@@ -13,7 +13,11 @@ BENCHMARKS.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import dask
 from distributed import LocalCluster
@@ -32,9 +36,49 @@ WORKER_ENVIRON = {"MALLOC_TOP_PAD_": str(256 * 2**20)}
 
 
 def embedded_cluster(spec: ClusterSpec) -> Cluster:
-    environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}
-    with dask.config.set(environ):
+    with dask.config.set(_worker_environ()):
         return _start(spec)
+
+
+def _worker_environ() -> dict[str, str]:
+    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}
+
+
+@contextlib.contextmanager
+def secure_embedded_cluster(spec: ClusterSpec) -> Iterator[Cluster]:
+    """The embedded cluster over ``pqtls://`` (``rqml run --secure``): a throw-away Central
+    Authority (deleted at the end) gives the scheduler, every worker (``node-I``, its
+    ``--name``) and this process (a client) their own ML-DSA-65 certificate. While the
+    context is open this process presents the client's; process workers only (no
+    LocalCUDACluster)."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    from rqml_dask.trust import ca
+
+    n_workers = spec.n_workers or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="rqml-secure-") as tmp:
+        directory = Path(tmp)
+        ca.init(directory)
+        names = {"scheduler": "scheduler", "client": "client", **{f"node-{i}": "node" for i in range(n_workers)}}
+        issued = {name: ca.issue(directory, name, role) for name, role in names.items()}  # type: ignore[arg-type]
+
+        def trust(name: str) -> dict[str, str]:
+            return {"ca": str(directory / "ca.pem"), "cert": str(issued[name].cert), "key": str(issued[name].key)}
+
+        worker = {"nthreads": spec.threads_per_worker, "host": "127.0.0.1", "preload": PRELOADS,
+                  "memory_limit": spec.memory_limit, "dashboard_address": "127.0.0.1:0"}
+        with dask.config.set({"rqml.trust": trust("client"), **_worker_environ()}):
+            with dask.config.set({"rqml.trust": trust("scheduler")}):  # what the scheduler's listener presents
+                cluster = SpecCluster(
+                    scheduler={"cls": Scheduler, "options": {"protocol": "pqtls", "host": "127.0.0.1",
+                                                             "dashboard_address": spec.dashboard_address,
+                                                             "preload": SCHEDULER_PRELOADS}},
+                    # a Nanny's config replaces whole top-level sections (toolz.merge): pass all of rqml
+                    workers={name: {"cls": Nanny, "options": {**worker, "config": {"rqml": {**dask.config.get("rqml"), "trust": trust(name)}}}}
+                             for name in names if name.startswith("node-")},
+                )
+            with cluster:
+                yield cluster
 
 
 def _start(spec: ClusterSpec) -> Cluster:

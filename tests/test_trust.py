@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,25 @@ def test_the_rqml_handlers_answer_only_the_roles_they_serve(authority, pq_schedu
         with pytest.raises(PermissionError, match="rqml_reconcile: the certificate of alice has role client"):
             as_client.sync(as_client.scheduler.rqml_reconcile, node="x", tasks=[])
         assert as_client.sync(as_client.scheduler.rqml_status)["nodes"]  # a client reads the status
+
+
+def test_rqml_run_secure_runs_the_embedded_cluster_over_pqtls_with_the_same_result(tmp_path, small_volume):
+    import numpy as np
+    import zarr
+
+    from conftest import pipeline_dict, write_yaml
+
+    outputs = {}
+    for mode in ("plain", "secure"):
+        config = pipeline_dict(small_volume, tmp_path / f"{mode}.zarr", cluster={"n_workers": 2, "dashboard_address": "127.0.0.1:0"})
+        config["checkpoint"] = {"artifacts": str(tmp_path / f"{mode}-checkpoints")}  # nothing reused between the two
+        done = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "run", str(write_yaml(tmp_path / f"{mode}.yaml", config)),
+                               "--no-progress", *(["--secure"] if mode == "secure" else [])],
+                              capture_output=True, text=True, timeout=bound(300), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        group = zarr.open_group(tmp_path / f"{mode}.zarr", mode="r")
+        assert group.attrs["rqml"]["status"] == "complete"
+        outputs[mode] = group["deconvolved"][...]
+    assert "certificate scheduler, key exchange X25519MLKEM768" in done.stderr
+    np.testing.assert_array_equal(outputs["secure"], outputs["plain"])
+    assert not list(Path(tempfile.gettempdir()).glob("rqml-secure-*"))  # the throw-away CA is gone
