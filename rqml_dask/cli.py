@@ -175,6 +175,29 @@ def synth(store: Path, kind: str, shape, psf: str, psf_sigma, photons: float, se
     click.echo(f"wrote truth, observed and psf {shape} to {path}")
 
 
+@main.command()
+@click.argument("action", type=click.Choice(["list", "release"]))
+@click.argument("name", required=False)
+@click.option("--scheduler", metavar="ADDRESS", required=True, help="The Dask scheduler running the RQML plugin.")
+def quarantine(action: str, name: str | None, scheduler: str) -> None:
+    """List the nodes in quarantine, with why, or release NAME (it may register again)."""
+    from distributed import Client
+
+    if action == "release" and not name:
+        raise click.ClickException("rqml quarantine release needs the NAME of a node")
+    with Client(scheduler) as client:
+        try:
+            left = client.sync(client.scheduler.rqml_quarantine, release=name if action == "release" else None)
+        except KeyError as exc:
+            raise click.ClickException(str(exc.args[0])) from None
+    if action == "release":
+        click.echo(f"released {name}")
+    for node, reason in sorted(left.items()):
+        click.echo(f"{node}: {reason}")
+    if not left and action == "list":
+        click.echo("no node in quarantine")
+
+
 @main.group()
 def ca() -> None:
     """The cluster's Central Authority: ML-DSA-65 node, scheduler and client certificates."""

@@ -203,6 +203,16 @@ def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq
             assert [(a["node_name"], a["reason"], a["security"]) for a in alerts] == [("node-b", "its certificate was revoked", True)]
             assert client.submit(lambda: 7).result(timeout=bound(60)) == 7  # node-a goes on
         assert worker.wait(timeout=bound(60)) is not None  # node-b was closed, and cannot come back
+        env = {**os.environ, **trust_env(authority, "alice")}
+        listed = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "quarantine", "list", "--scheduler", address],
+                                env=env, capture_output=True, text=True, timeout=bound(60))
+        assert "node-b: its certificate was revoked" in listed.stdout, listed.stderr[-2000:]
+        released = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "quarantine", "release", "node-b", "--scheduler", address],
+                                  env=env, capture_output=True, text=True, timeout=bound(60))
+        assert released.returncode == 0 and "released node-b" in released.stdout, released.stderr[-2000:]
+        again = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "quarantine", "release", "node-b", "--scheduler", address],
+                               env=env, capture_output=True, text=True, timeout=bound(60))
+        assert again.returncode != 0 and "not in quarantine" in again.stderr
     finally:
         worker.kill()
 

@@ -32,6 +32,7 @@ HANDLER_ROLES: dict[str, frozenset[str]] = {
     "rqml_policy": frozenset({"client", "scheduler"}),
     "rqml_decide": frozenset({"client", "scheduler"}),
     "rqml_status": frozenset({"client", "scheduler", "node"}),
+    "rqml_quarantine": frozenset({"client", "scheduler"}),
 }
 """Which certificate roles may call each RQML scheduler handler (nodes report and reconcile,
 clients read the status, set the policy and decide)."""

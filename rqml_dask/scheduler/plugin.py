@@ -126,7 +126,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         handlers = {"rqml_status": self.status, "rqml_policy": self.handle_policy, "rqml_decide": self.handle_decision,
-                    "rqml_reconcile": self.reconcile}
+                    "rqml_reconcile": self.reconcile, "rqml_quarantine": self.handle_quarantine}
         for name, handler in handlers.items():
             scheduler.handlers[name] = only_roles(handler, HANDLER_ROLES[name], name)
         scheduler.handlers["register-worker"] = self.gatekeeper.guard_registration(
@@ -472,6 +472,16 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             for r in [*self.finished.values(), *self.tasks.values()]
         }
         return {"nodes": nodes, "tasks": tasks, "policy": asdict(self.policy), "quarantined": dict(self.gatekeeper.quarantined)}
+
+    @log_errors
+    def handle_quarantine(self, comm: Any = None, release: str | None = None) -> dict[str, str]:
+        """The nodes in quarantine (name -> reason), after releasing ``release`` if given (it
+        may register again; a node whose certificate is revoked is still refused by TLS)."""
+        if release is not None:
+            if self.gatekeeper.quarantined.pop(release, None) is None:
+                raise KeyError(f"node {release!r} is not in quarantine")
+            self._security_alert("node-released", release, "released from quarantine")
+        return dict(self.gatekeeper.quarantined)
 
     @log_errors
     def handle_policy(self, comm: Any = None, policy: dict | None = None) -> dict[str, Any]:
