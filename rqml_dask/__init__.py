@@ -6,8 +6,9 @@ family's ``import rqml_dask.models`` loads no Dask.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rqml_dask._lazy import lazy_exports
 
 _EXPORTS = {
     "Pipeline": "rqml_dask.pipeline",
@@ -24,10 +25,7 @@ if TYPE_CHECKING:
     from rqml_dask.task import RQMLTask
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'rqml_dask' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

@@ -11,8 +11,9 @@ queues, its state) does not load the worker.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rqml_dask._lazy import lazy_exports
 
 _EXPORTS = {
     "PLUGIN_NAME": "rqml_dask.node.plugin",
@@ -27,10 +28,7 @@ if TYPE_CHECKING:
     from rqml_dask.node.worker import RQMLWorker
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'rqml_dask.node' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 async def dask_setup(worker) -> None:
