@@ -76,6 +76,8 @@ class TaskCheckpoint:
     intermediate_artifacts: tuple[ArtifactRef, ...]
     supervision_state: dict[str, Any]
     hash: str
+    signature: dict[str, Any] | None = None
+    """Who wrote it, over ``pqtls://`` (:mod:`rqml_dask.trust.signing`); not in ``hash``."""
 
     @classmethod
     def create(
@@ -90,8 +92,8 @@ class TaskCheckpoint:
         return replace(unsigned, hash=unsigned.compute_hash())
 
     def compute_hash(self) -> str:
-        body = _CHECKPOINT.dump_python(replace(self, hash=""), mode="json")
-        del body["hash"]
+        body = _CHECKPOINT.dump_python(replace(self, hash="", signature=None), mode="json")
+        del body["hash"], body["signature"]
         return hashlib.sha256(msgpack.packb(_canonical(body))).hexdigest()
 
     def verify(self) -> Self:

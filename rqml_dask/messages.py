@@ -196,7 +196,8 @@ class TaskOutcome:
     start) and ``began_at`` when that run began (Unix seconds); ``reused`` says it was
     recorded before and nothing was recomputed; ``reconciled`` that it finished while its
     node had no scheduler and was accepted when the node reconnected; ``notes`` lists
-    checkpoints rejected on the way.
+    checkpoints rejected on the way; ``signature`` is the node's, over the rest, on a
+    ``pqtls://`` cluster (:meth:`rqml_dask.trust.signing.Seal.sign_outcome`).
     """
 
     task_id: str
@@ -224,6 +225,7 @@ class TaskOutcome:
     written_to: ArrayRef | None = None
     result_digest: str | None = None
     notes: list[str] = field(default_factory=list)
+    signature: dict[str, Any] | None = None
 
     @property
     def accepted(self) -> bool:

@@ -94,11 +94,15 @@ def test_etcd_lost_mid_run_checkpoints_pile_up_in_lmdb_and_reach_etcd_after_rest
     shared = open_store(etcd.url)
     local = open_store(pipeline.checkpoint_settings.local.replace("{host}", os.uname().nodename))
     try:
+        newest = []
         for task in pipeline.tasks():
             in_etcd, in_lmdb = shared.checkpoints(task.key), local.checkpoints(task.key)
             assert in_etcd and in_etcd[0].rank == in_lmdb[0].rank  # the newest record reached etcd
-            # beyond the 200 iterations no task could have reached before etcd stopped
-            assert TaskCheckpoint.from_msgpack(in_etcd[0].record).verify().iteration > 200
+            newest.append(TaskCheckpoint.from_msgpack(in_etcd[0].record).verify().iteration)
             assert shared.done(done_key(load_problem(task, numpy_backend())[0])) is not None  # its outcome too
+        # records written while etcd was down are there: beyond the 200 iterations no task could
+        # have reached before it stopped (a task may have none after it: on a busy machine the
+        # writer coalesces snapshots, and drops those of a task that finished meanwhile)
+        assert max(newest) > 200, newest
     finally:
         shared.close()

@@ -57,9 +57,11 @@ def test_checkpoint_round_trips_and_verifies():
     assert TaskCheckpoint.from_msgpack(checkpoint.to_msgpack()) == checkpoint
     assert TaskCheckpoint.from_json(checkpoint.to_json()) == checkpoint
     checkpoint.artifact("estimate").check(estimate)
-    assert [f.name for f in dataclasses.fields(TaskCheckpoint)] == [
-        "task_id", "iteration", "model_config", "intermediate_artifacts", "supervision_state", "hash",
+    assert [f.name for f in dataclasses.fields(TaskCheckpoint)] == [  # the seed's record, and who signed it
+        "task_id", "iteration", "model_config", "intermediate_artifacts", "supervision_state", "hash", "signature",
     ]
+    signed = dataclasses.replace(checkpoint, signature={"signer": "node-a"})
+    assert signed.compute_hash() == checkpoint.hash and signed.verify() is signed  # the signature is outside the hash
 
 
 @pytest.mark.parametrize(

@@ -254,7 +254,8 @@ def test_rqml_run_secure_runs_the_embedded_cluster_over_pqtls_with_the_same_resu
     outputs = {}
     for mode in ("plain", "secure"):
         config = pipeline_dict(small_volume, tmp_path / f"{mode}.zarr", cluster={"n_workers": 2, "dashboard_address": "127.0.0.1:0"})
-        config["checkpoint"] = {"artifacts": str(tmp_path / f"{mode}-checkpoints")}  # nothing reused between the two
+        # nothing reused between the two; the records kept, to look at their signatures
+        config["checkpoint"] = {"artifacts": str(tmp_path / f"{mode}-checkpoints"), "every_iterations": 10, "retention": "keep"}
         done = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "run", str(write_yaml(tmp_path / f"{mode}.yaml", config)),
                                "--no-progress", *(["--secure"] if mode == "secure" else [])],
                               capture_output=True, text=True, timeout=bound(300), cwd=tmp_path)
@@ -265,3 +266,47 @@ def test_rqml_run_secure_runs_the_embedded_cluster_over_pqtls_with_the_same_resu
     assert "certificate scheduler, key exchange X25519MLKEM768" in done.stderr
     np.testing.assert_array_equal(outputs["secure"], outputs["plain"])
     assert not list(Path(tempfile.gettempdir()).glob("rqml-secure-*"))  # the throw-away CA is gone
+    from rqml_dask.checkpoint import TaskCheckpoint
+    from rqml_dask.stores.base import decode_slot
+    from rqml_dask.stores.lmdb_store import LMDBStore
+
+    signers = {}
+    for mode in ("plain", "secure"):
+        [path] = (tmp_path / f"{mode}-checkpoints" / "nodes").glob("*.lmdb")
+        store = LMDBStore(path)
+        with store.env.begin(db=store._slots) as txn:
+            records = [TaskCheckpoint.from_msgpack(e.record) for _, slot in txn.cursor() for e in decode_slot(slot)]
+        assert records
+        signers[mode] = {(r.signature or {}).get("signer") for r in records}
+    assert signers == {"plain": {None}, "secure": {"node-0", "node-1"}}  # over pqtls every record is signed
+
+
+def test_a_done_marker_changed_on_disk_is_refused_and_the_task_computed_again(tmp_path, authority, pq_scheduler, small_volume):
+    import json
+
+    from rqml_dask import Pipeline, events
+    from rqml_dask.pipeline import load_pipeline_config
+    from rqml_dask.stores.lmdb_store import LMDBStore
+
+    from conftest import pipeline_dict, write_yaml
+
+    address, _ = pq_scheduler
+    config = pipeline_dict(small_volume, tmp_path / "out.zarr")
+    pipeline = Pipeline(load_pipeline_config(write_yaml(tmp_path / "p.yaml", config)))
+    with dask.config.set(trust_config(authority, "alice")), Client(address, timeout=bound(60)) as client:
+        first = pipeline.run(client, progress=False)
+        [path] = (Path(pipeline.checkpoint_settings.artifacts) / "nodes").glob("*.lmdb")
+        store = LMDBStore(path)
+        with store.env.begin(write=True, db=store._done) as txn:  # an attacker with the disk: claim more work was done
+            keys = [key for key, _ in txn.cursor()]
+            marker = json.loads(txn.get(keys[0]))
+            assert marker["signature"]["signer"] == "node-a"
+            marker["iterations"] += 1000
+            txn.put(keys[0], json.dumps(marker).encode())
+        second = pipeline.run(client, progress=False, overwrite=True)
+        alerts = [e for _, e in client.get_events(events.ALERTS) if e.get("kind") == "outcome-rejected"]
+    assert all(o.accepted for o in first.outcomes)
+    recomputed = [o for o in second.outcomes if not o.reused]
+    assert [o.task_id for o in recomputed] == [marker["task_id"]]
+    assert recomputed[0].iterations == next(o.iterations for o in first.outcomes if o.task_id == marker["task_id"])
+    assert any("does not match the record" in a["reason"] for a in alerts), alerts

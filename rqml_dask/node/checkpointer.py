@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from rqml_dask.checkpoint import CheckpointError, TaskCheckpoint
+from rqml_dask.trust.signing import Seal
 from rqml_dask.refinement import Snapshot
 from rqml_dask.stores.artifacts import ArtifactStore
 from rqml_dask.stores.base import RecordStore, SlotEntry, StoreUnavailable
@@ -80,8 +81,10 @@ class Checkpointer:
         on_alert: Callable[[str, dict[str, Any]], None] = lambda kind, payload: None,
         max_backoff: float = 10.0,
         max_duty: float = 0.2,
+        seal: Seal | None = None,
     ) -> None:
         self.local, self.shared, self.artifacts, self.node = local, shared, artifacts, node
+        self.seal = seal  # sign what is written, refuse what does not verify (pqtls:// clusters)
         self.on_alert = on_alert
         self.max_backoff = max_backoff
         self.max_duty = max_duty
@@ -131,6 +134,8 @@ class Checkpointer:
                 checkpoint = TaskCheckpoint.from_msgpack(entry.record)
                 if (checkpoint.task_id, checkpoint.iteration) != (task.task_id, entry.iteration):
                     raise CheckpointError(f"record is of {checkpoint.task_id!r} at {checkpoint.iteration}")
+                if self.seal is not None:
+                    self.seal.verify(checkpoint)
                 arrays = {ref.name: self.artifacts.read(ref) for ref in checkpoint.intermediate_artifacts}
                 return Resume(checkpoint, arrays, rejected)
             except CheckpointError as exc:
@@ -266,6 +271,8 @@ class Checkpointer:
         checkpoint = TaskCheckpoint.create(
             task.task_id, snapshot.iteration, snapshot.model_config, refs, snapshot.supervision_state
         )
+        if self.seal is not None:
+            checkpoint = self.seal.sign(checkpoint)
         entry = SlotEntry(snapshot.iteration, self.node, checkpoint.to_msgpack())
         with self._cond:
             if key in self._finished:

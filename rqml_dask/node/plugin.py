@@ -49,7 +49,8 @@ from rqml_dask.refinement import Refinement
 from rqml_dask.stores import LMDBStore, open_store
 from rqml_dask.stores.artifacts import ArtifactStore
 from rqml_dask.task import CheckpointSettings, RQMLTask
-from rqml_dask.trust.transport import peer_identity
+from rqml_dask.trust.signing import Seal
+from rqml_dask.trust.transport import Credentials, peer_identity
 from rqml_dask.volumes import write_core
 
 logger = logging.getLogger(__name__)
@@ -162,9 +163,16 @@ class NodePlugin(WorkerPlugin):
                 shared = open_store(settings.shared) if settings.shared else None
                 writer = self.settings.checkpoint
                 checkpointer = Checkpointer(local_store, shared, ArtifactStore(settings.artifacts), self.worker.address, self._alert,
-                                            max_backoff=writer.max_backoff, max_duty=writer.max_duty)
+                                            max_backoff=writer.max_backoff, max_duty=writer.max_duty, seal=self._seal())
                 self.checkpointers[key] = checkpointer
             return checkpointer
+
+    def _seal(self) -> Seal | None:
+        """On a ``pqtls://`` cluster, this node's credentials sign and check checkpoints."""
+        if not str(self.worker.scheduler.address).startswith("pqtls://"):
+            return None
+        credentials = Credentials.from_config()
+        return Seal.load(credentials.ca, credentials.cert, credentials.key, credentials.crl)
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -288,6 +296,8 @@ class NodePlugin(WorkerPlugin):
         if core is not None:
             write_core(task.output, task.region, core)
             if job.checkpointer is not None and outcome.state != "terminated":  # a terminated one: tried again
+                if job.checkpointer.seal is not None:
+                    outcome = job.checkpointer.seal.sign_outcome(outcome)
                 job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
         self.forget(job)
         events.publish(self.worker, events.TASK_RESULTS, "finished", task_id=task.task_id, worker=self.worker.address,

@@ -20,6 +20,7 @@ from rqml_dask.node.checkpointer import Checkpointer
 from rqml_dask.problem import core_digest, error_figures, holds_result
 from rqml_dask.refinement import Refinement
 from rqml_dask.task import ArrayRef, RQMLTask
+from rqml_dask.trust.signing import SignatureError
 from rqml_dask.volumes import read_core, write_core
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,14 @@ def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskO
         logger.warning(reason)
         checkpointer.on_alert("outcome-rejected", {"task_id": task.task_id, "reason": reason})
         return None
+    if checkpointer.seal is not None:
+        try:
+            checkpointer.seal.verify_outcome(outcome)
+        except SignatureError as exc:
+            reason = f"recorded outcome of {task.task_id} refused, computing it again: {exc}"
+            logger.warning(reason)
+            checkpointer.on_alert("outcome-rejected", {"task_id": task.task_id, "reason": reason})
+            return None
     if outcome.input_digest is None or outcome.input_digest != task.input_digest:
         logger.info("recorded outcome of %s was computed from other input data: computing it again", task.task_id)
         return None
