@@ -268,17 +268,20 @@ def test_a_node_advertising_invalid_figures_is_flagged_and_the_others_get_the_wo
 
 
 def test_a_client_restart_mid_run_binds_nothing_to_the_old_workers_and_the_next_run_completes(tmp_path, small_volume):
-    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
-        client.wait_for_workers(2, timeout=bound(60))
-        pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=40, delay=0.03, name="restart")
-        futures = pipeline.submit(client)
-        wait_for(lambda: any(t["state"] == "bound" for t in client.sync(client.scheduler.rqml_status)["tasks"].values()),
-                 timeout=60, what="a task bound to a node")
-        old_workers = set(client.scheduler_info()["workers"])
-        client.restart(timeout=bound(60))
-        del futures
-        status = client.sync(client.scheduler.rqml_status)
-        assert not old_workers & set(status["nodes"])
-        assert not [t for t in status["tasks"].values() if t["node"] in old_workers], status["tasks"]
-        report = pipeline.run(client, progress=False)
+    pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=40, delay=0.03, name="restart")
+    with heterogeneous_cluster([1.0, 1.0]) as cluster:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=bound(60))
+            futures = pipeline.submit(client)
+            wait_for(lambda: any(t["state"] == "bound" for t in client.sync(client.scheduler.rqml_status)["tasks"].values()),
+                     timeout=60, what="a task bound to a node")
+            old_workers = set(client.scheduler_info()["workers"])
+            client.restart(timeout=bound(60))
+            del futures
+            status = client.sync(client.scheduler.rqml_status)
+            assert not old_workers & set(status["nodes"])
+            assert not [t for t in status["tasks"].values() if t["node"] in old_workers], status["tasks"]
+        with Client(cluster) as again:  # the next run, as `rqml run` would start it: a client of its own
+            again.wait_for_workers(2, timeout=bound(60))
+            report = pipeline.run(again, progress=False)
     assert len(report.outcomes) == 27 and all(o.accepted for o in report.outcomes)

@@ -179,7 +179,8 @@ def test_a_secure_run_gives_the_same_output_as_over_tcp_and_shows_who_is_connect
     assert link["scheduler_identity"] == {"name": "scheduler", "role": "scheduler", "group": "X25519MLKEM768"}
 
 
-def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq_scheduler):
+@pytest.mark.browser
+def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq_scheduler, browser, tmp_path):
     from rqml_dask import events
 
     address, _ = pq_scheduler
@@ -202,6 +203,20 @@ def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq
             alerts = [e for _, e in client.get_events(events.ALERTS) if e.get("kind") == "node-quarantined"]
             assert [(a["node_name"], a["reason"], a["security"]) for a in alerts] == [("node-b", "its certificate was revoked", True)]
             assert client.submit(lambda: 7).result(timeout=bound(60)) == 7  # node-a goes on
+            browser.get(client.dashboard_link.replace("/status", "/rqml"))
+            read = "const doc = Bokeh.documents[0]; return [doc.get_model_by_name('rqml-nodes').data, doc.get_model_by_name('rqml-summary').text]"
+
+            def page():
+                try:
+                    nodes, summary = browser.execute_script(read)
+                except Exception:
+                    return None  # still loading
+                return (nodes, summary) if "quarantined" in summary else None
+
+            nodes, summary = wait_for(page, timeout=30, what="/rqml showing the quarantine")
+            browser.save_screenshot(str(tmp_path / "rqml-quarantine.png"))
+            assert "quarantined: node-b (its certificate was revoked)" in summary
+            assert nodes["name"] == ["node-a"] and nodes["certificate"] == ["node-a, X25519MLKEM768"]
         assert worker.wait(timeout=bound(60)) is not None  # node-b was closed, and cannot come back
         env = {**os.environ, **trust_env(authority, "alice")}
         listed = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "quarantine", "list", "--scheduler", address],

@@ -12,7 +12,8 @@ What it shows, refreshed twice a second from the RQML scheduler plugin:
   link: how often it lost the scheduler, for how long, its jobs and its outbox,
   what reconciliation settled;
 * the latest alerts (``rqml-alerts``): degraded nodes, duplicates resolved, rejected
-  checkpoints, an unavailable shared store.
+  checkpoints, an unavailable shared store, nodes quarantined (and why, in the summary);
+* over ``pqtls://``, each node's certificate name and key exchange.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ NODE_COLUMNS = {
     "reliability": "reliability",
     "warm": "warm models",
     "checkpoint_backlog": "checkpoint backlog",
+    "certificate": "certificate",
 }
 ALERT_COLUMNS = {"time": "time", "kind": "alert", "subject": "about", "detail": "detail"}
 
@@ -90,9 +92,10 @@ class RQMLPage:
         for task in status["tasks"].values():
             states[task["state"]] = states.get(task["state"], 0) + 1
         degraded = sum(row["losses"] > 0 or row["degraded_s"] > 0 for row in rows)
+        quarantined = "".join(f"; quarantined: {name} ({reason})" for name, reason in sorted(status["quarantined"].items()))
         self.summary.text = (
             f"{len(rows)} nodes, {degraded} of them worked without a scheduler; "
-            f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}"
+            f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}{quarantined}"
         )
 
     @staticmethod
@@ -114,6 +117,7 @@ class RQMLPage:
             "reliability": round(node["reliability"], 3),
             "warm": ", ".join(node["warm_models"]),
             "checkpoint_backlog": node["checkpoint_backlog"],
+            "certificate": f"{identity['name']}, {identity['group']}" if (identity := node.get("identity")) else "",
         }
 
     @staticmethod
