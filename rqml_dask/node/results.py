@@ -81,19 +81,14 @@ def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskO
         return None
     try:
         outcome = OUTCOME.validate_json(recorded)
-    except ValidationError as exc:
-        reason = f"recorded outcome of {task.task_id} unreadable, computing it again: {exc.errors()[0]['msg']}"
+        if checkpointer.seal is not None:
+            checkpointer.seal.verify_outcome(outcome)
+    except (ValidationError, SignatureError) as exc:
+        why, detail = ("unreadable", exc.errors()[0]["msg"]) if isinstance(exc, ValidationError) else ("refused", exc)
+        reason = f"recorded outcome of {task.task_id} {why}, computing it again: {detail}"
         logger.warning(reason)
         checkpointer.on_alert("outcome-rejected", {"task_id": task.task_id, "reason": reason})
         return None
-    if checkpointer.seal is not None:
-        try:
-            checkpointer.seal.verify_outcome(outcome)
-        except SignatureError as exc:
-            reason = f"recorded outcome of {task.task_id} refused, computing it again: {exc}"
-            logger.warning(reason)
-            checkpointer.on_alert("outcome-rejected", {"task_id": task.task_id, "reason": reason})
-            return None
     if outcome.input_digest is None or outcome.input_digest != task.input_digest:
         logger.info("recorded outcome of %s was computed from other input data: computing it again", task.task_id)
         return None

@@ -21,7 +21,7 @@ from typing import Any
 
 from distributed import Scheduler
 
-from rqml_dask.trust.ca import load_crl
+from rqml_dask.trust.ca import revoked_serials
 from rqml_dask.trust.transport import Credentials, TrustConfigError
 from rqml_dask.trust.transport import peer_identity as identity
 
@@ -58,7 +58,6 @@ class Gatekeeper:
     """The quarantine, by node name (a name stays out when its process registers again)."""
 
     quarantined: dict[str, str] = field(default_factory=dict)
-    _crl: tuple[int, frozenset[int]] | None = None
 
     def guard_registration(self, register_worker: Callable[..., Awaitable[Any]],
                            on_refused: Callable[[str, str], None]) -> Callable[..., Awaitable[Any]]:
@@ -110,9 +109,4 @@ class Gatekeeper:
             crl = Credentials.from_config().crl
         except TrustConfigError:
             return frozenset()
-        if crl is None:
-            return frozenset()
-        stamp = crl.stat().st_mtime_ns
-        if self._crl is None or self._crl[0] != stamp:
-            self._crl = (stamp, frozenset(entry.serial_number for entry in load_crl(crl)))
-        return self._crl[1]
+        return revoked_serials(crl) if crl is not None else frozenset()

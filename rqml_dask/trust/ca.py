@@ -185,6 +185,20 @@ def load_crl(path: Path) -> x509.CertificateRevocationList:
     return x509.load_pem_x509_crl(Path(path).read_bytes())
 
 
+_revoked: dict[Path, tuple[int, frozenset[int]]] = {}
+
+
+def revoked_serials(path: Path) -> frozenset[int]:
+    """The serial numbers the revocation list at ``path`` revokes, read again only when the
+    file changes (every check of a peer or a signature asks)."""
+    stamp = Path(path).stat().st_mtime_ns
+    cached = _revoked.get(Path(path))
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, frozenset(entry.serial_number for entry in load_crl(path)))
+        _revoked[Path(path)] = cached
+    return cached[1]
+
+
 def _write_crl(directory: Path, key: mldsa.MLDSA65PrivateKey, ca_cert: x509.Certificate, serials: list[int]) -> None:
     now = _now()
     builder = (

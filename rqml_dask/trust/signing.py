@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import mldsa
 
 from rqml_dask.checkpoint import CheckpointError, TaskCheckpoint
 from rqml_dask.messages import OUTCOME, TaskOutcome
-from rqml_dask.trust.ca import load_crl, name_of
+from rqml_dask.trust.ca import name_of, revoked_serials
 
 
 class SignatureError(CheckpointError):
@@ -63,6 +63,7 @@ class Seal:
 
     key: mldsa.MLDSA65PrivateKey
     certificate_pem: str
+    signer: str
     ca: x509.Certificate
     crl: Path | None
 
@@ -72,30 +73,27 @@ class Seal:
         if not isinstance(private, mldsa.MLDSA65PrivateKey):
             raise SignatureError(f"{key} is not an ML-DSA-65 key")
         leaf = x509.load_pem_x509_certificates(Path(cert).read_bytes())[0]
-        return cls(private, leaf.public_bytes(serialization.Encoding.PEM).decode(),
+        return cls(private, leaf.public_bytes(serialization.Encoding.PEM).decode(), name_of(leaf) or "",
                    x509.load_pem_x509_certificate(Path(ca).read_bytes()), crl)
 
     def sign(self, record: TaskCheckpoint) -> TaskCheckpoint:
         """``record`` with this node's signature over its hash, task, iteration and now."""
-        signed_at = time.time()
-        value = self.key.sign(signed_message(record.task_id, record.iteration, record.hash, signed_at))
-        return replace(record, signature={"signer": self._signer(), "certificate": self.certificate_pem,
-                                          "signed_at": signed_at, "value": value.hex()})
+        return replace(record, signature=self._signature(
+            lambda signed_at: signed_message(record.task_id, record.iteration, record.hash, signed_at)))
 
     def sign_outcome(self, outcome: TaskOutcome) -> TaskOutcome:
         """``outcome`` signed over its JSON (``signature`` left out) and now: the done marker
         a later run reuses without recomputing."""
+        return replace(outcome, signature=self._signature(lambda signed_at: _outcome_message(outcome, signed_at)))
+
+    def _signature(self, message: Callable[[float], bytes]) -> dict[str, str | float]:
         signed_at = time.time()
-        value = self.key.sign(_outcome_message(outcome, signed_at))
-        return replace(outcome, signature={"signer": self._signer(), "certificate": self.certificate_pem,
-                                           "signed_at": signed_at, "value": value.hex()})
+        return {"signer": self.signer, "certificate": self.certificate_pem, "signed_at": signed_at,
+                "value": self.key.sign(message(signed_at)).hex()}
 
     def verify_outcome(self, outcome: TaskOutcome) -> str:
         """The signer of a recorded outcome, or :class:`SignatureError` saying why not."""
         return self._verify(outcome.signature, lambda signed_at: _outcome_message(outcome, signed_at), "outcomes")
-
-    def _signer(self) -> str:
-        return name_of(x509.load_pem_x509_certificate(self.certificate_pem.encode())) or ""
 
     def verify(self, record: TaskCheckpoint) -> str:
         """The signer's name, or :class:`SignatureError` saying why the record is refused."""
@@ -121,9 +119,8 @@ class Seal:
         when = dt.datetime.fromtimestamp(signed_at, dt.timezone.utc)
         if not certificate.not_valid_before_utc <= when <= certificate.not_valid_after_utc:
             raise SignatureError(f"signed by {signer} at {when:%Y-%m-%d %H:%M:%S} UTC, outside its certificate's validity")
-        if self.crl is not None and self.crl.is_file():
-            if load_crl(self.crl).get_revoked_certificate_by_serial_number(certificate.serial_number) is not None:
-                raise SignatureError(f"signed by {signer}, whose certificate is revoked")
+        if self.crl is not None and self.crl.is_file() and certificate.serial_number in revoked_serials(self.crl):
+            raise SignatureError(f"signed by {signer}, whose certificate is revoked")
         try:
             certificate.public_key().verify(value, message(signed_at))
         except InvalidSignature:

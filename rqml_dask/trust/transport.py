@@ -217,7 +217,7 @@ class PQTLS(Comm):
         self.peer_certificate: x509.Certificate | None = certificate
         self.peer_name = name_of(certificate) if certificate is not None else None
         self.peer_role = role_of(certificate) if certificate is not None else None
-        self.group = channel.tls.get_group_name() if hasattr(channel.tls, "get_group_name") else None
+        self.group = channel.tls.get_group_name()
         self.cipher = channel.tls.get_cipher_name()
 
     @property
