@@ -31,7 +31,7 @@ def oracle(pipeline: Pipeline, iterations: int) -> tuple[float, int]:
     """Plain RL's best volume-wide relative error over ``iterations`` and where."""
     backend = numpy_backend()
     tasks = pipeline.tasks()
-    psf = np.asarray(open_array(tasks[0].input.psf)[...], dtype=np.float32)
+    psf = np.asarray(open_array(tasks[0].input.operator)[...], dtype=np.float32)
     sse = np.zeros(iterations)
     truth_ss = 0.0
     for task in tasks:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from rqml_dask.pipeline import Pipeline, PipelineConfigError, PipelineError
-from rqml_dask.synthetic import SynthSpec, write_synthetic
+from rqml_dask.synthetic import SynthSpec, SystemsSpec, write_synthetic, write_systems
 from rqml_dask.volumes import InputError
 
 
@@ -154,25 +154,67 @@ def data() -> None:
 
 @data.command()
 @click.argument("store", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--kind", type=click.Choice(["beads", "cells"]), default="cells", show_default=True)
+@click.option("--kind", type=click.Choice(["beads", "cells", "systems"]), default="cells", show_default=True,
+              help="A volume to deconvolve, or a batch of linear systems (linear_solve).")
 @click.option("--shape", type=_ints, default="64,128,128", show_default=True, help="Volume shape, z,y,x.")
 @click.option("--psf", type=click.Choice(["gaussian", "widefield"]), default="gaussian", show_default=True,
               help="Gaussian, or a scalar widefield model with spherical aberration (out-of-focus rings).")
 @click.option("--psf-sigma", type=_floats, default="2.0,1.2,1.2", show_default=True, help="Gaussian PSF sigma per axis (voxels).")
 @click.option("--photons", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Counts per unit intensity (Poisson noise); 20 is a dim sample.")
+@click.option("--grid", type=_ints, default="64,64", show_default=True, help="systems: the grid of each system.")
+@click.option("--count", type=click.IntRange(min=1), default=8, show_default=True, help="systems: how many.")
+@click.option("--contrast", type=click.FloatRange(min=1), default=100.0, show_default=True,
+              help="systems: max/min diffusivity in each system (larger: worse conditioned).")
+@click.option("--anisotropy", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="systems: diffusivity factor along the last axis.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace STORE if it exists.")
-def synth(store: Path, kind: str, shape, psf: str, psf_sigma, photons: float, seed: int, overwrite: bool) -> None:
-    """Write a synthetic ground truth, PSF and blurred noisy observation to STORE."""
+def synth(store: Path, kind: str, shape, psf: str, psf_sigma, photons: float, grid, count: int, contrast: float,
+          anisotropy: float, seed: int, overwrite: bool) -> None:
+    """Write synthetic data to STORE: a ground truth, PSF and blurred noisy observation, or
+    (``--kind systems``) right-hand sides, coefficients and direct solutions."""
     if store.exists() and not overwrite:
         raise click.ClickException(f"{store} exists: pass --overwrite to replace it")
     try:
-        spec = SynthSpec(kind=kind, shape=shape, psf=psf, psf_sigma=psf_sigma, photons=photons, seed=seed)
-        path = write_synthetic(store, spec)
+        if kind == "systems":
+            spec = SystemsSpec(kind=kind, grid=grid, count=count, contrast=contrast, anisotropy=anisotropy, seed=seed)
+            path, wrote = write_systems(store, spec), f"rhs, coefficients and truth of {count} systems on {grid}"
+        else:
+            spec = SynthSpec(kind=kind, shape=shape, psf=psf, psf_sigma=psf_sigma, photons=photons, seed=seed)
+            path, wrote = write_synthetic(store, spec), f"truth, observed and psf {shape}"
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote truth, observed and psf {shape} to {path}")
+    click.echo(f"wrote {wrote} to {path}")
+
+
+@main.command()
+@click.option("--scheduler", metavar="ADDRESS", help="List what the workers of this cluster can run (default: this host).")
+@click.option("--pipeline", "pipeline_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Ship this pipeline's plugins to the cluster first.")
+def models(scheduler: str | None, pipeline_file: Path | None) -> None:
+    """List the model families this host, or every worker of a cluster, can run, with their
+    task class and family: the registered ones, and those shipped as plugins."""
+    from rqml_dask.pipeline.plugins import available_models, ship_plugins
+
+    plugins = []
+    if pipeline_file is not None:
+        try:
+            plugins = Pipeline.from_yaml(pipeline_file).config.plugins
+        except PipelineConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    if scheduler is None:
+        found = {"this host": available_models()}
+    else:
+        from distributed import Client
+
+        with Client(scheduler) as client:
+            ship_plugins(client, plugins)
+            found = client.run(available_models)
+    for where, names in sorted(found.items()):
+        click.echo(where)
+        for name, about in names.items():
+            click.echo(f"  {name:40s} {about['task_class']:15s} {about['family']}")
 
 
 @main.command()

@@ -41,7 +41,8 @@ class ConvergenceMonitor:
     def observe(self, iteration: int, change: float, misfit: float, held_out: float | None = None) -> Verdict:
         """Record a check at ``iteration`` (iterations counted within this model's run).
         ``held_out`` is the held-out deviance where the task holds data out: consistency is
-        then its relative change per iteration instead of the misfit's."""
+        then its relative change per iteration instead of the misfit's; with ``target_misfit``
+        it is the misfit itself."""
         s = self.settings
         if not math.isfinite(misfit) or not math.isfinite(change):
             self.latest = ConvergenceFigures(iteration, misfit, change, None, None)
@@ -50,6 +51,8 @@ class ConvergenceMonitor:
         if self.held_out is not None and held_out is not None:
             last_iteration, last = self.held_out
             consistency = abs(last - held_out) / max(abs(last), 1e-300) / (iteration - last_iteration)
+        elif s.target_misfit is not None:
+            consistency = misfit  # a solver's true residual, against its requested tolerance
         elif held_out is None and self.history:
             last_iteration, last_misfit = self.history[-1]
             consistency = abs(last_misfit - misfit) / max(last_misfit, 1e-300) / (iteration - last_iteration)
@@ -58,7 +61,8 @@ class ConvergenceMonitor:
         self.history.append((iteration, misfit))
         novelty = self._novelty(iteration, misfit)
         self.latest = ConvergenceFigures(iteration, misfit, change, consistency, novelty)
-        if consistency is not None and change <= s.stability_tol and consistency <= s.consistency_tol:
+        tolerance = s.consistency_tol if s.target_misfit is None else s.target_misfit
+        if consistency is not None and change <= s.stability_tol and consistency <= tolerance:
             return "converged"
         if novelty is not None and novelty < s.min_progress:
             return "stalled"

@@ -1,10 +1,15 @@
-"""The model-plugin contract and the registry that finds model families.
+"""The plugin contract: task classes, model families, and the registries that find them.
 
-A *model* is one refinement operator for one task class (``deconvolution``...). A model
-family is an algorithm (Richardson-Lucy, Landweber); models of one family are ranked by
-``size`` along an escalation ladder; switching family adds diversity. The engine imports no
-model by name: built-in models are found like any a user adds, through the
-``rqml_dask.models`` entry-point group, or given directly as ``"package.module:Class"``.
+A *task class* (``deconvolution``, ``linear_solve``) says what a task's data are: the array
+refined against (an image, a right-hand side), the operator read with it (a PSF, a
+coefficient field), the dtype of results. A *model* is one refinement operator for one task
+class. A model family is an algorithm (Richardson-Lucy, conjugate gradient); models are
+ranked by ``size`` along an escalation ladder; switching family adds diversity. The engine
+imports neither by name: built-in ones are found like any a user adds, through the
+``rqml_dask.task_classes`` and ``rqml_dask.models`` entry-point groups, and a model may also
+be given as ``"module:Class"`` (a module installed, or shipped with the pipeline's
+``plugins:``, :mod:`rqml_dask.pipeline.plugins`). :func:`check_model` tries a family on its
+class's probe problem before any task runs.
 """
 
 from __future__ import annotations
@@ -12,15 +17,61 @@ from __future__ import annotations
 import abc
 import functools
 import importlib
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
+import numpy as np
+
 from rqml_dask.arrays import Array, ArrayBackend
 
-__all__ = ["Array", "ArrayBackend", "RefinementModel", "load_model", "registered_models"]
+__all__ = [
+    "Array", "ArrayBackend", "ModelCheckError", "RefinementModel", "TaskClass", "check_model", "load_model",
+    "load_task_class", "registered_models", "registered_task_classes",
+]
 
 ENTRY_POINT_GROUP = "rqml_dask.models"
+TASK_CLASS_GROUP = "rqml_dask.task_classes"
+
+
+class TaskClass(abc.ABC):
+    """What the engine needs to know of one kind of task, besides its models.
+
+    A task refines an estimate against ``image`` (its window of the input array) with an
+    ``operator`` array read beside it; the problem the models get holds the window as
+    ``"image"`` and ``"observed"`` and the operator under :attr:`operator_key`.
+
+    * ``dtype`` is the dtype of the data as the models get it, of estimates and of results.
+    * ``photon_counts``: the data are photon counts, so a negative value is refused and the
+      held-out stopping rule may thin them (:mod:`rqml_dask.held_out`).
+    * ``data_is_estimate``: the data are themselves a first estimate of the result (a
+      blurred image is one of the object; a right-hand side is none of the solution); the
+      error against a ground truth is then reported for the input too.
+    * ``default_operator`` / ``default_output`` name the arrays a pipeline file may omit.
+    * :meth:`read_operator` reads the operator for one task from the array-like ``operator``
+      (``shape`` and NumPy indexing) and checks it, raising :class:`ValueError` with what is
+      wrong; :meth:`halo` is the halo a task needs to read around its core (``auto``).
+    * :meth:`probe_problem` is a small problem, on ``backend``, on which :func:`check_model`
+      tries a model family before any task runs.
+    """
+
+    name: ClassVar[str]
+    operator_key: ClassVar[str]
+    default_operator: ClassVar[str]
+    default_output: ClassVar[str]
+    dtype: ClassVar[str] = "float32"
+    photon_counts: ClassVar[bool] = False
+    data_is_estimate: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def read_operator(self, operator: Any, core: tuple[tuple[int, int], ...], image_shape: tuple[int, ...]) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def halo(self, operator_shape: tuple[int, ...], image_ndim: int) -> tuple[int, ...]: ...
+
+    @abc.abstractmethod
+    def probe_problem(self, backend: ArrayBackend) -> dict[str, Array]: ...
 
 
 class RefinementModel(abc.ABC):
@@ -34,8 +85,8 @@ class RefinementModel(abc.ABC):
     * ``start(estimate)`` sets the starting point: ``None`` for the model's own default, or
       the estimate another model left (escalation keeps the current estimate).
     * ``step()`` advances exactly one iteration, in place where the model can.
-    * ``estimate`` is the current estimate (float32, the image's shape); callers must not
-      modify it.
+    * ``estimate`` is the current estimate (the task class's ``dtype``, the image's shape);
+      callers must not modify it.
     * ``misfit()`` is the data-fit of the current estimate, recomputed apart from the
       iterations' own arithmetic and accumulated in float64, dimensionless (e.g. ``||forward(x) - data|| / ||data||``); the convergence
       heuristics read it.
@@ -101,27 +152,101 @@ class RefinementModel(abc.ABC):
 
 
 class UnknownModelError(LookupError):
-    """A model name that is neither a registered entry point nor ``module:Class``."""
+    """A model name that is neither a registered entry point nor ``module:Class``, or a
+    class that does not keep the contract (the message names it and what it lacks)."""
+
+
+class ModelCheckError(ValueError):
+    """A model family that failed its probe (:func:`check_model`); the message names it."""
+
+
+def load_model(name: str) -> type[RefinementModel]:
+    """The model class registered as ``name``, or imported from ``"module:Class"`` (looked
+    up afresh each time: a plugin module shipped again is the new one). Refuses a class that
+    is no :class:`RefinementModel`, lacks a required method, or names no ``task_class``."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UnknownModelError(f"model {name!r}: cannot import {module_name!r}: {exc}") from None
+        try:
+            cls = getattr(module, attr)
+        except AttributeError:
+            raise UnknownModelError(f"model {name!r}: module {module_name!r} has no {attr!r}") from None
+    else:
+        cls = _registered_model(name)
+    if not (isinstance(cls, type) and issubclass(cls, RefinementModel)):
+        raise UnknownModelError(f"model {name!r} is {cls!r}, not a RefinementModel subclass")
+    if cls.__abstractmethods__:
+        raise UnknownModelError(f"model {name!r} ({cls.__qualname__}) lacks the required method(s) "
+                                f"{', '.join(sorted(cls.__abstractmethods__))}")
+    if not isinstance(getattr(cls, "task_class", None), str):
+        raise UnknownModelError(f"model {name!r} ({cls.__qualname__}) sets no task_class")
+    return cls
 
 
 @functools.cache
-def load_model(name: str) -> type[RefinementModel]:
-    """The model class registered as ``name``, or imported from ``"module:Class"``."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        cls = getattr(importlib.import_module(module_name), attr)
-    else:
-        found = entry_points(group=ENTRY_POINT_GROUP, name=name)
-        if not found:
-            raise UnknownModelError(
-                f"unknown model {name!r}; registered models: {', '.join(registered_models())}"
-            )
-        cls = next(iter(found)).load()
-    if not (isinstance(cls, type) and issubclass(cls, RefinementModel)):
-        raise UnknownModelError(f"model {name!r} is {cls!r}, not a RefinementModel subclass")
-    return cls
+def _registered_model(name: str) -> type:
+    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    if not found:
+        raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(registered_models())}")
+    return next(iter(found)).load()
 
 
 def registered_models() -> list[str]:
     """Names of every model in the ``rqml_dask.models`` entry-point group."""
     return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+@functools.cache
+def load_task_class(name: str) -> TaskClass:
+    """The task class registered as ``name`` in the ``rqml_dask.task_classes`` group."""
+    found = entry_points(group=TASK_CLASS_GROUP, name=name)
+    if not found:
+        raise UnknownModelError(f"unknown task class {name!r}; registered: {', '.join(registered_task_classes())}")
+    cls = next(iter(found)).load()
+    if not (isinstance(cls, type) and issubclass(cls, TaskClass)):
+        raise UnknownModelError(f"task class {name!r} is {cls!r}, not a TaskClass subclass")
+    return cls()
+
+
+def registered_task_classes() -> list[str]:
+    """Names of every task class in the ``rqml_dask.task_classes`` entry-point group."""
+    return sorted(ep.name for ep in entry_points(group=TASK_CLASS_GROUP))
+
+
+def check_model(name: str, task_class: str, params: Mapping[str, Any], backend: ArrayBackend) -> None:
+    """Try model ``name`` on its task class's probe problem: built with ``params``, started,
+    stepped twice, its estimate must keep the image's shape and the class's dtype, and its
+    misfit must be a finite number. Raises :class:`UnknownModelError` or
+    :class:`ModelCheckError` naming the model and what it did wrong."""
+    cls = load_model(name)
+    if cls.task_class != task_class:
+        raise ModelCheckError(f"model {name!r} is for task class {cls.task_class!r}, not {task_class!r}")
+    kind = load_task_class(task_class)
+    problem = kind.probe_problem(backend)
+    shape, dtype = tuple(problem["image"].shape), np.dtype(kind.dtype)
+    doing = "building it"
+    try:
+        model = cls(problem, backend, **params)
+        doing = "start()"
+        model.start(None)
+        for doing in ("step()", "a second step()"):
+            model.step()
+            estimate = model.estimate
+            if tuple(estimate.shape) != shape or np.dtype(str(estimate.dtype)) != dtype:
+                raise ModelCheckError(f"model {name!r} ({cls.__qualname__}): after {doing} the estimate has shape "
+                                      f"{tuple(estimate.shape)} and dtype {estimate.dtype}; the {task_class} probe "
+                                      f"problem needs shape {shape} and dtype {dtype}")
+        doing = "misfit()"
+        misfit = model.misfit()
+        if not (isinstance(misfit, float | int) and math.isfinite(misfit)):
+            raise ModelCheckError(f"model {name!r} ({cls.__qualname__}): misfit() returned {misfit!r}, not a finite number")
+        doing = "state() and restore()"
+        model.restore(model.state())
+    except ModelCheckError:
+        raise
+    except Exception as exc:
+        raise ModelCheckError(f"model {name!r} ({cls.__qualname__}) failed on the {task_class} probe problem in "
+                              f"{doing}: {type(exc).__name__}: {exc}") from None

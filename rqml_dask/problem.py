@@ -1,10 +1,10 @@
 """A task's problem as the models see it, and the digests that tie a result to its input.
 
-:func:`load_problem` reads a task's window and PSF (checked by :func:`check_psf`, the same
-check :meth:`rqml_dask.pipeline.Pipeline.tasks` applies before submitting), digests them
-and splits the counts for the held-out stopping rule; :func:`core_digest` and
-:func:`holds_result` say whether an output still holds a recorded result;
-:func:`error_figures` scores a core against the ground truth. No Dask here.
+:func:`load_problem` reads a task's window and its operator (checked by
+:func:`read_operator`, the same check :meth:`rqml_dask.pipeline.Pipeline.tasks` applies
+before submitting), digests them and splits the counts for the held-out stopping rule;
+:func:`core_digest` and :func:`holds_result` say whether an output still holds a recorded
+result; :func:`error_figures` scores a core against the ground truth. No Dask here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 from rqml_dask.arrays import ArrayBackend
 from rqml_dask.held_out import thin
 from rqml_dask.messages import ErrorFigures
-from rqml_dask.task import ArrayRef, RQMLTask
+from rqml_dask.models import TaskClass, load_task_class
+from rqml_dask.task import ArrayRef, Region, RQMLTask
 from rqml_dask.volumes import InputError, open_array, read_core, read_window
 
 RESULT_FORMAT = b"rqml-result-3"
@@ -25,34 +26,38 @@ RESULT_FORMAT = b"rqml-result-3"
 it, and no result or checkpoint of an older one is used."""
 
 
-def check_psf(psf: np.ndarray, ref: ArrayRef, image_shape: tuple[int, ...], image_ref: ArrayRef) -> None:
-    """Raise :class:`InputError` naming ``ref`` unless the PSF fits the image (same rank, no
-    larger) and is finite, non-negative and has a positive sum."""
-    if psf.ndim != len(image_shape):
-        raise InputError(f"PSF {ref} has rank {psf.ndim} but image {image_ref} has rank {len(image_shape)}")
-    if any(p > n for p, n in zip(psf.shape, image_shape)):
-        raise InputError(f"PSF {ref} {psf.shape} is larger than image {image_ref} {tuple(image_shape)}")
-    if not np.all(np.isfinite(psf)) or psf.sum() <= 0 or psf.min() < 0:
-        raise InputError(f"PSF {ref} must be finite, non-negative and have a positive sum")
+def read_operator(kind: TaskClass, ref: ArrayRef, core: Region | None, image_ref: ArrayRef) -> np.ndarray:
+    """The operator at ``ref`` for a task of class ``kind`` whose core is ``core`` (``None``:
+    only check it, reading what the class reads for a core of the first index along the
+    first axis, whole along the others), checked against the image at ``image_ref``;
+    :class:`InputError` naming both if it does not fit."""
+    operator, image_shape = open_array(ref), tuple(open_array(image_ref).shape)
+    box = core.core if core is not None else ((0, min(1, image_shape[0])), *((0, n) for n in image_shape[1:]))
+    try:
+        return kind.read_operator(operator, box, image_shape)
+    except ValueError as exc:
+        raise InputError(f"{kind.name} operator {ref} {tuple(operator.shape)} does not fit image {image_ref} "
+                         f"{image_shape}: {exc}") from None
 
 
 def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]:
-    """The task with its ``input_digest`` (of the image window and PSF as read, and
-    :data:`RESULT_FORMAT`), and its problem on ``backend``, as float32: ``observed`` (the
-    window), ``psf``, and ``image``, what the models refine: the window, or, with the
-    held-out stopping rule, the part of its counts not held out (rescaled), the held-out
-    counts being ``held_out`` (:func:`rqml_dask.held_out.thin`, seeded by the digest, so a
-    task splits its data the same way on every node and every run)."""
-    image = read_window(task.input.image, task.region)
-    psf = np.asarray(open_array(task.input.psf)[...], dtype=np.float32)
-    check_psf(psf, task.input.psf, open_array(task.input.image).shape, task.input.image)
+    """The task with its ``input_digest`` (of the image window and operator as read, and
+    :data:`RESULT_FORMAT`), and its problem on ``backend``, in the task class's dtype:
+    ``observed`` (the window), the operator under the class's ``operator_key``, and
+    ``image``, what the models refine against: the window, or, with the held-out stopping
+    rule, the part of its counts not held out (rescaled), the held-out counts being
+    ``held_out`` (:func:`rqml_dask.held_out.thin`, seeded by the digest, so a task splits
+    its data the same way on every node and every run)."""
+    kind = load_task_class(task.task_class)
+    image = read_window(task.input.image, task.region, np.dtype(kind.dtype))
+    operator = read_operator(kind, task.input.operator, task.region, task.input.image)
     digest = hashlib.blake2b(RESULT_FORMAT, digest_size=16)
-    for array in (image, psf):
+    for array in (image, operator):
         digest.update(repr((array.shape, array.dtype.str)).encode())
         digest.update(np.ascontiguousarray(array).data)
     task = replace(task, input_digest=digest.hexdigest())
     observed = backend.asarray(image)
-    problem = {"observed": observed, "image": observed, "psf": backend.asarray(psf)}
+    problem = {"observed": observed, "image": observed, kind.operator_key: backend.asarray(operator)}
     fraction, counts_per_unit = task.convergence.held_out_fraction, task.input.counts_per_unit
     if fraction > 0 and counts_per_unit is not None:
         train, held = thin(image, counts_per_unit, fraction, seed=int(task.input_digest[:16], 16))
@@ -61,8 +66,8 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
 
 
 def core_digest(core: np.ndarray) -> str:
-    """The digest of a result core as the output holds it (float32)."""
-    core = np.ascontiguousarray(core, dtype=np.float32)
+    """The digest of a result core as the output holds it (in its own dtype)."""
+    core = np.ascontiguousarray(core)
     return hashlib.blake2b(repr(core.shape).encode() + core.data, digest_size=16).hexdigest()
 
 
@@ -71,17 +76,18 @@ def holds_result(ref: ArrayRef, task: RQMLTask, digest: str | None) -> bool:
     if digest is None:
         return False
     try:
-        return core_digest(read_core(ref, task.region)) == digest
+        return core_digest(read_core(ref, task.region, dtype=None)) == digest
     except InputError:  # the array is gone or is not one
         return False
 
 
 def error_figures(task: RQMLTask, core: np.ndarray, observed: np.ndarray) -> ErrorFigures | None:
-    """The task's sums against the ground truth (read here), if the input has one."""
+    """The task's sums against the ground truth (read here), if the input has one; the
+    input's is that of the data where they estimate the result, else of a zero start."""
     if task.input.truth is None:
         return None
     truth = read_core(task.input.truth, task.region, np.float64)
-    observed = observed.astype(np.float64)
+    observed = observed.astype(np.float64) if load_task_class(task.task_class).data_is_estimate else np.zeros_like(truth)
     return ErrorFigures(
         output_sse=float(np.sum((core.astype(np.float64) - truth) ** 2)),
         input_sse=float(np.sum((observed - truth) ** 2)),

@@ -400,4 +400,6 @@ def _relative_change(xp, current: Array, previous: Array) -> float:
     denominator = float(xp.sum(previous * previous))
     if denominator > 0:
         return (float(xp.sum(diff)) / denominator) ** 0.5
-    return 0.0 if float(xp.sum(diff)) == 0 else float("inf")  # zero stays zero (an all-zero region) is settled
+    # zero staying zero (an all-zero region) is settled; leaving zero (a solver's zero start) is a whole change,
+    # not the divergence a non-finite figure means
+    return 0.0 if float(xp.sum(diff)) == 0 else 1.0

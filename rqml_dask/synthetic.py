@@ -1,4 +1,9 @@
-"""Synthetic microscopy data, so nothing has to be downloaded.
+"""Synthetic data for both task classes, so nothing has to be downloaded.
+
+:func:`write_systems` writes a batch of anisotropic diffusion systems for ``linear_solve``:
+``rhs`` (count, *grid), ``coefficients`` (count, rank, *grid: the diffusivity along each
+axis in each cell) and ``truth``, each system solved by SciPy's direct solver on the matrix
+:func:`diffusion_matrix` assembles.
 
 :func:`write_synthetic` writes a Zarr group with ``truth`` (beads or cell-like shapes),
 ``psf`` (an anisotropic Gaussian, or a scalar widefield model, normalised to sum 1) and ``observed`` (the truth blurred
@@ -15,7 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import scipy.ndimage
 import scipy.signal
+import scipy.sparse
+import scipy.sparse.linalg
 import zarr
 from pydantic import ConfigDict
 
@@ -113,6 +121,81 @@ def write_synthetic(store: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
         group.create_array(name, data=data.astype(np.float32), chunks=chunks)
     group.create_array("psf", data=psf)
     group.attrs["rqml_synthetic"] = {**asdict(spec), "shape": list(spec.shape), "psf_sigma": list(spec.psf_sigma)}
+    shutil.rmtree(store, ignore_errors=True)
+    staging.rename(store)
+    return store
+
+
+@dataclass(frozen=True)
+class SystemsSpec:
+    """A batch of ``count`` systems ``-div(K grad u) = f`` on a ``grid`` (2-D or 3-D) with
+    zero Dirichlet boundaries. Each system's diffusivity is a smooth random field spanning
+    ``contrast`` (max/min), times ``anisotropy`` along the last axis; ``f`` is a smooth
+    random source. A larger grid, contrast or anisotropy is a worse-conditioned system."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["systems"]
+    grid: tuple[int, ...] = (64, 64)
+    count: int = 8
+    contrast: float = 100.0
+    anisotropy: float = 1.0
+    seed: int = 0
+
+
+def face_coefficients(coefficients: np.ndarray) -> list[np.ndarray]:
+    """Per axis, the diffusivity on each cell face (``n + 1`` along that axis): the harmonic
+    mean of the two cells it separates, the cell's own on the boundary."""
+    faces = []
+    for axis in range(coefficients.shape[0]):
+        k = np.moveaxis(coefficients[axis], axis, 0)
+        inner = 2 * k[1:] * k[:-1] / (k[1:] + k[:-1])
+        faces.append(np.moveaxis(np.concatenate([k[:1], inner, k[-1:]]), 0, axis))
+    return faces
+
+
+def diffusion_matrix(coefficients: np.ndarray) -> scipy.sparse.csr_matrix:
+    """The symmetric positive-definite matrix of ``-div(K grad u)`` (cell-centred finite
+    volumes, unit spacing, zero outside the grid) for ``coefficients`` (rank, *grid):
+    ``sum_a D_a^T diag(k_a) D_a`` with ``D_a`` the differences across the faces of axis ``a``."""
+    grid = coefficients.shape[1:]
+    matrix = scipy.sparse.csr_matrix((math.prod(grid), math.prod(grid)))
+    for axis, k in enumerate(face_coefficients(coefficients)):
+        n = grid[axis]
+        difference = scipy.sparse.diags([np.ones(n), -np.ones(n)], [0, -1], shape=(n + 1, n))
+        before = scipy.sparse.identity(math.prod(grid[:axis]))
+        after = scipy.sparse.identity(math.prod(grid[axis + 1:]))
+        d = scipy.sparse.kron(before, scipy.sparse.kron(difference, after))
+        matrix = matrix + d.T @ scipy.sparse.diags(k.ravel()) @ d
+    return matrix.tocsr()
+
+
+def write_systems(store: str | Path, spec: SystemsSpec) -> Path:
+    """Write rhs, coefficients and truth (the direct solution) to the Zarr group at ``store``."""
+    if len(spec.grid) not in (2, 3) or min(spec.grid) < 2 or spec.count < 1:
+        raise ValueError(f"grid {spec.grid} must be 2-D or 3-D (at least 2 per axis) and count {spec.count} positive")
+    store = Path(store)
+    rng = np.random.default_rng(spec.seed)
+    rank = len(spec.grid)
+    rhs = np.empty((spec.count, *spec.grid))
+    coefficients = np.empty((spec.count, rank, *spec.grid))
+    truth = np.empty_like(rhs)
+    smooth = max(min(spec.grid) / 8, 1.0)
+    for i in range(spec.count):
+        field = scipy.ndimage.gaussian_filter(rng.standard_normal(spec.grid), smooth)
+        field = (field - field.min()) / max(np.ptp(field), 1e-12)
+        k = spec.contrast ** field
+        coefficients[i] = k
+        coefficients[i, -1] *= spec.anisotropy
+        rhs[i] = scipy.ndimage.gaussian_filter(rng.standard_normal(spec.grid), smooth / 2) * 100
+        truth[i] = scipy.sparse.linalg.spsolve(diffusion_matrix(coefficients[i]).tocsc(), rhs[i].ravel()).reshape(spec.grid)
+    staging = store.with_name(store.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    group = zarr.open_group(staging, mode="w")
+    for name, data in (("rhs", rhs), ("truth", truth)):
+        group.create_array(name, data=data, chunks=(1, *spec.grid))
+    group.create_array("coefficients", data=coefficients, chunks=(1, rank, *spec.grid))
+    group.attrs["rqml_synthetic"] = {**asdict(spec), "grid": list(spec.grid)}
     shutil.rmtree(store, ignore_errors=True)
     staging.rename(store)
     return store

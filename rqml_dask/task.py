@@ -38,6 +38,9 @@ class ConvergenceSettings:
     lowest. ``0`` refines the whole image and stops by the iterates alone (for fixed-budget
     runs, or data that are not photon counts).
 
+    With ``target_misfit`` set (a solver's requested tolerance, where the misfit is the true
+    residual), consistency is the misfit itself, and holds once it is at most the target.
+
     A task converges when stability and consistency both hold. The heuristics are evaluated
     every ``check_every`` iterations (each check costs a float64 misfit and one state copy).
     ``max_iterations`` bounds the whole task, ``max_iterations_per_model`` each model on the ladder.
@@ -57,6 +60,7 @@ class ConvergenceSettings:
     accept_max_iterations: bool = False
     held_out_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     held_out_patience: PositiveInt = 15
+    target_misfit: NonNegativeFloat | None = None
 
 
 @dataclass(frozen=True)
@@ -147,14 +151,16 @@ class ArrayRef:
 
 @dataclass(frozen=True)
 class TaskInput:
-    """Where a deconvolution task reads its data; ``truth`` is optional (synthetic data).
-    ``counts_per_unit``: photons per unit of the image's intensity (what the held-out
-    stopping rule thins), ``None`` where the image is not photon counts."""
+    """Where a task reads its data: ``image``, the array it refines against (an image, a
+    right-hand side), and ``operator``, read with it (a PSF, a coefficient field: what the
+    task class makes of it, :class:`rqml_dask.models.TaskClass`); ``truth`` is optional
+    (synthetic data). ``counts_per_unit``: photons per unit of the image's intensity (what
+    the held-out stopping rule thins), ``None`` where the image is not photon counts."""
 
     __pydantic_config__ = _STRICT
 
     image: ArrayRef
-    psf: ArrayRef
+    operator: ArrayRef
     truth: ArrayRef | None = None
     counts_per_unit: Annotated[float, Field(gt=0)] | None = None
 
@@ -166,7 +172,9 @@ class RQMLTask:
     ``model_ladder`` lists model names from smallest to largest; a stall escalates to the
     next one, keeping the current estimate. ``model_params`` maps a model name to the
     keyword arguments it is built with. ``priority`` (higher first) and
-    ``expected_difficulty`` order a node's inbound queue.
+    ``expected_difficulty`` order a node's inbound queue. ``plugin_digest`` is the digest of
+    the model files the pipeline ships with it (``plugins:``), so that changed model code
+    never reuses what the old code computed.
     """
 
     __pydantic_config__ = _STRICT
@@ -184,13 +192,14 @@ class RQMLTask:
     validation: ValidationSettings = ValidationSettings()
     checkpoint: CheckpointSettings | None = None
     input_digest: str | None = None
+    plugin_digest: str | None = None
 
     @property
     def key(self) -> str:
         """``task_id@fingerprint``: names the task's checkpoints and result in every store.
 
         The fingerprint covers what determines the result (where the data is, region, ladder,
-        parameters, convergence and validation settings), not where the result goes nor
+        parameters, shipped model code, convergence and validation settings), not where the result goes nor
         scheduling or checkpoint settings, so a changed pipeline never resumes from a
         checkpoint of a different computation, and one that only writes elsewhere reuses
         everything. The data's content is ``input_digest``, filled in by the worker from what
@@ -198,6 +207,8 @@ class RQMLTask:
         is used only if it was made from the same content."""
         body = {k: v for k, v in self.to_dict().items()
                 if k not in ("output", "priority", "expected_difficulty", "checkpoint", "input_digest")}
+        if body["plugin_digest"] is None:  # keys of pipelines without plugin files stay as they were
+            del body["plugin_digest"]
         digest = hashlib.sha256(msgpack.packb(body)).hexdigest()[:16]
         return f"{self.task_id}@{digest}"
 

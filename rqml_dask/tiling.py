@@ -1,4 +1,4 @@
-"""Cutting a volume into task regions with halos, and what a halo must be for a PSF.
+"""Cutting a volume into task regions with halos (what halo a task needs is its class's say).
 
 Each task owns a ``tile``-shaped core (the last ones along an axis may be smaller) and reads
 a window that extends the core by ``halo`` on every side. Where the window reaches past the
@@ -15,11 +15,6 @@ import itertools
 from collections.abc import Sequence
 
 from rqml_dask.task import Region
-
-
-def auto_halo(psf_shape: Sequence[int]) -> tuple[int, ...]:
-    """The default halo: one full PSF width per axis (twice its half-width)."""
-    return tuple(int(n) for n in psf_shape)
 
 
 def plan_regions(shape: Sequence[int], tile: Sequence[int], halo: Sequence[int]) -> list[Region]:

@@ -62,10 +62,10 @@ def read_window(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.nd
     return data
 
 
-def check_values(ref: ArrayRef, accept_saturated: bool = False) -> None:
+def check_values(ref: ArrayRef, accept_saturated: bool = False, nonnegative: bool = True) -> None:
     """Refuse (:class:`InputError`) an image the models cannot use as it is: NaN or infinite
-    values, negative ones (Richardson-Lucy and its family need non-negative data, such as
-    photon counts), or, in an integer image and unless ``accept_saturated``, saturated ones
+    values, negative ones where the task class needs ``nonnegative`` data (Richardson-Lucy
+    and its family need photon counts), or, in an integer image and unless ``accept_saturated``, saturated ones
     (at the type's maximum: the detector clipped them, and no deconvolution restores what
     was clipped). The message names the array, how many, where and the fix. Reads the
     array once, chunk by chunk."""
@@ -95,7 +95,7 @@ def check_values(ref: ArrayRef, accept_saturated: bool = False) -> None:
     if nonfinite:
         raise InputError(f"{ref} contains {nonfinite} NaN or infinite value(s), the first at {first_nonfinite}: "
                          "fill or mask them before the run")
-    if negative:
+    if negative and nonnegative:
         raise InputError(f"{ref} has {negative} negative value(s), the lowest {lowest:.4g} at {lowest_at}: the models "
                          "need non-negative data (photon counts); subtract less background, or add an offset and "
                          "subtract it from the result")
@@ -105,7 +105,8 @@ def check_values(ref: ArrayRef, accept_saturated: bool = False) -> None:
                          "acquire below saturation, or set input.accept_saturated: true to deconvolve them as they are")
 
 
-def read_core(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.ndarray:
+def read_core(ref: ArrayRef, region: Region, dtype: Any = None) -> np.ndarray:
+    """The region's core of ``ref`` (in the array's own dtype unless ``dtype``)."""
     return np.asarray(open_array(ref)[region.core_slices], dtype=dtype)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from distributed import Client
 
 from rqml_dask.cluster import embedded_cluster
 from rqml_dask.pipeline.config import ClusterSpec
-from rqml_dask.synthetic import SynthSpec, write_synthetic
+from rqml_dask.synthetic import SynthSpec, SystemsSpec, write_synthetic, write_systems
 
 from timing import bound
 
@@ -31,6 +32,70 @@ SMALL = SynthSpec(kind="cells", shape=(24, 48, 48), psf_sigma=(1.5, 1.0, 1.0), p
 def small_volume(tmp_path_factory) -> Path:
     """A 24x48x48 synthetic cell volume (truth, observed, psf) in a Zarr store."""
     return write_synthetic(tmp_path_factory.mktemp("data") / "small.zarr", SMALL)
+
+
+SYSTEMS = SystemsSpec(kind="systems", grid=(48, 48), count=8, contrast=1000, anisotropy=4, seed=1)
+"""Conditioned so that float32 CG needs 400+ iterations to its fixed point: fixed budgets of 300 hold."""
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def small_systems(tmp_path_factory) -> Path:
+    """Eight 48x48 high-contrast diffusion systems (rhs, coefficients, truth) in a Zarr store."""
+    return write_systems(tmp_path_factory.mktemp("data") / "systems.zarr", SYSTEMS)
+
+
+def systems_dict(store: Path, out: Path, **overrides) -> dict:
+    """A small, valid linear_solve pipeline over ``store`` (the ladder of pipelines/linear_solve.yaml,
+    two systems per task); ``overrides`` replace top-level sections, as :func:`pipeline_dict`."""
+    config = {
+        "name": "solve",
+        "task_class": "linear_solve",
+        "input": {"store": str(store), "image": "rhs", "operator": "coefficients", "truth": "truth"},
+        "output": {"store": str(out)},
+        "tiling": {"tile": [2, *SYSTEMS.grid], "halo": 0},
+        "models": {"ladder": ["jacobi", "conjugate_gradient", "mixed_precision"]},
+        "convergence": {"target_misfit": 1e-10, "max_iterations": 3000, "max_iterations_per_model": 1000, "check_every": 5,
+                        "stability_tol": 1e-4, "novelty_window": 20, "min_progress": 0.1},
+        "validation": {"require_nonnegative": False, "max_misfit": 1e-10},
+        "cluster": {"n_workers": 2, "dashboard_address": "127.0.0.1:0"},
+        "checkpoint": {"every_iterations": 10},
+    }
+    return _with(config, out, overrides)
+
+
+@dataclass(frozen=True)
+class EngineCase:
+    """One task class as the engine tests run it: its data, a pipeline over them, and a
+    model that iterates at a set pace (``delay`` seconds per iteration) for fixed budgets."""
+
+    task_class: str
+    store: Path
+    output_array: str
+    paced_model: str
+
+    def pipeline(self, out: Path, *, tasks: int, iterations: int, delay: float, **overrides) -> dict:
+        """A pipeline of ``tasks`` tasks, each run for exactly ``iterations`` iterations of the
+        paced model (shipped as a plugin file), its result accepted as it is."""
+        fixed = {"max_iterations": iterations, "check_every": 10, "stability_tol": 0, "consistency_tol": 0,
+                 "novelty_window": 10**6, "accept_max_iterations": True}
+        models = {"ladder": [self.paced_model], "params": {self.paced_model: {"delay": delay}}}
+        if self.task_class == "deconvolution":
+            tile = {8: [12, 24, 24], 4: [12, 24, 48]}[tasks]
+            config = pipeline_dict(self.store, out, tiling={"tile": tile, "halo": "auto"}, convergence=fixed, models=models)
+        else:
+            tile = [SYSTEMS.count // tasks, *SYSTEMS.grid]
+            config = systems_dict(self.store, out, tiling={"tile": tile, "halo": 0}, convergence=fixed, models=models,
+                                  validation={"require_nonnegative": False})
+        return {**config, "plugins": [str(TESTS / "sleepy_model.py")], **overrides}
+
+
+@pytest.fixture(params=["deconvolution", "linear_solve"])
+def engine_case(request, small_volume, small_systems) -> EngineCase:
+    """Each task class in turn, for the engine tests that must hold for both."""
+    if request.param == "deconvolution":
+        return EngineCase("deconvolution", small_volume, "deconvolved", "sleepy_model:SleepyModel")
+    return EngineCase("linear_solve", small_systems, "solution", "sleepy_model:SleepyConjugateGradient")
 
 
 def local_cluster(n_workers: int = 2):
@@ -63,6 +128,11 @@ def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
         "cluster": {"n_workers": 2, "dashboard_address": "127.0.0.1:0"},
         "checkpoint": {"every_iterations": 10},
     }
+    return _with(config, out, overrides)
+
+
+def _with(config: dict, out: Path, overrides: dict) -> dict:
+    """``config`` with ``overrides``, its checkpoints beside ``out`` and no held-out counts, unless given."""
     config.update(overrides)
     config["checkpoint"] = {"artifacts": f"{out}.checkpoints", **config["checkpoint"]}
     config["convergence"] = {"held_out_fraction": 0, **config["convergence"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,11 @@ import zarr
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from rqml_dask import Pipeline, RunReport
+from rqml_dask.arrays import numpy_backend
 from rqml_dask.pipeline import load_pipeline_config
+from rqml_dask.problem import load_problem
+from rqml_dask.refinement import Refinement
+from rqml_dask.volumes import open_array
 
 
 def heterogeneous_cluster(slowdowns: list[float], rqml_scheduler: bool = True, faulty: frozenset[int] = frozenset()) -> SpecCluster:
@@ -65,6 +70,23 @@ def sleepy_result(store: Path, iterations_: int) -> np.ndarray:
     for _ in range(iterations_):
         x = x * 0.999
     return x
+
+
+def uninterrupted_result(pipeline: Pipeline) -> np.ndarray:
+    """What ``pipeline`` computes, every task run here from start to end without a pause
+    (its paced model at no delay): what any run, however interrupted, must write."""
+    backend = numpy_backend()
+    output = None
+    for task in pipeline.tasks():
+        task = replace(task, model_params={m: {**p, "delay": 0.0} for m, p in task.model_params.items()})
+        task, problem = load_problem(task, backend)
+        refinement = Refinement.start(task, problem, backend)
+        refinement.run_to_end()
+        core = refinement.estimate[task.region.core_in_window]
+        if output is None:
+            output = np.zeros(open_array(task.input.image).shape, core.dtype)
+        output[task.region.core_slices] = core
+    return output
 
 
 def placement(client: Client, report) -> dict[str, int]:

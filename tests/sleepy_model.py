@@ -1,6 +1,7 @@
-"""A test model whose iterations take a set time, scaled per worker process.
+"""Test models whose iterations take a set time, scaled per worker process.
 
-Each step sleeps ``delay * RQML_TEST_SLOWDOWN`` seconds (the environment variable of the
+:class:`SleepyModel` (deconvolution) shrinks the estimate a little per step;
+:class:`SleepyConjugateGradient` (linear_solve) is the real float32 CG, paced. Each step sleeps ``delay * RQML_TEST_SLOWDOWN`` seconds (the environment variable of the
 worker process; 1 if unset) and shrinks the estimate a little, so tests and benchmarks get
 nodes of different, known speeds without loading the CPU. On a worker started with
 ``RQML_TEST_FAULTY=1`` the estimate turns NaN: its results fail validation.
@@ -12,6 +13,11 @@ import os
 import time
 
 from rqml_dask.models import RefinementModel
+from rqml_plugins.linear_solve.conjugate_gradient import ConjugateGradient
+
+
+def _pace(delay: float) -> float:
+    return delay * float(os.environ.get("RQML_TEST_SLOWDOWN", "1"))
 
 
 class SleepyModel(RefinementModel):
@@ -21,7 +27,7 @@ class SleepyModel(RefinementModel):
 
     def __init__(self, problem, backend, *, delay: float = 0.01) -> None:
         super().__init__(problem, backend)
-        self.delay = delay * float(os.environ.get("RQML_TEST_SLOWDOWN", "1"))
+        self.delay = _pace(delay)
         self.start()
 
     def start(self, estimate=None) -> None:
@@ -39,3 +45,15 @@ class SleepyModel(RefinementModel):
 
     def misfit(self) -> float:
         return 1.0 / (1.0 + self.steps)
+
+
+class SleepyConjugateGradient(ConjugateGradient):
+    """Conjugate gradient, each iteration at least ``delay`` seconds (scaled as above)."""
+
+    def __init__(self, problem, backend, *, delay: float = 0.01) -> None:
+        super().__init__(problem, backend)
+        self.delay = _pace(delay)
+
+    def step(self) -> None:
+        time.sleep(self.delay)
+        super().step()

@@ -73,7 +73,7 @@ def test_a_resumed_refinement_under_the_held_out_rule_returns_what_an_uninterrup
     settings = ConvergenceSettings(max_iterations=200, check_every=5, stability_tol=0, consistency_tol=0,
                                    novelty_window=10**6, held_out_fraction=0.2, held_out_patience=10)
     task = task_with_checkpoints(tmp_path, ladder=("richardson_lucy",), every_iterations=5)
-    task = dataclasses.replace(task, convergence=settings, input=TaskInput(task.input.image, task.input.psf, counts_per_unit=50.0))
+    task = dataclasses.replace(task, convergence=settings, input=TaskInput(task.input.image, task.input.operator, counts_per_unit=50.0))
 
     def problem():  # a blurred 16^3 volume at 50 photons per unit
         import scipy.signal

@@ -40,6 +40,28 @@ def test_synth_then_run_prints_summary_with_both_errors(tmp_path):
     assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "complete"
 
 
+def test_the_shipped_linear_solve_pipeline_generates_its_systems_and_solves_them(tmp_path):
+    """``rqml run pipelines/linear_solve.yaml`` as a user runs it, from a directory of their own."""
+    done = rqml("run", str(Path(__file__).parents[1] / "pipelines" / "linear_solve.yaml"), "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^tasks\s+8 \(8 accepted\)", done.stdout, re.M), done.stdout
+    assert re.search(r"^escalations\s+16$", done.stdout, re.M)  # every task: Jacobi -> CG -> mixed precision
+    error = re.search(r"error vs truth \(relative RMSE\): input 1 -> output (\S+)", done.stdout)
+    assert error and float(error[1]) < 1e-8
+    assert zarr.open_group(tmp_path / "results" / "linear_solve.zarr", mode="r").attrs["rqml"]["status"] == "complete"
+
+
+def test_synth_systems_writes_a_batch_for_linear_solve(tmp_path):
+    store = tmp_path / "systems.zarr"
+    done = rqml("data", "synth", str(store), "--kind", "systems", "--grid", "8,10,12", "--count", "3", "--contrast", "50")
+    assert done.returncode == 0, done.stderr
+    group = zarr.open_group(store, mode="r")
+    assert {k: group[k].shape for k in group.keys()} == {"rhs": (3, 8, 10, 12), "coefficients": (3, 3, 8, 10, 12), "truth": (3, 8, 10, 12)}
+    k = group["coefficients"][...]
+    assert 1 <= k[:, 0].max() / k[:, 0].min() <= 50 + 1e-9
+    assert rqml("data", "synth", str(store), "--kind", "systems", "--grid", "8").returncode != 0  # exists, refused
+
+
 def test_bad_pipeline_is_refused_before_any_cluster_starts(tmp_path):
     config = tmp_path / "p.yaml"
     config.write_text("name: x\ninput: {store: nowhere.zarr}\noutput: {store: o.zarr}\ntiling: {tile: [8]}\nmodels: {ladder: [richardson_lucy]}\nconvergence: {check_every: -1}\n")

@@ -38,8 +38,11 @@ def make_task(task_id: str, **fields) -> RQMLTask:
     return RQMLTask(**{**defaults, **fields})
 
 
-def make_problem(seed: int, backend=numpy_backend()) -> dict:
+def make_problem(seed: int, backend=numpy_backend(), task_class: str = "deconvolution") -> dict:
     rng = np.random.default_rng(seed)
+    if task_class == "linear_solve":  # two 24x24 diffusion systems
+        rhs = backend.asarray(rng.standard_normal((2, 24, 24)))
+        return {"image": rhs, "observed": rhs, "coefficients": backend.asarray(10 ** rng.random((2, 2, 24, 24)) * 3)}
     image = rng.poisson(rng.random((16, 16, 16)) * 50).astype(np.float32) / 50
     return {"image": backend.asarray(image), "psf": backend.asarray(gaussian_psf((1.0, 1.0, 1.0)))}
 
@@ -87,21 +90,25 @@ def test_inbound_serves_priority_class_difficulty_then_warm_models(node):
 
 
 @pytest.mark.parametrize("fft_threads", [1, 2], ids=["interleaved", "batched"])
-def test_refinement_queue_interleaves_and_each_result_equals_a_solo_run(node, fft_threads, monkeypatch):
+@pytest.mark.parametrize("task_class", ["deconvolution", "linear_solve"])
+def test_refinement_queue_interleaves_and_each_result_equals_a_solo_run(node, task_class, fft_threads, monkeypatch):
     batches = []
     step_batch = RichardsonLucy.step_batch.__func__
     monkeypatch.setattr(RichardsonLucy, "step_batch", classmethod(lambda cls, models: (batches.append(len(models)), step_batch(cls, models))))
     orchestrator = node(NodePolicy(min_concurrency=3, max_concurrency=3), backend=numpy_backend(fft_threads), start=False)
     assert orchestrator.batching == (fft_threads > 1)
-    ladder = ("richardson_lucy",)  # plain Richardson-Lucy: the model that batches
-    tasks = [make_task(f"t{i}", model_ladder=ladder, convergence=ConvergenceSettings(max_iterations=60, check_every=5)) for i in range(3)]
-    futures = [orchestrator.submit(t, make_problem(i)) for i, t in enumerate(tasks)]  # queued before the node starts
+    # plain Richardson-Lucy: the model that batches; conjugate gradient steps one task at a time
+    ladder = ("richardson_lucy",) if task_class == "deconvolution" else ("conjugate_gradient",)
+    settings = ConvergenceSettings(max_iterations=60, check_every=5, held_out_fraction=0)
+    tasks = [make_task(f"t{i}", task_class=task_class, model_ladder=ladder, convergence=settings) for i in range(3)]
+    futures = [orchestrator.submit(t, make_problem(i, task_class=task_class)) for i, t in enumerate(tasks)]  # queued before the node starts
     orchestrator.start()
     results = [future.result(timeout=bound(60)) for future in futures]
     assert max(r.started_at for r in results) < min(r.finished_at for r in results)  # all three iterated at once
-    assert (max(batches) == 3) if fft_threads > 1 else (set(batches) <= {1})  # batched: all three in one call
+    if task_class == "deconvolution":
+        assert (max(batches) == 3) if fft_threads > 1 else (set(batches) <= {1})  # batched: all three in one call
     for i, (task, interleaved) in enumerate(zip(tasks, results)):
-        solo = Refinement.start(task, make_problem(i), numpy_backend())
+        solo = Refinement.start(task, make_problem(i, task_class=task_class), numpy_backend())
         solo.run_to_end()
         assert interleaved.iteration == solo.iteration and interleaved.status == solo.status
         np.testing.assert_array_equal(interleaved.estimate, solo.estimate)

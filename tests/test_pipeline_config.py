@@ -45,7 +45,8 @@ def test_unknown_key_wrong_type_and_bad_value(tmp_path):
 def test_unknown_model_and_unknown_parameter(tmp_path):
     data = pipeline_dict(tmp_path / "in.zarr", tmp_path / "out.zarr")
     data["models"] = {"ladder": ["richardson_lucy", "wiener"]}
-    assert "unknown model 'wiener'; registered models: landweber, richardson_lucy" in refused(tmp_path, data)
+    message = refused(tmp_path, data)
+    assert "models.ladder: unknown model 'wiener'; registered models: conjugate_gradient, jacobi, landweber" in message
     data["models"] = {"ladder": ["richardson_lucy_tv"], "params": {"richardson_lucy_tv": {"lambda": 0.1}}}
     assert "params for model 'richardson_lucy_tv'" in refused(tmp_path, data)
 

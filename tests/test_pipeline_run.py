@@ -145,7 +145,7 @@ def test_psf_of_wrong_rank_is_refused(tmp_path, small_volume):
     shutil.copytree(small_volume, store)
     group = zarr.open_group(store, mode="r+")
     group.create_array("psf", data=np.ones((5, 5), np.float32) / 25, overwrite=True)
-    with pytest.raises(InputError, match="has rank 2 but image .* has rank 3"):
+    with pytest.raises(InputError, match="psf2d.zarr::psf .* has rank 2 but the image has rank 3"):
         make_pipeline(tmp_path, store).tasks()
 
 

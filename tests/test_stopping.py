@@ -50,7 +50,7 @@ def test_the_photon_count_is_estimated_from_the_noise_on_the_safe_side(tmp_path,
 def oracle(pipeline: Pipeline, iterations: int = 120) -> tuple[float, int]:
     """Plain RL's best volume-wide relative error at any iteration, and that iteration."""
     tasks = pipeline.tasks()
-    psf = np.asarray(open_array(tasks[0].input.psf)[...], dtype=np.float32)
+    psf = np.asarray(open_array(tasks[0].input.operator)[...], dtype=np.float32)
     sse, truth_ss = np.zeros(iterations), 0.0
     for task in tasks:
         truth = read_core(task.input.truth, task.region, np.float64)

@@ -1,1 +1,46 @@
-"""The built-in model families of the deconvolution task class."""
+"""The deconvolution task class and its built-in model families."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from rqml_dask.models import Array, ArrayBackend, TaskClass
+
+
+class Deconvolution(TaskClass):
+    """A tile of a fluorescence volume (photon counts) blurred by a known PSF.
+
+    The operator is the PSF, read whole by every task: it has the image's rank, is no larger
+    than the image on any axis, is finite and non-negative with a positive sum. The halo is
+    one PSF width per axis (what keeps a tile's zero boundary from reaching its core).
+    """
+
+    name = "deconvolution"
+    operator_key = "psf"
+    default_operator = "psf"
+    default_output = "deconvolved"
+    dtype = "float32"
+    photon_counts = True
+    data_is_estimate = True
+
+    def read_operator(self, operator: Any, core: tuple[tuple[int, int], ...], image_shape: tuple[int, ...]) -> np.ndarray:
+        psf = np.asarray(operator[...], dtype=np.float32)
+        if psf.ndim != len(image_shape):
+            raise ValueError(f"has rank {psf.ndim} but the image has rank {len(image_shape)}")
+        if any(p > n for p, n in zip(psf.shape, image_shape)):
+            raise ValueError(f"{psf.shape} is larger than the image {tuple(image_shape)}")
+        if not np.all(np.isfinite(psf)) or psf.sum() <= 0 or psf.min() < 0:
+            raise ValueError("must be finite, non-negative and have a positive sum")
+        return psf
+
+    def halo(self, operator_shape: tuple[int, ...], image_ndim: int) -> tuple[int, ...]:
+        return tuple(int(n) for n in operator_shape)
+
+    def probe_problem(self, backend: ArrayBackend) -> dict[str, Array]:
+        grid = np.indices((8, 12, 12), dtype=np.float32)
+        image = 1.0 + np.exp(-(((grid - np.array([4, 6, 6], np.float32)[:, None, None, None]) ** 2).sum(0)) / 4)
+        psf = np.exp(-(((np.indices((3, 5, 5), dtype=np.float32) - np.array([1, 2, 2], np.float32)[:, None, None, None]) ** 2).sum(0)))
+        image = backend.asarray(image.astype(np.float32))
+        return {"image": image, "observed": image, "psf": backend.asarray((psf / psf.sum()).astype(np.float32))}

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rqml_dask.models import UnknownModelError, load_model
-from rqml_dask.synthetic import SynthSpec
+from rqml_dask.arrays import numpy_backend
+from rqml_dask.models import ModelCheckError, UnknownModelError, check_model, load_model, load_task_class
+from rqml_dask.pipeline.plugins import PluginError, import_plugins
+from rqml_dask.synthetic import SynthSpec, SystemsSpec
 from rqml_dask.task import ConvergenceSettings, ValidationSettings
 
 
@@ -28,7 +30,9 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    """Where the data is. ``synthesize`` generates the store first if it does not exist.
+    """Where the data is: ``image``, the array refined against, and ``operator``, read with
+    it (the PSF of a deconvolution, the coefficients of a linear solve; unset, the task
+    class's own name for it). ``synthesize`` generates the store first if it does not exist.
     ``accept_saturated``: deconvolve an integer image's saturated values (at the type's
     maximum) as they are, instead of refusing the image. ``counts_per_unit``: photons per
     unit of the image's intensity (for a camera, 1 / gain after the offset is subtracted);
@@ -37,20 +41,23 @@ class InputSpec(_Strict):
 
     store: Path
     image: str = "observed"
-    psf: str = "psf"
+    operator: str | None = None
     truth: str | None = None
-    synthesize: SynthSpec | None = None
+    synthesize: Annotated[SynthSpec | SystemsSpec, Field(discriminator="kind")] | None = None
     accept_saturated: bool = False
     counts_per_unit: float | None = Field(default=None, gt=0)
 
 
 class OutputSpec(_Strict):
+    """Where the results go; ``array`` unset is the task class's own name for them."""
+
     store: Path
-    array: str = "deconvolved"
+    array: str | None = None
 
 
 class TilingSpec(_Strict):
-    """Core size of each task, and the halo read around it (``auto``: one PSF width)."""
+    """Core size of each task, and the halo read around it (``auto``: what the task class
+    needs, one PSF width for a deconvolution, none for a linear solve)."""
 
     tile: tuple[int, ...] = Field(min_length=1)
     halo: Literal["auto"] | int | tuple[int, ...] = "auto"
@@ -70,16 +77,7 @@ class ModelsSpec(_Strict):
     params: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="after")
-    def _known_models(self) -> ModelsSpec:
-        for name in self.ladder:
-            try:
-                model = load_model(name)
-            except UnknownModelError as exc:
-                raise ValueError(str(exc)) from None
-            try:
-                inspect.signature(model.__init__).bind(None, None, None, **self.params.get(name, {}))
-            except TypeError as exc:
-                raise ValueError(f"params for model {name!r}: {exc}") from None
+    def _params_on_ladder(self) -> ModelsSpec:
         for name in self.params:
             if name not in self.ladder:
                 raise ValueError(f"params given for {name!r}, which is not on the ladder {self.ladder}")
@@ -119,8 +117,13 @@ class TaskDefaults(_Strict):
 
 
 class PipelineConfig(_Strict):
+    """A pipeline file. ``plugins`` are model files (``.py``) or package directories,
+    relative to the file, shipped to every worker of the cluster (:mod:`rqml_dask.pipeline.plugins`);
+    their models are named ``module:Class`` on the ladder."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    task_class: Literal["deconvolution"] = "deconvolution"
+    task_class: str = "deconvolution"
+    plugins: list[Path] = []
     input: InputSpec
     output: OutputSpec
     tiling: TilingSpec
@@ -132,8 +135,34 @@ class PipelineConfig(_Strict):
     cluster: ClusterSpec = ClusterSpec()
 
 
+def check_models(config: PipelineConfig, where: str | Path) -> None:
+    """Refuse (:class:`PipelineConfigError`) a task class or model the pipeline cannot run:
+    unknown, for another task class, given parameters it does not take, or failing its probe
+    (:func:`rqml_dask.models.check_model`). The plugin files must be importable first."""
+    try:
+        load_task_class(config.task_class)
+    except UnknownModelError as exc:
+        raise PipelineConfigError(f"{where}: task_class: {exc}") from None
+    names = [("models.ladder", name) for name in config.models.ladder]
+    names += [("validation.vote_models", name) for name in config.validation.vote_models]
+    for key, name in names:
+        params = config.models.params.get(name, {})
+        try:
+            model = load_model(name)
+            inspect.signature(model.__init__).bind(None, None, None, **params)
+        except UnknownModelError as exc:
+            raise PipelineConfigError(f"{where}: {key}: {exc}") from None
+        except TypeError as exc:
+            raise PipelineConfigError(f"{where}: models.params: params for model {name!r}: {exc}") from None
+        try:
+            check_model(name, config.task_class, params, numpy_backend())
+        except ModelCheckError as exc:
+            raise PipelineConfigError(f"{where}: {key}: {exc}") from None
+
+
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline file; relative paths in it are taken from the working directory."""
+    """Read and validate a pipeline file; relative paths in it are taken from the working
+    directory, except ``plugins``, taken from the file's own directory."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -151,12 +180,19 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise PipelineConfigError(format_validation_error(path, exc)) from None
-    return config.model_copy(
+    config = config.model_copy(
         update={
             "input": config.input.model_copy(update={"store": config.input.store.absolute()}),
             "output": config.output.model_copy(update={"store": config.output.store.absolute()}),
+            "plugins": [(path.parent / plugin).absolute() for plugin in config.plugins],
         }
     )
+    try:
+        import_plugins(config.plugins)
+    except PluginError as exc:
+        raise PipelineConfigError(f"{path}: plugins: {exc}") from None
+    check_models(config, path)
+    return config
 
 
 def format_validation_error(path: Path, exc: ValidationError) -> str:

@@ -37,12 +37,14 @@ from distributed.comm import get_address_host_port
 from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits
 from rqml_dask.node.handover import run_task, run_vote
 from rqml_dask.held_out import estimate_counts_per_unit
+from rqml_dask.models import TaskClass, load_task_class
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
+from rqml_dask.pipeline.plugins import plugin_digest, ship_plugins
 from rqml_dask.pipeline.voting import tally_vote, vote_array, voter_tasks
-from rqml_dask.problem import check_psf
-from rqml_dask.synthetic import write_synthetic
+from rqml_dask.problem import read_operator
+from rqml_dask.synthetic import SystemsSpec, write_synthetic, write_systems
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
-from rqml_dask.tiling import auto_halo, plan_regions
+from rqml_dask.tiling import plan_regions
 from rqml_dask.volumes import InputError, check_values, open_array
 
 
@@ -101,7 +103,7 @@ class RunReport:
             )
         if self.output_error is not None:
             lines.append(
-                f"error vs truth (relative RMSE): input {self.input_error:.4f} -> output {self.output_error:.4f}"
+                f"error vs truth (relative RMSE): input {self.input_error:.4g} -> output {self.output_error:.4g}"
             )
         for o in self.rejected:
             why = "; ".join(o.validation_failures) if o.state == "rejected" else o.reason
@@ -134,8 +136,12 @@ class Pipeline:
         )
 
     @property
+    def task_class(self) -> TaskClass:
+        return load_task_class(self.config.task_class)
+
+    @property
     def output_ref(self) -> ArrayRef:
-        return ArrayRef(str(self.config.output.store), self.config.output.array)
+        return ArrayRef(str(self.config.output.store), self.config.output.array or self.task_class.default_output)
 
     @property
     def input_refs(self) -> TaskInput:
@@ -146,14 +152,14 @@ class Pipeline:
             truth = "truth"
         return TaskInput(
             image=ArrayRef(store, spec.image),
-            psf=ArrayRef(store, spec.psf),
+            operator=ArrayRef(store, spec.operator or self.task_class.default_operator),
             truth=ArrayRef(store, truth) if truth else None,
         )
 
     def _counts_per_unit(self, image: zarr.Array) -> float | None:
         """Photons per unit intensity of ``image`` (see ``input.counts_per_unit``), or
         ``None`` if the held-out stopping rule is off. Reads at most one chunk."""
-        if self.config.convergence.held_out_fraction == 0:
+        if self.config.convergence.held_out_fraction == 0 or not self.task_class.photon_counts:
             return None
         if self.config.input.counts_per_unit is not None:
             return self.config.input.counts_per_unit
@@ -171,22 +177,27 @@ class Pipeline:
         """Generate the synthetic input if the pipeline asks for it and it is missing."""
         spec = self.config.input
         if spec.synthesize is not None and not spec.store.exists():
-            write_synthetic(spec.store, spec.synthesize)
+            if isinstance(spec.synthesize, SystemsSpec):
+                write_systems(spec.store, spec.synthesize)
+            else:
+                write_synthetic(spec.store, spec.synthesize)
 
     def tasks(self) -> list[RQMLTask]:
         """The pipeline's RQML tasks; reads only array metadata, and checks it."""
         self.ensure_input()
         refs = self.input_refs
         image = open_array(refs.image)
-        psf = open_array(refs.psf)
         if refs.truth is not None and open_array(refs.truth).shape != image.shape:
             raise InputError(f"truth {refs.truth} has shape {open_array(refs.truth).shape}, image {image.shape}")
-        check_psf(np.asarray(psf[...]), refs.psf, image.shape, refs.image)
+        read_operator(self.task_class, refs.operator, None, refs.image)
         tiling = self.config.tiling
         if len(tiling.tile) != image.ndim:
             raise InputError(f"tiling.tile {tiling.tile} has rank {len(tiling.tile)}, image {refs.image} has rank {image.ndim}")
         halo = tiling.halo
-        halo = auto_halo(psf.shape) if halo == "auto" else (halo,) * image.ndim if isinstance(halo, int) else halo
+        if halo == "auto":
+            halo = self.task_class.halo(tuple(open_array(refs.operator).shape), image.ndim)
+        elif isinstance(halo, int):
+            halo = (halo,) * image.ndim
         regions = plan_regions(image.shape, tiling.tile, halo)
         models = self.config.models
         checkpoint = self.checkpoint_settings
@@ -206,6 +217,7 @@ class Pipeline:
                 convergence=self.config.convergence,
                 validation=self.config.validation,
                 checkpoint=checkpoint,
+                plugin_digest=plugin_digest(self.config.plugins),
             )
             for i, region in enumerate(regions)
         ]
@@ -232,7 +244,8 @@ class Pipeline:
         shape, chunks = self._output_layout()
         for name in self._output_arrays():
             existing = group.get(name)
-            if existing is not None and not (isinstance(existing, zarr.Array) and existing.shape == shape and existing.chunks == chunks):
+            if existing is not None and not (isinstance(existing, zarr.Array) and existing.shape == shape
+                                             and existing.chunks == chunks and existing.dtype == self.task_class.dtype):
                 found = f"shape {existing.shape}, chunks {existing.chunks}" if isinstance(existing, zarr.Array) else "a group"
                 raise PipelineError(f"output {store}::{name} holds {found}, this pipeline writes shape {shape}, chunks "
                                     f"{chunks}: pass --overwrite to replace it, or choose another output.store")
@@ -245,8 +258,9 @@ class Pipeline:
         group = zarr.open_group(self.config.output.store, mode="a")
         for name in self._output_arrays():
             existing = group.get(name)
-            if not (isinstance(existing, zarr.Array) and existing.shape == shape and existing.chunks == chunks):
-                group.create_array(name, shape=shape, chunks=chunks, dtype="float32", overwrite=True)
+            if not (isinstance(existing, zarr.Array) and existing.shape == shape and existing.chunks == chunks
+                    and existing.dtype == self.task_class.dtype):
+                group.create_array(name, shape=shape, chunks=chunks, dtype=self.task_class.dtype, overwrite=True)
         group.attrs["rqml"] = {
             "status": "incomplete",
             "pipeline": self.config.name,
@@ -261,13 +275,14 @@ class Pipeline:
         return tuple(image.shape), tuple(min(t, n) for t, n in zip(self.config.tiling.tile, image.shape))
 
     def _output_arrays(self) -> list[str]:
-        return [self.config.output.array] + [vote_array(self.config.output.array, m) for m in self.config.validation.vote_models]
+        array = self.output_ref.path
+        return [array] + [vote_array(array, m) for m in self.config.validation.vote_models]
 
     def check_input(self) -> None:
         """Refuse (:class:`InputError`) input values the models cannot use (NaN, infinite,
-        negative, saturated: :func:`~rqml_dask.volumes.check_values`), before anything is
-        written."""
-        check_values(self.input_refs.image, self.config.input.accept_saturated)
+        negative photon counts, saturated: :func:`~rqml_dask.volumes.check_values`), before
+        anything is written."""
+        check_values(self.input_refs.image, self.config.input.accept_saturated, self.task_class.photon_counts)
 
     def prepare(self, overwrite: bool = False) -> list[RQMLTask]:
         """The pipeline's tasks, once its input values and its output are checked
@@ -283,6 +298,7 @@ class Pipeline:
         :meth:`prepare` returned, else it is called here."""
         tasks = self.prepare(overwrite) if tasks is None else tasks
         self.create_output(tasks)
+        ship_plugins(client, self.config.plugins)
         return [self._submit_task(client, task) for task in tasks]
 
     def _submit_task(self, client: Client, task: RQMLTask) -> Future:
@@ -319,6 +335,7 @@ class Pipeline:
         started = time.perf_counter()
         tasks = self.prepare(overwrite) if tasks is None else tasks
         self.create_output(tasks)
+        ship_plugins(client, self.config.plugins)
         pending = {task.task_id: (task, self._submit_task(client, task)) for task in tasks}
         outcomes: list[TaskOutcome] = []
         bar = _progress_bar(len(tasks), self.config.name, progress)
@@ -347,6 +364,7 @@ class Pipeline:
                     if own_client is not None:
                         own_client.close()
                     client = own_client = _client_when_back(client, reconnect_timeout)
+                    ship_plugins(client, self.config.plugins)  # a scheduler started anew has none
                     for task in lost:
                         pending[task.task_id] = (task, self._submit_task(client, task))
         except BaseException:

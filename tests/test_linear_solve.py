@@ -1,0 +1,155 @@
+"""The second task class: batches of diffusion systems, solved up the Jacobi -> CG -> mixed precision ladder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg
+import zarr
+from distributed import Client
+
+from rqml_dask import Pipeline, events
+from rqml_dask.arrays import numpy_backend
+from rqml_dask.synthetic import diffusion_matrix
+from rqml_plugins.linear_solve._operator import DiffusionOperator
+from rqml_plugins.linear_solve.conjugate_gradient import ConjugateGradient
+from rqml_plugins.linear_solve.mixed_precision import MixedPrecisionRefinement
+
+from conftest import SYSTEMS, systems_dict, write_yaml
+from heterogeneous_cluster import heterogeneous_cluster
+from timing import bound, wait_for
+
+
+def systems(store, index: slice):
+    group = zarr.open_group(store, mode="r")
+    return group["rhs"][index], group["coefficients"][index], group["truth"][index]
+
+
+def relative_residual(coefficients: np.ndarray, x: np.ndarray, b: np.ndarray) -> float:
+    matrix = diffusion_matrix(coefficients)
+    return float(np.linalg.norm(b.ravel() - matrix @ x.ravel()) / np.linalg.norm(b))
+
+
+def test_the_matrix_free_operator_is_the_assembled_matrix_and_the_five_point_laplacian():
+    rng = np.random.default_rng(0)
+    coefficients = 10 ** rng.random((3, 2, 9, 11))
+    x = rng.standard_normal((3, 9, 11))
+    applied = DiffusionOperator(coefficients, numpy_backend()).apply(x)
+    for i in range(3):
+        np.testing.assert_allclose(applied[i].ravel(), diffusion_matrix(coefficients[i]) @ x[i].ravel(), rtol=1e-12, atol=1e-12)
+    # unit diffusivity: the standard 5-point Laplacian with Dirichlet boundaries (2 on the diagonal of each 1-D part)
+    line = lambda n: scipy.sparse.diags([-np.ones(n - 1), 2 * np.ones(n), -np.ones(n - 1)], [-1, 0, 1])  # noqa: E731
+    laplacian = scipy.sparse.kronsum(line(11), line(9))
+    assert abs(diffusion_matrix(np.ones((2, 9, 11))) - laplacian).max() < 1e-12
+
+
+def test_mixed_precision_reaches_a_float64_residual_from_float32_solves(small_systems, monkeypatch):
+    rhs, coefficients, truth = systems(small_systems, slice(0, 2))
+    problem = {"image": rhs, "observed": rhs, "coefficients": coefficients}
+    cg = ConjugateGradient(problem, numpy_backend())
+    for _ in range(600):
+        cg.step()
+    assert cg.misfit() > 1e-8  # float32 CG stops far above a float64 residual
+    dtypes = []
+    apply = DiffusionOperator.apply
+    monkeypatch.setattr(DiffusionOperator, "apply", lambda self, x: (dtypes.append(x.dtype), apply(self, x))[1])
+    refinement = MixedPrecisionRefinement(problem, numpy_backend())
+    dtypes.clear()
+    refinement.step()
+    assert dtypes[0] == np.float64 and set(dtypes[1:]) == {np.dtype(np.float32)}  # one float64 residual, float32 solves
+    for _ in range(12):
+        refinement.step()
+    assert refinement.misfit() < 1e-12
+    for i in range(2):
+        assert relative_residual(coefficients[i], refinement.estimate[i], rhs[i]) < 1e-12
+        np.testing.assert_allclose(refinement.estimate[i], truth[i], rtol=0, atol=1e-9 * np.abs(truth[i]).max())
+
+
+@pytest.mark.slow
+def test_a_run_agrees_with_spsolve_on_every_task_and_its_escalations_show(tmp_path, small_systems, client):
+    seen = []
+    client.subscribe_topic(events.SUPERVISION, lambda event: seen.append(event[1]))
+    config = systems_dict(small_systems, tmp_path / "out.zarr")
+    report = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config)).run(client, progress=False)
+    assert len(report.outcomes) == SYSTEMS.count // 2 and not report.rejected
+    output = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    assert output.attrs["rqml"]["status"] == "complete" and output["solution"].dtype == np.float64
+    rhs, coefficients, _ = systems(small_systems, slice(None))
+    for i in range(SYSTEMS.count):
+        matrix = diffusion_matrix(coefficients[i])
+        direct = scipy.sparse.linalg.spsolve(matrix.tocsc(), rhs[i].ravel())
+        solved = output["solution"][i].ravel()
+        assert relative_residual(coefficients[i], output["solution"][i], rhs[i]) <= 1e-10  # the requested tolerance
+        assert np.linalg.norm(solved - direct) / np.linalg.norm(direct) < 1e-8
+    for outcome in report.outcomes:  # ill-conditioned: every rung was needed, and the outcome says why it moved on
+        assert [(run.model, run.stop) for run in outcome.models] == [
+            ("jacobi", "stalled"), ("conjugate_gradient", "stalled"), ("mixed_precision", "converged")]
+        assert outcome.convergence.misfit <= 1e-10 and outcome.escalations == 2
+    wait_for(lambda: sum(e["kind"] == "escalated" for e in seen) >= 2 * len(report.outcomes), what="the escalation events")
+    escalations = {(e["from_model"], e["to_model"]) for e in seen if e["kind"] == "escalated"}
+    assert escalations == {("jacobi", "conjugate_gradient"), ("conjugate_gradient", "mixed_precision")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tolerance,agreed", [(1e-8, True), (1e-17, False)], ids=["agree", "disagree"])
+def test_cross_node_vote_on_a_solve(tmp_path, small_systems, tolerance, agreed):
+    """A voter solving from scratch with mixed precision alone, on another node, agrees with
+    the ladder's result to the solve's accuracy (about 1e-14), not to the last bit."""
+    config = systems_dict(small_systems, tmp_path / "out.zarr", tiling={"tile": [4, *SYSTEMS.grid], "halo": 0},
+                          validation={"require_nonnegative": False, "max_misfit": 1e-10,
+                                      "vote_models": ["mixed_precision"], "vote_tolerance": tolerance})
+    with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=bound(60))
+        report = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config)).run(client, progress=False)
+    assert len(report.outcomes) == 2
+    for outcome in report.outcomes:
+        vote = outcome.vote
+        assert vote["agreed"] is agreed and vote["voters"] != [outcome.node], (vote, outcome.validation_failures)
+        assert 1e-17 < vote["differences"]["mixed_precision"] < 1e-8
+        assert outcome.accepted is agreed
+
+
+def test_a_solve_checked_after_every_step_from_its_zero_start_converges(small_systems, tmp_path):
+    """The first check compares the first iterate with the zero start: a whole change, not a divergence."""
+    from dataclasses import replace
+
+    from rqml_dask.problem import load_problem
+    from rqml_dask.refinement import Refinement
+
+    config = systems_dict(small_systems, tmp_path / "out.zarr", models={"ladder": ["mixed_precision"]})
+    config["convergence"]["check_every"] = 1
+    task = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config)).tasks()[0]
+    task, problem = load_problem(task, numpy_backend())
+    refinement = Refinement.start(task, problem, numpy_backend())
+    refinement.run_to_end()
+    assert refinement.status == "converged" and refinement.iteration <= 6
+    assert refinement.runs[0].misfit <= 1e-10 and not refinement.validate()
+
+
+@pytest.mark.parametrize("name", ["jacobi", "conjugate_gradient", "mixed_precision"])
+def test_each_rung_runs_under_the_strict_array_api_and_resumes_exactly(name, small_systems):
+    """What would break on CuPy (NumPy-only calls, implicit casts) breaks here, without a GPU."""
+    import array_api_strict
+
+    from rqml_dask.arrays import ArrayBackend
+    from rqml_dask.models import load_model
+
+    strict = ArrayBackend(xp=array_api_strict, name="array_api_strict")
+    rhs, coefficients, _ = systems(small_systems, slice(0, 2))
+    cls = load_model(name)
+    on_numpy = cls({"image": rhs, "coefficients": coefficients}, numpy_backend())
+    problem = {"image": strict.asarray(rhs), "coefficients": strict.asarray(coefficients)}
+    on_strict = cls(problem, strict)
+    for _ in range(3):
+        on_numpy.step()
+        on_strict.step()
+    got = strict.to_numpy(on_strict.estimate)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, on_numpy.estimate, rtol=1e-6, atol=1e-9 * np.abs(on_numpy.estimate).max())
+    assert on_strict.misfit() == pytest.approx(on_numpy.misfit(), rel=1e-5)
+    resumed = cls(problem, strict)
+    resumed.restore(on_strict.state())
+    on_strict.step()
+    resumed.step()
+    np.testing.assert_array_equal(strict.to_numpy(resumed.estimate), strict.to_numpy(on_strict.estimate))

@@ -1,0 +1,187 @@
+"""Model families a user writes in a file and names in the pipeline: shipped, checked, run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import zarr
+from distributed import Client
+
+from rqml_dask import Pipeline
+from rqml_dask.pipeline import PipelineConfigError, PipelineError
+from rqml_dask.pipeline.plugins import available_models
+
+from conftest import local_cluster, pipeline_dict, write_yaml
+from timing import bound, wait_for
+
+FAMILY = '''
+"""Damped Van Cittert deconvolution: x <- max(0, x + beta (image - psf * x))."""
+import time
+
+from rqml_dask.models import RefinementModel
+
+
+class VanCittert(RefinementModel):
+    task_class = "deconvolution"
+    family = "van_cittert"
+    immutable_state = True  # step() replaces the estimate, never writes into it
+
+    def __init__(self, problem, backend, *, beta=1.0, delay=0.0):
+        super().__init__(problem, backend)
+        xp = self.xp
+        self.image = xp.astype(problem["image"], xp.float32)
+        self.shape = tuple(self.image.shape)
+        psf = xp.astype(problem["psf"], xp.float32)
+        padded = xp.zeros(self.shape, dtype=xp.float32)
+        padded[tuple(slice(0, n) for n in psf.shape)] = psf / xp.sum(psf)
+        centred = xp.roll(padded, tuple(-(n // 2) for n in psf.shape), axis=tuple(range(psf.ndim)))
+        self.otf = backend.rfftn(centred, self.shape)
+        self.beta, self.delay = beta, delay
+        self.start()
+
+    def blur(self, x):
+        return self.xp.astype(self.backend.irfftn(self.backend.rfftn(x, self.shape) * self.otf, self.shape), self.xp.float32)
+
+    def start(self, estimate=None):
+        self._x = self.xp.astype(self.image if estimate is None else estimate, self.xp.float32, copy=True)
+
+    def step(self):
+        time.sleep(self.delay)
+        self._x = self.xp.maximum(self._x + self.beta * (self.image - self.blur(self._x)), 0.0)
+
+    @property
+    def estimate(self):
+        return self._x
+
+    def misfit(self):
+        xp = self.xp
+        residual = xp.astype(self.blur(self._x) - self.image, xp.float64)
+        return float(xp.sqrt(xp.sum(residual**2)) / xp.sqrt(xp.sum(xp.astype(self.image, xp.float64) ** 2)))
+'''
+
+MODEL = "my_models:VanCittert"
+FIXED = {"max_iterations": 20, "check_every": 5, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 1000,
+         "accept_max_iterations": True}
+
+
+def family_pipeline(tmp_path, store, family: str = FAMILY, delay: float = 0.0, **overrides) -> dict:
+    (tmp_path / "family").mkdir(exist_ok=True)
+    (tmp_path / "family" / "my_models.py").write_text(family)
+    config = pipeline_dict(store, tmp_path / "out.zarr", models={"ladder": [MODEL], "params": {MODEL: {"delay": delay}}},
+                           convergence=FIXED, **overrides)
+    return {**config, "plugins": ["family/my_models.py"]}  # relative to the pipeline file
+
+
+@pytest.fixture(autouse=True)
+def forget_the_family():
+    """Each test writes its own my_models.py: none sees another's module."""
+    yield
+    sys.modules.pop("my_models", None)
+
+
+@pytest.mark.slow
+def test_a_family_from_a_file_runs_on_a_cluster_without_install_even_on_a_worker_that_joins_later(tmp_path, small_volume):
+    config = family_pipeline(tmp_path, small_volume, delay=0.05)  # 8 tasks of about 1 s
+    pipeline = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config))
+    with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
+        first = set(client.scheduler_info()["workers"])
+        futures = pipeline.submit(client)
+        wait_for(lambda: any(f.done() for f in futures), what="a first task done")
+        cluster.scale(2)  # a worker that knew nothing of the family when the run began
+        client.wait_for_workers(2, timeout=bound(60))
+        late = (set(client.scheduler_info()["workers"]) - first).pop()
+        outcomes = client.gather(futures)
+        shipped = client.run(lambda: sys.modules["my_models"].__file__, workers=[late])[late]
+        listed = client.run(available_models, workers=[late])[late]
+    assert all(o.accepted and [run.model for run in o.models] == [MODEL] for o in outcomes)
+    assert any(o.node == late for o in outcomes)  # the late worker refined with it
+    assert "dask-scratch-space" in shipped or "worker-" in shipped  # uploaded into its local directory
+    assert listed[MODEL] == {"task_class": "deconvolution", "family": "van_cittert"}
+    result = zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...]
+    assert np.isfinite(result).all() and result.min() >= 0
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        (lambda f: f.replace("    def misfit(self):", "    def misfit_(self):"), r"lacks the required method\(s\) misfit"),
+        (lambda f: f.replace("self.blur(self._x)), 0.0)", "self.blur(self._x)), 0.0)[1:]"),
+         r"after step\(\) the estimate has shape \(7, 12, 12\) and dtype float32; the deconvolution probe problem needs shape \(8, 12, 12\)"),
+        (lambda f: f.replace("self._x = self.xp.maximum(self._x + self.beta * (self.image - self.blur(self._x)), 0.0)",
+                             "self._x = self.xp.astype(self._x, self.xp.float64)"), "dtype float64"),
+        (lambda f: f.replace("time.sleep(self.delay)", "raise RuntimeError('boom')"), r"in step\(\): RuntimeError: boom"),
+        (lambda f: f.replace('task_class = "deconvolution"', 'task_class = "linear_solve"'),
+         "is for task class 'linear_solve', not 'deconvolution'"),
+        (lambda f: f + "\nimport not_a_module\n", "does not import: ModuleNotFoundError"),
+    ],
+    ids=["missing method", "wrong shape", "wrong dtype", "raises", "other task class", "import error"],
+)
+def test_a_broken_family_is_refused_with_its_name_before_any_task_starts(tmp_path, small_volume, change, complaint):
+    path = write_yaml(tmp_path / "p.yaml", family_pipeline(tmp_path, small_volume, family=change(FAMILY)))
+    with pytest.raises(PipelineConfigError, match=complaint) as refused:
+        Pipeline.from_yaml(path)
+    assert str(path) in str(refused.value) and ("my_models" in str(refused.value))
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_plugin_that_is_no_python_file_or_package_is_refused(tmp_path, small_volume):
+    config = {**family_pipeline(tmp_path, small_volume), "plugins": ["family/missing.py"]}
+    with pytest.raises(PipelineConfigError, match=r"plugins: .*family/missing\.py does not exist"):
+        Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config))
+
+
+@pytest.mark.slow
+def test_changed_family_code_is_computed_again_and_rqml_models_lists_the_cluster(tmp_path, small_volume, client):
+    path = write_yaml(tmp_path / "p.yaml", family_pipeline(tmp_path, small_volume, tiling={"tile": [24, 48, 48]}))
+    first = Pipeline.from_yaml(path).run(client, progress=False)
+    again = Pipeline.from_yaml(path).run(client, progress=False)
+    assert [o.reused for o in again.outcomes] == [True]  # same code, same input: reused
+    (tmp_path / "family" / "my_models.py").write_text(FAMILY.replace("beta=1.0", "beta=0.5"))
+    with pytest.raises(PipelineError, match="written by another pipeline configuration"):
+        Pipeline.from_yaml(path).run(client, progress=False)  # other code: the output is not this pipeline's now
+    changed = Pipeline.from_yaml(path).run(client, progress=False, overwrite=True)
+    assert [o.reused for o in changed.outcomes] == [False]  # the code that made it changed: computed again
+    assert changed.outcomes[0].result_digest != first.outcomes[0].result_digest
+
+    listing = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "models", "--scheduler", client.scheduler.address,
+                              "--pipeline", str(path)], capture_output=True, text=True, timeout=bound(120))
+    assert listing.returncode == 0, listing.stderr
+    workers = client.scheduler_info()["workers"]
+    for address in workers:
+        block = listing.stdout.split(address, 1)[1].split("tcp://", 1)[0]
+        lines = {line.split()[0]: line.split()[1:] for line in block.strip().splitlines()}
+        assert lines[MODEL] == ["deconvolution", "van_cittert"]
+        assert lines["mixed_precision"] == ["linear_solve", "mixed_precision"]
+        assert lines["richardson_lucy"] == ["deconvolution", "richardson_lucy"]
+
+
+def test_the_readme_family_is_this_one():
+    """The README's "Writing a model family" example is the family these tests run."""
+    from pathlib import Path
+
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    assert textwrap.dedent(FAMILY).strip() in readme
+
+
+@pytest.mark.slow
+def test_a_family_in_a_package_directory_is_shipped_zipped_and_runs(tmp_path, small_volume, client):
+    package = tmp_path / "family" / "my_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("from my_pkg.van_cittert import VanCittert\n")
+    (package / "van_cittert.py").write_text(FAMILY)
+    config = pipeline_dict(small_volume, tmp_path / "out.zarr", models={"ladder": ["my_pkg:VanCittert"]},
+                           convergence=FIXED, tiling={"tile": [24, 24, 48]})
+    path = write_yaml(tmp_path / "p.yaml", {**config, "plugins": ["family/my_pkg"]})
+    try:
+        report = Pipeline.from_yaml(path).run(client, progress=False)
+        shipped = client.run(lambda: sys.modules["my_pkg"].__file__)
+    finally:
+        for name in ("my_pkg", "my_pkg.van_cittert"):
+            sys.modules.pop(name, None)
+    assert len(report.outcomes) == 2 and not report.rejected
+    assert all(o.models[0].model == "my_pkg:VanCittert" for o in report.outcomes)
+    assert all(".zip" in where for where in shipped.values())  # imported from the uploaded archive
