@@ -87,7 +87,7 @@ def status(scheduler: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(state, indent=2, default=str))
         return
-    click.echo(f"{'node':<28}{'room':>5}{'speed':>7}{'reliab':>8}{'bound':>6}{'done':>6}{'fail':>5}  queues i/r/o  link{'':<13}warm models")
+    click.echo(f"{'node':<28}{'room':>5}{'speed':>7}{'reliab':>8}{'bound':>6}{'done':>6}{'fail':>5}{'it/s':>8}  queues i/r/o  link{'':<13}warm models")
     for address, n in sorted(state["nodes"].items()):
         q = n["queues"]
         flag = " (backoff)" if n["in_backoff"] else ""
@@ -95,7 +95,7 @@ def status(scheduler: str, as_json: bool) -> None:
         lost = f"lost {link.get('scheduler_losses', 0)}x {link.get('degraded_seconds_total', 0.0):.0f}s" if link.get("scheduler_losses") else "ok"
         click.echo(
             f"{address:<28}{n['room']:>5.0f}{n['speed']:>7.2f}{n['reliability']:>8.2f}{n['bound']:>6}{n['completed']:>6}"
-            f"{n['failed']:>5}  {q['inbound']}/{q['refining']}/{q['outbound']:<9} {lost:<16} {', '.join(n['warm_models'])}{flag}"
+            f"{n['failed']:>5}{n['iterations_per_second']:>8.1f}  {q['inbound']}/{q['refining']}/{q['outbound']:<9} {lost:<16} {', '.join(n['warm_models'])}{flag}"
         )
         if peer := n.get("identity"):
             click.echo(f"  certificate {peer['name']} ({peer['role']}), key exchange {peer['group']}")

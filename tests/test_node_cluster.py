@@ -66,6 +66,10 @@ def test_heartbeat_advertises_every_figure_and_follows_load(tmp_path, small_volu
     busy = wait_for(lambda: (m := node_metrics(client)) and sum(f["refining"] for f in m.values()) >= 2
                     and all(f["busy_fraction"] > 0.2 for f in m.values()) and m)
     assert all("richardson_lucy" in f["warm_models"] and f["iterations_per_second"] > 0 for f in busy.values())
+    # what `rqml status` and the /rqml page show: the rate each node advertises (it once showed 0 always)
+    shown = wait_for(lambda: (n := client.sync(client.scheduler.rqml_status)["nodes"])
+                     and all(v["iterations_per_second"] > 0 for v in n.values()) and n, what="the iteration rates in rqml_status")
+    assert set(shown) == set(busy)
     assert sum(f["inbound"] + f["refining"] for f in busy.values()) >= 2
     gather(client, futures)
     after = wait_for(lambda: (m := node_metrics(client)) and all(f["refining"] == 0 and f["busy_fraction"] < 0.05 for f in m.values()) and m)

@@ -12,6 +12,7 @@ from rqml_dask import Pipeline, TaskOutcome
 from rqml_dask.volumes import InputError
 
 from conftest import pipeline_dict, write_yaml
+from timing import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,10 @@ def test_stalled_tasks_escalate_along_the_ladder_then_diversify_then_end_stalled
         assert outcome.reason == "stalled on every model of its ladder; policy adds landweber"
         assert all(run.stop == "stalled" and run.iterations >= 10 for run in outcome.models)
         assert outcome.iterations == sum(run.iterations for run in outcome.models)
+    # `rqml status` names the model each task ran last, as its node reported (it once always named the ladder's first)
+    ids = {o.task_id for o in report.outcomes}
+    wait_for(lambda: {t: v["model"] for t, v in client.sync(client.scheduler.rqml_status)["tasks"].items() if t in ids}
+             == dict.fromkeys(ids, "landweber"), what="the final models in rqml_status")
 
 
 def test_stitched_tiles_equal_the_untiled_deconvolution(tmp_path, small_volume, client):

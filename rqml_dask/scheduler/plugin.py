@@ -86,6 +86,9 @@ class TaskRecord:
     avoid: set[str] = field(default_factory=set)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     failed_here: bool = False
+    model: str | None = None
+    """The model the task runs now, as the node it is bound to reports it (its escalations
+    and diversifications on the supervision topic); ``None``: the ladder's first."""
 
 
 @dataclass
@@ -238,6 +241,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         record = self._record_of(msg.get("task_id"))
         if record is not None:
             record.decisions.append(msg)
+        switched = msg.get("to_model") if msg.get("kind") == "escalated" else msg.get("model") if msg.get("kind") == "diversified" else None
+        held = record or self.finished.get(msg.get("task_id"))
+        if isinstance(switched, str) and held is not None and held.worker == msg.get("worker"):  # only its own node says
+            held.model = switched
         if msg.get("kind") in ("validation_failed", "timeout") and msg.get("worker") in self.nodes:
             self._failure(msg["worker"], time.monotonic())
             if record is not None and record.worker == msg["worker"]:
@@ -439,7 +446,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
 
     @log_errors
     def status(self, comm: Any = None) -> dict[str, Any]:
-        """Nodes (weight figures, reliability, queues, warm models) and tasks (state, node)."""
+        """Nodes (weight figures, reliability, queues, iteration rate, warm models) and tasks (state, node)."""
         now = time.monotonic()
         nodes = {}
         for address, node in self.nodes.items():
@@ -454,6 +461,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 "completed": node.completed,
                 "failed": node.failed,
                 "queues": {q: f.get(q, 0) for q in ("inbound", "refining", "outbound")},
+                "iterations_per_second": f.get("iterations_per_second", 0.0),
                 "warm_models": f.get("warm_models", []),
                 "gpu_count": f.get("gpu_count", 0),
                 "checkpoint_backlog": (f.get("checkpoints") or {}).get("pending", 0),
@@ -466,7 +474,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 "state": r.state,
                 "node": r.worker,
                 "attempts": r.attempts,
-                "model": r.traits.model,
+                "model": r.model or r.traits.model,
                 "decisions": [d.get("kind") for d in r.decisions],
             }
             for r in [*self.finished.values(), *self.tasks.values()]
