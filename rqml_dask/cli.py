@@ -116,9 +116,11 @@ def status(scheduler: str, as_json: bool) -> None:
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: until interrupted).")
 def events_command(scheduler: str, topics: tuple[str, ...], seconds: float | None) -> None:
     """Print RQML events live, one JSON line each: task_inbound, task_results, metrics,
-    heartbeats, alerts, supervision_events. Stops on Ctrl-C or SIGTERM (exit status 0)."""
+    heartbeats, alerts, supervision_events. Stops on Ctrl-C or SIGTERM (exit status 0).
+    A lost scheduler is said on stderr; once one answers at the address again (within
+    Dask's client reconnection timeout) the events are followed again, else it exits 1."""
     import signal
-    import threading
+    import time
 
     from distributed import Client
 
@@ -128,11 +130,27 @@ def events_command(scheduler: str, topics: tuple[str, ...], seconds: float | Non
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    deadline = None if seconds is None else time.monotonic() + seconds
     with Client(scheduler) as client:
-        for topic in topics or events.TOPICS:
-            client.subscribe_topic(topic, _event_printer(topic))
+
+        def follow() -> None:  # a scheduler started anew knows no subscriptions
+            for topic in topics or events.TOPICS:
+                client.subscribe_topic(topic, _event_printer(topic))
+
+        follow()
+        was = "running"
         try:
-            threading.Event().wait(seconds)
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.2)
+                now = client.status
+                if now != "running" and was == "running":
+                    click.echo(f"lost the scheduler {scheduler}: waiting for it to answer again", err=True)
+                if now in ("closed", "closing", "failed"):
+                    raise click.ClickException(f"lost the scheduler {scheduler} and none answered there again")
+                if now == "running" and was != "running":
+                    follow()
+                    click.echo(f"the scheduler {scheduler} answers again: following its events", err=True)
+                was = now
         except KeyboardInterrupt:
             pass
 

@@ -99,7 +99,7 @@ class RunInBackground(threading.Thread):
         return self.report
 
 
-def test_scheduler_killed_mid_run_nodes_keep_refining_reconcile_and_the_run_completes(tmp_path, engine_case):
+def test_scheduler_killed_mid_run_nodes_keep_refining_reconcile_and_the_run_completes(tmp_path, engine_case, caplog):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     http = {"node-0": free_port(), "node-1": free_port()}
@@ -140,6 +140,9 @@ def test_scheduler_killed_mid_run_nodes_keep_refining_reconcile_and_the_run_comp
 
             assert sorted(o.task_id for o in report.outcomes) == [f"outage/{i}" for i in range(4)]
             assert all(o.iterations == ITERATIONS and o.status == "max_iterations" for o in report.outcomes), report.outcomes
+            said = [r.getMessage() for r in caplog.records if r.name == "rqml_dask.pipeline.pipeline"]
+            assert any(m.startswith(f"lost the scheduler {address} with ") for m in said), said  # the run says so, and
+            assert any(m.startswith(f"the scheduler {address} answers again") for m in said), said  # when it is back
             keys = {t.task_id: t.key for t in pipeline.tasks()}
             for outcome in report.outcomes:
                 # no task started again from zero: it ran through the outage, or went on from a checkpoint
@@ -432,3 +435,39 @@ def test_a_damaged_node_state_is_moved_aside_with_an_alert_and_the_node_works(tm
     finally:
         worker.kill()
         scheduler.kill()
+
+
+def test_rqml_events_says_when_the_scheduler_is_lost_and_follows_the_one_that_answers_again(tmp_path):
+    from test_scheduler_plugin import subscribed_to_every_topic
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
+    follow = subprocess.Popen([sys.executable, "-m", "rqml_dask.cli", "events", "--scheduler", address],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out: list[str] = []
+    err: list[str] = []
+    readers = [threading.Thread(target=lambda s=s, into=into: into.extend(s), daemon=True)
+               for s, into in ((follow.stdout, out), (follow.stderr, err))]
+    for reader in readers:
+        reader.start()
+    try:
+        def followed(client: Client) -> bool:
+            return client.run_on_scheduler(subscribed_to_every_topic, client_id=client.id)
+
+        with Client(address, timeout=bound(60)) as client:
+            wait_for(lambda: followed(client), what="rqml events subscribed")
+        scheduler.kill()
+        wait_for(lambda: any(f"lost the scheduler {address}" in line for line in err), what="the loss said on stderr")
+        assert follow.poll() is None  # still waiting, not gone
+        scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()  # the same address
+        wait_for(lambda: any("answers again" in line for line in err), timeout=60, what="the return said on stderr")
+        with Client(address, timeout=bound(60)) as client:
+            wait_for(lambda: followed(client), what="rqml events subscribed to the new scheduler")
+            client.log_event(events.ALERTS, {"kind": "after-the-outage", "time": time.time()})
+            wait_for(lambda: any("after-the-outage" in line for line in out), what="an event of the new scheduler printed")
+    finally:
+        follow.terminate()
+        follow.wait(bound(30))
+        scheduler.kill()
+    assert follow.returncode == 0, "".join(err)

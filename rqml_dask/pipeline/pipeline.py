@@ -18,6 +18,7 @@ output is created until every task has finished and passed validation; only then
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import socket
 import time
@@ -46,6 +47,9 @@ from rqml_dask.synthetic import SystemsSpec, write_synthetic, write_systems
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import plan_regions
 from rqml_dask.volumes import InputError, check_values, open_array
+
+
+logger = logging.getLogger(__name__)
 
 
 class PipelineError(RuntimeError):
@@ -329,8 +333,8 @@ class Pipeline:
         once a scheduler answers at the same address (Dask cancels a client's futures when
         its scheduler connection breaks): nodes that kept refining them join the new
         submissions, and results they finished meanwhile are returned from their stores.
-        The run polls the address itself and goes on through a client of its own as soon as
-        it answers (``client``'s own reconnection backs off exponentially: after an outage
+        The loss and the return are logged as warnings (``rqml run`` prints them). The run
+        polls the address itself and goes on through a client of its own as soon as it answers (``client``'s own reconnection backs off exponentially: after an outage
         of a few seconds it may take as long again); ``reconnect_timeout`` bounds the wait."""
         started = time.perf_counter()
         tasks = self.prepare(overwrite) if tasks is None else tasks
@@ -361,12 +365,16 @@ class Pipeline:
                     bar.update(1)
                     bar.set_postfix(iterations=sum(o.iterations for o in outcomes), escalations=sum(o.escalations for o in outcomes))
                 if lost:
+                    address = client.scheduler.address
+                    logger.warning("lost the scheduler %s with %d task(s) not returned: waiting up to %g s for one to "
+                                   "answer there; the nodes keep refining meanwhile", address, len(lost), reconnect_timeout)
                     if own_client is not None:
                         own_client.close()
                     client = own_client = _client_when_back(client, reconnect_timeout)
                     ship_plugins(client, self.config.plugins)  # a scheduler started anew has none
                     for task in lost:
                         pending[task.task_id] = (task, self._submit_task(client, task))
+                    logger.warning("the scheduler %s answers again: %d task(s) submitted again", address, len(lost))
         except BaseException:
             if client.status == "running":
                 client.cancel([future for _, future in pending.values()])
