@@ -286,5 +286,34 @@ def test_a_client_restart_mid_run_binds_nothing_to_the_old_workers_and_the_next_
             assert not [t for t in status["tasks"].values() if t["node"] in old_workers], status["tasks"]
         with Client(cluster) as again:  # the next run, as `rqml run` would start it: a client of its own
             again.wait_for_workers(2, timeout=bound(60))
-            report = pipeline.run(again, progress=False)
+            report = run_or_explain(pipeline, again, timeout=bound(150))
     assert len(report.outcomes) == 27 and all(o.accepted for o in report.outcomes)
+
+
+def run_or_explain(pipeline: Pipeline, client: Client, timeout: float):
+    """``pipeline.run``, or a failure that shows where each unfinished task is (the scheduler's
+    state, the plugin's record, the nodes' jobs) if it has not returned within ``timeout``."""
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(pipeline.run(client, progress=False)), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if done:
+        return done[0]
+
+    def scheduler_view(dask_scheduler):
+        plugin = dask_scheduler.plugins["rqml-scheduler"]
+        return {
+            "dask": {str(k): (ts.state, sorted(ts.worker_restrictions or ()), ts.processing_on and ts.processing_on.address)
+                     for k, ts in dask_scheduler.tasks.items()},
+            "plugin": {str(k): (r.state, r.worker) for k, r in plugin.tasks.items()},
+            "nodes": {a: sorted(n.bound) for a, n in plugin.nodes.items()},
+            "workers": list(dask_scheduler.workers), "pending": len(plugin._pending),
+        }
+
+    def node_view(dask_worker):
+        node = dask_worker.plugins["rqml-node"]
+        return {"jobs": {k: (j.claimed, j.finished, j.future.done()) for k, j in node.jobs.items()},
+                "dask": {str(k): ts.state for k, ts in dask_worker.state.tasks.items()}}
+
+    pytest.fail(f"pipeline.run did not return in {timeout:g} s:\nscheduler {client.run_on_scheduler(scheduler_view)}\n"
+                f"nodes {client.run(node_view)}")
