@@ -170,6 +170,28 @@ def data() -> None:
     """Input data helpers."""
 
 
+@data.command("import")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--array", default="observed", show_default=True, help="The array to write in STORE.")
+@click.option("--chunks", type=_ints, help="Chunk shape, z,y,x (default: 32,256,256, capped by the image).")
+@click.option("--voxel-size", type=_floats, help="z,y,x voxel size in --unit (default: the file's ImageJ metadata).")
+@click.option("--unit", default="micrometer", show_default=True, help="The unit of --voxel-size (an OME-NGFF unit name).")
+@click.option("--overwrite", is_flag=True, help="Replace ARRAY if STORE holds it.")
+def import_(source: Path, store: Path, array: str, chunks, voxel_size, unit: str, overwrite: bool) -> None:
+    """Copy the TIFF stack SOURCE into STORE::ARRAY (Zarr), a slab of planes at a time; with
+    a voxel size (given, or in the file), STORE becomes an OME-Zarr image of it."""
+    from rqml_dask.ome import VoxelSize
+    from rqml_dask.tiff_import import import_tiff
+
+    try:
+        image = import_tiff(source, store, array, chunks, VoxelSize(voxel_size, unit) if voxel_size else None, overwrite)
+    except (InputError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    voxel = f", voxel {image.voxel.scale} {image.voxel.unit or ''}" if image.voxel else ", voxel size unknown (no OME metadata)"
+    click.echo(f"wrote {image.store}::{image.array} {image.shape} {image.dtype}, chunks {image.chunks}{voxel}")
+
+
 @data.command()
 @click.argument("store", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--kind", type=click.Choice(["beads", "cells", "systems"]), default="cells", show_default=True,

@@ -146,6 +146,20 @@ class ModelRun:
 
 
 @dataclass(frozen=True)
+class TracePoint:
+    """One convergence check of a task: at ``iteration`` (counted over the whole task, every
+    model), ``model``'s misfit and the heuristics as :class:`~rqml_dask.convergence.ConvergenceFigures`
+    has them (``None`` until that model's run has enough history)."""
+
+    iteration: int
+    model: str
+    misfit: float
+    stability: float
+    consistency: float | None
+    novelty: float | None
+
+
+@dataclass(frozen=True)
 class ErrorFigures:
     """Sums over a task's core against the ground truth, for a volume-wide relative RMSE."""
 
@@ -197,7 +211,8 @@ class TaskOutcome:
     recorded before and nothing was recomputed; ``reconciled`` that it finished while its
     node had no scheduler and was accepted when the node reconnected; ``notes`` lists
     checkpoints rejected on the way; ``signature`` is the node's, over the rest, on a
-    ``pqtls://`` cluster (:meth:`rqml_dask.trust.signing.Seal.sign_outcome`).
+    ``pqtls://`` cluster (:meth:`rqml_dask.trust.signing.Seal.sign_outcome`); ``trace`` holds
+    every convergence check (:class:`TracePoint`), for the curves of ``rqml report``.
     """
 
     task_id: str
@@ -226,6 +241,7 @@ class TaskOutcome:
     result_digest: str | None = None
     notes: list[str] = field(default_factory=list)
     signature: dict[str, Any] | None = None
+    trace: list[TracePoint] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:

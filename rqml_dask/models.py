@@ -54,6 +54,9 @@ class TaskClass(abc.ABC):
       wrong; :meth:`halo` is the halo a task needs to read around its core (``auto``).
     * :meth:`probe_problem` is a small problem, on ``backend``, on which :func:`check_model`
       tries a model family before any task runs.
+    * :meth:`image_axes` names the axes of a result that is an image (``z``, ``y``, ``x``):
+      an accepted result is then written as an OME-Zarr image (:mod:`rqml_dask.ome`);
+      ``None`` (the default) for results that are not pictures.
     """
 
     name: ClassVar[str]
@@ -72,6 +75,9 @@ class TaskClass(abc.ABC):
 
     @abc.abstractmethod
     def probe_problem(self, backend: ArrayBackend) -> dict[str, Array]: ...
+
+    def image_axes(self, ndim: int) -> tuple[str, ...] | None:
+        return None
 
 
 class RefinementModel(abc.ABC):

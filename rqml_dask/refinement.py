@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from typing import Any, Literal
 
 from rqml_dask.arrays import Array, ArrayBackend
 from rqml_dask.checkpoint import CheckpointError, ModelConfig, TaskCheckpoint
 from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
 from rqml_dask.held_out import HeldOutFigures, HeldOutScore
-from rqml_dask.messages import ModelRun
+from rqml_dask.messages import ModelRun, TracePoint
 from rqml_dask.models import RefinementModel, load_model
 from rqml_dask.task import RQMLTask
 
@@ -40,6 +40,10 @@ class Snapshot:
     reason: str
     backend: ArrayBackend
     taken_at: float = field(default_factory=time.time)
+
+
+TRACE_POINTS = 256
+"""At most this many convergence checks are kept in a task's trace (thinned evenly beyond it)."""
 
 
 @dataclass
@@ -76,6 +80,8 @@ class Refinement:
     best_iteration: int = 0
     best_estimate: Array | None = None
     fitted_noise: bool = False
+    trace: list[TracePoint] = field(default_factory=list)
+    """Every convergence check so far (one per ``check_every`` iterations of each model)."""
 
     def __post_init__(self) -> None:
         self.models = self.models or list(self.task.model_ladder)
@@ -160,7 +166,12 @@ class Refinement:
                 self.best_held_out, self.best_iteration = held_out, self.iteration
                 self.best_estimate = self._keep(self.model.estimate)
             verdict = self.monitor.observe(run.iterations, change, self.model.misfit(), held_out)
-            self.last_figures = self.monitor.latest
+            self.last_figures = figures = self.monitor.latest
+            if figures is not None:
+                self.trace.append(TracePoint(self.iteration, self.model_name, figures.misfit, figures.stability,
+                                             figures.consistency, figures.novelty))
+                if len(self.trace) > TRACE_POINTS:  # every other check, the latest kept: the curve's shape, bounded
+                    self.trace = self.trace[:-1:2] + self.trace[-1:]
             if held_out is not None and min(self.iteration - self.best_iteration, run.iterations) >= settings.held_out_patience:
                 verdict = "converged"  # past the held-out optimum (each model gets its patience): the rest would fit noise
             if verdict == "converged":
@@ -314,6 +325,7 @@ class Refinement:
             "held_out_input": self.held_out_input,
             "held_out_best": [self.best_held_out, self.best_iteration] if self.best_estimate is not None else None,
             "last_figures": asdict(self.last_figures) if self.last_figures else None,
+            "trace": [astuple(point) for point in self.trace],
             "reason": self.reason,
             "status": self.status,
         }
@@ -357,6 +369,7 @@ class Refinement:
         refinement.monitor.history.extend((int(i), float(m)) for i, m in state["monitor"])
         refinement.held_out_input = state.get("held_out_input")
         refinement.last_figures = ConvergenceFigures(**state["last_figures"]) if state["last_figures"] else None
+        refinement.trace = [TracePoint(*point) for point in state.get("trace", [])]
         refinement.iteration = checkpoint.iteration
         refinement.reason = state["reason"]
         refinement.status = state.get("status", "running")  # a final checkpoint resumes finished

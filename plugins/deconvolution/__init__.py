@@ -25,6 +25,9 @@ class Deconvolution(TaskClass):
     photon_counts = True
     data_is_estimate = True
 
+    def image_axes(self, ndim: int) -> tuple[str, ...] | None:
+        return ("z", "y", "x")[-ndim:] if 2 <= ndim <= 3 else None
+
     def read_operator(self, operator: Any, core: tuple[tuple[int, int], ...], image_shape: tuple[int, ...]) -> np.ndarray:
         psf = np.asarray(operator[...], dtype=np.float32)
         if psf.ndim != len(image_shape):

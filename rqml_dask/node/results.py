@@ -60,6 +60,7 @@ def outcome_of(refinement: Refinement, node: str, core: np.ndarray | None, began
         written_to=None if core is None else task.output,
         result_digest=None if core is None else core_digest(core),
         notes=list(notes),
+        trace=list(refinement.trace),
     )
 
 

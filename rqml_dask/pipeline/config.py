@@ -37,22 +37,33 @@ class InputSpec(_Strict):
     maximum) as they are, instead of refusing the image. ``counts_per_unit``: photons per
     unit of the image's intensity (for a camera, 1 / gain after the offset is subtracted);
     unset, it is the synthetic store's ``photons``, 1 for an integer image, else estimated
-    from the image's own noise (:func:`rqml_dask.held_out.estimate_counts_per_unit`)."""
+    from the image's own noise (:func:`rqml_dask.held_out.estimate_counts_per_unit`).
+
+    ``image`` may name an OME-Zarr image group (``"."``: the store's root), whose
+    full-resolution level is read; ``operator_store`` is where the operator is when it is not
+    in ``store`` (an OME-Zarr from a microscope holds no PSF). ``voxel_size`` (per axis, in
+    ``unit``) is written into the result's OME metadata; unset, it is the OME input's own."""
 
     store: Path
     image: str = "observed"
     operator: str | None = None
+    operator_store: Path | None = None
     truth: str | None = None
+    voxel_size: tuple[Annotated[float, Field(gt=0)], ...] | None = None
+    unit: str = "micrometer"
     synthesize: Annotated[SynthSpec | SystemsSpec, Field(discriminator="kind")] | None = None
     accept_saturated: bool = False
     counts_per_unit: float | None = Field(default=None, gt=0)
 
 
 class OutputSpec(_Strict):
-    """Where the results go; ``array`` unset is the task class's own name for them."""
+    """Where the results go; ``array`` unset is the task class's own name for them. An
+    accepted image result becomes an OME-Zarr image with ``pyramid`` levels below full
+    resolution (each halves y and x; ``auto``: until both are at most 256)."""
 
     store: Path
     array: str | None = None
+    pyramid: Literal["auto"] | Annotated[int, Field(ge=0, le=16)] = "auto"
 
 
 class TilingSpec(_Strict):

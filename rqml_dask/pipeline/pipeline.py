@@ -35,6 +35,7 @@ from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 from distributed.comm import get_address_host_port
 
+from rqml_dask import ome
 from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits
 from rqml_dask.node.handover import run_task, run_vote
 from rqml_dask.held_out import estimate_counts_per_unit
@@ -155,10 +156,19 @@ class Pipeline:
         if truth is None and spec.synthesize is not None:
             truth = "truth"
         return TaskInput(
-            image=ArrayRef(store, spec.image),
-            operator=ArrayRef(store, spec.operator or self.task_class.default_operator),
+            image=ArrayRef(store, ome.image_array(store, spec.image)),
+            operator=ArrayRef(str(spec.operator_store or store), spec.operator or self.task_class.default_operator),
             truth=ArrayRef(store, truth) if truth else None,
         )
+
+    @property
+    def voxel_size(self) -> ome.VoxelSize | None:
+        """The input's voxel size: the pipeline file's ``input.voxel_size``, else an OME
+        input's own, else ``None`` (unknown)."""
+        spec = self.config.input
+        if spec.voxel_size is not None:
+            return ome.VoxelSize(tuple(spec.voxel_size), spec.unit)
+        return ome.voxel_size(str(spec.store), spec.image)
 
     def _counts_per_unit(self, image: zarr.Array) -> float | None:
         """Photons per unit intensity of ``image`` (see ``input.counts_per_unit``), or
@@ -194,6 +204,9 @@ class Pipeline:
         if refs.truth is not None and open_array(refs.truth).shape != image.shape:
             raise InputError(f"truth {refs.truth} has shape {open_array(refs.truth).shape}, image {image.shape}")
         read_operator(self.task_class, refs.operator, None, refs.image)
+        voxel = self.config.input.voxel_size
+        if voxel is not None and len(voxel) != image.ndim:
+            raise InputError(f"input.voxel_size {tuple(voxel)} has {len(voxel)} axes, the image {refs.image} has {image.ndim}")
         tiling = self.config.tiling
         if len(tiling.tile) != image.ndim:
             raise InputError(f"tiling.tile {tiling.tile} has rank {len(tiling.tile)}, image {refs.image} has rank {image.ndim}")
@@ -259,19 +272,26 @@ class Pipeline:
         this pipeline left (its finished cores are reused); mark it incomplete. Check it
         first (:meth:`prepare`)."""
         shape, chunks = self._output_layout()
+        axes = self.task_class.image_axes(len(shape))
         group = zarr.open_group(self.config.output.store, mode="a")
         for name in self._output_arrays():
             existing = group.get(name)
             if not (isinstance(existing, zarr.Array) and existing.shape == shape and existing.chunks == chunks
-                    and existing.dtype == self.task_class.dtype):
-                group.create_array(name, shape=shape, chunks=chunks, dtype=self.task_class.dtype, overwrite=True)
+                    and existing.dtype == self.task_class.dtype and existing.metadata.dimension_names == axes):
+                group.create_array(name, shape=shape, chunks=chunks, dtype=self.task_class.dtype, dimension_names=axes,
+                                   overwrite=True)
+        refs = self.input_refs
         group.attrs["rqml"] = {
             "status": "incomplete",
             "pipeline": self.config.name,
+            "task_class": self.config.task_class,
             "configuration": _configuration(tasks),
             "tasks": len(tasks),
+            "input": {"image": asdict(refs.image), "truth": asdict(refs.truth) if refs.truth else None},
+            "array": self.output_ref.path,
             "started": datetime.now(timezone.utc).isoformat(),
         }
+        ome.remove_image(str(self.config.output.store))  # not an image again until accepted (after: `group` holds the old attributes)
 
     def _output_layout(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The output arrays' shape and chunks (one chunk per task core)."""
@@ -384,11 +404,12 @@ class Pipeline:
             if own_client is not None:
                 own_client.close()
         outcomes.sort(key=lambda o: o.task_id)
-        return self.finalize(outcomes, time.perf_counter() - started)
+        return self.finalize(outcomes, time.perf_counter() - started, tasks)
 
-    def finalize(self, outcomes: list[TaskOutcome], elapsed_s: float) -> RunReport:
+    def finalize(self, outcomes: list[TaskOutcome], elapsed_s: float, tasks: list[RQMLTask]) -> RunReport:
         """Build the report; mark the output ``complete`` only if every task was accepted,
-        else ``rejected`` (with each task's terminal state)."""
+        else ``rejected`` (with each task's terminal state and core, for ``rqml report``).
+        A complete image result is made an OME-Zarr image (:func:`rqml_dask.ome.write_image`)."""
         errors = [o.error for o in outcomes if o.error is not None]
         truth_ss = sum(e.truth_ss for e in errors)
         report = RunReport(
@@ -399,6 +420,7 @@ class Pipeline:
             input_error=math.sqrt(sum(e.input_sse for e in errors) / truth_ss) if errors else None,
             output_error=math.sqrt(sum(e.output_sse for e in errors) / truth_ss) if errors else None,
         )
+        cores = {task.task_id: task.region.core for task in tasks}
         group = zarr.open_group(self.config.output.store, mode="r+")
         attrs: dict[str, Any] = dict(group.attrs["rqml"])
         attrs.update(
@@ -409,9 +431,13 @@ class Pipeline:
             rejected={o.task_id: o.state for o in report.rejected},
             input_error=report.input_error,
             output_error=report.output_error,
-            outcomes=[_outcome_record(o) for o in outcomes],
+            outcomes=[_outcome_record(o, cores.get(o.task_id)) for o in outcomes],
         )
-        group.attrs["rqml"] = attrs
+        axes = self.task_class.image_axes(group[self.output_ref.path].ndim)
+        if not report.rejected and axes is not None:
+            attrs["pyramid"] = ome.write_image(str(self.config.output.store), self.output_ref.path, axes, self.voxel_size,
+                                               self.config.output.pyramid)
+        zarr.open_group(self.config.output.store, mode="r+").attrs["rqml"] = attrs  # opened anew: it has the OME metadata
         return report
 
 
@@ -420,17 +446,26 @@ def _configuration(tasks: list[RQMLTask]) -> str:
     return hashlib.sha256("\n".join(sorted(t.key for t in tasks)).encode()).hexdigest()[:16]
 
 
-def _outcome_record(outcome: TaskOutcome) -> dict[str, Any]:
+def _outcome_record(outcome: TaskOutcome, core: tuple[tuple[int, int], ...] | None) -> dict[str, Any]:
+    """What the output's ``rqml`` attribute keeps of a task (JSON: a non-finite figure is ``null``)."""
     return {
         "task_id": outcome.task_id,
         "state": outcome.state,
         "status": outcome.status,
         "iterations": outcome.iterations,
         "model": outcome.model,
-        "models": [asdict(run) for run in outcome.models],
+        "escalations": outcome.escalations,
+        "node": outcome.node,
+        "core": [list(axis) for axis in core] if core is not None else None,
+        "models": [_finite(asdict(run)) for run in outcome.models],
         "validation_failures": outcome.validation_failures,
         "held_out": asdict(outcome.held_out) if outcome.held_out is not None else None,
+        "trace": [_finite(asdict(point)) for point in outcome.trace],
     }
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _client_when_back(client: Client, timeout: float) -> Client:
