@@ -65,10 +65,47 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
         except (PipelineError, InputError) as exc:
             raise click.ClickException(f"{exc}\noutput left marked incomplete: {pipeline.output_ref}") from None
     click.echo(report.summary())
+    _pictures(Path(pipeline.config.output.store))
     if report.rejected:
         click.echo(f"{len(report.rejected)} of {len(report.outcomes)} task(s) not accepted "
                    f"(listed above): output marked 'rejected'", err=True)
         sys.exit(1)
+
+
+def _pictures(store: Path) -> None:
+    """Write the run's slices and report beside its output, and say where they are."""
+    from rqml_dask.report import write_report, write_slices
+
+    click.echo(f"slices       {write_slices(store)}")
+    click.echo(f"report       {write_report(store)}")
+
+
+@main.command()
+@click.argument("result", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="The PNG to write (default: beside RESULT).")
+def show(result: Path, output: Path | None) -> None:
+    """Draw the middle z, y and x slices of a finished run's observed image, result and
+    truth (if any), on one colour scale, into a PNG, and print its path."""
+    from rqml_dask.report import write_slices
+
+    try:
+        click.echo(write_slices(result, output))
+    except InputError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("result", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="The HTML file to write (default: beside RESULT).")
+def report(result: Path, output: Path | None) -> None:
+    """Write one self-contained HTML report of a finished run (summary, tile map,
+    convergence curves, slices; it opens without a network), and print its path."""
+    from rqml_dask.report import write_report
+
+    try:
+        click.echo(write_report(result, output))
+    except InputError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
