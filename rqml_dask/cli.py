@@ -60,6 +60,8 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
             cluster = stack.enter_context(embedded_cluster(pipeline.config.cluster))
             client = stack.enter_context(Client(cluster))
         click.echo(f"dashboard    {client.dashboard_link}", err=True)
+        rqml_pages = client.dashboard_link.replace("/status", "/rqml")
+        click.echo(f"rqml pages   {rqml_pages} (tiles, convergence, nodes, events: {rqml_pages}-tiles, ...)", err=True)
         try:
             report = pipeline.run(client, progress=progress, tasks=tasks)
         except (PipelineError, InputError) as exc:

@@ -7,7 +7,10 @@ HTTP routes). What it has none for is here, one function each, and
 that breaks one fails there, loudly, and nowhere else:
 
 * a dashboard page served from the scheduler's start (:func:`add_dashboard_page`): the
-  ``applications`` dict the scheduler reads when it builds its dashboard;
+  ``applications`` dict the scheduler reads when it builds its dashboard; a link to it in
+  the dashboard's navigation bar (:func:`add_navigation_link`): the ``pages`` list of the
+  memoized ``template_variables(scheduler)`` every page's template reads; Dask's page look
+  (:func:`use_dask_look`): the Jinja ``env`` and ``BOKEH_THEME`` of its own pages;
 * strict placement (:func:`restrict_strictly`): ``TaskState.loose_restrictions``, which
   only ``update_graph``'s annotations set, and which must be off for a bound task;
 * a worker that survives the loss of its scheduler
@@ -35,6 +38,25 @@ def add_dashboard_page(path: str, make_doc: Callable[..., Any]) -> None:
     from distributed.dashboard.scheduler import applications
 
     applications.setdefault(path, make_doc)
+
+
+def add_navigation_link(scheduler: Any, page: str) -> None:
+    """Add ``page`` (a path relative to the dashboard's root) to the navigation bar of every
+    page of ``scheduler``'s dashboard (idempotent)."""
+    from distributed.dashboard.scheduler import template_variables
+
+    pages = template_variables(scheduler)["pages"]
+    if page not in pages:
+        pages.append(page)
+
+
+def use_dask_look(doc: Any, extra: dict) -> None:
+    """Give a Bokeh document the template (navigation bar) and theme of Dask's own pages."""
+    from distributed.dashboard.components.scheduler import BOKEH_THEME, env
+
+    doc.template = env.get_template("simple.html")
+    doc.template_variables.update(extra)
+    doc.theme = BOKEH_THEME
 
 
 def restrict_strictly(ts: TaskState) -> None:

@@ -113,6 +113,8 @@ class TaskTraits:
     difficulty: float = 1.0
     wants_gpu: bool = False
     rqml_key: str = ""
+    core: tuple[tuple[int, int], ...] = ()
+    """The part of the volume the task owns (its region's core), for the dashboard's tile map."""
 
 
 # -- node -> scheduler --------------------------------------------------------------------
@@ -143,6 +145,16 @@ class ModelRun:
     iterations: int = 0
     stop: str = "running"
     misfit: float | None = None
+
+
+TRACE_POINTS = 256
+"""At most this many convergence checks are kept of a task (thinned evenly beyond it), in its
+outcome and in the scheduler's live view."""
+
+
+def thin(trace: list) -> list:
+    """``trace`` kept within :data:`TRACE_POINTS`: every other point, the latest kept."""
+    return trace if len(trace) <= TRACE_POINTS else trace[:-1:2] + trace[-1:]
 
 
 @dataclass(frozen=True)

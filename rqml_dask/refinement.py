@@ -18,7 +18,7 @@ from rqml_dask.arrays import Array, ArrayBackend
 from rqml_dask.checkpoint import CheckpointError, ModelConfig, TaskCheckpoint
 from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
 from rqml_dask.held_out import HeldOutFigures, HeldOutScore
-from rqml_dask.messages import ModelRun, TracePoint
+from rqml_dask.messages import ModelRun, TracePoint, thin
 from rqml_dask.models import RefinementModel, load_model
 from rqml_dask.task import RQMLTask
 
@@ -40,10 +40,6 @@ class Snapshot:
     reason: str
     backend: ArrayBackend
     taken_at: float = field(default_factory=time.time)
-
-
-TRACE_POINTS = 256
-"""At most this many convergence checks are kept in a task's trace (thinned evenly beyond it)."""
 
 
 @dataclass
@@ -170,8 +166,7 @@ class Refinement:
             if figures is not None:
                 self.trace.append(TracePoint(self.iteration, self.model_name, figures.misfit, figures.stability,
                                              figures.consistency, figures.novelty))
-                if len(self.trace) > TRACE_POINTS:  # every other check, the latest kept: the curve's shape, bounded
-                    self.trace = self.trace[:-1:2] + self.trace[-1:]
+                self.trace = thin(self.trace)
             if held_out is not None and min(self.iteration - self.best_iteration, run.iterations) >= settings.held_out_patience:
                 verdict = "converged"  # past the held-out optimum (each model gets its patience): the rest would fit noise
             if verdict == "converged":

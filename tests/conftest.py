@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def small_volume(tmp_path_factory) -> Path:
 SYSTEMS = SystemsSpec(kind="systems", grid=(48, 48), count=8, contrast=1000, anisotropy=4, seed=1)
 """Conditioned so that float32 CG needs 400+ iterations to its fixed point: fixed budgets of 300 hold."""
 TESTS = Path(__file__).parent
+ARTIFACTS = Path(os.environ.get("RQML_TEST_ARTIFACTS", TESTS.parent / "test-artifacts"))
+"""Where browser tests leave their screenshots (``test-artifacts/``, git-ignored, unless set)."""
+ARTIFACTS.mkdir(exist_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,26 @@ def test_the_dashboard_reads_its_pages_from_a_module_dict_when_a_scheduler_start
     assert "applications" in inspect.getsource(dashboard.connect)
 
 
+def test_every_page_reads_its_navigation_from_one_memoized_pages_list_per_scheduler():
+    from distributed.dashboard import scheduler as dashboard
+
+    class Scheduler:  # template_variables reads nothing of it but its identity and ``jupyter``
+        jupyter = False
+
+    scheduler = Scheduler()
+    variables = dashboard.template_variables(scheduler)
+    assert isinstance(variables["pages"], list) and "status" in variables["pages"]
+    assert dashboard.template_variables(scheduler)["pages"] is variables["pages"]  # the same list, every call
+    assert "template_variables(scheduler)" in inspect.getsource(dashboard.connect)
+
+
+def test_dask_pages_take_their_look_from_a_jinja_env_and_a_bokeh_theme():
+    from bokeh.themes import Theme
+    from distributed.dashboard.components.scheduler import BOKEH_THEME, env
+
+    assert isinstance(BOKEH_THEME, Theme) and env.get_template("simple.html") is not None
+
+
 def test_a_task_state_has_loose_restrictions():
     assert "loose_restrictions" in TaskState.__slots__
 

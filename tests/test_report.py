@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -15,11 +14,9 @@ from PIL import Image
 
 from rqml_dask import Pipeline
 
-from conftest import pipeline_dict, write_yaml
+from conftest import ARTIFACTS, pipeline_dict, write_yaml
 
 RQML = [sys.executable, "-m", "rqml_dask.cli"]
-ARTIFACTS = Path(os.environ.get("RQML_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
-"""Where browser tests leave their screenshots (``test-artifacts/`` unless set)."""
 
 
 def rqml(*args: str) -> subprocess.CompletedProcess:
@@ -121,7 +118,6 @@ def test_the_report_is_one_file_that_opens_offline_with_its_tiles_curves_and_sli
         browser.execute_script("Bokeh.documents[0].get_model_by_name('tile-layer').value = 1")
         next_layer = browser.execute_script("return Bokeh.documents[0].get_model_by_name('tiles').data.task")
         assert sorted(next_layer) == ["reported/4", "reported/5", "reported/6", "reported/7"]
-        ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "report.png"))
     finally:
         browser.set_network_conditions(offline=False, latency=0, download_throughput=-1, upload_throughput=-1)

@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,12 @@ from rqml_dask.task import RQMLTask
 
 
 logger = logging.getLogger(__name__)
+
+
+PROGRESS_POINTS = 32
+"""Each heartbeat carries the latest this many convergence checks of every task refining
+(the scheduler keeps the ones it has not seen: a lost heartbeat loses nothing at up to this
+many checks per heartbeat)."""
 
 
 class PushedBack(RuntimeError):
@@ -221,6 +227,11 @@ class NodeOrchestrator:
                 "warm_models": warm,
                 "policy_version": self.policy.version,
                 "backend": self.backend.name,
+                "progress": {
+                    a.queued.task.task_id: {"iteration": a.refinement.iteration,
+                                            "trace": [astuple(p) for p in a.refinement.trace[-PROGRESS_POINTS:]]}
+                    for a in self.refining
+                },
             }
         return {**figures, **self.resources.read()}
 

@@ -301,7 +301,7 @@ class NodePlugin(WorkerPlugin):
                 job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
         self.forget(job)
         events.publish(self.worker, events.TASK_RESULTS, "finished", task_id=task.task_id, worker=self.worker.address,
-                       status=outcome.status, iterations=outcome.iterations, model=outcome.model,
+                       state=outcome.state, status=outcome.status, iterations=outcome.iterations, model=outcome.model,
                        escalations=outcome.escalations, resumed_from=outcome.resumed_from, reconciled=outcome.reconciled)
         return outcome
 

@@ -337,7 +337,7 @@ class Pipeline:
     @staticmethod
     def _submit_one(client: Client, function, task: RQMLTask, *args) -> Future:
         traits = TaskTraits(task.task_id, task.task_class, task.model_ladder[0], task.priority, task.expected_difficulty,
-                            rqml_key=task.key)
+                            rqml_key=task.key, core=task.region.core)
         with dask.annotate(rqml=asdict(traits)):  # read by the RQML scheduler plugin, if installed
             return client.submit(function, *args, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
 

@@ -6,6 +6,7 @@ Dask only logs a failing ``dask_setup``) and adds the ``/rqml`` dashboard page
 (:mod:`rqml_dask.scheduler.dashboard`).
 """
 
+from rqml_dask.compat import add_navigation_link
 from rqml_dask.config import scheduler_settings
 from rqml_dask.scheduler import dashboard
 from rqml_dask.scheduler.plugin import PENDING, PLUGIN_NAME, RQMLSchedulerPlugin
@@ -15,9 +16,11 @@ dashboard.register()
 
 
 def dask_setup(scheduler) -> None:
-    """Preload hook: install the plugin on this scheduler (once)."""
+    """Preload hook: install the plugin on this scheduler (once) and link ``/rqml`` from the
+    dashboard's navigation bar."""
     if PLUGIN_NAME not in scheduler.plugins:
         scheduler.add_plugin(RQMLSchedulerPlugin())
+    add_navigation_link(scheduler, dashboard.PATH.lstrip("/"))
 
 
 __all__ = ["PENDING", "PLUGIN_NAME", "RQMLSchedulerPlugin", "dask_setup"]

@@ -1,9 +1,11 @@
-"""The ``/rqml`` page of the Dask dashboard: nodes, their scheduler link, tasks and alerts.
+"""The ``/rqml`` page of the Dask dashboard: nodes, their scheduler link, tasks and alerts,
+with links to the live pages (:mod:`rqml_dask.scheduler.live_pages`).
 
 Registered by the scheduler preload (``dask scheduler --preload rqml_dask.scheduler``) in
 ``distributed.dashboard.scheduler.applications``, which the scheduler reads when it starts its
-dashboard, so the page is served at ``http://<scheduler>:8787/rqml``. Dask's navigation bar
-is a fixed list: the page is reached by its address.
+dashboard, so the page is served at ``http://<scheduler>:8787/rqml`` and linked ("Rqml") from
+the navigation bar of every dashboard page (:func:`rqml_dask.compat.add_navigation_link`).
+Every page has Dask's own template and theme.
 
 What it shows, refreshed twice a second from the RQML scheduler plugin:
 
@@ -27,7 +29,8 @@ from distributed import Scheduler
 from distributed.dashboard.components import add_periodic_callback
 
 from rqml_dask import events
-from rqml_dask.compat import add_dashboard_page
+from rqml_dask.compat import add_dashboard_page, use_dask_look
+from rqml_dask.scheduler.live_pages import PAGES
 
 PATH = "/rqml"
 ALERTS_SHOWN = 50
@@ -70,8 +73,9 @@ class RQMLPage:
             source=self.alerts, columns=[TableColumn(field=f, title=t) for f, t in ALERT_COLUMNS.items()],
             sizing_mode="stretch_width", height=320, index_position=None,
         )
+        links = " · ".join(f"<a href='{path.lstrip('/')}'>{title}</a>" for path, (title, _) in PAGES.items())
         self.root = column(
-            Div(text="<h2>RQML</h2>"), self.summary, Div(text="<h3>Nodes</h3>"), node_table,
+            Div(text=f"<h2>RQML</h2><p>Live pages: {links}</p>", name="rqml-links"), self.summary, Div(text="<h3>Nodes</h3>"), node_table,
             Div(text="<h3>Alerts</h3>"), alert_table, sizing_mode="stretch_width",
         )
 
@@ -132,15 +136,23 @@ class RQMLPage:
         }
 
 
-def rqml_doc(scheduler: Scheduler, extra: dict, doc) -> None:
-    """Bokeh document builder, the signature ``applications`` entries have."""
-    page = RQMLPage(scheduler)
-    page.update()
-    add_periodic_callback(doc, page, 500)
-    doc.title = "Dask: RQML"
-    doc.add_root(page.root)
+def page_doc(component: type, title: str):
+    """The Bokeh document builder (the signature ``applications`` entries have) of one page:
+    ``component(scheduler)`` laid out with Dask's look, updated twice a second."""
+
+    def make_doc(scheduler: Scheduler, extra: dict, doc) -> None:
+        page = component(scheduler)
+        page.update()
+        add_periodic_callback(doc, page, 500)
+        doc.title = f"Dask: {title}"
+        doc.add_root(page.root)
+        use_dask_look(doc, extra)
+
+    return make_doc
 
 
 def register() -> None:
-    """Add the page to the dashboards of schedulers made from now on (idempotent)."""
-    add_dashboard_page(PATH, rqml_doc)
+    """Add the pages to the dashboards of schedulers made from now on (idempotent)."""
+    add_dashboard_page(PATH, page_doc(RQMLPage, "RQML"))
+    for path, (title, component) in PAGES.items():
+        add_dashboard_page(path, page_doc(component, f"RQML {title}"))

@@ -18,6 +18,19 @@ Count = Annotated[StrictInt, Field(ge=0, le=10**9)]
 Rate = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
 
 
+Figure = Annotated[float, Field(strict=False)] | None
+
+
+class TaskProgress(BaseModel):
+    """A refining task's latest iteration and convergence checks (shown, never steered by)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    iteration: Count
+    trace: Annotated[list[tuple[Count, Annotated[str, Field(strict=True, max_length=200)], Figure, Figure, Figure, Figure]],
+                     Field(max_length=1024)] = []
+
+
 class NodeFigures(BaseModel):
     """What the plugin reads from a node's heartbeat; every other figure passes through."""
 
@@ -31,6 +44,9 @@ class NodeFigures(BaseModel):
     outbound: Count = 0
     gpu_count: Annotated[StrictInt, Field(ge=0, le=1024)] = 0
     warm_models: list[Annotated[str, Field(strict=True)]] = []
+    host_memory_fraction: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] = 0.0
+    device_memory_fraction: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+    progress: Annotated[dict[Annotated[str, Field(max_length=500)], TaskProgress], Field(max_length=100_000)] = {}
 
 
 def check_figures(raw: Any) -> dict[str, Any]:

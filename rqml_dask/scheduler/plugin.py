@@ -37,6 +37,7 @@ joins the running work instead of starting it again.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 import itertools
 import logging
 import time
@@ -54,7 +55,7 @@ from pydantic import ValidationError
 from rqml_dask import events
 from rqml_dask.compat import restrict_strictly
 from rqml_dask.config import SchedulerSettings, scheduler_settings
-from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits
+from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits, thin
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.figures import InvalidFigures, check_figures
 from rqml_dask.scheduler.gatekeeper import HANDLER_ROLES, Gatekeeper, only_roles
@@ -72,6 +73,8 @@ PENDING = "rqml-pending"
 plugin binds it to a node."""
 
 PLUGIN_NAME = "rqml-scheduler"
+HISTORY_POINTS = 600
+"""Samples of each node's figures kept for the dashboard (one per ``rqml.scheduler.heartbeat-interval``)."""
 TICK = "rqml-release"
 """The plugin's entry in ``scheduler.periodic_callbacks``: binds pending tasks, publishes figures."""
 
@@ -89,6 +92,14 @@ class TaskRecord:
     model: str | None = None
     """The model the task runs now, as the node it is bound to reports it (its escalations
     and diversifications on the supervision topic); ``None``: the ladder's first."""
+    iteration: int = 0
+    """The iteration its node last reported (heartbeat ``progress``)."""
+    trace: list[tuple] = field(default_factory=list)
+    """Its convergence checks as its nodes reported them: (iteration, model, misfit,
+    stability, consistency, novelty), at most :data:`~rqml_dask.messages.TRACE_POINTS`."""
+    submitted_at: float = field(default_factory=time.time)
+    result_state: str | None = None
+    """The terminal state its node reported with the result (``rqml-task_results``), if any."""
 
 
 @dataclass
@@ -101,6 +112,20 @@ class NodeRecord:
     figures: dict[str, Any] = field(default_factory=dict)
     invalid_figures: str | None = None
     """Why the node's latest heartbeat figures were refused (it rests meanwhile), or None."""
+    history: deque[NodeSample] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
+    """Its figures at each of the plugin's heartbeats, for the dashboard's time series."""
+
+
+@dataclass(frozen=True)
+class NodeSample:
+    """A node's figures at one of the plugin's heartbeats (``time``: Unix seconds)."""
+
+    time: float
+    iterations_per_second: float
+    queued: int
+    host_memory_fraction: float
+    device_memory_fraction: float | None
+    reliability: float
 
 
 class RQMLSchedulerPlugin(SchedulerPlugin):
@@ -236,6 +261,11 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             logger.info("node %s lost with %d RQML tasks", worker, len(node.bound))
 
     def log_event(self, topic: str, msg: Any) -> None:
+        if topic == events.TASK_RESULTS and isinstance(msg, dict):
+            record = self._record_of(msg.get("task_id")) or self.finished.get(msg.get("task_id"))
+            if record is not None and record.worker == msg.get("worker"):  # Dask sets "worker" from the connection
+                record.result_state = msg.get("state")
+            return
         if topic != events.SUPERVISION or not isinstance(msg, dict):
             return
         record = self._record_of(msg.get("task_id"))
@@ -294,10 +324,16 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         """Nodes' figures on ``heartbeats``, the cluster's task counts on ``metrics``."""
         for address, node in self.nodes.items():
             f = node.figures
+            reliability = node.reliability.score(time.monotonic())
+            node.history.append(NodeSample(time.time(), f.get("iterations_per_second", 0.0), f.get("inbound", 0) + f.get("refining", 0),
+                                           f.get("host_memory_fraction", 0.0), f.get("device_memory_fraction"), reliability))
             events.publish(
                 self.scheduler, events.HEARTBEATS, "node", node=address,
-                **{k: f.get(k) for k in ("inbound", "refining", "outbound", "busy_fraction", "iterations_per_second", "concurrency_limit")},
-                reliability=node.reliability.score(time.monotonic()),
+                **{k: f.get(k) for k in ("inbound", "refining", "outbound", "busy_fraction", "iterations_per_second", "concurrency_limit",
+                                         "host_memory_fraction", "device_memory_fraction")},
+                reliability=reliability,
+                link=(f.get("link") or {}).get("status", "unknown") if isinstance(f.get("link"), dict) else "unknown",
+                invalid_figures=node.invalid_figures,
             )
         states: dict[str, int] = {}
         for record in self.tasks.values():
@@ -434,9 +470,25 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     rates[address] = figures["iterations_per_second"]
                     self.table.set_warm(address, figures["warm_models"])
                     self.table.gpu[self.table.index[address]] = figures["gpu_count"] > 0
+                    self._record_progress(address, figures["progress"])
             self.table.reliability[self.table.index[address]] = node.reliability.score(now)
             self._update_room(node)
         self.table.set_speeds(rates)
+
+    def _record_progress(self, address: str, progress: dict[str, dict[str, Any]]) -> None:
+        """Keep what ``address`` reports of the tasks bound to it (only its own node speaks
+        for a task), each check once."""
+        for task_id, reported in progress.items():
+            record = self._record_of(task_id)
+            if record is None or record.worker != address:
+                continue
+            record.iteration = max(record.iteration, reported["iteration"])
+            last = record.trace[-1][0] if record.trace else -1
+            for point in reported["trace"]:
+                if point[0] > last:
+                    record.trace.append(tuple(point))
+                    record.trace = thin(record.trace)
+                    last = point[0]
 
     def _record_of(self, task_id: str | None) -> TaskRecord | None:
         key = self.keys_by_task_id.get(task_id)
