@@ -8,9 +8,6 @@ from pathlib import Path
 
 import click
 
-from rqml_dask.pipeline import Pipeline, PipelineConfigError, PipelineError
-from rqml_dask.synthetic import SynthSpec, SystemsSpec, write_synthetic, write_systems
-from rqml_dask.volumes import InputError
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -22,6 +19,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 @click.group()
+@click.version_option(package_name="rqml-dask")
 def main() -> None:
     """rqml-dask: iterative-refinement pipelines on Dask."""
 
@@ -35,18 +33,26 @@ def main() -> None:
               help="Run the embedded cluster over pqtls:// (post-quantum TLS), with throw-away certificates.")
 def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: bool, secure: bool) -> None:
     """Run every task of PIPELINE_FILE and write its output Zarr."""
-    from distributed import Client
-
-    from rqml_dask.cluster import embedded_cluster, secure_embedded_cluster
+    from rqml_dask.pipeline.config import PipelineConfigError, load_pipeline_config
+    from rqml_dask.volumes import InputError
 
     if secure and scheduler:
         raise click.ClickException("--secure starts an embedded cluster; for a cluster of your own, "
                                    "give --scheduler pqtls://... and this host's rqml.trust credentials")
 
     try:
-        pipeline = Pipeline.from_yaml(pipeline_file)
+        config = load_pipeline_config(pipeline_file)  # a bad file is refused before Dask is even imported
+    except PipelineConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    from distributed import Client
+
+    from rqml_dask.cluster import embedded_cluster, secure_embedded_cluster
+    from rqml_dask.pipeline.pipeline import Pipeline, PipelineError
+
+    try:
+        pipeline = Pipeline(config)
         tasks = pipeline.prepare(overwrite)  # refuse bad input or output before any cluster starts
-    except (PipelineConfigError, InputError, PipelineError) as exc:
+    except (InputError, PipelineError) as exc:
         raise click.ClickException(str(exc)) from None
     with contextlib.ExitStack() as stack:
         if scheduler:
@@ -89,6 +95,7 @@ def show(result: Path, output: Path | None) -> None:
     """Draw the middle z, y and x slices of a finished run's observed image, result and
     truth (if any), on one colour scale, into a PNG, and print its path."""
     from rqml_dask.report import write_slices
+    from rqml_dask.volumes import InputError
 
     try:
         click.echo(write_slices(result, output))
@@ -103,6 +110,7 @@ def report(result: Path, output: Path | None) -> None:
     """Write one self-contained HTML report of a finished run (summary, tile map,
     convergence curves, slices; it opens without a network), and print its path."""
     from rqml_dask.report import write_report
+    from rqml_dask.volumes import InputError
 
     try:
         click.echo(write_report(result, output))
@@ -222,6 +230,7 @@ def import_(source: Path, store: Path, array: str, chunks, voxel_size, unit: str
     a voxel size (given, or in the file), STORE becomes an OME-Zarr image of it."""
     from rqml_dask.ome import VoxelSize
     from rqml_dask.tiff_import import import_tiff
+    from rqml_dask.volumes import InputError
 
     try:
         image = import_tiff(source, store, array, chunks, VoxelSize(voxel_size, unit) if voxel_size else None, overwrite)
@@ -253,6 +262,8 @@ def synth(store: Path, kind: str, shape, psf: str, psf_sigma, photons: float, gr
           anisotropy: float, seed: int, overwrite: bool) -> None:
     """Write synthetic data to STORE: a ground truth, PSF and blurred noisy observation, or
     (``--kind systems``) right-hand sides, coefficients and direct solutions."""
+    from rqml_dask.synthetic import SynthSpec, SystemsSpec, write_synthetic, write_systems
+
     if store.exists() and not overwrite:
         raise click.ClickException(f"{store} exists: pass --overwrite to replace it")
     try:
@@ -274,12 +285,13 @@ def synth(store: Path, kind: str, shape, psf: str, psf_sigma, photons: float, gr
 def models(scheduler: str | None, pipeline_file: Path | None) -> None:
     """List the model families this host, or every worker of a cluster, can run, with their
     task class and family: the registered ones, and those shipped as plugins."""
+    from rqml_dask.pipeline.config import PipelineConfigError, load_pipeline_config
     from rqml_dask.pipeline.plugins import available_models, ship_plugins
 
     plugins = []
     if pipeline_file is not None:
         try:
-            plugins = Pipeline.from_yaml(pipeline_file).config.plugins
+            plugins = load_pipeline_config(pipeline_file).plugins
         except PipelineConfigError as exc:
             raise click.ClickException(str(exc)) from None
     if scheduler is None:

@@ -20,10 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import scipy.ndimage
-import scipy.signal
-import scipy.sparse
-import scipy.sparse.linalg
 import zarr
 from pydantic import ConfigDict
 
@@ -111,6 +107,8 @@ def write_synthetic(store: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
     rng = np.random.default_rng(spec.seed)
     truth = make_truth(spec.kind, spec.shape, rng)
     psf = gaussian_psf(spec.psf_sigma) if spec.psf == "gaussian" else widefield_psf()
+    import scipy.signal  # here, not at import: reading a pipeline file loads no SciPy
+
     blurred = np.clip(scipy.signal.fftconvolve(truth + spec.background, psf, mode="same"), 0, None)
     observed = (rng.poisson(blurred * spec.photons) / spec.photons).astype(np.float32)
     staging = store.with_name(store.name + ".partial")
@@ -159,6 +157,8 @@ def diffusion_matrix(coefficients: np.ndarray) -> scipy.sparse.csr_matrix:
     volumes, unit spacing, zero outside the grid) for ``coefficients`` (rank, *grid):
     ``sum_a D_a^T diag(k_a) D_a`` with ``D_a`` the differences across the faces of axis ``a``."""
     grid = coefficients.shape[1:]
+    import scipy.sparse
+
     matrix = scipy.sparse.csr_matrix((math.prod(grid), math.prod(grid)))
     for axis, k in enumerate(face_coefficients(coefficients)):
         n = grid[axis]
@@ -174,6 +174,9 @@ def write_systems(store: str | Path, spec: SystemsSpec) -> Path:
     """Write rhs, coefficients and truth (the direct solution) to the Zarr group at ``store``."""
     if len(spec.grid) not in (2, 3) or min(spec.grid) < 2 or spec.count < 1:
         raise ValueError(f"grid {spec.grid} must be 2-D or 3-D (at least 2 per axis) and count {spec.count} positive")
+    import scipy.ndimage
+    import scipy.sparse.linalg
+
     store = Path(store)
     rng = np.random.default_rng(spec.seed)
     rank = len(spec.grid)

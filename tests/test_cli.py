@@ -51,6 +51,35 @@ def test_the_shipped_linear_solve_pipeline_generates_its_systems_and_solves_them
     assert zarr.open_group(tmp_path / "results" / "linear_solve.zarr", mode="r").attrs["rqml"]["status"] == "complete"
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--help"], "iterative-refinement pipelines on Dask"),
+    (["--version"], "version"),
+    (["run", "{bad}"], "not valid YAML"),
+    (["run", "{unknown}"], "unknown_section"),
+])
+def test_help_version_and_a_bad_pipeline_file_answer_without_loading_dask(tmp_path, args, expected):
+    (tmp_path / "bad.yaml").write_text("name: [\n")
+    (tmp_path / "unknown.yaml").write_text("name: x\nunknown_section: 1\n")
+    args = [a.format(bad=tmp_path / "bad.yaml", unknown=tmp_path / "unknown.yaml") for a in args]
+    probe = ("import sys; from rqml_dask.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print('dask loaded' if 'distributed' in sys.modules or 'dask' in sys.modules else 'no dask', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=bound(60))
+    assert expected in done.stdout + done.stderr
+    assert done.stderr.strip().endswith("no dask"), done.stderr
+
+
+def test_the_progress_bar_shows_iterations_before_the_first_task_finishes(tmp_path, small_volume):
+    paced = {"max_iterations": 120, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6,
+             "accept_max_iterations": True}
+    config = pipeline_dict(small_volume, tmp_path / "out.zarr", tiling={"tile": [24, 48, 48], "halo": "auto"}, convergence=paced,
+                           models={"ladder": ["sleepy_model:SleepyModel"], "params": {"sleepy_model:SleepyModel": {"delay": 0.05}}})
+    done = rqml("run", str(write_yaml(tmp_path / "p.yaml", config)), "--progress")
+    assert done.returncode == 0, done.stderr
+    before_the_end = [int(n) for n in re.findall(r"0/1 \[[^\]]*iterations=(\d+)", done.stderr)]
+    assert before_the_end and max(before_the_end) > 0, done.stderr  # the one task still running, its iterations counted
+
+
 def test_synth_systems_writes_a_batch_for_linear_solve(tmp_path):
     store = tmp_path / "systems.zarr"
     done = rqml("data", "synth", str(store), "--kind", "systems", "--grid", "8,10,12", "--count", "3", "--contrast", "50")

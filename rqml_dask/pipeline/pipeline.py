@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -363,6 +364,7 @@ class Pipeline:
         pending = {task.task_id: (task, self._submit_task(client, task)) for task in tasks}
         outcomes: list[TaskOutcome] = []
         bar = _progress_bar(len(tasks), self.config.name, progress)
+        live = _LiveIterations(client, bar, set(pending))
         own_client: Client | None = None  # ours, after a scheduler loss
         try:
             while pending:
@@ -383,14 +385,14 @@ class Pipeline:
                     del pending[task.task_id]
                     outcomes.append(outcome)
                     bar.update(1)
-                    bar.set_postfix(iterations=sum(o.iterations for o in outcomes), escalations=sum(o.escalations for o in outcomes))
+                    live.escalations = sum(o.escalations for o in outcomes)
                 if lost:
                     address = client.scheduler.address
                     logger.warning("lost the scheduler %s with %d task(s) not returned: waiting up to %g s for one to "
                                    "answer there; the nodes keep refining meanwhile", address, len(lost), reconnect_timeout)
                     if own_client is not None:
                         own_client.close()
-                    client = own_client = _client_when_back(client, reconnect_timeout)
+                    client = own_client = live.client = _client_when_back(client, reconnect_timeout)
                     ship_plugins(client, self.config.plugins)  # a scheduler started anew has none
                     for task in lost:
                         pending[task.task_id] = (task, self._submit_task(client, task))
@@ -400,6 +402,7 @@ class Pipeline:
                 client.cancel([future for _, future in pending.values()])
             raise
         finally:
+            live.stop()
             bar.close()
             if own_client is not None:
                 own_client.close()
@@ -490,3 +493,30 @@ def _progress_bar(total: int, name: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=name, unit="task", disable=not enabled, dynamic_ncols=True)
+
+
+class _LiveIterations:
+    """Shows on ``bar`` the iterations the run's tasks have reached, as the RQML scheduler
+    plugin has them from the nodes' heartbeats, every ``interval`` seconds: a bar of
+    finished tasks alone sits at 0 % until the first task ends. Silent where the scheduler
+    has no RQML plugin or does not answer."""
+
+    def __init__(self, client: Client, bar, task_ids: set[str], interval: float = 2.0) -> None:
+        self.client, self.bar, self.task_ids, self.interval = client, bar, task_ids, interval
+        self.escalations = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="rqml-progress", daemon=True)
+        if not bar.disable:
+            self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                tasks = self.client.sync(self.client.scheduler.rqml_status, callback_timeout=self.interval)["tasks"]
+            except Exception:
+                continue
+            iterations = sum(t.get("iteration", 0) for task_id, t in tasks.items() if task_id in self.task_ids)
+            self.bar.set_postfix(iterations=iterations, escalations=self.escalations)
+
+    def stop(self) -> None:
+        self._stop.set()

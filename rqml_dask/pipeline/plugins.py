@@ -19,10 +19,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from distributed import Client
-from distributed.diagnostics.plugin import UploadFile
+from typing import TYPE_CHECKING
 
 from rqml_dask.models import RefinementModel, load_model, registered_models
+
+if TYPE_CHECKING:  # Dask is imported where plugins are shipped: reading a pipeline file needs none
+    from distributed import Client
+    from distributed.diagnostics.plugin import UploadFile
 
 
 class PluginError(ValueError):
@@ -77,6 +80,8 @@ def plugin_digest(paths: list[Path]) -> str | None:
 
 def _upload(path: Path) -> UploadFile:
     """Dask's upload plugin for one plugin: the file itself, or the package zipped."""
+    from distributed.diagnostics.plugin import UploadFile
+
     if path.is_file():
         return UploadFile(str(path))
     buffer = io.BytesIO()

@@ -526,6 +526,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 "state": r.state,
                 "node": r.worker,
                 "attempts": r.attempts,
+                "iteration": r.iteration,
                 "model": r.model or r.traits.model,
                 "decisions": [d.get("kind") for d in r.decisions],
             }
