@@ -385,7 +385,8 @@ def metric(port: int, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_a_node_gives_up_after_the_degraded_limit_and_keeps_its_tasks_for_a_restart(tmp_path, small_volume):
+def test_a_node_gives_up_after_the_degraded_limit_keeps_its_tasks_and_alerts_of_damaged_checkpoints_at_restart(
+        tmp_path, small_volume):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     http = {"node-0": free_port()}
@@ -406,7 +407,24 @@ def test_a_node_gives_up_after_the_degraded_limit_and_keeps_its_tasks_for_a_rest
             assert 3 <= time.monotonic() - lost_at < bound(30)
             del futures
         state = NodeState(tmp_path / "workers" / "dask-scratch-space" / "rqml-node" / "node-0" / "node.lmdb")
-        assert len(state.jobs()) == 3  # what a restarted node 'node-0' takes up again
+        jobs = {task.task_id for task in state.jobs()}
+        assert len(jobs) == 3  # what a restarted node 'node-0' takes up again
+        # the checkpoints' artifact chunks damaged while the node was down: at its restart it
+        # resumes its jobs before it registers, rejects every checkpoint, and the alerts it
+        # raised with no scheduler reach the scheduler once it registers
+        artifacts = tmp_path / "out.zarr.checkpoints"
+        chunks = [p for p in artifacts.rglob("*") if p.is_file() and "c" in p.relative_to(artifacts).parts]
+        checkpointed = {f"{d.parent.name}/{d.name.split('@')[0]}" for d in (artifacts / "tasks").glob("*/*@*")}
+        assert chunks and len(checkpointed) == 2 and checkpointed <= jobs  # the two refining; the queued one has none
+        for chunk in chunks:
+            chunk.write_bytes(np.random.default_rng(1).bytes(chunk.stat().st_size))
+        scheduler = dask_scheduler(port, tmp_path / "scheduler-2.log").start()
+        worker = rqml_worker(address, "node-0", http["node-0"], tmp_path / "workers").start()
+        with Client(address, timeout=bound(60)) as client:
+            client.wait_for_workers(1, timeout=bound(60))
+            rejected = wait_for(lambda: {e["task_id"] for _, e in client.get_events(events.ALERTS) if e["kind"] == "checkpoint-rejected"}
+                                == checkpointed and client.get_events(events.ALERTS), what="a checkpoint-rejected alert per checkpointed job")
+            assert all("raised_at" in e for _, e in rejected if e["kind"] == "checkpoint-rejected")
     finally:
         worker.kill()
         scheduler.kill()

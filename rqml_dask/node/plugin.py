@@ -56,6 +56,8 @@ from rqml_dask.volumes import write_core
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "rqml-node"
+UNSENT_ALERTS = 1000
+"""Alerts raised while the node has no scheduler that it keeps to publish once registered."""
 
 
 class SchedulerLost(RuntimeError):
@@ -406,7 +408,7 @@ class NodePlugin(WorkerPlugin):
         """Just registered: leave degraded mode, publish what happened meanwhile, and report
         every job to the scheduler plugin for a verdict."""
         for kind, payload in self._unsent_alerts:
-            self._alert(kind, payload)
+            events.publish(self.worker, events.ALERTS, kind, worker=self.worker.address, **payload)
         self._unsent_alerts.clear()
         link = self.link
         if link.degraded_since is not None:
@@ -454,6 +456,12 @@ class NodePlugin(WorkerPlugin):
     # -- events and figures ----------------------------------------------------------------
 
     def _alert(self, kind: str, payload: dict[str, Any]) -> None:
+        """Publish an alert on ``rqml-alerts``; with no scheduler (Dask would drop it), keep it
+        (the first :data:`UNSENT_ALERTS`) until the node registers again."""
+        if self.link.degraded_since is not None:
+            if len(self._unsent_alerts) < UNSENT_ALERTS:
+                self._unsent_alerts.append((kind, {**payload, "raised_at": time.time()}))
+            return
         events.publish(self.worker, events.ALERTS, kind, worker=self.worker.address, **payload)
 
     def _supervision_event(self, event: dict[str, Any]) -> None:
