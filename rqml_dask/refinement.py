@@ -78,6 +78,8 @@ class Refinement:
     fitted_noise: bool = False
     trace: list[TracePoint] = field(default_factory=list)
     """Every convergence check so far (one per ``check_every`` iterations of each model)."""
+    checkpoints: list[int] = field(default_factory=list)
+    """The iterations this run took checkpoints at (the live view marks them; bounded)."""
 
     def __post_init__(self) -> None:
         self.models = self.models or list(self.task.model_ladder)
@@ -294,6 +296,7 @@ class Refinement:
         self.checkpoint_reason = None
         self.last_checkpoint_iteration = self.iteration
         self.last_checkpoint_time = time.monotonic()
+        self.checkpoints = thin([*self.checkpoints, self.iteration])
         arrays = {name: self._keep(array) for name, array in self.model.state().items()}
         if self.best_estimate is not None:  # kept already: the held-out rule's best iterate
             arrays[HELD_OUT_BEST] = self.best_estimate

@@ -102,6 +102,10 @@ def test_live_pages_follow_a_running_pipeline_and_a_clicked_tile_shows_its_conve
         browser.get(f"{base}/rqml-convergence")
         changes(browser, lambda s: sorted((tuple(v["task"][:1]), len(v["iteration"])) for k, v in s.items() if "misfit" in v),
                 "the convergence curves")
+        # the checkpoints its node took (every 10 iterations) are marked on the curves
+        wait_for(lambda: sources(browser)["rqml-checkpoint-marks"]["iteration"], timeout=30, what="checkpoint marks")
+        marked = sources(browser)["rqml-checkpoint-marks"]["iteration"]
+        assert all(i % 10 == 0 for i in marked), marked
         browser.save_screenshot(str(ARTIFACTS / "rqml-convergence.png"))
 
         # nodes over time: both nodes' series gain samples

@@ -229,7 +229,8 @@ class NodeOrchestrator:
                 "backend": self.backend.name,
                 "progress": {
                     a.queued.task.task_id: {"iteration": a.refinement.iteration,
-                                            "trace": [astuple(p) for p in a.refinement.trace[-PROGRESS_POINTS:]]}
+                                            "trace": [astuple(p) for p in a.refinement.trace[-PROGRESS_POINTS:]],
+                                            "checkpoints": a.refinement.checkpoints[-PROGRESS_POINTS:]}
                     for a in self.refining
                 },
             }

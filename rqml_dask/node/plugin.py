@@ -407,15 +407,15 @@ class NodePlugin(WorkerPlugin):
     async def reconcile(self) -> None:
         """Just registered: leave degraded mode, publish what happened meanwhile, and report
         every job to the scheduler plugin for a verdict."""
-        for kind, payload in self._unsent_alerts:
-            events.publish(self.worker, events.ALERTS, kind, worker=self.worker.address, **payload)
-        self._unsent_alerts.clear()
         link = self.link
-        if link.degraded_since is not None:
-            seconds = time.time() - link.degraded_since
+        since, link.degraded_since = link.degraded_since, None  # out of degraded mode: alerts are published again
+        unsent, self._unsent_alerts = self._unsent_alerts, []
+        for kind, payload in unsent:
+            self._alert(kind, payload)
+        if since is not None:
+            seconds = time.time() - since
             link.degraded_seconds_total += seconds
-            self._alert("node-degraded", {"since": link.degraded_since, "seconds": seconds, "tasks": len(self.jobs)})
-            link.degraded_since = None
+            self._alert("node-degraded", {"since": since, "seconds": seconds, "tasks": len(self.jobs)})
         with self._jobs_lock:
             jobs = [job for job in self.jobs.values() if not job.dropped]
         if jobs:

@@ -30,7 +30,7 @@ from distributed.dashboard.components import add_periodic_callback
 
 from rqml_dask import events
 from rqml_dask.compat import add_dashboard_page, use_dask_look
-from rqml_dask.scheduler.live_pages import PAGES
+from rqml_dask.scheduler.live_pages import PAGES, run_records
 
 PATH = "/rqml"
 ALERTS_SHOWN = 50
@@ -92,14 +92,18 @@ class RQMLPage:
         self.nodes.data = {name: [row[name] for row in rows] for name in NODE_COLUMNS}
         alerts = [self._alert_row(message) for _, message in list(self.scheduler.get_events(events.ALERTS))[-ALERTS_SHOWN:]][::-1]
         self.alerts.data = {name: [row[name] for row in alerts] for name in ALERT_COLUMNS}
+        runs = run_records(plugin)
+        latest = next(reversed(runs), None)
         states: dict[str, int] = {}
-        for task in status["tasks"].values():
-            states[task["state"]] = states.get(task["state"], 0) + 1
+        for record in runs.get(latest, {}).values():
+            states[record.state] = states.get(record.state, 0) + 1
+        earlier = sum(len(records) for name, records in runs.items() if name != latest)
         degraded = sum(row["losses"] > 0 or row["degraded_s"] > 0 for row in rows)
         quarantined = "".join(f"; quarantined: {name} ({reason})" for name, reason in sorted(status["quarantined"].items()))
         self.summary.text = (
             f"{len(rows)} nodes, {degraded} of them worked without a scheduler; "
-            f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}{quarantined}"
+            f"run {latest or '(none yet)'}: {', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'no tasks'}"
+            f"{f' ({earlier} tasks of earlier runs kept, not counted)' if earlier else ''}{quarantined}"
         )
 
     @staticmethod

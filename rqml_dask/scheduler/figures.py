@@ -29,6 +29,7 @@ class TaskProgress(BaseModel):
     iteration: Count
     trace: Annotated[list[tuple[Count, Annotated[str, Field(strict=True, max_length=200)], Figure, Figure, Figure, Figure]],
                      Field(max_length=1024)] = []
+    checkpoints: Annotated[list[Count], Field(max_length=1024)] = []
 
 
 class NodeFigures(BaseModel):

@@ -9,8 +9,9 @@ asks a node anything. What they show:
   hover showing node, model, iteration and latest convergence figures; clicking a tile
   selects it and draws its convergence below.
 * ``/rqml-convergence``: misfit, stability, consistency and novelty against iteration of the
-  tasks chosen (several overlaid; by default the ones refining now), model switches marked,
-  and each task's supervision events (escalations, validation failures, reroutes) listed.
+  tasks chosen (several overlaid; by default the ones refining now), model switches,
+  checkpoints and failed validations marked on the misfit curves, and each task's
+  supervision events (escalations, validation failures, reroutes) listed.
 * ``/rqml-nodes``: per node over time, iterations/s, queue depths, host and GPU memory, and
   the reliability weight (the plugin's samples, :attr:`NodeRecord.history
   <rqml_dask.scheduler.plugin.NodeRecord.history>`), with each node's link (degraded?) and
@@ -229,13 +230,21 @@ class ConvergencePage:
         self.sources = [ColumnDataSource({"iteration": [], **{f: [] for f in FIGURES}, "model": [], "task": []},
                                          name=f"rqml-convergence-{i}") for i in range(CURVES_OVERLAID)]
         self.switches = ColumnDataSource({"iteration": [], "misfit": [], "to": [], "task": []}, name="rqml-model-switches")
+        self.marks = {kind: ColumnDataSource({"iteration": [], "misfit": [], "task": []}, name=f"rqml-{kind}-marks")
+                      for kind in ("checkpoint", "validation")}
         self.plots = {}
         for name in FIGURES:
             plot = _curve_figure(name, f"rqml-convergence-{name}")
             for i, source in enumerate(self.sources):
                 plot.line("iteration", name, source=source, color=Category10_10[i], line_width=2)
             if name == "misfit":
-                plot.scatter("iteration", "misfit", source=self.switches, marker="triangle", size=10, color="black")
+                plot.scatter("iteration", "misfit", source=self.switches, marker="triangle", size=10, color="black",
+                             legend_label="model switch")
+                plot.scatter("iteration", "misfit", source=self.marks["checkpoint"], marker="square", size=6, color="grey",
+                             fill_alpha=0.3, legend_label="checkpoint")
+                plot.scatter("iteration", "misfit", source=self.marks["validation"], marker="x", size=12, color="red",
+                             line_width=2, legend_label="validation failed")
+                plot.legend.location = "top_right"
             plot.add_tools(HoverTool(tooltips=[("task", "@task"), ("iteration", "@iteration"), ("model", "@model"), (name, f"@{name}")]))
             self.plots[name] = plot
         self.decisions = ColumnDataSource({"task": [], "kind": [], "detail": []}, name="rqml-convergence-decisions")
@@ -243,7 +252,7 @@ class ConvergencePage:
                           height=200, sizing_mode="stretch_width", index_position=None)
         self.legend = Div(text="")
         self.root = column(row(self.run.select), self.choice, self.legend, *self.plots.values(),
-                           Div(text="<b>Supervision events</b> (triangles on the misfit plot: model switches)"), table,
+                           Div(text="<b>Supervision events</b>"), table,
                            sizing_mode="stretch_width")
 
     def update(self) -> None:
@@ -260,6 +269,7 @@ class ConvergencePage:
             refining = [r for r in records.values() if r.state == "bound" and r.trace]
             chosen = (refining or sorted((r for r in records.values() if r.trace), key=lambda r: -r.submitted_at))[:CURVES_OVERLAID]
         switches: dict[str, list] = {"iteration": [], "misfit": [], "to": [], "task": []}
+        marks: dict[str, dict[str, list]] = {kind: {"iteration": [], "misfit": [], "task": []} for kind in self.marks}
         decisions: dict[str, list] = {"task": [], "kind": [], "detail": []}
         for i, source in enumerate(self.sources):
             record = chosen[i] if i < len(chosen) else None
@@ -275,12 +285,24 @@ class ConvergencePage:
                     switches["misfit"].append(point[2])
                     switches["to"].append(point[1])
                     switches["task"].append(record.traits.task_id)
+            if record is not None and trace:
+                placed = [("checkpoint", i) for i in record.checkpoints]
+                placed += [("validation", d["iteration"]) for d in record.decisions
+                           if d.get("kind") == "validation_failed" and isinstance(d.get("iteration"), int)]
+                for kind, iteration in placed:  # drawn on the curve: at the misfit of the check nearest it
+                    nearest = min(trace, key=lambda p: abs(p[0] - iteration))
+                    if nearest[2]:
+                        marks[kind]["iteration"].append(iteration)
+                        marks[kind]["misfit"].append(nearest[2])
+                        marks[kind]["task"].append(record.traits.task_id)
             for decision in (record.decisions if record is not None else []):
                 decisions["task"].append(record.traits.task_id)
                 decisions["kind"].append(str(decision.get("kind", "")))
                 decisions["detail"].append(", ".join(f"{k}={v}" for k, v in decision.items()
                                                      if k not in ("kind", "task_id", "time", "worker")))
         self.switches.data = switches
+        for kind, source in self.marks.items():
+            source.data = marks[kind]
         self.decisions.data = decisions
         self.legend.text = " ".join(f"<span style='color:{Category10_10[i]}'>&#9632; {r.traits.task_id}</span>"
                                     for i, r in enumerate(chosen[:CURVES_OVERLAID]))

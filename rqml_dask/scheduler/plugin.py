@@ -97,6 +97,8 @@ class TaskRecord:
     trace: list[tuple] = field(default_factory=list)
     """Its convergence checks as its nodes reported them: (iteration, model, misfit,
     stability, consistency, novelty), at most :data:`~rqml_dask.messages.TRACE_POINTS`."""
+    checkpoints: list[int] = field(default_factory=list)
+    """The iterations its nodes reported checkpoints at."""
     submitted_at: float = field(default_factory=time.time)
     result_state: str | None = None
     """The terminal state its node reported with the result (``rqml-task_results``), if any."""
@@ -483,6 +485,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             if record is None or record.worker != address:
                 continue
             record.iteration = max(record.iteration, reported["iteration"])
+            record.checkpoints = thin(sorted(set(record.checkpoints) | set(reported["checkpoints"])))
             last = record.trace[-1][0] if record.trace else -1
             for point in reported["trace"]:
                 if point[0] > last:
