@@ -154,7 +154,8 @@ def status(scheduler: str, as_json: bool) -> None:
     click.echo(f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(counts.items())) or 'none'}")
     for task_id, t in sorted(state["tasks"].items()):
         if t["state"] in ("pending", "bound"):
-            click.echo(f"  {task_id:<24} {t['state']:<6} {t['node'] or '-':<28} {t['model']}  attempts {t['attempts']}")
+            click.echo(f"  {task_id:<24} {t['state']:<6} {t['node'] or '-':<28} {t['model']}  iteration {t.get('iteration', 0)}"
+                       f"  attempts {t['attempts']}")
 
 
 @main.command("events")
