@@ -85,6 +85,14 @@ def node_worker(scheduler: str, name: str, log: Path, env: dict[str, str] | None
     )
 
 
+def bare_worker(scheduler: str, name: str, log: Path) -> DaskProcess:
+    """A stock ``dask worker`` (with its Nanny): no worker class, no preload, one thread."""
+    return DaskProcess(
+        ["worker", scheduler, "--name", name, "--nthreads", "1", "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
+        log,
+    )
+
+
 class TcpLink:
     """A loopback TCP relay to ``target_port`` that can be cut (every connection through it
     is aborted, new ones are closed at once) and restored."""

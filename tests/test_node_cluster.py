@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rqml_dask import Pipeline
 
+from dask_processes import bare_worker, dask_scheduler
+from etcd_server import free_port
 from conftest import local_cluster, pipeline_dict, write_yaml
 from heterogeneous_cluster import sleepy_pipeline, sleepy_result
 from timing import bound, gather, wait_for
@@ -139,3 +141,27 @@ def test_worker_killed_mid_task_the_pipeline_still_completes_correctly(tmp_path,
         wait_for(lambda: len(client.scheduler_info()["workers"]) == 2, what="the Nanny restarting the worker")
         killed = zarr.open_group(tmp_path / "killed.zarr", mode="r")["deconvolved"][...]
         np.testing.assert_array_equal(killed, sleepy_result(small_volume, 150))
+
+
+def test_a_bare_dask_worker_becomes_a_node_when_it_registers(tmp_path, small_volume):
+    """The scheduler plugin registers the node installer: a stock `dask worker` (no preload,
+    no worker class) advertises the node's figures before its first task, runs a pipeline,
+    and so does the process its Nanny starts after `Client.restart`."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with dask_scheduler(port, tmp_path / "scheduler.log"), bare_worker(address, "bare", tmp_path / "bare.log"):
+        with Client(address, timeout=bound(60)) as client:
+            client.wait_for_workers(1, timeout=bound(60))
+            metrics = wait_for(lambda: (m := node_metrics(client)) and all(m.values()) and m, what="the node's figures")
+            assert ADVERTISED <= set(next(iter(metrics.values()))), metrics
+            plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+            assert all({"rqml-node", "rqml-node-installer"} <= set(p) for p in plugins.values()), plugins
+
+            pipeline = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", pipeline_dict(small_volume, tmp_path / "out.zarr")))
+            report = pipeline.run(client, progress=False)
+            assert not report.rejected and all(o.node in metrics for o in report.outcomes), report.summary()
+            assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "complete"
+
+            client.restart()  # a new worker process: registered again, the installer runs there too
+            client.wait_for_workers(1, timeout=bound(60))
+            wait_for(lambda: (m := node_metrics(client)) and all(m.values()), what="the new process's figures")

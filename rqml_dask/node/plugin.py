@@ -1,8 +1,11 @@
 """NodePlugin: the node orchestrator as a Dask WorkerPlugin.
 
-Installed by ``dask worker ... --preload rqml_dask.node`` (also ``dask cuda worker``), by
-``Pipeline.submit`` (``client.register_plugin``, idempotent, replayed to restarted and new
-workers), or on first use by :func:`current_node`. On setup it starts the orchestrator on the
+Installed on every worker of a cluster whose scheduler runs the RQML scheduler plugin, when
+the worker registers (:mod:`rqml_dask.node_installer`: a bare ``dask worker`` is a node); before
+registration by ``dask worker ... --preload rqml_dask.node`` (also ``dask cuda worker``: a bad
+``rqml.node`` value then stops the worker at start) or by an
+:class:`~rqml_dask.node.worker.RQMLWorker`; on a stock scheduler, by the first RQML task
+(:func:`current_node`). On setup it starts the orchestrator on the
 worker's array backend (CuPy on a GPU worker, else NumPy with one FFT thread per worker
 thread), advertises the node's figures on every heartbeat as the custom metric ``rqml``,
 mounts ``/queue_stats`` and ``/checkpoint_state`` and the RQML Prometheus series, and takes

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps
 from distributed.scheduler import TaskState
 from distributed.utils import log_errors
 from tornado.ioloop import PeriodicCallback
@@ -56,6 +57,7 @@ from rqml_dask import events
 from rqml_dask.compat import restrict_strictly
 from rqml_dask.config import SchedulerSettings, scheduler_settings
 from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits, thin
+from rqml_dask.node_installer import INSTALLER_NAME, NodeInstaller
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.figures import InvalidFigures, check_figures
 from rqml_dask.scheduler.gatekeeper import HANDLER_ROLES, Gatekeeper, only_roles
@@ -166,6 +168,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         callback = PeriodicCallback(self._tick, self.release_interval * 1000)
         scheduler.periodic_callbacks[TICK] = callback
         callback.start()
+        # every worker, now and later, becomes a node (a bare `dask worker` included)
+        await scheduler.register_worker_plugin(None, dumps(NodeInstaller()), name=INSTALLER_NAME, idempotent=True)
 
     async def close(self) -> None:
         if self.scheduler is not None and (callback := self.scheduler.periodic_callbacks.pop(TICK, None)) is not None:
