@@ -67,7 +67,7 @@ def build_tasks(args: argparse.Namespace, rng: np.random.Generator, addresses: l
     handed_back = rng.random(args.tasks) < args.avoid_fraction
     for i in range(args.tasks):
         traits = TaskTraits(
-            task_id=f"task-{i}",
+            key=f"task-{i}@0",
             task_class=CLASSES[classes[i]],
             model=f"model-{models[i]}",
             priority=int(priorities[i]),

@@ -20,7 +20,7 @@ import numpy as np
 from distributed import Scheduler
 
 from rqml_dask import events
-from rqml_dask.messages import TaskTraits
+from rqml_dask.messages import TaskTraits, dask_key
 from rqml_dask.scheduler.dashboard import RQMLPage
 from rqml_dask.scheduler.live_pages import PAGES
 from rqml_dask.scheduler.plugin import PLUGIN_NAME, NodeRecord, NodeSample, RQMLSchedulerPlugin, TaskRecord
@@ -39,8 +39,8 @@ def simulated(scheduler: Scheduler, tasks: int, nodes: int, trace: int, history:
     for i in range(tasks):
         z, y, x = i // (side * side), (i // side) % side, i % side
         core = ((z * 32, z * 32 + 32), (y * 64, y * 64 + 64), (x * 64, x * 64 + 64))
-        traits = TaskTraits(f"volume/{i:05d}", "deconvolution", "richardson_lucy", rqml_key=f"k{i}", core=core)
-        record = TaskRecord(traits, f"rqml-volume/{i:05d}-x")
+        traits = TaskTraits(f"volume/{i:05d}@0", "deconvolution", "richardson_lucy", core=core)
+        record = TaskRecord(traits, dask_key(traits.key, "x"))
         kind = i % 4
         record.state = ("bound", "bound", "done", "pending")[kind]
         record.worker = addresses[i % nodes] if kind < 3 else None
@@ -51,8 +51,7 @@ def simulated(scheduler: Scheduler, tasks: int, nodes: int, trace: int, history:
             record.iteration = 5 * trace
             record.decisions = [{"kind": "escalated", "task_id": traits.task_id, "to_model": "richardson_lucy_tv"}] if i % 7 == 0 else []
             record.result_state = "accepted" if kind == 2 else None
-        plugin.tasks[record.key] = record
-        plugin.keys_by_task_id[traits.task_id] = record.key
+        plugin.tasks[traits.key] = record
     start = time.time() - history
     for address in addresses:  # what _publish_heartbeat keeps: one sample per node and second
         node = NodeRecord(address, Reliability())

@@ -152,9 +152,9 @@ def status(scheduler: str, as_json: bool) -> None:
     for t in state["tasks"].values():
         counts[t["state"]] = counts.get(t["state"], 0) + 1
     click.echo(f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(counts.items())) or 'none'}")
-    for task_id, t in sorted(state["tasks"].items()):
+    for key, t in sorted(state["tasks"].items()):  # the key, for `rqml_decide`
         if t["state"] in ("pending", "bound"):
-            click.echo(f"  {task_id:<24} {t['state']:<6} {t['node'] or '-':<28} {t['model']}  iteration {t.get('iteration', 0)}"
+            click.echo(f"  {key:<40} {t['state']:<6} {t['node'] or '-':<28} {t['model']}  iteration {t.get('iteration', 0)}"
                        f"  attempts {t['attempts']}")
 
 

@@ -91,7 +91,8 @@ class Decision:
 
     __pydantic_config__ = _STRICT
 
-    task_id: str
+    key: str
+    """The task's key (:attr:`~rqml_dask.task.RQMLTask.key`)."""
     action: Literal["escalate", "terminate", "revalidate", "reroute"]
     reason: str = ""
 
@@ -101,20 +102,40 @@ DECISION = TypeAdapter(Decision)
 # -- client -> scheduler ------------------------------------------------------------------
 
 
+def task_name(key: str) -> str:
+    """The task id a task key (``task_id@fingerprint``, :attr:`~rqml_dask.task.RQMLTask.key`)
+    starts with: what people read; the key is what identifies the task."""
+    return key.rpartition("@")[0] or key
+
+
+def dask_key(task_key: str, token: str, kind: str = "rqml") -> tuple[str, str, str]:
+    """The Dask key of one submission of the task ``task_key``: ``(kind, task_key, token)``.
+    ``token`` tells apart submissions that differ beyond the task key (where the result goes,
+    its priority): Dask keeps the first spec of a key submitted again. ``kind`` is ``rqml`` for
+    a task run on a node (a voter too) and ``rqml-tally`` for a vote's tally; Dask's dashboard
+    groups the tasks by it."""
+    return (kind, task_key, token)
+
+
 @dataclass(frozen=True)
 class TaskTraits:
-    """What routing needs to know of an RQML task (carried in its ``rqml`` annotation);
-    ``rqml_key`` is the task's :attr:`~rqml_dask.task.RQMLTask.key`, by which nodes report it."""
+    """What routing needs to know of an RQML task (carried in its ``rqml`` annotation).
+    ``key`` is the task's :attr:`~rqml_dask.task.RQMLTask.key`: the one identity by which the
+    client, the scheduler plugin and the nodes know the task."""
 
-    task_id: str
+    key: str
     task_class: str
     model: str
     priority: int = 0
     difficulty: float = 1.0
     wants_gpu: bool = False
-    rqml_key: str = ""
     core: tuple[tuple[int, int], ...] = ()
     """The part of the volume the task owns (its region's core), for the dashboard's tile map."""
+
+    @property
+    def task_id(self) -> str:
+        """The task's id, for display (:func:`task_name`)."""
+        return task_name(self.key)
 
 
 # -- node -> scheduler --------------------------------------------------------------------
@@ -126,7 +147,6 @@ class TaskReport:
     (its result waits in the node's outbox)."""
 
     key: str
-    task_id: str
     iteration: Annotated[int, Field(ge=0)]
     finished: bool
 

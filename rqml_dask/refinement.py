@@ -275,7 +275,7 @@ class Refinement:
 
     def record_event(self, kind: str, **payload) -> None:
         """Record a supervision event for the node to publish."""
-        self.events.append({"kind": kind, "task_id": self.task.task_id, "iteration": self.iteration, **payload})
+        self.events.append({"kind": kind, "key": self.task.key, "task_id": self.task.task_id, "iteration": self.iteration, **payload})
 
     def checkpoint_due(self) -> str | None:
         """Why a checkpoint should be taken now (per the task's settings), or ``None``."""

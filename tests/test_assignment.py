@@ -19,7 +19,7 @@ from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.reliability import Reliability
 
 SIGMAS = 5.0
-TASK = TaskTraits(task_id="t", task_class="deconvolution", model="rl")
+TASK = TaskTraits(key="t@0", task_class="deconvolution", model="rl")
 
 
 def table(*addresses: str, room: float = 1.0) -> NodeTable:

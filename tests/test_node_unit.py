@@ -71,7 +71,8 @@ def admitted_order(orchestrator: NodeOrchestrator, futures: dict) -> list[str]:
 def test_inbound_serves_priority_class_difficulty_then_warm_models(node):
     orchestrator = node(NodePolicy(class_order=("deconvolution", "linear_solve"), min_concurrency=1, max_concurrency=1, max_inbound=10))
     rl = ("richardson_lucy",)  # one-model ladders: no escalation warms another model meanwhile
-    blocker = orchestrator.submit(make_task("blocker", model_ladder=rl, convergence=UNTIL_TERMINATED), make_problem(0))
+    blocking = make_task("blocker", model_ladder=rl, convergence=UNTIL_TERMINATED)
+    blocker = orchestrator.submit(blocking, make_problem(0))
     wait_for(lambda: orchestrator.refining, interval=0.01, what="the blocker refining")
     orchestrator.warm_models["landweber"] = time.monotonic()  # as if this node ran Landweber a moment ago
     tasks = [
@@ -84,7 +85,7 @@ def test_inbound_serves_priority_class_difficulty_then_warm_models(node):
     futures = {t.task_id: orchestrator.submit(t, make_problem(i + 1)) for i, t in enumerate(tasks)}
     expected = ["urgent", "warm-hard", "cold-hard", "easy", "solve"]
     assert orchestrator.queue_stats()["inbound"]["order"] == expected
-    orchestrator.decide(Decision("blocker", "terminate", "let the queue go"))
+    orchestrator.decide(Decision(blocking.key, "terminate", "let the queue go"))
     assert blocker.result(timeout=bound(60)).status == "terminated"
     assert admitted_order(orchestrator, futures) == expected
 
@@ -116,15 +117,16 @@ def test_refinement_queue_interleaves_and_each_result_equals_a_solo_run(node, ta
 
 def test_decisions_escalate_and_terminate_running_tasks(node):
     orchestrator = node(NodePolicy(min_concurrency=2, max_concurrency=2))
-    escalated = orchestrator.submit(make_task("a", convergence=UNTIL_TERMINATED, model_ladder=("richardson_lucy", "landweber")), make_problem(1))
-    terminated = orchestrator.submit(make_task("b", convergence=UNTIL_TERMINATED), make_problem(2))
+    task_a, task_b = make_task("a", convergence=UNTIL_TERMINATED, model_ladder=("richardson_lucy", "landweber")), make_task("b", convergence=UNTIL_TERMINATED)
+    escalated = orchestrator.submit(task_a, make_problem(1))
+    terminated = orchestrator.submit(task_b, make_problem(2))
     wait_for(lambda: len(orchestrator.refining) == 2, interval=0.01, what="both tasks refining")
-    orchestrator.decide(Decision("a", "escalate", "supervisor: stalled on the cluster"))
-    orchestrator.decide(Decision("b", "terminate", "supervisor: hopeless"))
+    orchestrator.decide(Decision(task_a.key, "escalate", "supervisor: stalled on the cluster"))
+    orchestrator.decide(Decision(task_b.key, "terminate", "supervisor: hopeless"))
     b = terminated.result(timeout=bound(30))
     assert b.status == "terminated" and b.reason == "supervisor: hopeless"
     wait_for(lambda: [len(a.refinement.runs) for a in orchestrator.refining] == [2], interval=0.01, what="task a escalated")
-    orchestrator.decide(Decision("a", "terminate", "enough"))
+    orchestrator.decide(Decision(task_a.key, "terminate", "enough"))
     a = escalated.result(timeout=bound(30))
     assert [run.model for run in a.runs] == ["richardson_lucy", "landweber"]
     assert a.runs[0].stop == "escalated" and a.status == "terminated"
@@ -170,10 +172,11 @@ def test_a_node_over_its_inbound_limit_pushes_back_the_last_tasks_in_its_order(n
     orchestrator = node(NodePolicy(min_concurrency=1, max_concurrency=1, max_inbound=2))
     orchestrator.on_event = events.append
     rl = ("richardson_lucy",)
-    blocker = orchestrator.submit(make_task("blocker", model_ladder=rl, convergence=UNTIL_TERMINATED), make_problem(0))
+    blocking = make_task("blocker", model_ladder=rl, convergence=UNTIL_TERMINATED)
+    blocker = orchestrator.submit(blocking, make_problem(0))
     wait_for(lambda: orchestrator.refining, interval=0.01, what="the blocker refining")
     queued = {d: orchestrator.submit(make_task(f"d{d}", model_ladder=rl, expected_difficulty=d), make_problem(d)) for d in (3, 1, 4, 2)}
-    orchestrator.decide(Decision("blocker", "terminate", "let the queue go"))
+    orchestrator.decide(Decision(blocking.key, "terminate", "let the queue go"))
     blocker.result(timeout=bound(60))
     pushed = sorted(d for d, f in queued.items() if isinstance(f.exception(timeout=bound(60)), PushedBack))
     assert pushed == [1, 2]  # the easiest, served last, go back to the scheduler
@@ -185,9 +188,9 @@ def test_a_revalidate_decision_escalates_a_task_whose_estimate_fails_now(node):
     task = make_task("r", convergence=UNTIL_TERMINATED, validation=dataclasses.replace(make_task("x").validation, max_misfit=1e-9))
     future = orchestrator.submit(task, make_problem(4))
     wait_for(lambda: orchestrator.refining, interval=0.01, what="the task refining")
-    orchestrator.decide(Decision("r", "revalidate"))
+    orchestrator.decide(Decision(task.key, "revalidate"))
     wait_for(lambda: [len(a.refinement.runs) for a in orchestrator.refining] == [2], interval=0.01, what="the task escalated")
-    orchestrator.decide(Decision("r", "terminate", "done checking"))
+    orchestrator.decide(Decision(task.key, "terminate", "done checking"))
     refinement = future.result(timeout=bound(30))
     assert refinement.runs[0].stop == "escalated" and refinement.runs[1].model == "richardson_lucy_tv"
     assert orchestrator.counters.validation_failures == 1
@@ -209,3 +212,20 @@ def test_a_model_that_raises_fails_its_task_alone_and_the_node_goes_on(node):
     assert orchestrator.counters.failed == 2
     after = orchestrator.submit(make_task("after", model_ladder=("richardson_lucy",)), make_problem(4))
     assert after.result(timeout=bound(60)).status in ("converged", "max_iterations")  # the thread is alive
+
+
+def test_a_decision_reaches_the_task_its_key_names_not_another_of_the_same_id(node):
+    """Two jobs of one task id made by different configurations (another ladder: another
+    key) on one node: a decision by key ends the one it names and leaves the other running."""
+    orchestrator = node(NodePolicy(min_concurrency=2, max_concurrency=2))
+    old = make_task("run/0", convergence=UNTIL_TERMINATED, model_ladder=("richardson_lucy",))
+    new = make_task("run/0", convergence=UNTIL_TERMINATED, model_ladder=("landweber",))
+    assert old.task_id == new.task_id and old.key != new.key
+    old_future, new_future = orchestrator.submit(old, make_problem(1)), orchestrator.submit(new, make_problem(2))
+    wait_for(lambda: len(orchestrator.refining) == 2, interval=0.01, what="both refining")
+    orchestrator.decide(Decision(old.key, "terminate", "superseded"))
+    assert old_future.result(timeout=bound(30)).status == "terminated"
+    assert [a.queued.task.key for a in orchestrator.refining] == [new.key] and not new_future.done()
+    assert set(orchestrator.heartbeat()["progress"]) == {new.key}  # progress is reported by key too
+    orchestrator.decide(Decision(new.key, "terminate", "enough"))
+    assert new_future.result(timeout=bound(30)).reason == "enough"

@@ -80,7 +80,7 @@ def test_stalled_tasks_escalate_along_the_ladder_then_diversify_then_end_stalled
         assert outcome.iterations == sum(run.iterations for run in outcome.models)
     # `rqml status` names the model each task ran last, as its node reported (it once always named the ladder's first)
     ids = {o.task_id for o in report.outcomes}
-    wait_for(lambda: {t: v["model"] for t, v in client.sync(client.scheduler.rqml_status)["tasks"].items() if t in ids}
+    wait_for(lambda: {v["task_id"]: v["model"] for v in client.sync(client.scheduler.rqml_status)["tasks"].values() if v["task_id"] in ids}
              == dict.fromkeys(ids, "landweber"), what="the final models in rqml_status")
 
 

@@ -15,7 +15,7 @@ from distributed import Client, get_worker
 
 from rqml_dask import events
 from rqml_dask.node.state import NodeState
-from rqml_dask.messages import TaskTraits
+from rqml_dask.messages import TaskTraits, dask_key
 from rqml_dask.task import ArrayRef, Region, RQMLTask, TaskInput
 
 from conftest import local_cluster
@@ -29,7 +29,7 @@ def rqml_client():
 
 
 def reconcile(client: Client, node: str, *reports: tuple[str, int, bool]) -> dict[str, str]:
-    tasks = [{"key": key, "task_id": key.split("@")[0], "iteration": it, "finished": done} for key, it, done in reports]
+    tasks = [{"key": key, "iteration": it, "finished": done} for key, it, done in reports]
     return client.sync(client.scheduler.rqml_reconcile, node=node, tasks=tasks)
 
 
@@ -51,17 +51,17 @@ def test_a_task_submitted_later_is_bound_to_the_node_that_holds_it(rqml_client):
         assert reconcile(rqml_client, node, (key, 10, False)) == {key: "keep"}
     futures = {}
     for key in holders:
-        traits = TaskTraits(task_id=key.split("@")[0], task_class="deconvolution", model="m", rqml_key=key)
+        traits = TaskTraits(key=key, task_class="deconvolution", model="m")
         with dask.annotate(rqml=asdict(traits)):
-            futures[key] = rqml_client.submit(lambda: get_worker().address, key=f"rqml-{key}", pure=False)
+            futures[key] = rqml_client.submit(lambda: get_worker().address, key=dask_key(key, "0"), pure=False)
     assert {key: future.result(timeout=bound(60)) for key, future in futures.items()} == holders
 
 
 @pytest.mark.parametrize(
     ("tasks", "complaint"),
     [
-        ([{"key": "k", "task_id": "t", "iteration": -1, "finished": False}], "iteration"),
-        ([{"key": "k", "iteration": 3, "finished": True}], "task_id"),
+        ([{"key": "k", "iteration": -1, "finished": False}], "iteration"),
+        ([{"key": "k", "iteration": 3}], "finished"),
         ("not a list", "list"),
     ],
 )

@@ -199,7 +199,8 @@ def test_a_rerouted_task_resumes_on_another_node_from_its_checkpoint(tmp_path, s
             return next((a for a, tasks in states.items() for t in tasks.values() if (t.get("last_checkpoint_iteration") or 0) >= 30), None)
 
         first = wait_for(checkpointed, interval=0.05, what="a checkpoint at iteration 30")
-        answer = client.sync(client.scheduler.rqml_decide, task_id="moved/0", action="reroute", reason="operator: move it")
+        [task] = pipeline.tasks()
+        answer = client.sync(client.scheduler.rqml_decide, key=task.key, action="reroute", reason="operator: move it")
         assert answer == {"status": "OK", "node": first}
         outcome = future.result(timeout=bound(120))
         wait_for(lambda: any(e["kind"] == "rerouted" for e in seen), what="the rerouted event")

@@ -142,7 +142,7 @@ class Checkpointer:
                 reason = f"checkpoint of {task.task_id} at iteration {entry.iteration} from {entry.node} rejected: {exc}"
                 rejected.append(reason)
                 logger.warning(reason)
-                self.on_alert("checkpoint-rejected", {"task_id": task.task_id, "iteration": entry.iteration, "reason": str(exc)})
+                self.on_alert("checkpoint-rejected", {"key": task.key, "task_id": task.task_id, "iteration": entry.iteration, "reason": str(exc)})
         return Resume(None, {}, rejected)
 
     def outcome(self, task: RQMLTask) -> bytes | None:

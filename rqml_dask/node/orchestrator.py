@@ -150,16 +150,16 @@ class NodeOrchestrator:
             self.inbound.push(QueuedTask(task, problem, result, checkpointer, resume))
             while len(self.inbound) > self.policy.max_inbound:
                 last = self.inbound.ordered(self.policy, self.is_warm)[-1]
-                self.inbound.remove(last.task.task_id)
+                self.inbound.remove(last.task.key)
                 last.result.set_exception(PushedBack(f"inbound queue over max_inbound={self.policy.max_inbound}"))
-                self.on_event({"kind": "pushed_back", "task_id": last.task.task_id, "inbound": len(self.inbound)})
+                self.on_event({"kind": "pushed_back", "key": last.task.key, "task_id": last.task.task_id, "inbound": len(self.inbound)})
             self._cond.notify_all()
         return result
 
-    def release(self, task_id: str) -> None:
-        """The caller has written and returned this task's result: drop it from outbound."""
+    def release(self, key: str) -> None:
+        """The caller has written and returned the result of task ``key``: drop it from outbound."""
         with self._cond:
-            self.outbound.pop(task_id, None)
+            self.outbound.pop(key, None)
 
     def decide(self, decision: Decision) -> None:
         """Carry out a supervision decision on the next round."""
@@ -228,7 +228,7 @@ class NodeOrchestrator:
                 "policy_version": self.policy.version,
                 "backend": self.backend.name,
                 "progress": {
-                    a.queued.task.task_id: {"iteration": a.refinement.iteration,
+                    a.queued.task.key: {"iteration": a.refinement.iteration,
                                             "trace": [astuple(p) for p in a.refinement.trace[-PROGRESS_POINTS:]],
                                             "checkpoints": a.refinement.checkpoints[-PROGRESS_POINTS:]}
                     for a in self.refining
@@ -382,7 +382,7 @@ class NodeOrchestrator:
     def _apply(self, decision: Decision, batch: list[ActiveTask]) -> None:
         for active in batch:
             refinement = active.refinement
-            if active.queued.task.task_id == decision.task_id and not refinement.done:
+            if active.queued.task.key == decision.key and not refinement.done:
                 try:
                     if decision.action == "escalate":
                         refinement.escalate(decision.reason)
@@ -399,7 +399,7 @@ class NodeOrchestrator:
                 return
         if decision.action in ("reroute", "terminate"):  # not started yet: hand it back as it is
             with self._cond:
-                queued = self.inbound.remove(decision.task_id)
+                queued = self.inbound.remove(decision.key)
             if queued is not None:
                 queued.result.set_exception(PushedBack(f"{decision.action} before it started: {decision.reason}"))
 
@@ -433,7 +433,7 @@ class NodeOrchestrator:
                 self.counters.terminated += refinement.status == "terminated"
                 self.counters.failed += refinement.status == "failed"
                 refinement.finished_at = now
-                self.outbound[refinement.task.task_id] = refinement
+                self.outbound[refinement.task.key] = refinement
                 if refinement.status != "failed":
                     self.warm_models[refinement.model_name] = now
                 active.queued.result.set_result(refinement)

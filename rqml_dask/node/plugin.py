@@ -199,10 +199,10 @@ class NodePlugin(WorkerPlugin):
         job = self.claim(task)
         if job is None:
             job = self.start_job(task, problem, checkpointer)
-            events.publish(self.worker, events.TASK_INBOUND, "queued", task_id=task.task_id, worker=self.worker.address,
+            events.publish(self.worker, events.TASK_INBOUND, "queued", key=task.key, task_id=task.task_id, worker=self.worker.address,
                            resume_from=job.resume.checkpoint.iteration if job.resume and job.resume.checkpoint else None)
         else:
-            events.publish(self.worker, events.TASK_INBOUND, "joined", task_id=task.task_id, worker=self.worker.address)
+            events.publish(self.worker, events.TASK_INBOUND, "joined", key=task.key, task_id=task.task_id, worker=self.worker.address)
         secede()
         try:
             refinement = self.wait(job)
@@ -248,7 +248,7 @@ class NodePlugin(WorkerPlugin):
                 return job
             job.dropped = "input changed"
         logger.warning("%s: the job here was made from other input data; ending it to start afresh", task.task_id)
-        self.orchestrator.decide(Decision(task.task_id, "terminate", "the input changed"))
+        self.orchestrator.decide(Decision(task.key, "terminate", "the input changed"))
         try:
             job.future.exception(timeout=60)
         except (TimeoutError, CancelledError):
@@ -278,7 +278,7 @@ class NodePlugin(WorkerPlugin):
             if self.jobs.get(job.task.key) is not job:  # forgotten already
                 return
             del self.jobs[job.task.key]
-        self.orchestrator.release(job.task.task_id)
+        self.orchestrator.release(job.task.key)
         if self.state is not None:
             self.state.release(job.task.key)
 
@@ -305,7 +305,7 @@ class NodePlugin(WorkerPlugin):
                     outcome = job.checkpointer.seal.sign_outcome(outcome)
                 job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
         self.forget(job)
-        events.publish(self.worker, events.TASK_RESULTS, "finished", task_id=task.task_id, worker=self.worker.address,
+        events.publish(self.worker, events.TASK_RESULTS, "finished", key=task.key, task_id=task.task_id, worker=self.worker.address,
                        state=outcome.state, status=outcome.status, iterations=outcome.iterations, model=outcome.model,
                        escalations=outcome.escalations, resumed_from=outcome.resumed_from, reconciled=outcome.reconciled)
         return outcome
@@ -429,7 +429,6 @@ class NodePlugin(WorkerPlugin):
         tasks = [
             {
                 "key": job.task.key,
-                "task_id": job.task.task_id,
                 "iteration": progress.get(job.task.key, 0),
                 "finished": job.outcome is not None,
             }
@@ -454,7 +453,7 @@ class NodePlugin(WorkerPlugin):
             if job.finished:
                 self.forget(job)
             else:
-                self.orchestrator.decide(Decision(job.task.task_id, "terminate", f"{verdict}: settled by the scheduler"))
+                self.orchestrator.decide(Decision(job.task.key, "terminate", f"{verdict}: settled by the scheduler"))
 
     # -- events and figures ----------------------------------------------------------------
 

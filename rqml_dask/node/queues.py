@@ -56,9 +56,10 @@ class InboundQueue:
     def ordered(self, policy: NodePolicy, is_warm: Callable[[str], bool]) -> list[QueuedTask]:
         return sorted(self._items, key=lambda q: order_key(q, policy, is_warm))
 
-    def remove(self, task_id: str) -> QueuedTask | None:
+    def remove(self, key: str) -> QueuedTask | None:
+        """Take the task ``key`` (its :attr:`~rqml_dask.task.RQMLTask.key`) out of the queue."""
         for item in self._items:
-            if item.task.task_id == task_id:
+            if item.task.key == key:
                 self._items.remove(item)
                 return item
         return None

@@ -88,7 +88,7 @@ def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskO
         why, detail = ("unreadable", exc.errors()[0]["msg"]) if isinstance(exc, ValidationError) else ("refused", exc)
         reason = f"recorded outcome of {task.task_id} {why}, computing it again: {detail}"
         logger.warning(reason)
-        checkpointer.on_alert("outcome-rejected", {"task_id": task.task_id, "reason": reason})
+        checkpointer.on_alert("outcome-rejected", {"key": task.key, "task_id": task.task_id, "reason": reason})
         return None
     if outcome.input_digest is None or outcome.input_digest != task.input_digest:
         logger.info("recorded outcome of %s was computed from other input data: computing it again", task.task_id)

@@ -37,7 +37,7 @@ from distributed.client import FutureCancelledError
 from distributed.comm import get_address_host_port
 
 from rqml_dask import ome
-from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits
+from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits, dask_key
 from rqml_dask.node.handover import run_task, run_vote
 from rqml_dask.held_out import estimate_counts_per_unit
 from rqml_dask.models import TaskClass, load_task_class
@@ -332,15 +332,15 @@ class Pipeline:
         result = self._submit_one(client, run_task, task, task)
         voters = [self._submit_one(client, run_vote, voter, voter, result) for voter in voter_tasks(task)]
         if voters:
-            result = client.submit(tally_vote, task, result, voters, key=f"rqml-vote-{task.task_id}-{tokenize(task)}")
+            result = client.submit(tally_vote, task, result, voters, key=dask_key(task.key, tokenize(task), "rqml-tally"))
         return result
 
     @staticmethod
     def _submit_one(client: Client, function, task: RQMLTask, *args) -> Future:
-        traits = TaskTraits(task.task_id, task.task_class, task.model_ladder[0], task.priority, task.expected_difficulty,
-                            rqml_key=task.key, core=task.region.core)
+        traits = TaskTraits(task.key, task.task_class, task.model_ladder[0], task.priority, task.expected_difficulty,
+                            core=task.region.core)
         with dask.annotate(rqml=asdict(traits)):  # read by the RQML scheduler plugin, if installed
-            return client.submit(function, *args, key=f"rqml-{task.task_id}-{tokenize(task)}", priority=task.priority)
+            return client.submit(function, *args, key=dask_key(task.key, tokenize(task)), priority=task.priority)
 
     def run(
         self, client: Client, progress: bool = True, reconnect_timeout: float = 300.0, overwrite: bool = False,
@@ -361,7 +361,7 @@ class Pipeline:
         tasks = self.prepare(overwrite) if tasks is None else tasks
         self.create_output(tasks)
         ship_plugins(client, self.config.plugins)
-        pending = {task.task_id: (task, self._submit_task(client, task)) for task in tasks}
+        pending = {task.key: (task, self._submit_task(client, task)) for task in tasks}
         outcomes: list[TaskOutcome] = []
         bar = _progress_bar(len(tasks), self.config.name, progress)
         live = _LiveIterations(client, bar, set(pending))
@@ -382,7 +382,7 @@ class Pipeline:
                         continue
                     except Exception as exc:
                         raise PipelineError(f"task {task.task_id} failed: {exc}") from exc
-                    del pending[task.task_id]
+                    del pending[task.key]
                     outcomes.append(outcome)
                     bar.update(1)
                     live.escalations = sum(o.escalations for o in outcomes)
@@ -395,7 +395,7 @@ class Pipeline:
                     client = own_client = live.client = _client_when_back(client, reconnect_timeout)
                     ship_plugins(client, self.config.plugins)  # a scheduler started anew has none
                     for task in lost:
-                        pending[task.task_id] = (task, self._submit_task(client, task))
+                        pending[task.key] = (task, self._submit_task(client, task))
                     logger.warning("the scheduler %s answers again: %d task(s) submitted again", address, len(lost))
         except BaseException:
             if client.status == "running":
@@ -501,8 +501,8 @@ class _LiveIterations:
     finished tasks alone sits at 0 % until the first task ends. Silent where the scheduler
     has no RQML plugin or does not answer."""
 
-    def __init__(self, client: Client, bar, task_ids: set[str], interval: float = 2.0) -> None:
-        self.client, self.bar, self.task_ids, self.interval = client, bar, task_ids, interval
+    def __init__(self, client: Client, bar, keys: set[str], interval: float = 2.0) -> None:
+        self.client, self.bar, self.keys, self.interval = client, bar, keys, interval
         self.escalations = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="rqml-progress", daemon=True)
@@ -515,7 +515,7 @@ class _LiveIterations:
                 tasks = self.client.sync(self.client.scheduler.rqml_status, callback_timeout=self.interval)["tasks"]
             except Exception:
                 continue
-            iterations = sum(t.get("iteration", 0) for task_id, t in tasks.items() if task_id in self.task_ids)
+            iterations = sum(t.get("iteration", 0) for key, t in tasks.items() if key in self.keys)
             self.bar.set_postfix(iterations=iterations, escalations=self.escalations)
 
     def stop(self) -> None:

@@ -131,7 +131,7 @@ class RQMLPage:
     @staticmethod
     def _alert_row(message: dict[str, Any]) -> dict[str, Any]:
         subject = message.get("task_id") or message.get("node") or message.get("worker") or ""
-        detail = {k: v for k, v in message.items() if k not in ("kind", "time", "task_id", "node", "worker")}
+        detail = {k: v for k, v in message.items() if k not in ("kind", "time", "task_id", "key", "node", "worker")}
         return {
             "time": time.strftime("%H:%M:%S", time.localtime(message.get("time", 0))),
             "kind": message.get("kind", ""),

@@ -129,7 +129,7 @@ class TilesPage:
         self.run = RunChoice()
         self.layer = Slider(start=0, end=1, value=0, step=1, title="tile layer along z", name="rqml-tile-layer", width=300)
         self.summary = Div(text="", name="rqml-tiles-summary")
-        fields = ("x", "y", "w", "h", "colour", "task", "state", "node", "model", "iteration", *FIGURES)
+        fields = ("x", "y", "w", "h", "colour", "task", "key", "state", "node", "model", "iteration", *FIGURES)
         self.tiles = ColumnDataSource({f: [] for f in fields}, name="rqml-tiles")
         self.map = figure(title="Tiles", match_aspect=True, height=460, sizing_mode="stretch_width",
                           tools="pan,wheel_zoom,reset,tap", name="rqml-tile-map")
@@ -153,7 +153,7 @@ class TilesPage:
 
     def _tapped(self, attr, old, new) -> None:
         if new:
-            self.selected = self.tiles.data["task"][new[0]]
+            self.selected = self.tiles.data["key"][new[0]]
             self._draw_selected()
 
     def update(self) -> None:
@@ -192,6 +192,7 @@ class TilesPage:
             data["h"].append(y1 - y0)
             data["colour"].append(TILE_COLOURS[state])
             data["task"].append(record.traits.task_id)
+            data["key"].append(record.traits.key)
             data["state"].append(state)
             data["node"].append(record.worker or "")
             data["model"].append(record.model or record.traits.model)
@@ -210,7 +211,7 @@ class TilesPage:
         plugin = plugin_of(self.scheduler)
         record = None
         if plugin is not None and self.selected is not None:
-            record = plugin._record_of(self.selected) or plugin.finished.get(self.selected)
+            record = plugin.tasks.get(self.selected) or plugin.finished.get(self.selected)
         if record is None:
             return
         points = [p for p in record.trace if p[2] is not None and p[2] > 0]
@@ -299,7 +300,7 @@ class ConvergencePage:
                 decisions["task"].append(record.traits.task_id)
                 decisions["kind"].append(str(decision.get("kind", "")))
                 decisions["detail"].append(", ".join(f"{k}={v}" for k, v in decision.items()
-                                                     if k not in ("kind", "task_id", "time", "worker")))
+                                                     if k not in ("kind", "task_id", "key", "time", "worker")))
         self.switches.data = switches
         for kind, source in self.marks.items():
             source.data = marks[kind]
@@ -395,7 +396,7 @@ class EventsPage:
             rows["topic"].append(topic.removeprefix("rqml-"))
             rows["kind"].append(str(message.get("kind", "")))
             rows["about"].append(str(message.get("task_id") or message.get("node") or message.get("worker") or ""))
-            rows["detail"].append(", ".join(f"{k}={v}" for k, v in message.items() if k not in ("kind", "time", "task_id")))
+            rows["detail"].append(", ".join(f"{k}={v}" for k, v in message.items() if k not in ("kind", "time", "task_id", "key")))
         self.source.data = rows
 
 

@@ -52,11 +52,12 @@ from distributed.scheduler import TaskState
 from distributed.utils import log_errors
 from tornado.ioloop import PeriodicCallback
 from pydantic import ValidationError
+from dask.typing import Key
 
 from rqml_dask import events
 from rqml_dask.compat import restrict_strictly
 from rqml_dask.config import SchedulerSettings, scheduler_settings
-from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits, thin
+from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits, task_name, thin
 from rqml_dask.node_installer import INSTALLER_NAME, NodeInstaller
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.figures import InvalidFigures, check_figures
@@ -83,8 +84,11 @@ TICK = "rqml-release"
 
 @dataclass
 class TaskRecord:
+    """What the plugin knows of one RQML task, known by its task key (``traits.key``);
+    ``dask_key`` is Dask's key of the submission it manages."""
+
     traits: TaskTraits
-    key: str
+    dask_key: Key
     state: str = "pending"  # pending, bound, done, erred; released: forgotten before it ended
     worker: str | None = None
     attempts: int = 0
@@ -141,8 +145,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.rng = np.random.default_rng(seed)
         self.release_interval = release_interval
         self.tasks: dict[str, TaskRecord] = {}
-        self.keys_by_task_id: dict[str, str] = {}
+        """The tasks Dask has, by task key."""
         self.finished: dict[str, TaskRecord] = {}
+        """Tasks Dask forgot, by task key (the latest :attr:`SchedulerSettings.finished_kept`)."""
         self.ledger = Ledger(self.settings.finished_kept, self.settings.reconcile_grace, self.settings.return_grace)
         self.nodes: dict[str, NodeRecord] = {}
         self.table = NodeTable(self.settings.speed_bounds, self.settings.gpu_preference)
@@ -181,7 +186,6 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         for record in self.tasks.values():
             self._keep_finished(record)
         self.tasks.clear()
-        self.keys_by_task_id.clear()
         self._pending.clear()
         for node in self.nodes.values():
             node.bound.clear()
@@ -190,37 +194,47 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     # -- scheduler hooks -------------------------------------------------------------------
 
     def update_graph(self, scheduler: Scheduler, *, annotations: dict, tasks: list, stimulus_id: str, **kwargs: Any) -> None:
-        for key, info in annotations.get("rqml", {}).items():
-            ts = scheduler.tasks.get(key)
+        for dask_key, info in annotations.get("rqml", {}).items():
+            ts = scheduler.tasks.get(dask_key)
             if ts is None or ts.state not in ("released", "waiting"):
                 continue
             traits = TaskTraits(**info)
+            record = self.tasks.get(traits.key)
+            if record is not None and record.dask_key != dask_key:
+                # the same task submitted again beside its first submission, to be written
+                # elsewhere: Dask places it, and the node that gets it joins the running job there
+                logger.info("task %s submitted again as %s: placed by Dask", traits.key, dask_key)
+                continue
             restrict_strictly(ts)
-            record = self.tasks.get(key) or TaskRecord(traits, key)
-            self.tasks[key] = record
-            self.keys_by_task_id[traits.task_id] = key
+            record = record or TaskRecord(traits, dask_key)
+            self.tasks[traits.key] = record
             self._make_pending(record, ts)
-            events.publish(scheduler, events.TASK_INBOUND, "pending", task_id=traits.task_id, key=key)
+            events.publish(scheduler, events.TASK_INBOUND, "pending", task_id=traits.task_id, key=traits.key)
         self._schedule_release()
 
-    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        record = self.tasks.get(key)
+    def _record_of_dask_key(self, dask_key: Key) -> TaskRecord | None:
+        """The record managing the Dask task ``dask_key`` (:func:`~rqml_dask.messages.dask_key`)."""
+        if not (isinstance(dask_key, tuple) and len(dask_key) == 3 and dask_key[0] == "rqml"):
+            return None
+        record = self.tasks.get(dask_key[1])
+        return record if record is not None and record.dask_key == dask_key else None
+
+    def transition(self, key: Key, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        record = self._record_of_dask_key(key)
         if record is None:
             return
         if finish == "forgotten":
-            self.tasks.pop(key, None)
-            self.keys_by_task_id.pop(record.traits.task_id, None)
+            del self.tasks[record.traits.key]
             self._keep_finished(record)
             return
         now = time.monotonic()
         node = self.nodes.get(record.worker) if record.worker is not None else None
         if start == "processing" and node is not None:
-            node.bound.discard(key)
+            node.bound.discard(record.traits.key)
             self._update_room(node)
         if start == "processing" and finish == "memory":
             record.state = "done"
-            if record.traits.rqml_key:
-                self.ledger.accept(record.traits.rqml_key, record.worker)
+            self.ledger.accept(record.traits.key, record.worker)
             if node is not None:
                 node.completed += 1
                 if not record.failed_here:  # a result its node reported invalid is no success
@@ -244,7 +258,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         of before it ended is ``released``, not pending or bound any more."""
         if record.state in ("pending", "bound"):
             record.state, record.worker = "released", None
-        self.finished[record.traits.task_id] = record
+        self.finished.pop(record.traits.key, None)  # kept in order of forgetting
+        self.finished[record.traits.key] = record
         while len(self.finished) > self.settings.finished_kept:
             self.finished.pop(next(iter(self.finished)))
 
@@ -268,17 +283,17 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic == events.TASK_RESULTS and isinstance(msg, dict):
-            record = self._record_of(msg.get("task_id")) or self.finished.get(msg.get("task_id"))
+            record = self.tasks.get(msg.get("key")) or self.finished.get(msg.get("key"))
             if record is not None and record.worker == msg.get("worker"):  # Dask sets "worker" from the connection
                 record.result_state = msg.get("state")
             return
         if topic != events.SUPERVISION or not isinstance(msg, dict):
             return
-        record = self._record_of(msg.get("task_id"))
+        record = self.tasks.get(msg.get("key"))
         if record is not None:
             record.decisions.append(msg)
         switched = msg.get("to_model") if msg.get("kind") == "escalated" else msg.get("model") if msg.get("kind") == "diversified" else None
-        held = record or self.finished.get(msg.get("task_id"))
+        held = record or self.finished.get(msg.get("key"))
         if isinstance(switched, str) and held is not None and held.worker == msg.get("worker"):  # only its own node says
             held.model = switched
         if msg.get("kind") in ("validation_failed", "timeout") and msg.get("worker") in self.nodes:
@@ -296,7 +311,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             self.scheduler.set_restrictions({ts.key: PENDING})
         record.state, record.worker = "pending", None
         traits = record.traits
-        heapq.heappush(self._pending, (-traits.priority, -traits.difficulty, next(self._counter), record.key))
+        heapq.heappush(self._pending, (-traits.priority, -traits.difficulty, next(self._counter), traits.key))
 
     def _schedule_release(self) -> None:
         if not self._release_scheduled and self.scheduler is not None:
@@ -384,34 +399,34 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     skipped.append(entry)
                     break  # no node has room: the rest waits too
                 elif placed is not None:
-                    recommendations[placed] = "processing"
+                    recommendations[placed.dask_key] = "processing"
         finally:
             for entry in skipped:
                 heapq.heappush(self._pending, entry)
             self.table.room = np.where(resting, saved_room, self.table.room)
         if recommendations:
             scheduler.transitions(recommendations, stimulus_id=f"rqml-release-{time.time()}")
-            for key in recommendations:  # the scheduler may refuse (the node left meanwhile)
-                ts, record = scheduler.tasks.get(key), self.tasks.get(key)
+            for dask_key in recommendations:  # the scheduler may refuse (the node left meanwhile)
+                ts, record = scheduler.tasks.get(dask_key), self._record_of_dask_key(dask_key)
                 if record is not None and (ts is None or ts.processing_on is None or ts.processing_on.address != record.worker):
                     node = self.nodes.get(record.worker)
                     if node is not None:
-                        node.bound.discard(key)
+                        node.bound.discard(record.traits.key)
                         self._update_room(node)
                     if ts is not None and ts.state == "no-worker":
                         self._make_pending(record, ts)
 
-    def _place(self, entry: tuple, running: set[str], awaiting: bool) -> str | None:
-        """Bind the pending task of heap ``entry`` to a node: its key once bound; ``"wait"`` if
+    def _place(self, entry: tuple, running: set[str], awaiting: bool) -> TaskRecord | str | None:
+        """Bind the pending task of heap ``entry`` to a node: its record once bound; ``"wait"`` if
         it stays pending, ``"full"`` if it stays pending and no node has room; ``None`` if it is no
         longer pending (done, forgotten, or bound meanwhile)."""
         record = self.tasks.get(entry[-1])
-        ts = self.scheduler.tasks.get(entry[-1])
+        ts = self.scheduler.tasks.get(record.dask_key) if record is not None else None
         if record is None or record.state != "pending" or ts is None or ts.state != "no-worker":
             if record is not None and record.state == "pending" and ts is not None and ts.state in ("waiting", "released"):
                 return "wait"  # not runnable yet
             return None
-        job_node = self.ledger.jobs.get(record.traits.rqml_key)
+        job_node = self.ledger.jobs.get(record.traits.key)
         if job_node in running and job_node in self.nodes:
             address = job_node  # the node already refines it (or has its result): join it there
         elif awaiting:
@@ -429,9 +444,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         record.attempts += 1
         self.scheduler.set_restrictions({ts.key: address})
         node = self.nodes[address]
-        node.bound.add(record.key)
+        node.bound.add(record.traits.key)
         self._update_room(node)
-        return record.key
+        return record
 
     def _gpu_only(self, traits: TaskTraits) -> bool:
         return traits.task_class in self.policy.gpu_classes
@@ -484,8 +499,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def _record_progress(self, address: str, progress: dict[str, dict[str, Any]]) -> None:
         """Keep what ``address`` reports of the tasks bound to it (only its own node speaks
         for a task), each check once."""
-        for task_id, reported in progress.items():
-            record = self._record_of(task_id)
+        for key, reported in progress.items():
+            record = self.tasks.get(key)
             if record is None or record.worker != address:
                 continue
             record.iteration = max(record.iteration, reported["iteration"])
@@ -496,10 +511,6 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     record.trace.append(tuple(point))
                     record.trace = thin(record.trace)
                     last = point[0]
-
-    def _record_of(self, task_id: str | None) -> TaskRecord | None:
-        key = self.keys_by_task_id.get(task_id)
-        return self.tasks.get(key) if key is not None else None
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -529,7 +540,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 "identity": identity(getattr(self.scheduler.stream_comms.get(address), "comm", None)),
             }
         tasks = {
-            r.traits.task_id: {
+            r.traits.key: {
+                "task_id": r.traits.task_id,
                 "state": r.state,
                 "node": r.worker,
                 "attempts": r.attempts,
@@ -561,22 +573,23 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         return asdict(self.policy)
 
     @log_errors
-    async def handle_decision(self, comm: Any = None, task_id: str = "", action: str = "", reason: str = "") -> dict[str, Any]:
+    async def handle_decision(self, comm: Any = None, key: str = "", action: str = "", reason: str = "") -> dict[str, Any]:
         """Send a supervision decision (``escalate``, ``terminate``, ``reroute``) to the node
-        refining ``task_id``; published on the supervision topic."""
-        record = self._record_of(task_id)
+        refining the task ``key`` (``rqml status`` lists the keys); published on the
+        supervision topic."""
+        record = self.tasks.get(key)
         if record is None or record.state != "bound" or record.worker is None:
-            return {"status": "error", "message": f"task {task_id!r} is not running on a node"}
-        decision = {"task_id": task_id, "action": action, "reason": reason or "decided by the supervision runtime"}
+            return {"status": "error", "message": f"task {key!r} is not running on a node"}
+        decision = {"key": key, "action": action, "reason": reason or "decided by the supervision runtime"}
         DECISION.validate_python(decision)
-        events.publish(self.scheduler, events.SUPERVISION, "decision", node=record.worker, **decision)
+        events.publish(self.scheduler, events.SUPERVISION, "decision", node=record.worker, task_id=record.traits.task_id, **decision)
         await self.scheduler.rpc(record.worker).rqml_decide(decision=decision)
         return {"status": "OK", "node": record.worker}
 
     @log_errors
     async def reconcile(self, comm: Any = None, node: str = "", tasks: list[dict] | None = None) -> dict[str, str]:
-        """Settle the tasks ``node`` reports after registering (each ``{key, task_id,
-        iteration, finished}``). Verdicts, by task key: ``accept`` (write this finished
+        """Settle the tasks ``node`` reports after registering (each ``{key, iteration,
+        finished}``). Verdicts, by task key: ``accept`` (write this finished
         result: it is the one), ``duplicate`` (another node's result was accepted: discard
         yours), ``keep`` (go on; the task is bound to you when submitted) or ``drop`` (another
         node is further along: stop). Published on the alerts topic. Over ``pqtls://``
@@ -591,25 +604,25 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.ledger.node_reported(node)
         verdicts: dict[str, str] = {}
         for report in reports:
-            key, task_id, finished = report.key, report.task_id, report.finished
+            key, task_id, finished = report.key, task_name(report.key), report.finished
             winner = self.ledger.accepted.get(key)
             if winner is not None and winner != node:
                 verdict = "duplicate" if finished else "drop"
                 events.publish(self.scheduler, events.ALERTS, "duplicate-result" if finished else "duplicate-run",
-                               task_id=task_id, kept=winner, discarded=node)
+                               key=key, task_id=task_id, kept=winner, discarded=node)
             else:
                 verdict = "accept" if finished else "keep"
-                record = self._record_of(task_id)
-                if record is not None and record.traits.rqml_key == key and record.state == "bound" and record.worker not in (None, node):
+                record = self.tasks.get(key)
+                if record is not None and record.state == "bound" and record.worker not in (None, node):
                     # bound elsewhere while this node was away: the run further along goes on
                     other = await self._progress(record.worker, key)
                     if finished or report.iteration > other:
-                        events.publish(self.scheduler, events.ALERTS, "duplicate-run", task_id=task_id,
+                        events.publish(self.scheduler, events.ALERTS, "duplicate-run", key=key, task_id=task_id,
                                        kept=node, discarded=record.worker, iterations={node: report.iteration, record.worker: other})
                         await self._reroute(record, f"{node} has it further along")
                     else:
                         verdict = "drop"
-                        events.publish(self.scheduler, events.ALERTS, "duplicate-run", task_id=task_id, kept=record.worker,
+                        events.publish(self.scheduler, events.ALERTS, "duplicate-run", key=key, task_id=task_id, kept=record.worker,
                                        discarded=node, iterations={node: report.iteration, record.worker: other})
                 if verdict == "accept":
                     self.ledger.accept(key, node)
@@ -628,7 +641,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             return 0
 
     async def _reroute(self, record: TaskRecord, reason: str) -> None:
-        decision = {"task_id": record.traits.task_id, "action": "reroute", "reason": reason}
+        decision = {"key": record.traits.key, "action": "reroute", "reason": reason}
         try:
             await self.scheduler.rpc(record.worker).rqml_decide(decision=decision)
         except Exception as exc:
