@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -145,7 +146,9 @@ def status(scheduler: str, as_json: bool) -> None:
             f"{n['failed']:>5}{n['iterations_per_second']:>8.1f}  {q['inbound']}/{q['refining']}/{q['outbound']:<9} {lost:<16} {', '.join(n['warm_models'])}{flag}"
         )
         if peer := n.get("identity"):
-            click.echo(f"  certificate {peer['name']} ({peer['role']}), key exchange {peer['group']}")
+            expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(peer["expires"])) if peer.get("expires") else "?"
+            click.echo(f"  certificate {peer['name']} ({peer['role']}), key exchange {peer['group']}, "
+                       f"{'renewed, ' if peer.get('renewed') else ''}valid until {expires}")
     for name, reason in sorted(state.get("quarantined", {}).items()):
         click.echo(f"quarantined  {name}: {reason}")
     counts: dict[str, int] = {}

@@ -68,7 +68,8 @@ def secure_embedded_cluster(spec: ClusterSpec) -> Iterator[Cluster]:
         worker = {"nthreads": spec.threads_per_worker, "host": "127.0.0.1", "preload": PRELOADS,
                   "memory_limit": spec.memory_limit, "dashboard_address": "127.0.0.1:0"}
         with dask.config.set({"rqml.trust": trust("client"), **_worker_environ()}):
-            with dask.config.set({"rqml.trust": trust("scheduler")}):  # what the scheduler's listener presents
+            # what the scheduler's listener presents; it holds the CA to renew the nodes' certificates
+            with dask.config.set({"rqml.trust": {**trust("scheduler"), "session": {"authority": str(directory)}}}):
                 cluster = SpecCluster(
                     scheduler={"cls": Scheduler, "options": {"protocol": "pqtls", "host": "127.0.0.1",
                                                              "dashboard_address": spec.dashboard_address,

@@ -115,6 +115,19 @@ class SchedulerSettings:
     reliability: ReliabilitySettings
 
 
+@dataclass(frozen=True)
+class SessionSettings:
+    """``rqml.trust.session``: short-lived certificates on ``pqtls://`` clusters
+    (:mod:`rqml_dask.trust.session`)."""
+
+    __pydantic_config__ = _STRICT
+
+    authority: str | None
+    lifetime: Annotated[Seconds, Field(ge=10)]
+    renew_when_left: Annotated[float, Field(gt=0, lt=1)]
+    check_interval: Annotated[Seconds, Field(gt=0)]
+
+
 _Settings = TypeVar("_Settings")
 
 
@@ -136,9 +149,18 @@ def scheduler_settings() -> SchedulerSettings:
     return _read("rqml.scheduler", SchedulerSettings)
 
 
-def _read(key: str, cls: type[_Settings]) -> _Settings:
+def session_settings() -> SessionSettings:
+    """``rqml.trust.session`` as configured now, checked; keys left out take their defaults
+    (``rqml.trust`` is often set whole, as the credentials of one process)."""
+    return _read("rqml.trust.session", SessionSettings, _DEFAULTS["rqml"]["trust"]["session"])
+
+
+def _read(key: str, cls: type[_Settings], defaults: dict[str, Any] | None = None) -> _Settings:
+    value = dask.config.get(key, default=None) if defaults is not None else dask.config.get(key)
+    if defaults is not None:
+        value = {**defaults, **(value or {})}
     try:
-        return TypeAdapter(cls).validate_python(_underscored(dask.config.get(key)))
+        return TypeAdapter(cls).validate_python(_underscored(value))
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join([key, *(str(part).replace("_", "-") for part in error["loc"])])

@@ -3,15 +3,19 @@ Dask processes (ML-DSA-65 certificates, X25519MLKEM768, mutual TLS 1.3)."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import stat
 import tempfile
+import time
 import subprocess
 import sys
 from pathlib import Path
 
 import dask
+import numpy as np
 import pytest
+import zarr
 from cryptography import x509
 from distributed import Client
 
@@ -31,6 +35,10 @@ def authority(tmp_path_factory) -> Path:
     for name, role in (("scheduler", "scheduler"), ("node-a", "node"), ("alice", "client"), ("mallory", "client")):
         ca.issue(directory, name, role)
     return directory
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def trust_env(directory: Path, name: str) -> dict[str, str]:
@@ -70,18 +78,19 @@ def test_the_ca_issues_ml_dsa_credentials_with_private_keys_only_its_owner_reads
 
 
 @pytest.fixture(scope="module")
-def pq_scheduler(authority):
+def pq_scheduler(authority, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("pq-logs")
     port = free_port()
     env = {**os.environ, **trust_env(authority, "scheduler")}
     scheduler = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "pqtls", "--host", "127.0.0.1",
          "--port", str(port), "--dashboard-address", ":0", "--preload", "rqml_dask.scheduler"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "wb"),
     )
     worker = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_worker", f"pqtls://127.0.0.1:{port}", "--nthreads", "1",
          "--name", "node-a", "--dashboard-address", ":0", "--preload", "rqml_dask.node"],
-        env={**os.environ, **trust_env(authority, "node-a")}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, **trust_env(authority, "node-a")}, stdout=subprocess.DEVNULL, stderr=open(logs / "node-a.log", "wb"),
     )
     try:
         yield f"pqtls://127.0.0.1:{port}", scheduler
@@ -174,7 +183,8 @@ def test_a_secure_run_gives_the_same_output_as_over_tcp_and_shows_who_is_connect
         assert all(o.accepted for o in report.outcomes)
         outputs[transport] = zarr.open_group(tmp_path / f"{transport}.zarr", mode="r")["deconvolved"][...]
     np.testing.assert_array_equal(outputs["pqtls"], outputs["tcp"])
-    assert node["identity"] == {"name": "node-a", "role": "node", "group": "X25519MLKEM768"}
+    assert {k: node["identity"][k] for k in ("name", "role", "group")} == {"name": "node-a", "role": "node", "group": "X25519MLKEM768"}
+    assert node["identity"]["expires"] > time.time() and not node["identity"]["renewed"]  # a year-long certificate: not renewed yet
     [link] = health.values()
     assert link["scheduler_identity"] == {"name": "scheduler", "role": "scheduler", "group": "X25519MLKEM768"}
 
@@ -325,3 +335,139 @@ def test_a_done_marker_changed_on_disk_is_refused_and_the_task_computed_again(tm
     assert [o.task_id for o in recomputed] == [marker["task_id"]]
     assert recomputed[0].iterations == next(o.iterations for o in first.outcomes if o.task_id == marker["task_id"])
     assert any("does not match the record" in a["reason"] for a in alerts), alerts
+
+
+def test_short_lived_certificates_are_renewed_through_the_scheduler_without_interrupting_a_run(tmp_path, small_volume):
+    """Node and scheduler certificates of 20 s: each is renewed from the CA the scheduler
+    holds, a run across several renewals completes with the right result, the node signs
+    with its new key, connections opened after the first certificates expired succeed, and
+    every certificate issued verifies with plain cryptography calls."""
+    from heterogeneous_cluster import sleepy_pipeline, sleepy_result
+
+    directory = tmp_path / "ca"
+    ca.init(directory)
+    short = 20 / 3600
+    first_scheduler = x509.load_pem_x509_certificates(ca.issue(directory, "scheduler", "scheduler", hours=short).cert.read_bytes())[0]
+    ca.issue(directory, "alice", "client")
+    node_files = tmp_path / "node-s"  # the node's own copy, as on its own host
+    node = ca.issue(directory, "node-s", "node", hours=short, out=node_files)
+    original = x509.load_pem_x509_certificates(node.cert.read_bytes())[0]
+    session = {"DASK_RQML__TRUST__SESSION__LIFETIME": "20s", "DASK_RQML__TRUST__SESSION__CHECK_INTERVAL": "1s"}
+    port = free_port()
+    address = f"pqtls://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "pqtls", "--host", "127.0.0.1",
+         "--port", str(port), "--dashboard-address", ":0", "--preload", "rqml_dask.scheduler"],
+        env={**os.environ, **trust_env(directory, "scheduler"), **session, "DASK_RQML__TRUST__SESSION__AUTHORITY": str(directory)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    node_env = {"DASK_RQML__TRUST__CA": str(directory / "ca.pem"), "DASK_RQML__TRUST__CERT": str(node.cert),
+                "DASK_RQML__TRUST__KEY": str(node.key), "PYTHONPATH": str(Path(__file__).parent)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-s",
+         "--dashboard-address", ":0"],
+        env={**os.environ, **node_env, **session}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with dask.config.set(trust_config(directory, "alice")), Client(address, timeout=bound(60)) as client:
+            client.wait_for_workers(1, timeout=bound(60))
+            [worker_address] = client.scheduler_info()["workers"]
+            pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [24, 48, 48], 300, 0.1, "renewed")
+            futures = pipeline.submit(client)  # about 30 s of refining on the one node
+            serials = {original.serial_number}
+
+            def renewals() -> int:
+                serials.add(x509.load_pem_x509_certificates(node.cert.read_bytes())[0].serial_number)
+                return len(serials) - 1
+
+            wait_for(lambda: renewals() >= 2, timeout=90, interval=0.5, what="two renewals of the node's certificate")
+            outcomes = client.gather(futures)
+            wait_for(lambda: utc_now() > original.not_valid_after_utc, timeout=60, what="the first certificates expired")
+
+            # the node kept its place (never quarantined), and opens new connections with its renewed certificate
+            assert list(client.scheduler_info()["workers"]) == [worker_address]
+            state = client.sync(client.scheduler.rqml_status)
+            assert state["quarantined"] == {} and state["nodes"][worker_address]["identity"]["renewed"]
+
+            async def fresh_connection(dask_worker):
+                from distributed.comm import connect
+
+                comm = await connect(dask_worker.scheduler.address)
+                try:
+                    return comm.peer_name, comm.peer_certificate.serial_number
+                finally:
+                    await comm.close()
+
+            peer_name, scheduler_serial = client.run(fresh_connection)[worker_address]
+            assert peer_name == "scheduler"
+            assert scheduler_serial != first_scheduler.serial_number  # the scheduler renewed its own too
+        with dask.config.set(trust_config(directory, "alice")), Client(address, timeout=bound(60)) as late:
+            assert late.submit(lambda: 5).result(timeout=bound(60)) == 5  # a handshake after every first certificate expired
+
+        # the run is right, and its results are signed with renewed keys
+        assert all(o.state == "accepted" and o.iterations == 300 for o in outcomes), outcomes
+        np.testing.assert_array_equal(zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],
+                                      sleepy_result(small_volume, 300))
+
+        # every certificate issued verifies with plain cryptography calls: the CA's signature, name, role, life
+        root = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        renewed = x509.load_pem_x509_certificates(node.cert.read_bytes())[0]
+        root.public_key().verify(renewed.signature, renewed.tbs_certificate_bytes)
+        assert ca.name_of(renewed) == "node-s" and ca.role_of(renewed) == "node"
+        assert (renewed.not_valid_after_utc - renewed.not_valid_before_utc).total_seconds() == pytest.approx(22, abs=1)
+        assert stat.S_IMODE(node.key.stat().st_mode) == 0o600
+        recorded = {int(line) for line in (directory / "issued" / "node-s.serials").read_text().split()}
+        assert serials <= recorded  # what `rqml ca revoke node-s` revokes
+        signers = {x509.load_pem_x509_certificate(o.signature["certificate"].encode()).serial_number for o in outcomes}
+        assert signers and signers <= recorded - {original.serial_number}  # signed with a renewed key
+    finally:
+        for process in (worker, scheduler):
+            process.kill()
+            process.wait(timeout=bound(30))
+
+
+def test_a_node_whose_certificate_expires_unrenewed_is_quarantined(authority, pq_scheduler):
+    """The module's scheduler holds no CA: the node's renewal is refused, and when its 15 s
+    certificate expires the node is quarantined, removed, and says why."""
+    from rqml_dask import events
+
+    address, _ = pq_scheduler
+    credential = ca.issue(authority, "node-e", "node", hours=15 / 3600)
+    expires = x509.load_pem_x509_certificates(credential.cert.read_bytes())[0].not_valid_after_utc
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-e",
+         "--dashboard-address", ":0", "--no-nanny"],
+        env={**os.environ, **trust_env(authority, "node-e"), "DASK_RQML__TRUST__SESSION__CHECK_INTERVAL": "1s"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with dask.config.set(trust_config(authority, "alice")), Client(address, timeout=bound(60)) as client:
+            wait_for(lambda: "node-e" in [w["name"] for w in client.scheduler_info()["workers"].values()], what="node-e registered")
+            reason = wait_for(lambda: client.sync(client.scheduler.rqml_status)["quarantined"].get("node-e"), timeout=60,
+                              what="node-e quarantined once its certificate expired")
+            assert reason == f"its certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
+            assert utc_now() >= expires
+            wait_for(lambda: "node-e" not in [w["name"] for w in client.scheduler_info()["workers"].values()], what="node-e removed")
+            alerts = [e for _, e in client.get_events(events.ALERTS) if e.get("node_name") == "node-e"]
+            assert [a["kind"] for a in alerts if a["kind"] == "node-quarantined"] == ["node-quarantined"]
+            client.sync(client.scheduler.rqml_quarantine, release="node-e")  # leave the module's scheduler as it was
+        assert worker.wait(timeout=bound(60)) is not None
+    finally:
+        worker.kill()
+
+
+def test_revoking_a_name_revokes_its_session_certificates_too(tmp_path):
+    ca.init(tmp_path)
+    node = ca.issue(tmp_path, "node-r", "node")
+    holder = x509.load_pem_x509_certificates(node.cert.read_bytes())[0]
+    from rqml_dask.trust.session import signing_request
+
+    _, request = signing_request("node-r")
+    chain = ca.Authority.load(tmp_path).session(x509.load_pem_x509_csr(request.encode()), holder, 60)
+    session = x509.load_pem_x509_certificates(chain)[0]
+    assert ca.name_of(session) == "node-r" and ca.role_of(session) == "node"
+    _, other = signing_request("node-x")  # a request naming another node is refused
+    with pytest.raises(ca.CAError, match="names 'node-x'"):
+        ca.Authority.load(tmp_path).session(x509.load_pem_x509_csr(other.encode()), holder, 60)
+    ca.revoke(tmp_path, "node-r")
+    assert {entry.serial_number for entry in ca.load_crl(tmp_path / "crl.pem")} == {holder.serial_number, session.serial_number}

@@ -35,11 +35,12 @@ from typing import Any
 
 from distributed import Reschedule, Worker, WorkerPlugin, get_worker, rejoin, secede
 from distributed.utils import log_errors, sync
+from tornado.ioloop import PeriodicCallback
 
 from rqml_dask import events
 from rqml_dask.arrays import default_backend
 from rqml_dask.checkpoint import CheckpointError
-from rqml_dask.config import NodeSettings, node_settings
+from rqml_dask.config import NodeSettings, node_settings, session_settings
 from rqml_dask.messages import DECISION, OUTCOME, POLICY, Decision, NodePolicy, TaskOutcome
 from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.http import add_routes, register_collector
@@ -53,6 +54,7 @@ from rqml_dask.stores import LMDBStore, open_store
 from rqml_dask.stores.artifacts import ArtifactStore
 from rqml_dask.task import CheckpointSettings, RQMLTask
 from rqml_dask.trust.signing import Seal
+from rqml_dask.trust.session import SessionRenewer
 from rqml_dask.trust.transport import Credentials, peer_identity
 from rqml_dask.volumes import write_core
 
@@ -100,6 +102,10 @@ class NodeLink:
     discarded: int = 0
 
 
+SESSION_TICK = "rqml-session"
+"""The node's entry in ``worker.periodic_callbacks`` that renews its certificate."""
+
+
 class NodePlugin(WorkerPlugin):
     """Runs a :class:`NodeOrchestrator` on its worker. ``policy`` is the initial policy;
     a policy the node saved earlier, or one the scheduler sends, takes precedence."""
@@ -121,6 +127,8 @@ class NodePlugin(WorkerPlugin):
         self._outbox_thread = ThreadPoolExecutor(1, thread_name_prefix="rqml-outbox")
         self._resumed = False
         self._unsent_alerts: list[tuple[str, dict[str, Any]]] = []
+        self.renewer: SessionRenewer | None = None
+        """Renews this node's certificate through the scheduler (``pqtls://`` clusters)."""
 
     def setup(self, worker: Worker) -> None:
         self.settings = node_settings()  # checked at start: a bad value stops the worker, naming its key
@@ -143,9 +151,31 @@ class NodePlugin(WorkerPlugin):
         worker.handlers["rqml_progress"] = self._handle_progress
         add_routes(worker)
         register_collector(worker)
+        if str(worker.scheduler.address).startswith("pqtls://"):
+            self._renew_certificates(worker)
+
+    def _renew_certificates(self, worker: Worker) -> None:
+        """Keep this node's short-lived certificate renewed (:mod:`rqml_dask.trust.session`)."""
+        settings = session_settings()
+
+        async def ask(request: str) -> str:
+            return await worker.scheduler.rqml_session(csr=request)
+
+        def resealed(certificate) -> None:  # sign with the new key from now on
+            seal = self._seal()
+            with self._checkpointers_lock:
+                for checkpointer in self.checkpointers.values():
+                    checkpointer.seal = seal
+
+        self.renewer = SessionRenewer(Credentials.from_config(), ask, settings.renew_when_left, resealed)
+        callback = PeriodicCallback(self.renewer.check, settings.check_interval * 1000)
+        worker.periodic_callbacks[SESSION_TICK] = callback
+        callback.start()
 
     def teardown(self, worker: Worker) -> None:
         worker.metrics.pop("rqml", None)
+        if (callback := worker.periodic_callbacks.pop(SESSION_TICK, None)) is not None:
+            callback.stop()
         if not self._session.done():  # Dask tasks still waiting for jobs end now
             self._session.set_result(None)
         if self.orchestrator is not None:
@@ -491,6 +521,7 @@ class NodePlugin(WorkerPlugin):
             "accepted_from_outbox": link.accepted_from_outbox,
             "discarded": link.discarded,
             "scheduler_identity": peer_identity(getattr(self.worker.batched_stream, "comm", None)),
+            "certificate": self.renewer.status() if self.renewer is not None else None,
         }
 
     def heartbeat(self, worker: Worker) -> dict[str, Any]:

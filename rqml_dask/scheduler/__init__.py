@@ -7,11 +7,12 @@ Dask only logs a failing ``dask_setup``) and adds the ``/rqml`` dashboard page
 """
 
 from rqml_dask.compat import add_navigation_link
-from rqml_dask.config import scheduler_settings
+from rqml_dask.config import scheduler_settings, session_settings
 from rqml_dask.scheduler import dashboard
 from rqml_dask.scheduler.plugin import PENDING, PLUGIN_NAME, RQMLSchedulerPlugin
 
 scheduler_settings()  # a bad `rqml.scheduler` value stops the scheduler here, naming its key
+session_settings()  # and so does a bad `rqml.trust.session` value
 dashboard.register()
 
 

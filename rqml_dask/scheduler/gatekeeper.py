@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from distributed import Scheduler
 
 from rqml_dask.trust.ca import revoked_serials
@@ -33,6 +34,7 @@ HANDLER_ROLES: dict[str, frozenset[str]] = {
     "rqml_decide": frozenset({"client", "scheduler"}),
     "rqml_status": frozenset({"client", "scheduler", "node"}),
     "rqml_quarantine": frozenset({"client", "scheduler"}),
+    "rqml_session": frozenset({"node"}),
 }
 """Which certificate roles may call each RQML scheduler handler (nodes report and reconcile,
 clients read the status, set the policy and decide)."""
@@ -58,6 +60,8 @@ class Gatekeeper:
     """The quarantine, by node name (a name stays out when its process registers again)."""
 
     quarantined: dict[str, str] = field(default_factory=dict)
+    sessions: dict[str, x509.Certificate] = field(default_factory=dict)
+    """The latest session certificate issued to each node name (``rqml_session``)."""
 
     def guard_registration(self, register_worker: Callable[..., Awaitable[Any]],
                            on_refused: Callable[[str, str], None]) -> Callable[..., Awaitable[Any]]:
@@ -90,7 +94,7 @@ class Gatekeeper:
     def invalid_peers(self, scheduler: Scheduler) -> list[tuple[str, str, str]]:
         """``(address, name, reason)`` of every connected node whose certificate is revoked
         (in this process's revocation list, read again when it changes) or expired."""
-        revoked = self._revoked()
+        revoked = self.revoked()
         now = dt.datetime.now(dt.timezone.utc)
         found = []
         for address, stream in list(scheduler.stream_comms.items()):
@@ -100,11 +104,33 @@ class Gatekeeper:
             name = str(stream.comm.peer_name)
             if certificate.serial_number in revoked:
                 found.append((address, name, "its certificate was revoked"))
-            elif certificate.not_valid_after_utc <= now:
+            elif certificate.not_valid_after_utc <= now and not self.renewed(name, revoked, now):
                 found.append((address, name, f"its certificate expired at {certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"))
         return found
 
-    def _revoked(self) -> frozenset[int]:
+    def renewed(self, name: str, revoked: frozenset[int], now: dt.datetime) -> bool:
+        """Whether ``name`` holds a session certificate issued here that is still valid (a
+        connection opened with an earlier one may go on)."""
+        session = self.sessions.get(name)
+        return session is not None and session.serial_number not in revoked and now < session.not_valid_after_utc
+
+    def session_refusal(self, name: str, holder: x509.Certificate, registered: set[str]) -> str | None:
+        """Why ``name``, authenticated with ``holder``, may not have a session certificate
+        (``None``: it may): it must be a registered, unquarantined node whose certificate is
+        not revoked and is valid now or was renewed."""
+        revoked, now = self.revoked(), dt.datetime.now(dt.timezone.utc)
+        if name in self.quarantined:
+            return f"node {name} is in quarantine: {self.quarantined[name]}"
+        if name not in registered:
+            return f"{name} is not a registered node"
+        if holder.serial_number in revoked:
+            return f"the certificate of {name} was revoked"
+        if holder.not_valid_after_utc <= now and not self.renewed(name, revoked, now):
+            return f"the certificate of {name} expired at {holder.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+        return None
+
+    def revoked(self) -> frozenset[int]:
+        """The serials this process's revocation list revokes (none without ``pqtls://`` credentials)."""
         try:
             crl = Credentials.from_config().crl
         except TrustConfigError:

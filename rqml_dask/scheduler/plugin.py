@@ -37,14 +37,17 @@ joins the running work instead of starting it again.
 from __future__ import annotations
 
 import heapq
-from collections import deque
 import itertools
 import logging
+import os
 import time
+from collections import deque
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography import x509
 from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
@@ -56,7 +59,7 @@ from dask.typing import Key
 
 from rqml_dask import events
 from rqml_dask.compat import restrict_strictly
-from rqml_dask.config import SchedulerSettings, scheduler_settings
+from rqml_dask.config import SchedulerSettings, scheduler_settings, session_settings
 from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits, task_name, thin
 from rqml_dask.node_installer import INSTALLER_NAME, NodeInstaller
 from rqml_dask.scheduler.assignment import NodeTable
@@ -64,6 +67,9 @@ from rqml_dask.scheduler.figures import InvalidFigures, check_figures
 from rqml_dask.scheduler.gatekeeper import HANDLER_ROLES, Gatekeeper, only_roles
 from rqml_dask.scheduler.ledger import Ledger
 from rqml_dask.scheduler.reliability import Reliability
+from rqml_dask.trust.ca import Authority
+from rqml_dask.trust.session import SessionRenewer, leaf_certificate
+from rqml_dask.trust.transport import Credentials
 from rqml_dask.trust.transport import peer_identity as identity
 
 logger = logging.getLogger(__name__)
@@ -80,6 +86,8 @@ HISTORY_POINTS = 600
 """Samples of each node's figures kept for the dashboard (one per ``rqml.scheduler.heartbeat-interval``)."""
 TICK = "rqml-release"
 """The plugin's entry in ``scheduler.periodic_callbacks``: binds pending tasks, publishes figures."""
+SESSION_TICK = "rqml-session"
+"""Its entry that renews the scheduler's own certificate from the CA it holds."""
 
 
 @dataclass
@@ -156,6 +164,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self._release_scheduled = False
         self._published_at = 0.0
         self.gatekeeper = Gatekeeper()
+        self.session = session_settings()
+        self.authority: Authority | None = None
+        """The CA this scheduler issues session certificates from (``rqml.trust.session.authority``)."""
         self.scheduler: Scheduler | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -163,7 +174,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         handlers = {"rqml_status": self.status, "rqml_policy": self.handle_policy, "rqml_decide": self.handle_decision,
-                    "rqml_reconcile": self.reconcile, "rqml_quarantine": self.handle_quarantine}
+                    "rqml_reconcile": self.reconcile, "rqml_quarantine": self.handle_quarantine,
+                    "rqml_session": self.handle_session}
         for name, handler in handlers.items():
             scheduler.handlers[name] = only_roles(handler, HANDLER_ROLES[name], name)
         scheduler.handlers["register-worker"] = self.gatekeeper.guard_registration(
@@ -173,12 +185,32 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         callback = PeriodicCallback(self._tick, self.release_interval * 1000)
         scheduler.periodic_callbacks[TICK] = callback
         callback.start()
+        if self.session.authority is not None:
+            self._start_authority(scheduler)
         # every worker, now and later, becomes a node (a bare `dask worker` included)
         await scheduler.register_worker_plugin(None, dumps(NodeInstaller()), name=INSTALLER_NAME, idempotent=True)
 
+    def _start_authority(self, scheduler: Scheduler) -> None:
+        """Hold the CA to issue session certificates, and renew this scheduler's own from it
+        (over ``pqtls://``)."""
+        self.authority = Authority.load(Path(self.session.authority), os.environ.get("RQML_CA_PASSPHRASE"))
+        if not any(address.startswith("pqtls://") for address in scheduler.listen_address.split(",")):
+            return
+        credentials = Credentials.from_config()
+
+        async def issue_own(request: str) -> str:
+            return self.authority.session(x509.load_pem_x509_csr(request.encode()), leaf_certificate(credentials),
+                                          self.session.lifetime).decode()
+
+        renewer = SessionRenewer(credentials, issue_own, self.session.renew_when_left)
+        callback = PeriodicCallback(renewer.check, self.session.check_interval * 1000)
+        scheduler.periodic_callbacks[SESSION_TICK] = callback
+        callback.start()
+
     async def close(self) -> None:
-        if self.scheduler is not None and (callback := self.scheduler.periodic_callbacks.pop(TICK, None)) is not None:
-            callback.stop()
+        for name in (TICK, SESSION_TICK):
+            if self.scheduler is not None and (callback := self.scheduler.periodic_callbacks.pop(name, None)) is not None:
+                callback.stop()
 
     def restart(self, scheduler: Scheduler) -> None:
         """``Client.restart``: every task is gone, so is what the plugin knew of them; the
@@ -537,7 +569,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 "checkpoint_backlog": (f.get("checkpoints") or {}).get("pending", 0),
                 "link": f.get("link", {}),
                 "invalid_figures": node.invalid_figures,
-                "identity": identity(getattr(self.scheduler.stream_comms.get(address), "comm", None)),
+                "identity": self._identity(address),
             }
         tasks = {
             r.traits.key: {
@@ -553,6 +585,16 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         }
         return {"nodes": nodes, "tasks": tasks, "policy": asdict(self.policy), "quarantined": dict(self.gatekeeper.quarantined)}
 
+    def _identity(self, address: str) -> dict[str, Any] | None:
+        """Who ``address`` authenticated as, and when its certificate (or its latest renewal) expires."""
+        comm = getattr(self.scheduler.stream_comms.get(address), "comm", None)
+        peer = identity(comm)
+        if peer is None:
+            return None
+        session = self.gatekeeper.sessions.get(str(peer["name"]))
+        expires = max(comm.peer_certificate.not_valid_after_utc, session.not_valid_after_utc if session else comm.peer_certificate.not_valid_after_utc)
+        return {**peer, "expires": expires.timestamp(), "renewed": session is not None}
+
     @log_errors
     def handle_quarantine(self, comm: Any = None, release: str | None = None) -> dict[str, str]:
         """The nodes in quarantine (name -> reason), after releasing ``release`` if given (it
@@ -562,6 +604,32 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 raise KeyError(f"node {release!r} is not in quarantine")
             self._security_alert("node-released", release, "released from quarantine")
         return dict(self.gatekeeper.quarantined)
+
+    async def handle_session(self, comm: Any = None, csr: str = "") -> str:
+        """``rqml_session``: a session certificate (PEM chain) for the key of ``csr``, with
+        the name, role and hosts of the certificate the calling node authenticated with,
+        valid for ``rqml.trust.session.lifetime`` (:mod:`rqml_dask.trust.session`). Refused
+        (``PermissionError``, and a security alert) to a peer that is not a registered node
+        in good standing, and where this scheduler holds no CA."""
+        holder = getattr(comm, "peer_certificate", None)
+        if holder is None:
+            raise PermissionError("rqml_session: session certificates are issued over pqtls:// only")
+        name = str(comm.peer_name)
+        if self.authority is None:
+            raise PermissionError("rqml_session: this scheduler issues no session certificates "
+                                  "(Dask config rqml.trust.session.authority is unset)")
+        reason = self.gatekeeper.session_refusal(name, holder, {str(ws.name) for ws in self.scheduler.workers.values()})
+        if reason is not None:
+            self._security_alert("session-refused", name, reason)
+            raise PermissionError(f"rqml_session: {reason}")
+        try:
+            request = x509.load_pem_x509_csr(csr.encode())
+        except ValueError as exc:
+            raise ValueError(f"rqml_session: the request of {name} cannot be read: {exc}") from None
+        chain = self.authority.session(request, holder, self.session.lifetime)
+        self.gatekeeper.sessions[name] = x509.load_pem_x509_certificates(chain)[0]
+        logger.info("issued %s a session certificate valid until %s", name, self.gatekeeper.sessions[name].not_valid_after_utc)
+        return chain.decode()
 
     @log_errors
     def handle_policy(self, comm: Any = None, policy: dict | None = None) -> dict[str, Any]:

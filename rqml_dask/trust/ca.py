@@ -4,8 +4,9 @@ certificates and revokes them.
 A CA directory holds ``ca.pem`` (the root certificate, what every node trusts),
 ``ca-key.pem`` (its ML-DSA-65 key, mode 0600, encrypted with the passphrase if one is given),
 ``crl.pem`` (the signed revocation list, rewritten atomically by :func:`revoke`; the pqtls
-transport reloads it when it changes) and ``issued/NAME.pem`` / ``issued/NAME-key.pem`` for
-each credential it issued. A certificate names its holder (subject CN) and its role (subject
+transport reloads it when it changes), ``issued/NAME.pem`` / ``issued/NAME-key.pem`` for
+each credential it issued, and ``issued/NAME.serials``, the serial of every certificate
+issued to NAME (its session certificates too, :class:`Authority`). A certificate names its holder (subject CN) and its role (subject
 OU: ``node``, ``scheduler`` or ``client``), and its hosts as DNS/IP subject alternative
 names. Everything is X.509 from ``cryptography``; nothing here is a protocol of our own.
 """
@@ -50,7 +51,7 @@ def _encryption(passphrase: str | None) -> serialization.KeySerializationEncrypt
     return serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else serialization.NoEncryption()
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` readable by its owner only (created 0600, never world-readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -60,14 +61,14 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_public(path: Path, data: bytes) -> None:
+def write_public(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-def _key_pem(key: mldsa.MLDSA65PrivateKey, passphrase: str | None) -> bytes:
+def key_pem(key: mldsa.MLDSA65PrivateKey, passphrase: str | None) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _encryption(passphrase))
 
 
@@ -94,8 +95,8 @@ def init(directory: Path, name: str = "rqml-ca", passphrase: str | None = None, 
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, None)
     )
-    _write_private(directory / "ca-key.pem", _key_pem(key, passphrase))
-    _write_public(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+    write_private(directory / "ca-key.pem", key_pem(key, passphrase))
+    write_public(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
     _write_crl(directory, key, cert, [])
     return directory / "ca.pem"
 
@@ -112,6 +113,48 @@ def _load_ca(directory: Path, passphrase: str | None) -> tuple[mldsa.MLDSA65Priv
     if not isinstance(key, mldsa.MLDSA65PrivateKey):
         raise CAError(f"{directory / 'ca-key.pem'} is not an ML-DSA-65 key")
     return key, cert
+
+
+def _host_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def _leaf(ca_key: mldsa.MLDSA65PrivateKey, ca_cert: x509.Certificate, public_key: mldsa.MLDSA65PublicKey, name: str,
+          role: Role, names: list[x509.GeneralName], not_before: dt.datetime, not_after: dt.datetime) -> x509.Certificate:
+    """A certificate of this CA binding ``public_key`` to ``name``, ``role`` and ``names``."""
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if role == "client" else ExtendedKeyUsageOID.SERVER_AUTH
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rqml-dask"),
+        ]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage, ExtendedKeyUsageOID.CLIENT_AUTH] if role != "client" else [usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, None)
+    )
+
+
+def _record_serial(directory: Path, name: str, serial: int) -> None:
+    """Note a serial issued to ``name`` (``issued/NAME.serials``): :func:`revoke` revokes them all."""
+    path = Path(directory) / "issued" / f"{name}.serials"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"{serial}\n")
 
 
 def issue(
@@ -132,51 +175,77 @@ def issue(
         raise CAError(f"credential name {name!r}: expected a plain file name")
     ca_key, ca_cert = _load_ca(directory, passphrase)
     key = mldsa.MLDSA65PrivateKey.generate()
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
     now = _now()
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if role == "client" else ExtendedKeyUsageOID.SERVER_AUTH
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([
-            x509.NameAttribute(NameOID.COMMON_NAME, name),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rqml-dask"),
-        ]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=hours))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([usage, ExtendedKeyUsageOID.CLIENT_AUTH] if role != "client" else [usage]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, None)
-    )
+    cert = _leaf(ca_key, ca_cert, key.public_key(), name, role, _host_names(hosts),
+                 now - dt.timedelta(minutes=5), now + dt.timedelta(hours=hours))
     out = Path(out) if out is not None else Path(directory) / "issued"
     credential = Credential(name, role, out / f"{name}.pem", out / f"{name}-key.pem")
-    _write_private(credential.key, _key_pem(key, None))
-    _write_public(credential.cert, cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_private(credential.key, key_pem(key, None))
+    write_public(credential.cert, cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM))
+    _record_serial(directory, name, cert.serial_number)
     return credential
 
 
+SKEW = dt.timedelta(minutes=1)
+"""How far before its issue a session certificate is valid (at most a tenth of its lifetime):
+clocks of the cluster may differ by this much."""
+
+
+@dataclass(frozen=True)
+class Authority:
+    """The CA, loaded once, as the scheduler holds it to issue session certificates."""
+
+    directory: Path
+    key: mldsa.MLDSA65PrivateKey
+    certificate: x509.Certificate
+
+    @classmethod
+    def load(cls, directory: Path, passphrase: str | None = None) -> Authority:
+        key, cert = _load_ca(directory, passphrase)
+        return cls(Path(directory), key, cert)
+
+    def session(self, csr: x509.CertificateSigningRequest, holder: x509.Certificate, seconds: float) -> bytes:
+        """A certificate for the key of ``csr`` with the name, role and hosts of ``holder``
+        (the certificate its requester authenticated with: the request only brings the key),
+        valid for ``seconds`` from now; the PEM chain (it, then the CA's). Refused
+        (:class:`CAError`) if the request's signature or key is not ML-DSA-65, or it names
+        another holder."""
+        name, role = name_of(holder), role_of(holder)
+        if not csr.is_signature_valid:
+            raise CAError(f"session request of {name}: its signature does not verify")
+        public_key = csr.public_key()
+        if not isinstance(public_key, mldsa.MLDSA65PublicKey):
+            raise CAError(f"session request of {name}: its key is not an ML-DSA-65 key")
+        if name_of_csr(csr) != name:
+            raise CAError(f"session request of {name} names {name_of_csr(csr)!r}")
+        try:
+            names = list(holder.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        except x509.ExtensionNotFound:
+            names = []
+        now = _now()
+        lifetime = dt.timedelta(seconds=seconds)
+        cert = _leaf(self.key, self.certificate, public_key, name, role, names, now - min(SKEW, lifetime / 10), now + lifetime)
+        _record_serial(self.directory, name, cert.serial_number)
+        return cert.public_bytes(serialization.Encoding.PEM) + self.certificate.public_bytes(serialization.Encoding.PEM)
+
+
 def revoke(directory: Path, name: str, passphrase: str | None = None) -> int:
-    """Add the certificate issued as ``name`` to the revocation list and sign it again; its
-    serial number. Transports that trust this CA refuse it from their next connection."""
+    """Add the certificate issued as ``name``, and every session certificate issued to it
+    (``issued/NAME.serials``), to the revocation list and sign it again; the serial number
+    of ``issued/NAME.pem``. Transports that trust this CA refuse them from their next
+    connection, and the scheduler quarantines a node connected with one."""
     ca_key, ca_cert = _load_ca(directory, passphrase)
     path = Path(directory) / "issued" / f"{name}.pem"
+    serials_path = path.with_suffix(".serials")
     try:
         cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
     except FileNotFoundError:
         raise CAError(f"{directory} issued no credential named {name!r} ({path} is missing)") from None
+    issued = [int(line) for line in serials_path.read_text().split()] if serials_path.is_file() else []
     revoked = [entry.serial_number for entry in load_crl(Path(directory) / "crl.pem")]
-    if cert.serial_number not in revoked:
-        revoked.append(cert.serial_number)
+    for serial in [cert.serial_number, *issued]:  # its session certificates too
+        if serial not in revoked:
+            revoked.append(serial)
     _write_crl(directory, ca_key, ca_cert, revoked)
     return cert.serial_number
 
@@ -212,7 +281,7 @@ def _write_crl(directory: Path, key: mldsa.MLDSA65PrivateKey, ca_cert: x509.Cert
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
         )
     crl = builder.sign(key, None)
-    _write_public(Path(directory) / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+    write_public(Path(directory) / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
 
 
 def role_of(cert: x509.Certificate) -> str | None:
@@ -223,4 +292,9 @@ def role_of(cert: x509.Certificate) -> str | None:
 
 def name_of(cert: x509.Certificate) -> str | None:
     values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if values else None
+
+
+def name_of_csr(csr: x509.CertificateSigningRequest) -> str | None:
+    values = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(values[0].value) if values else None

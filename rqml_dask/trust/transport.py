@@ -82,15 +82,21 @@ class Credentials:
         return cls(paths["ca"], paths["cert"], paths["key"], crl if crl.is_file() else None)
 
 
-_contexts: dict[Credentials, tuple[int | None, SSL.Context]] = {}
+_contexts: dict[Credentials, tuple[tuple, SSL.Context]] = {}
+
+
+def _stamp(credentials: Credentials) -> tuple:
+    return tuple(path.stat().st_mtime_ns if path is not None else None
+                 for path in (credentials.cert, credentials.key, credentials.crl))
 
 
 def context(credentials: Credentials) -> SSL.Context:
     """A TLS 1.3-only context presenting ``credentials`` and requiring a peer certificate
-    from their CA, not revoked (built again when the revocation list changes)."""
-    crl_stamp = credentials.crl.stat().st_mtime_ns if credentials.crl is not None else None
+    from their CA, not revoked (built again when the certificate, the key or the revocation
+    list changes: a renewed certificate, :mod:`rqml_dask.trust.session`)."""
+    stamp = _stamp(credentials)
     cached = _contexts.get(credentials)
-    if cached is not None and cached[0] == crl_stamp:
+    if cached is not None and cached[0] == stamp:
         return cached[1]
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
@@ -100,13 +106,15 @@ def context(credentials: Credentials) -> SSL.Context:
         ctx.check_privatekey()
         ctx.load_verify_locations(str(credentials.ca))
     except SSL.Error as exc:
+        if cached is not None:  # caught between a renewal's key and its certificate: the last pair serves
+            return cached[1]
         raise TrustConfigError(f"rqml.trust credentials {credentials.cert}, {credentials.key}: {exc}") from None
     if credentials.crl is not None:
         store = ctx.get_cert_store()
         store.add_crl(load_crl(credentials.crl))
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda conn, cert, errno, depth, ok: bool(ok))
-    _contexts[credentials] = (crl_stamp, ctx)
+    _contexts[credentials] = (stamp, ctx)
     return ctx
 
 
