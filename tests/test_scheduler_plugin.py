@@ -318,3 +318,22 @@ def run_or_explain(pipeline: Pipeline, client: Client, timeout: float):
 
     pytest.fail(f"pipeline.run did not return in {timeout:g} s:\nscheduler {client.run_on_scheduler(scheduler_view)}\n"
                 f"nodes {client.run(node_view)}")
+
+
+def test_a_pipeline_submitted_before_any_node_registers_runs_once_one_does(tmp_path, small_volume):
+    """Tasks wait pending with no node; a node that is registering (not yet running tasks) is
+    not bound any, so none is lost to it, and the run completes once it runs. (The plugin
+    once bound tasks to a node still registering: they came back without having run, its
+    room stayed taken, and the run waited for ever.)"""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    pipeline = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", pipeline_dict(small_volume, tmp_path / "out.zarr")))
+    with dask_scheduler(port, tmp_path / "scheduler.log"), Client(address, timeout=bound(60)) as client:
+        futures = pipeline.submit(client)
+        wait_for(lambda: {t["state"] for t in client.sync(client.scheduler.rqml_status)["tasks"].values()} == {"pending"},
+                 what="every task pending")
+        with node_worker(address, "late", tmp_path / "late.log"):
+            outcomes = gather(client, futures, timeout=120)
+            state = client.sync(client.scheduler.rqml_status)
+    assert len(outcomes) == len(futures) and all(o.state == "accepted" for o in outcomes), outcomes
+    assert [n["bound"] for n in state["nodes"].values()] == [0]  # nothing left taking its room

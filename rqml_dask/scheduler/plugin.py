@@ -341,6 +341,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         scheduler's next transition would bind it to any worker."""
         if ts is not None:
             self.scheduler.set_restrictions({ts.key: PENDING})
+        if record.worker is not None and (node := self.nodes.get(record.worker)) is not None:
+            node.bound.discard(record.traits.key)  # it may come back without having run there
+            self._update_room(node)
         record.state, record.worker = "pending", None
         traits = record.traits
         heapq.heappush(self._pending, (-traits.priority, -traits.difficulty, next(self._counter), traits.key))
@@ -405,15 +408,18 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         # Nodes in backoff, nodes whose figures were refused, and slow nodes in the tail of a
         # run get nothing new while another node can take the work.
         now = time.monotonic()
+        # A node Dask does not run tasks on (still registering, paused, closing) gets nothing.
         running = {ws.address for ws in scheduler.running}
+        stopped = np.array([a not in running for a in self.table.addresses], dtype=bool)
         resting = np.array(
-            [a not in running or now < self.nodes[a].reliability.backoff_until or self.nodes[a].invalid_figures is not None
+            [now < self.nodes[a].reliability.backoff_until or self.nodes[a].invalid_figures is not None
              for a in self.table.addresses], dtype=bool,
         )
         if len(self._pending) < len(self.table.addresses):
             resting |= self.table.speed < self.settings.tail_speed_ratio * self.table.speed.max(initial=0)
-        if resting.all():
+        if (resting | stopped).all():
             resting[:] = False
+        resting |= stopped
         awaiting = self.ledger.waiting_for_nodes(now)
         saved_room = self.table.room.copy()
         self.table.room[resting] = 0
