@@ -76,6 +76,11 @@ def test_forged_unsigned_and_foreign_records_are_refused(tmp_path, authority):
     ca.revoke(authority, "node-c")
     with pytest.raises(SignatureError, match="node-c, whose certificate is revoked"):
         reader.verify(seal_of(authority, "node-c").sign(record()))
+    reader.quarantined["node-b"] = "its results keep losing votes"  # as the scheduler tells the node
+    with pytest.raises(SignatureError, match=r"node-b, a node in quarantine \(its results keep losing votes\)"):
+        reader.verify(signed)
+    reader.quarantined.clear()  # released
+    assert reader.verify(signed) == "node-b"
 
 
 @pytest.mark.etcd

@@ -213,6 +213,10 @@ def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq
             alerts = [e for _, e in client.get_events(events.ALERTS) if e.get("kind") == "node-quarantined"]
             assert [(a["node_name"], a["reason"], a["security"]) for a in alerts] == [("node-b", "its certificate was revoked", True)]
             assert client.submit(lambda: 7).result(timeout=bound(60)) == 7  # node-a goes on
+            # node-a was told: it refuses what node-b signed (a checkpoint it might resume from)
+            told = wait_for(lambda: (q := client.run(lambda dask_worker: dict(dask_worker.plugins["rqml-node"].quarantined)))
+                            and all(q.values()) and q, what="node-a told of the quarantine")
+            assert list(told.values()) == [{"node-b": "its certificate was revoked"}]
             browser.get(client.dashboard_link.replace("/status", "/rqml"))
             read = "const doc = Bokeh.documents[0]; return [doc.get_model_by_name('rqml-nodes').data, doc.get_model_by_name('rqml-summary').text]"
 
@@ -268,6 +272,12 @@ def test_the_rqml_handlers_answer_only_the_roles_they_serve(authority, pq_schedu
         with pytest.raises(PermissionError, match="rqml_reconcile: the certificate of alice has role client"):
             as_client.sync(as_client.scheduler.rqml_reconcile, node="x", tasks=[])
         assert as_client.sync(as_client.scheduler.rqml_status)["nodes"]  # a client reads the status
+        # a node takes supervision from the scheduler only, not from a client that connects to it
+        [worker] = as_client.scheduler_info()["workers"]
+        with pytest.raises(PermissionError, match="rqml_decide: the certificate of alice has role client"):
+            as_client.sync(as_client.rpc(worker).rqml_decide, decision={"key": "x@0", "action": "terminate"})
+        with pytest.raises(PermissionError, match="rqml_quarantined: the certificate of alice has role client"):
+            as_client.sync(as_client.rpc(worker).rqml_quarantined, quarantined={})
 
 
 def test_rqml_run_secure_runs_the_embedded_cluster_over_pqtls_with_the_same_result(tmp_path, small_volume):

@@ -127,6 +127,8 @@ class NodePlugin(WorkerPlugin):
         self._outbox_thread = ThreadPoolExecutor(1, thread_name_prefix="rqml-outbox")
         self._resumed = False
         self._unsent_alerts: list[tuple[str, dict[str, Any]]] = []
+        self.quarantined: dict[str, str] = {}
+        """The nodes the scheduler quarantined (name -> reason): their signatures are refused."""
         self.renewer: SessionRenewer | None = None
         """Renews this node's certificate through the scheduler (``pqtls://`` clusters)."""
 
@@ -149,6 +151,7 @@ class NodePlugin(WorkerPlugin):
         worker.handlers["rqml_decide"] = self._handle_decision
         worker.handlers["rqml_policy"] = self._handle_policy
         worker.handlers["rqml_progress"] = self._handle_progress
+        worker.handlers["rqml_quarantined"] = self._handle_quarantined
         add_routes(worker)
         register_collector(worker)
         if str(worker.scheduler.address).startswith("pqtls://"):
@@ -207,7 +210,7 @@ class NodePlugin(WorkerPlugin):
         if not str(self.worker.scheduler.address).startswith("pqtls://"):
             return None
         credentials = Credentials.from_config()
-        return Seal.load(credentials.ca, credentials.cert, credentials.key, credentials.crl)
+        return Seal.load(credentials.ca, credentials.cert, credentials.key, credentials.crl, self.quarantined)
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -551,13 +554,31 @@ class NodePlugin(WorkerPlugin):
             "written": sum(s["written"] for s in summaries),
         }
 
+    @staticmethod
+    def _from_scheduler(comm: Any, handler: str) -> None:
+        """Over ``pqtls://`` only the scheduler's certificate may supervise a node (any
+        authenticated peer can open a connection to a worker)."""
+        peer = peer_identity(comm)
+        if peer is not None and peer["role"] != "scheduler":
+            raise PermissionError(f"{handler}: the certificate of {peer['name']} has role {peer['role']}; only the scheduler may call it")
+
     @log_errors
-    def _handle_decision(self, decision: dict) -> dict:
+    def _handle_decision(self, comm: Any = None, decision: dict | None = None) -> dict:
+        self._from_scheduler(comm, "rqml_decide")
         self.orchestrator.decide(DECISION.validate_python(decision))
         return {"status": "OK"}
 
+    def _handle_quarantined(self, comm: Any = None, quarantined: dict | None = None) -> dict:
+        """``rqml_quarantined``: the scheduler's quarantine (name -> reason), in full."""
+        self._from_scheduler(comm, "rqml_quarantined")
+        names = {str(name): str(reason) for name, reason in (quarantined or {}).items()}
+        self.quarantined.clear()  # in place: the seals hold this dict
+        self.quarantined.update(names)
+        return {"status": "OK"}
+
     @log_errors
-    def _handle_policy(self, policy: dict) -> dict:
+    def _handle_policy(self, comm: Any = None, policy: dict | None = None) -> dict:
+        self._from_scheduler(comm, "rqml_policy")
         self.orchestrator.set_policy(POLICY.validate_python(policy))
         return {"status": "OK"}
 

@@ -304,6 +304,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             self.table.add(worker)
             self._update_room(self.nodes[worker])
             scheduler.loop.add_callback(self._push_policy, worker)
+            if self.gatekeeper.quarantined:
+                scheduler.loop.add_callback(self._push_quarantine, worker)
         self._schedule_release()
 
     def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
@@ -369,6 +371,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         only it held are computed again) and may not register again under its name."""
         self.gatekeeper.quarantined[name] = reason
         self._security_alert("node-quarantined", name, reason, worker=address)
+        self._tell_quarantine()
         self.scheduler.loop.add_callback(self.scheduler.remove_worker, address=address, close=True,
                                          stimulus_id=f"rqml-quarantine-{time.time()}")
 
@@ -609,6 +612,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             if self.gatekeeper.quarantined.pop(release, None) is None:
                 raise KeyError(f"node {release!r} is not in quarantine")
             self._security_alert("node-released", release, "released from quarantine")
+            self._tell_quarantine()
         return dict(self.gatekeeper.quarantined)
 
     async def handle_session(self, comm: Any = None, csr: str = "") -> str:
@@ -720,6 +724,17 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             await self.scheduler.rpc(record.worker).rqml_decide(decision=decision)
         except Exception as exc:
             logger.warning("could not reroute %s from %s: %s", record.traits.task_id, record.worker, exc)
+
+    def _tell_quarantine(self) -> None:
+        """Send every node the quarantine: each refuses what a quarantined node signed."""
+        for address in list(self.nodes):
+            self.scheduler.loop.add_callback(self._push_quarantine, address)
+
+    async def _push_quarantine(self, address: str) -> None:
+        try:
+            await self.scheduler.rpc(address).rqml_quarantined(quarantined=dict(self.gatekeeper.quarantined))
+        except Exception as exc:
+            logger.warning("could not send the quarantine to %s: %s", address, exc)
 
     async def _push_policy(self, address: str) -> None:
         try:

@@ -19,7 +19,8 @@ JSON without ``signature`` followed by ``|`` and ``repr(signed_at)``.
 
 A record is refused (:class:`SignatureError`) when it is unsigned, its certificate was not
 issued by the cluster's CA, is revoked in the CA's current list or was not valid when it
-signed, or the signature does not verify.
+signed, its signer is a node the scheduler quarantined (the scheduler tells every node), or
+the signature does not verify.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import msgpack
@@ -66,15 +67,18 @@ class Seal:
     signer: str
     ca: x509.Certificate
     crl: Path | None
+    quarantined: dict[str, str] = field(default_factory=dict)
+    """Node names in quarantine (name -> reason), kept up to date by the node: what they
+    signed is refused."""
 
     @classmethod
-    def load(cls, ca: Path, cert: Path, key: Path, crl: Path | None) -> Seal:
+    def load(cls, ca: Path, cert: Path, key: Path, crl: Path | None, quarantined: dict[str, str] | None = None) -> Seal:
         private = serialization.load_pem_private_key(Path(key).read_bytes(), None)
         if not isinstance(private, mldsa.MLDSA65PrivateKey):
             raise SignatureError(f"{key} is not an ML-DSA-65 key")
         leaf = x509.load_pem_x509_certificates(Path(cert).read_bytes())[0]
         return cls(private, leaf.public_bytes(serialization.Encoding.PEM).decode(), name_of(leaf) or "",
-                   x509.load_pem_x509_certificate(Path(ca).read_bytes()), crl)
+                   x509.load_pem_x509_certificate(Path(ca).read_bytes()), crl, quarantined if quarantined is not None else {})
 
     def sign(self, record: TaskCheckpoint) -> TaskCheckpoint:
         """``record`` with this node's signature over its hash, task, iteration and now."""
@@ -121,6 +125,8 @@ class Seal:
             raise SignatureError(f"signed by {signer} at {when:%Y-%m-%d %H:%M:%S} UTC, outside its certificate's validity")
         if self.crl is not None and self.crl.is_file() and certificate.serial_number in revoked_serials(self.crl):
             raise SignatureError(f"signed by {signer}, whose certificate is revoked")
+        if (reason := self.quarantined.get(signer)) is not None:
+            raise SignatureError(f"signed by {signer}, a node in quarantine ({reason})")
         try:
             certificate.public_key().verify(value, message(signed_at))
         except InvalidSignature:
