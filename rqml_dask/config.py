@@ -112,6 +112,7 @@ class SchedulerSettings:
     gpu_preference: Annotated[float, Field(ge=1)]
     reconcile_grace: Seconds
     return_grace: Seconds
+    lost_votes: Annotated[int, Field(ge=1)] | None
     reliability: ReliabilitySettings
 
 
@@ -126,6 +127,17 @@ class SessionSettings:
     lifetime: Annotated[Seconds, Field(ge=10)]
     renew_when_left: Annotated[float, Field(gt=0, lt=1)]
     check_interval: Annotated[Seconds, Field(gt=0)]
+
+
+@dataclass(frozen=True)
+class ResultSettings:
+    """``rqml.trust.results``: what the scheduler plugin checks of the signed results nodes
+    present on ``pqtls://`` clusters (:mod:`rqml_dask.scheduler.result_check`)."""
+
+    __pydantic_config__ = _STRICT
+
+    max_skew: Annotated[Seconds, Field(gt=0)]
+    remembered: Annotated[int, Field(ge=1)]
 
 
 _Settings = TypeVar("_Settings")
@@ -153,6 +165,11 @@ def session_settings() -> SessionSettings:
     """``rqml.trust.session`` as configured now, checked; keys left out take their defaults
     (``rqml.trust`` is often set whole, as the credentials of one process)."""
     return _read("rqml.trust.session", SessionSettings, _DEFAULTS["rqml"]["trust"]["session"])
+
+
+def result_settings() -> ResultSettings:
+    """``rqml.trust.results`` as configured now, checked (defaults as for :func:`session_settings`)."""
+    return _read("rqml.trust.results", ResultSettings, _DEFAULTS["rqml"]["trust"]["results"])
 
 
 def _read(key: str, cls: type[_Settings], defaults: dict[str, Any] | None = None) -> _Settings:

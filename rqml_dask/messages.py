@@ -144,11 +144,13 @@ class TaskTraits:
 @dataclass(frozen=True)
 class TaskReport:
     """One task a node reports at reconciliation: how far it got, and whether it finished
-    (its result waits in the node's outbox)."""
+    (its result waits in the node's outbox). On a ``pqtls://`` cluster a finished one
+    carries that result, signed (:class:`TaskOutcome` as JSON), for the scheduler to check."""
 
     key: str
     iteration: Annotated[int, Field(ge=0)]
     finished: bool
+    outcome: dict[str, Any] | None = None
 
 
 TASK_REPORTS = TypeAdapter(list[TaskReport])

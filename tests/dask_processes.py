@@ -66,10 +66,12 @@ def dask_scheduler(port: int, log: Path) -> DaskProcess:
     )
 
 
-def rqml_worker(scheduler: str, name: str, http_port: int, directory: Path, env: dict[str, str] | None = None) -> DaskProcess:
-    """``dask worker`` (with its Nanny) of class RQMLWorker, the node preload, one thread."""
+def rqml_worker(scheduler: str, name: str, http_port: int, directory: Path, env: dict[str, str] | None = None,
+                preloads: tuple[str, ...] = ()) -> DaskProcess:
+    """``dask worker`` (with its Nanny) of class RQMLWorker, the node preload (and ``preloads``), one thread."""
     return DaskProcess(
         ["worker", scheduler, "--worker-class", "rqml_dask.node.RQMLWorker", "--preload", "rqml_dask.node",
+         *(arg for preload in preloads for arg in ("--preload", preload)),
          "--name", name, "--nthreads", "1", "--host", "127.0.0.1", "--dashboard-address", f"127.0.0.1:{http_port}",
          "--local-directory", str(directory)],
         directory / f"{name}.log", env,

@@ -33,7 +33,7 @@ from rqml_dask import Pipeline, events
 from rqml_dask.node.state import NodeState
 from rqml_dask.pipeline.pipeline import RunReport
 
-from dask_processes import TcpLink, dask_scheduler, rqml_worker
+from dask_processes import DaskProcess, TcpLink, dask_scheduler, rqml_worker
 from etcd_server import free_port
 from conftest import write_yaml
 from heterogeneous_cluster import sleepy_pipeline, sleepy_result, uninterrupted_result
@@ -489,3 +489,75 @@ def test_rqml_events_says_when_the_scheduler_is_lost_and_follows_the_one_that_an
         follow.wait(bound(30))
         scheduler.kill()
     assert follow.returncode == 0, "".join(err)
+
+
+@pytest.mark.parametrize("liar", [None, "node-1"])
+def test_over_pqtls_results_finished_without_a_scheduler_are_checked_at_reconciliation(tmp_path, small_volume, liar):
+    """Both nodes finish their tasks while the scheduler is down and report them, signed,
+    when it is back: the scheduler accepts the results that verify; a node whose reported
+    result was changed after it signed it (``liar``) is quarantined, and its tasks are
+    computed again by the other node."""
+    import dask
+
+    from rqml_dask.trust import ca
+
+    authority = tmp_path / "ca"
+    ca.init(authority)
+    for name, role in (("scheduler", "scheduler"), ("node-0", "node"), ("node-1", "node"), ("alice", "client")):
+        ca.issue(authority, name, role)
+
+    def credentials(name: str) -> dict[str, str]:
+        issued = authority / "issued"
+        return {"DASK_RQML__TRUST__CA": str(authority / "ca.pem"), "DASK_RQML__TRUST__CERT": str(issued / f"{name}.pem"),
+                "DASK_RQML__TRUST__KEY": str(issued / f"{name}-key.pem")}
+
+    port = free_port()
+    address = f"pqtls://127.0.0.1:{port}"
+    http = {"node-0": free_port(), "node-1": free_port()}
+    scheduler_args = ["scheduler", "--protocol", "pqtls", "--host", "127.0.0.1", "--port", str(port),
+                      "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.scheduler"]
+    exactly_two = {"DASK_RQML__SCHEDULER__QUEUED_PER_NODE": "0"}  # with the policy below: two tasks on each node
+    scheduler = DaskProcess(scheduler_args, tmp_path / "scheduler.log", {**credentials("scheduler"), **exactly_two}).start()
+    workers = [rqml_worker(address, name, http[name], tmp_path / "workers",
+                           {**credentials(name), "RQML_ATTACK": "tamper-outbox" if name == liar else ""},
+                           preloads=("lying_node",) if name == liar else ()).start()
+               for name in http]
+    trust = {"rqml.trust": {"ca": str(authority / "ca.pem"), "cert": str(authority / "issued" / "alice.pem"),
+                            "key": str(authority / "issued" / "alice-key.pem")}}
+    try:
+        with dask.config.set(trust), Client(address, timeout=bound(60)) as client:
+            client.wait_for_workers(2, timeout=bound(60))
+            client.sync(client.scheduler.rqml_policy, policy={"version": 2, "min_concurrency": 2, "max_concurrency": 2})
+            pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, 150, 0.02, "signed")
+            run = RunInBackground(pipeline, client)
+            placement = wait_for(lambda: placed(http, at_least=10), timeout=60)
+            assert all(placement.values()), placement  # each node refines some
+            names = {addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()}
+            scheduler.kill()  # SIGKILL: the nodes finish on their own, their results wait in their outboxes
+
+            def finished_alone() -> bool:
+                health = [http_json(p, "/health") or {} for p in http.values()]
+                return all(h.get("status") == "degraded" and h.get("jobs", 0) > 0 and h.get("outbox") == h.get("jobs") for h in health)
+
+            wait_for(finished_alone, timeout=60, what="every task finished in degraded mode")
+            scheduler = DaskProcess(scheduler_args, tmp_path / "scheduler.log", {**credentials("scheduler"), **exactly_two}).start()
+            report = run.result(timeout=120)
+            alerts = wait_for(lambda: (a := [e for _, e in client.get_events(events.ALERTS)])
+                              and any(e["kind"] == "reconciled" for e in a) and a, what="a reconciliation")
+            quarantined = client.sync(client.scheduler.rqml_status)["quarantined"]
+            names.update({addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()})
+        assert all(o.accepted and o.iterations == 150 for o in report.outcomes) and len(report.outcomes) == 4
+        np.testing.assert_array_equal(zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],
+                                      uninterrupted_result(pipeline))
+        if liar is None:
+            assert not quarantined
+            assert {names[o.node] for o in report.outcomes if o.reconciled} == {"node-0", "node-1"}  # from both outboxes
+        else:
+            assert "result refused at reconciliation" in quarantined[liar] and "does not match the record" in quarantined[liar]
+            assert any(e["kind"] == "node-quarantined" and e["node_name"] == liar and e["security"] for e in alerts)
+            assert {names[o.node] for o in report.outcomes} == {"node-0"}  # nothing of the liar's
+        assert {o.signature["signer"] for o in report.outcomes} <= {"node-0", "node-1"} - {liar}
+    finally:
+        for worker in workers:
+            worker.kill()
+        scheduler.kill()

@@ -109,16 +109,55 @@ def test_a_record_changed_in_etcd_is_refused_and_the_task_resumes_from_the_last_
     assert [kind for kind, _ in alerts] == ["checkpoint-rejected"]
 
 
-def test_a_recorded_outcome_is_signed_and_a_changed_one_is_refused(authority):
+def test_an_outcome_is_signed_for_its_task_and_a_changed_one_is_refused(authority):
     from rqml_dask.messages import OUTCOME, TaskOutcome
 
     outcome = TaskOutcome(task_id="cp/0", state="rejected", status="converged", iterations=30, model="richardson_lucy",
                           escalations=0, models=[], convergence=None, validation_failures=["vote: x differs"], output="o",
                           elapsed_s=1.0, backend="numpy", input_digest="ab" * 16, result_digest="cd" * 16)
-    signed = OUTCOME.validate_json(OUTCOME.dump_json(seal_of(authority, "node-a").sign_outcome(outcome)))  # as stored
+    key = "cp/0@" + "ef" * 8
+    signed = OUTCOME.validate_json(OUTCOME.dump_json(seal_of(authority, "node-a").sign_outcome(outcome, key)))  # as stored
+    # the format, with plain cryptography calls: the outcome's JSON without its signature, the key, the time
+    signature = signed.signature
+    message = OUTCOME.dump_json(dataclasses.replace(signed, signature=None)) + f"|{key}|{signature['signed_at']!r}".encode()
+    x509.load_pem_x509_certificate(signature["certificate"].encode()).public_key().verify(bytes.fromhex(signature["value"]), message)
     reader = seal_of(authority, "node-b")
-    assert reader.verify_outcome(signed) == "node-a"
+    assert reader.verify_outcome(signed, key) == "node-a"
     with pytest.raises(SignatureError, match="does not match the record"):
-        reader.verify_outcome(dataclasses.replace(signed, state="accepted", validation_failures=[]))
+        reader.verify_outcome(dataclasses.replace(signed, state="accepted", validation_failures=[]), key)
+    with pytest.raises(SignatureError, match="does not match the record"):  # the same outcome claimed for another task
+        reader.verify_outcome(signed, "cp/1@" + "ef" * 8)
     with pytest.raises(SignatureError, match="unsigned"):
-        reader.verify_outcome(outcome)
+        reader.verify_outcome(outcome, key)
+
+
+def test_the_scheduler_refuses_results_of_another_task_signer_time_or_presented_twice(authority):
+    """What rqml_result checks (rqml_dask.scheduler.result_check), on real signatures."""
+    from rqml_dask.messages import TaskOutcome
+    from rqml_dask.scheduler.result_check import ResultCheck
+    from rqml_dask.trust.signing import Verifier
+
+    key = "t/0@" + "ab" * 8
+    outcome = TaskOutcome(task_id="t/0", state="accepted", status="converged", iterations=30, model="richardson_lucy",
+                          escalations=0, models=[], convergence=None, validation_failures=[], output="o", elapsed_s=1.0,
+                          backend="numpy")
+    check = ResultCheck(Verifier.load(authority / "ca.pem", authority / "crl.pem"), max_skew=30, remembered=2)
+    signed = seal_of(authority, "node-a").sign_outcome(outcome, key)
+    check.check(signed, key, "node-a", live=True)  # accepted
+    with pytest.raises(SignatureError, match="replays a signed result presented at"):
+        check.check(signed, key, "node-a", live=True)
+    with pytest.raises(SignatureError, match="the result of t/1 replays an outcome of task t/0"):
+        check.check(seal_of(authority, "node-a").sign_outcome(outcome, key), "t/1@" + "ab" * 8, "node-a", live=True)
+    with pytest.raises(SignatureError, match="signed by node-a but presented by node-b"):
+        check.check(seal_of(authority, "node-a").sign_outcome(outcome, key), key, "node-b", live=True)
+    late = seal_of(authority, "node-a").sign_outcome(outcome, key)
+    with pytest.raises(SignatureError, match=r"signed 4\d\.\d s ago, outside the 30 s skew window"):
+        check.check(late, key, "node-a", live=True, now=late.signature["signed_at"] + 45)
+    check.check(late, key, "node-a", live=False, now=late.signature["signed_at"] + 3600)  # finished in degraded mode, long ago
+    early = seal_of(authority, "node-a").sign_outcome(outcome, key)
+    with pytest.raises(SignatureError, match=r"signed 6\d\.\d s in the future"):
+        check.check(early, key, "node-a", live=False, now=early.signature["signed_at"] - 60)
+    check.verifier.quarantined["node-a"] = "its results keep losing votes"
+    with pytest.raises(SignatureError, match="a node in quarantine"):
+        check.check(seal_of(authority, "node-a").sign_outcome(outcome, key), key, "node-a", live=True)
+    assert len(check.seen) == 2  # bounded

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import stat
 import tempfile
 import time
@@ -210,7 +211,7 @@ def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq
             assert state["quarantined"]["node-b"] == "its certificate was revoked"
             wait_for(lambda: [w["name"] for w in client.scheduler_info()["workers"].values()] == ["node-a"], timeout=30,
                      what="node-b removed")
-            alerts = [e for _, e in client.get_events(events.ALERTS) if e.get("kind") == "node-quarantined"]
+            alerts = [e for _, e in client.get_events(events.ALERTS) if e.get("kind") == "node-quarantined" and e["node_name"] == "node-b"]
             assert [(a["node_name"], a["reason"], a["security"]) for a in alerts] == [("node-b", "its certificate was revoked", True)]
             assert client.submit(lambda: 7).result(timeout=bound(60)) == 7  # node-a goes on
             # node-a was told: it refuses what node-b signed (a checkpoint it might resume from)
@@ -484,3 +485,134 @@ def test_revoking_a_name_revokes_its_session_certificates_too(tmp_path):
         ca.Authority.load(tmp_path).session(x509.load_pem_x509_csr(other.encode()), holder, 60)
     ca.revoke(tmp_path, "node-r")
     assert {entry.serial_number for entry in ca.load_crl(tmp_path / "crl.pem")} == {holder.serial_number, session.serial_number}
+
+
+def lying_node(authority: Path, address: str, name: str, attack: str, **env: str) -> subprocess.Popen:
+    """A worker process with a genuine node certificate that lies about its results (tests/lying_node.py)."""
+    ca.issue(authority, name, "node")
+    tests = str(Path(__file__).parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", name,
+         "--dashboard-address", ":0", "--no-nanny", "--preload", "lying_node"],
+        env={**os.environ, **trust_env(authority, name), "RQML_ATTACK": attack, **env,
+             "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def run_against(authority: Path, address: str, liar: str, config: dict, tmp_path: Path, name: str):
+    """Run ``config`` on the module's cluster with the node ``liar`` in it; the report, the
+    workers' names by address once the run is over, and the alerts about ``liar``."""
+    from rqml_dask import Pipeline, events
+    from rqml_dask.pipeline import load_pipeline_config
+
+    from conftest import write_yaml
+
+    pipeline = Pipeline(load_pipeline_config(write_yaml(tmp_path / f"{name}.yaml", config)))
+    with dask.config.set(trust_config(authority, "alice")), Client(address, timeout=bound(60)) as client:
+        wait_for(lambda: {liar, "node-a"} <= {w["name"] for w in client.scheduler_info()["workers"].values()},
+                 what=f"{liar} and node-a registered")
+        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+        report = pipeline.run(client, progress=False)
+        alerts = [e for _, e in client.get_events(events.ALERTS) if e.get("node_name") == liar]
+        quarantined = client.sync(client.scheduler.rqml_status)["quarantined"]
+        if liar in quarantined:
+            client.sync(client.scheduler.rqml_quarantine, release=liar)  # leave the module's scheduler as it was
+    return report, names, alerts, quarantined
+
+
+def assert_nothing_of(liar: str, report, names: dict, reference: np.ndarray, output: Path) -> None:
+    """Every task accepted, each from an honest node that signed it, and the output that of an honest run."""
+    assert all(o.accepted for o in report.outcomes) and len(report.outcomes) == 8
+    assert {names[o.node] for o in report.outcomes} == {"node-a"}
+    assert {o.signature["signer"] for o in report.outcomes} == {"node-a"}
+    np.testing.assert_array_equal(zarr.open_group(output, mode="r")["deconvolved"][...], reference)
+
+
+@pytest.fixture(scope="module")
+def honest_output(pq_scheduler, authority, small_volume, tmp_path_factory) -> np.ndarray:
+    """The output of the test pipeline on node-a alone."""
+    from rqml_dask import Pipeline
+    from rqml_dask.pipeline import load_pipeline_config
+
+    from conftest import pipeline_dict, write_yaml
+
+    tmp = tmp_path_factory.mktemp("honest")
+    pipeline = Pipeline(load_pipeline_config(write_yaml(tmp / "p.yaml", pipeline_dict(small_volume, tmp / "out.zarr"))))
+    with dask.config.set(trust_config(authority, "alice")), Client(pq_scheduler[0], timeout=bound(60)) as client:
+        assert all(o.accepted for o in pipeline.run(client, progress=False).outcomes)
+    return zarr.open_group(tmp / "out.zarr", mode="r")["deconvolved"][...]
+
+
+@pytest.mark.parametrize("attack, reason", [
+    ("tamper", "does not match the record"),  # changed after it was signed
+    ("unsigned", "without presenting it signed"),  # never shown to the scheduler
+])
+def test_a_node_whose_result_does_not_prove_itself_is_quarantined_and_nothing_it_returned_is_accepted(
+        tmp_path, authority, pq_scheduler, small_volume, honest_output, attack, reason):
+    from conftest import pipeline_dict
+
+    address, _ = pq_scheduler
+    liar = f"node-{attack}"
+    worker = lying_node(authority, address, liar, attack)
+    try:
+        config = pipeline_dict(small_volume, tmp_path / "out.zarr")
+        report, names, alerts, quarantined = run_against(authority, address, liar, config, tmp_path, attack)
+    finally:
+        worker.kill()
+    assert reason in quarantined[liar], quarantined
+    assert [a["kind"] for a in alerts if a["kind"] == "node-quarantined"] == ["node-quarantined"]
+    assert all(a["security"] for a in alerts) and any(reason in a["reason"] for a in alerts), alerts
+    assert_nothing_of(liar, report, names, honest_output, tmp_path / "out.zarr")
+
+
+def test_a_node_replaying_results_it_signed_before_is_quarantined_and_none_of_them_accepted(
+        tmp_path, authority, pq_scheduler, small_volume, honest_output):
+    from conftest import pipeline_dict
+
+    address, _ = pq_scheduler
+    record = tmp_path / "signed-results.jsonl"
+    worker = lying_node(authority, address, "node-replay", "replay", RQML_ATTACK_FILE=str(record))
+    try:
+        first, names, alerts, quarantined = run_against(  # honest the first time: what it presents, it records
+            authority, address, "node-replay", pipeline_dict(small_volume, tmp_path / "first.zarr"), tmp_path, "first")
+        assert all(o.accepted for o in first.outcomes) and not quarantined and not alerts
+        assert record.is_file() and "node-replay" in {names[o.node] for o in first.outcomes}
+        (tmp_path / "signed-results.jsonl.replay").touch()  # now it replays them instead of presenting new results
+        config = pipeline_dict(small_volume, tmp_path / "second.zarr")  # checkpoints beside it: nothing reused
+        second, names, alerts, quarantined = run_against(authority, address, "node-replay", config, tmp_path, "second")
+    finally:
+        worker.kill()
+    assert "replay" in quarantined["node-replay"], quarantined
+    assert any(a["kind"] == "result-refused" and "replay" in a["reason"] for a in alerts), alerts
+    assert_nothing_of("node-replay", second, names, honest_output, tmp_path / "second.zarr")
+
+
+def test_a_node_whose_results_keep_losing_cross_node_votes_is_quarantined(tmp_path, authority, pq_scheduler, small_volume):
+    """Its results are signed and verify, but they are wrong: the honest node's votes on them
+    disagree, each lost vote lowers its reliability, and the third in a row (the default
+    rqml.scheduler.lost-votes) while the honest node's results pass puts it in quarantine.
+    Its results are rejected, not accepted."""
+    from conftest import pipeline_dict
+
+    address, _ = pq_scheduler
+    liar = "node-wrong"
+    worker = lying_node(authority, address, liar, "wrong-results")
+    config = pipeline_dict(small_volume, tmp_path / "out.zarr", tiling={"tile": [12, 12, 24]}, models={"ladder": ["richardson_lucy"]},
+                           convergence={"max_iterations": 10, "check_every": 5, "stability_tol": 0, "consistency_tol": 0,
+                                        "novelty_window": 1000, "accept_max_iterations": True},
+                           validation={"vote_models": ["richardson_lucy"], "vote_tolerance": 0.1})
+    try:
+        report, names, alerts, quarantined = run_against(authority, address, liar, config, tmp_path, "votes")
+    finally:
+        worker.kill()
+    assert re.fullmatch(r"its results lost \d+ cross-node votes in a row while other nodes' results passed theirs", quarantined[liar])
+    lost = [a for a in alerts if a["kind"] == "vote-lost"]
+    assert [a["lost_in_a_row"] for a in lost] == list(range(1, len(lost) + 1)) and len(lost) >= 3
+    assert all(abs(a["difference"] - 1 / 3) < 1e-3 for a in lost)  # |x - 1.5 x| / |1.5 x|
+    by_node = {}
+    for outcome in report.outcomes:
+        by_node.setdefault(names[outcome.node], []).append(outcome)
+    assert all(o.accepted and o.vote["agreed"] for o in by_node["node-a"])
+    assert all(not o.accepted and o.validation_failures[-1].startswith("vote: richardson_lucy differs by 0.333") for o in by_node.get(liar, []))
+    assert len(report.outcomes) == 16 and len(report.rejected) == len(by_node.get(liar, []))

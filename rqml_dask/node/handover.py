@@ -17,7 +17,8 @@ def run_task(task: RQMLTask) -> TaskOutcome:
     return current_node().run(task)
 
 
-def run_vote(voter: RQMLTask, result: TaskOutcome) -> TaskOutcome:
-    """A voter's Dask task: it depends on the result it votes on, so it runs after it, and
-    the scheduler plugin binds it away from the node holding that result."""
-    return current_node().run(voter)
+def run_vote(voter: RQMLTask, result: TaskOutcome, of: str) -> TaskOutcome:
+    """A voter's Dask task: it depends on ``result`` (of the task whose key is ``of``), so it
+    runs after it, and the scheduler plugin binds it away from the node holding that result.
+    Its outcome carries its verdict on the result (:func:`rqml_dask.node.results.vote_on`)."""
+    return current_node().run(voter, judging=(result, of))

@@ -46,7 +46,7 @@ from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.http import add_routes, register_collector
 from rqml_dask.node.orchestrator import NodeOrchestrator, PushedBack
 from rqml_dask.node.resources import ResourceMonitor
-from rqml_dask.node.results import copy_result, host_core, outcome_of, recorded_outcome
+from rqml_dask.node.results import copy_result, host_core, outcome_of, recorded_outcome, vote_on
 from rqml_dask.node.state import NodeState
 from rqml_dask.problem import load_problem
 from rqml_dask.refinement import Refinement
@@ -63,6 +63,10 @@ logger = logging.getLogger(__name__)
 PLUGIN_NAME = "rqml-node"
 UNSENT_ALERTS = 1000
 """Alerts raised while the node has no scheduler that it keeps to publish once registered."""
+
+
+class ResultRefused(RuntimeError):
+    """The scheduler refused the signed result this node presented (and quarantined the node)."""
 
 
 class SchedulerLost(RuntimeError):
@@ -131,6 +135,8 @@ class NodePlugin(WorkerPlugin):
         """The nodes the scheduler quarantined (name -> reason): their signatures are refused."""
         self.renewer: SessionRenewer | None = None
         """Renews this node's certificate through the scheduler (``pqtls://`` clusters)."""
+        self.seal: Seal | None = None
+        """This node's signing key and what it checks others' signatures with (``pqtls://`` clusters)."""
 
     def setup(self, worker: Worker) -> None:
         self.settings = node_settings()  # checked at start: a bad value stops the worker, naming its key
@@ -155,6 +161,7 @@ class NodePlugin(WorkerPlugin):
         add_routes(worker)
         register_collector(worker)
         if str(worker.scheduler.address).startswith("pqtls://"):
+            self.seal = self._seal()
             self._renew_certificates(worker)
 
     def _renew_certificates(self, worker: Worker) -> None:
@@ -165,7 +172,7 @@ class NodePlugin(WorkerPlugin):
             return await worker.scheduler.rqml_session(csr=request)
 
         def resealed(certificate) -> None:  # sign with the new key from now on
-            seal = self._seal()
+            self.seal = seal = self._seal()
             with self._checkpointers_lock:
                 for checkpointer in self.checkpointers.values():
                     checkpointer.seal = seal
@@ -201,21 +208,22 @@ class NodePlugin(WorkerPlugin):
                 shared = open_store(settings.shared) if settings.shared else None
                 writer = self.settings.checkpoint
                 checkpointer = Checkpointer(local_store, shared, ArtifactStore(settings.artifacts), self.worker.address, self._alert,
-                                            max_backoff=writer.max_backoff, max_duty=writer.max_duty, seal=self._seal())
+                                            max_backoff=writer.max_backoff, max_duty=writer.max_duty, seal=self.seal)
                 self.checkpointers[key] = checkpointer
             return checkpointer
 
-    def _seal(self) -> Seal | None:
-        """On a ``pqtls://`` cluster, this node's credentials sign and check checkpoints."""
-        if not str(self.worker.scheduler.address).startswith("pqtls://"):
-            return None
+    def _seal(self) -> Seal:
+        """This node's credentials as they are now, to sign and check checkpoints and results."""
         credentials = Credentials.from_config()
         return Seal.load(credentials.ca, credentials.cert, credentials.key, credentials.crl, self.quarantined)
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def run(self, task: RQMLTask) -> TaskOutcome:
-        """Run ``task`` here and return its outcome: what a Dask task of it does.
+    def run(self, task: RQMLTask, judging: tuple[TaskOutcome, str] | None = None) -> TaskOutcome:
+        """Run ``task`` here and return its outcome: what a Dask task of it does. A voter
+        is given ``judging``, the result it votes on and that task's key: its outcome carries
+        its verdict. On a ``pqtls://`` cluster the outcome is signed by this node now and
+        accepted by the scheduler first (:meth:`present`).
 
         A task whose outcome was recorded before (a re-run of the same pipeline, or a result
         settled when a degraded node reconnected) and whose core is in the output returns
@@ -225,6 +233,25 @@ class NodePlugin(WorkerPlugin):
         worker's pool while the refinement thread iterates, so the worker can hand the node
         more tasks. A task pushed back or rerouted raises :class:`~distributed.Reschedule`.
         """
+        outcome = self._run(task)
+        if judging is not None:
+            outcome = vote_on(task, outcome, *judging)
+        return self.present(task, outcome)
+
+    def present(self, task: RQMLTask, outcome: TaskOutcome) -> TaskOutcome:
+        """``outcome`` of ``task`` signed by this node now and presented to the scheduler
+        (``rqml_result``), which checks it before the Dask task ends; raises
+        :class:`ResultRefused` if it is refused. Without ``pqtls://``: ``outcome`` as it is."""
+        if self.seal is None:
+            return outcome
+        signed = self.seal.sign_outcome(outcome, task.key)
+        answer = sync(self.worker.loop, self.worker.scheduler.rqml_result, key=task.key,
+                      outcome=OUTCOME.dump_python(signed, mode="json"))
+        if answer.get("status") != "OK":
+            raise ResultRefused(f"the scheduler refused the result of {task.task_id}: {answer.get('reason')}")
+        return signed
+
+    def _run(self, task: RQMLTask) -> TaskOutcome:
         checkpointer = self.checkpointer_for(task.checkpoint) if task.checkpoint else None
         task, problem = load_problem(task, self.orchestrator.backend)
         if (recorded := recorded_outcome(task, checkpointer)) is not None:
@@ -334,8 +361,8 @@ class NodePlugin(WorkerPlugin):
         if core is not None:
             write_core(task.output, task.region, core)
             if job.checkpointer is not None and outcome.state != "terminated":  # a terminated one: tried again
-                if job.checkpointer.seal is not None:
-                    outcome = job.checkpointer.seal.sign_outcome(outcome)
+                if self.seal is not None:
+                    outcome = self.seal.sign_outcome(outcome, task.key)
                 job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
         self.forget(job)
         events.publish(self.worker, events.TASK_RESULTS, "finished", key=task.key, task_id=task.task_id, worker=self.worker.address,
@@ -373,6 +400,8 @@ class NodePlugin(WorkerPlugin):
                 job.checkpointer.submit(refinement.snapshot("finished"))
                 job.checkpointer.flush()
             outcome = replace(self._outcome_of(job, refinement, host_core(refinement)), reconciled=True)
+            if self.seal is not None:  # presented with the reconciliation report
+                outcome = self.seal.sign_outcome(outcome, job.task.key)
             with self._jobs_lock:
                 if job.claimed or job.dropped:
                     return
@@ -464,6 +493,7 @@ class NodePlugin(WorkerPlugin):
                 "key": job.task.key,
                 "iteration": progress.get(job.task.key, 0),
                 "finished": job.outcome is not None,
+                "outcome": OUTCOME.dump_python(job.outcome, mode="json") if job.outcome is not None and self.seal is not None else None,
             }
             for job in jobs
         ]

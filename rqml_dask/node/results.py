@@ -3,7 +3,8 @@
 :func:`outcome_of` is the one place a :class:`~rqml_dask.messages.TaskOutcome` is made from
 a refinement; :func:`recorded_outcome` reads a done marker back and checks that the inputs
 and the output still justify it; :func:`copy_result` moves a result written into another
-pipeline's output into this one's.
+pipeline's output into this one's; :func:`vote_on` is a voter's verdict on the result it
+votes on.
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ def outcome_of(refinement: Refinement, node: str, core: np.ndarray | None, began
     )
 
 
+def vote_on(voter: RQMLTask, outcome: TaskOutcome, result: TaskOutcome, of: str) -> TaskOutcome:
+    """The voter's ``outcome`` with its verdict on ``result``, the result of task ``of`` (its
+    key): ``vote`` = ``{"of", "model", "difference", "tolerance", "agreed"}``, ``difference``
+    the relative L2 difference of the two cores (``None`` where either has no result, which
+    does not agree)."""
+    difference = None
+    if outcome.written_to is not None and result.written_to is not None:
+        core = read_core(result.written_to, voter.region, np.float64)
+        mine = read_core(outcome.written_to, voter.region, np.float64)
+        difference = float(np.linalg.norm(mine - core)) / (float(np.linalg.norm(core)) or 1.0)
+    tolerance = voter.validation.vote_tolerance
+    return replace(outcome, vote={"of": of, "model": voter.model_ladder[0], "difference": difference, "tolerance": tolerance,
+                                  "agreed": difference is not None and difference <= tolerance})
+
+
 def copy_result(outcome: TaskOutcome, task: RQMLTask, source: ArrayRef) -> TaskOutcome:
     """Write the core ``source`` holds into ``task``'s output; ``outcome`` as written there."""
     write_core(task.output, task.region, read_core(source, task.region))
@@ -83,7 +99,7 @@ def recorded_outcome(task: RQMLTask, checkpointer: Checkpointer | None) -> TaskO
     try:
         outcome = OUTCOME.validate_json(recorded)
         if checkpointer.seal is not None:
-            checkpointer.seal.verify_outcome(outcome)
+            checkpointer.seal.verify_outcome(outcome, task.key)
     except (ValidationError, SignatureError) as exc:
         why, detail = ("unreadable", exc.errors()[0]["msg"]) if isinstance(exc, ValidationError) else ("refused", exc)
         reason = f"recorded outcome of {task.task_id} {why}, computing it again: {detail}"

@@ -330,7 +330,7 @@ class Pipeline:
         """The Dask tasks of one RQML task (its voters and tally, if it votes); the future of
         its final outcome. Keys are deterministic: submitting again joins the same work."""
         result = self._submit_one(client, run_task, task, task)
-        voters = [self._submit_one(client, run_vote, voter, voter, result) for voter in voter_tasks(task)]
+        voters = [self._submit_one(client, run_vote, voter, voter, result, task.key) for voter in voter_tasks(task)]
         if voters:
             result = client.submit(tally_vote, task, result, voters, key=dask_key(task.key, tokenize(task), "rqml-tally"))
         return result

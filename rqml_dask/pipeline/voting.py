@@ -2,18 +2,17 @@
 
 A task whose validation names ``vote_models`` gets one voter per model: the same region
 refined by that model alone, into its own output array, on another node than the one that
-holds the result (the scheduler plugin binds it so). :func:`tally_vote` compares the cores.
+holds the result (the scheduler plugin binds it so), and its outcome carries its verdict (the
+two cores compared on its node: :func:`rqml_dask.node.results.vote_on`). :func:`tally_vote`
+counts the verdicts.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-
 from rqml_dask.messages import TaskOutcome, terminal_state
 from rqml_dask.task import ArrayRef, RQMLTask
-from rqml_dask.volumes import read_core
 
 
 def voter_tasks(task: RQMLTask) -> list[RQMLTask]:
@@ -37,16 +36,18 @@ def vote_array(array: str, model: str) -> str:
 
 
 def tally_vote(task: RQMLTask, outcome: TaskOutcome, voters: list[TaskOutcome]) -> TaskOutcome:
-    """Compare each voter's core with the result's; a disagreement beyond the tolerance
-    rejects the result (a validation failure naming the voter and the difference)."""
-    core = read_core(task.output, task.region, np.float64)
-    norm = float(np.linalg.norm(core)) or 1.0
-    differences = {}
-    for voter_task, voter in zip(voter_tasks(task), voters):
-        other = read_core(voter_task.output, task.region, np.float64)
-        differences[voter_task.model_ladder[0]] = float(np.linalg.norm(other - core)) / norm
+    """Count the voters' verdicts: one that disagrees (its core differs from the result's by
+    more than the tolerance) or has no result rejects the result, with a validation failure
+    naming the voter and the difference."""
     tolerance = task.validation.vote_tolerance
-    failures = [f"vote: {m} differs by {d:.3g} > {tolerance:g}" for m, d in differences.items() if d > tolerance]
+    differences, failures = {}, []
+    for voter_task, voter in zip(voter_tasks(task), voters):
+        model, verdict = voter_task.model_ladder[0], voter.vote or {}
+        differences[model] = difference = verdict.get("difference")
+        if difference is None:
+            failures.append(f"vote: {model} has no result to compare ({voter.state})")
+        elif difference > tolerance:
+            failures.append(f"vote: {model} differs by {difference:.3g} > {tolerance:g}")
     vote = {"differences": differences, "tolerance": tolerance, "agreed": not failures, "voters": [v.node for v in voters]}
     failures = [*outcome.validation_failures, *failures]
     state = terminal_state(outcome.status, failures, task.convergence.accept_max_iterations)

@@ -35,6 +35,7 @@ HANDLER_ROLES: dict[str, frozenset[str]] = {
     "rqml_status": frozenset({"client", "scheduler", "node"}),
     "rqml_quarantine": frozenset({"client", "scheduler"}),
     "rqml_session": frozenset({"node"}),
+    "rqml_result": frozenset({"node"}),
 }
 """Which certificate roles may call each RQML scheduler handler (nodes report and reconcile,
 clients read the status, set the policy and decide)."""

@@ -32,6 +32,13 @@ going elsewhere, and of two runs the one further along goes on (the other is rer
 the node with the other job, or dropped there). The node with a task's job is preferred
 when the task is (re)submitted, so a client that resubmits after the scheduler came back
 joins the running work instead of starting it again.
+
+Trust (``pqtls://``): the gatekeeper (:mod:`rqml_dask.scheduler.gatekeeper`) decides who may
+register and call each handler; a node presents every result signed (``rqml_result``, and
+with its reconciliation report), and :class:`~rqml_dask.scheduler.result_check.ResultCheck`
+accepts it or the node is quarantined; a task that ends on a node without a result it
+presented is not accepted either. Voters' verdicts count for the node whose result they
+judged: results that keep losing votes lower its reliability down to quarantine.
 """
 
 from __future__ import annotations
@@ -59,16 +66,18 @@ from dask.typing import Key
 
 from rqml_dask import events
 from rqml_dask.compat import restrict_strictly
-from rqml_dask.config import SchedulerSettings, scheduler_settings, session_settings
-from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskTraits, task_name, thin
+from rqml_dask.config import SchedulerSettings, result_settings, scheduler_settings, session_settings
+from rqml_dask.messages import DECISION, OUTCOME, POLICY, TASK_REPORTS, NodePolicy, TaskReport, TaskTraits, task_name, thin
 from rqml_dask.node_installer import INSTALLER_NAME, NodeInstaller
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.figures import InvalidFigures, check_figures
 from rqml_dask.scheduler.gatekeeper import HANDLER_ROLES, Gatekeeper, only_roles
 from rqml_dask.scheduler.ledger import Ledger
 from rqml_dask.scheduler.reliability import Reliability
+from rqml_dask.scheduler.result_check import ResultCheck
 from rqml_dask.trust.ca import Authority
 from rqml_dask.trust.session import SessionRenewer, leaf_certificate
+from rqml_dask.trust.signing import SignatureError, Verifier
 from rqml_dask.trust.transport import Credentials
 from rqml_dask.trust.transport import peer_identity as identity
 
@@ -116,6 +125,8 @@ class TaskRecord:
     submitted_at: float = field(default_factory=time.time)
     result_state: str | None = None
     """The terminal state its node reported with the result (``rqml-task_results``), if any."""
+    verified_by: str | None = None
+    """The node whose signed result for this submission passed :class:`ResultCheck` (``pqtls://``)."""
 
 
 @dataclass
@@ -130,6 +141,10 @@ class NodeRecord:
     """Why the node's latest heartbeat figures were refused (it rests meanwhile), or None."""
     history: deque[NodeSample] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
     """Its figures at each of the plugin's heartbeats, for the dashboard's time series."""
+    lost_votes: int = 0
+    """Cross-node votes its results lost in a row (``pqtls://``: voters are known by their certificates)."""
+    won_votes: int = 0
+    """Cross-node votes its results passed."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.session = session_settings()
         self.authority: Authority | None = None
         """The CA this scheduler issues session certificates from (``rqml.trust.session.authority``)."""
+        self.result_check: ResultCheck | None = None
+        """Checks the signed results nodes present, on a ``pqtls://`` scheduler; ``None`` elsewhere."""
         self.scheduler: Scheduler | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -175,7 +192,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         handlers = {"rqml_status": self.status, "rqml_policy": self.handle_policy, "rqml_decide": self.handle_decision,
                     "rqml_reconcile": self.reconcile, "rqml_quarantine": self.handle_quarantine,
-                    "rqml_session": self.handle_session}
+                    "rqml_session": self.handle_session, "rqml_result": self.handle_result}
         for name, handler in handlers.items():
             scheduler.handlers[name] = only_roles(handler, HANDLER_ROLES[name], name)
         scheduler.handlers["register-worker"] = self.gatekeeper.guard_registration(
@@ -187,6 +204,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         callback.start()
         if self.session.authority is not None:
             self._start_authority(scheduler)
+        if any(address.startswith("pqtls://") for address in scheduler.listen_address.split(",")):
+            credentials, results = Credentials.from_config(), result_settings()
+            verifier = Verifier.load(credentials.ca, credentials.crl, self.gatekeeper.quarantined)  # the quarantine, shared
+            self.result_check = ResultCheck(verifier, results.max_skew, results.remembered)
         # every worker, now and later, becomes a node (a bare `dask worker` included)
         await scheduler.register_worker_plugin(None, dumps(NodeInstaller()), name=INSTALLER_NAME, idempotent=True)
 
@@ -265,6 +286,12 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             node.bound.discard(record.traits.key)
             self._update_room(node)
         if start == "processing" and finish == "memory":
+            if self.result_check is not None and (record.verified_by is None or record.verified_by != record.worker):
+                # a node that returned a result without proving it: shut out, and the
+                # result, which only it holds, is computed again elsewhere
+                record.state = "bound"
+                self._quarantine(record.worker, self._name(record.worker), f"returned a result of {record.traits.task_id} without presenting it signed")
+                return
             record.state = "done"
             self.ledger.accept(record.traits.key, record.worker)
             if node is not None:
@@ -338,6 +365,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     # -- placement -------------------------------------------------------------------------
 
     def _make_pending(self, record: TaskRecord, ts: TaskState | None) -> None:
+        record.verified_by = None
         """Keep ``record``'s task (Dask's ``ts``) pending until :meth:`_release` binds it to a node.
         Called from :meth:`transition` too: a task handed back must be restricted before the
         scheduler's next transition would bind it to any worker."""
@@ -369,11 +397,19 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def _quarantine(self, address: str, name: str, reason: str) -> None:
         """Shut a node out: it is removed (Dask rebinds its tasks elsewhere, and results
         only it held are computed again) and may not register again under its name."""
+        self.scheduler.loop.add_callback(self._shut_out, address, name, reason)
+
+    async def _shut_out(self, address: str, name: str, reason: str) -> None:
+        """:meth:`_quarantine`, done when this returns."""
+        if name in self.gatekeeper.quarantined:
+            return
         self.gatekeeper.quarantined[name] = reason
         self._security_alert("node-quarantined", name, reason, worker=address)
         self._tell_quarantine()
-        self.scheduler.loop.add_callback(self.scheduler.remove_worker, address=address, close=True,
-                                         stimulus_id=f"rqml-quarantine-{time.time()}")
+        if address in self.scheduler.workers:
+            # expected: its tasks are not suspect (Dask would fail one whose workers keep dying)
+            await self.scheduler.remove_worker(address=address, close=True, expected=True,
+                                               stimulus_id=f"rqml-quarantine-{time.time()}")
 
     def _security_alert(self, kind: str, name: str, reason: str, **extra: Any) -> None:
         logger.warning("%s: %s: %s", kind, name, reason)
@@ -642,6 +678,71 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         return chain.decode()
 
     @log_errors
+    async def handle_result(self, comm: Any = None, key: str = "", outcome: dict | None = None) -> dict[str, str]:
+        """``rqml_result``: the signed outcome of the task ``key``, presented by the node
+        running it before its Dask task ends. ``{"status": "OK"}`` once it passes
+        :class:`ResultCheck`; else the node is quarantined (removed before this answers, so
+        its Dask task's end is not taken: the task runs again elsewhere) and the answer is
+        ``{"status": "refused", "reason": ...}``. Over ``tcp://`` there is nothing to check."""
+        peer = identity(comm)
+        if self.result_check is None or peer is None:
+            return {"status": "OK"}
+        name = str(peer["name"])
+        address = next((a for a, ws in self.scheduler.workers.items() if str(ws.name) == name), None)
+        if address is None:
+            return {"status": "refused", "reason": f"{name} is not a registered node"}
+        ws, record = self.scheduler.workers[address], self.tasks.get(key)
+        running = [ts.key for ts in ws.processing if isinstance(ts.key, tuple) and ts.key[:2] == ("rqml", key)]
+        try:
+            if not running:
+                raise SignatureError(f"presented a result of {task_name(key)}, which it is not running")
+            try:
+                parsed = OUTCOME.validate_python(outcome)
+            except ValidationError as exc:
+                raise SignatureError(f"presented a result of {task_name(key)} that does not read as an outcome: "
+                                     f"{exc.errors()[0]['msg']} at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
+            self.result_check.check(parsed, key, name, live=True)
+        except SignatureError as exc:
+            reason = f"result refused: {exc}"
+            self._security_alert("result-refused", name, reason, key=key, task_id=task_name(key))
+            await self._shut_out(address, name, reason)
+            return {"status": "refused", "reason": reason}
+        if record is not None and record.dask_key in running:
+            record.verified_by = address
+        if parsed.vote is not None:
+            self._count_vote(parsed.vote, address)
+        return {"status": "OK"}
+
+    def _count_vote(self, vote: dict[str, Any], voter: str) -> None:
+        """A voter's verdict on the result of the task ``vote["of"]``, counted for the node
+        whose accepted result that was (the ledger says which, not the vote), unless it is the
+        voter itself: a lost vote lowers its reliability, and ``rqml.scheduler.lost-votes``
+        in a row quarantine it while another node's results pass theirs (when every node
+        loses, the tolerance is at fault, not the nodes)."""
+        holder = self.ledger.accepted.get(str(vote.get("of")))
+        node = self.nodes.get(holder) if holder is not None else None
+        if node is None or holder == voter:
+            return
+        if vote.get("agreed") is True:
+            node.lost_votes, node.won_votes = 0, node.won_votes + 1
+        else:
+            node.lost_votes += 1
+            node.reliability.failure(time.monotonic())
+            events.publish(self.scheduler, events.ALERTS, "vote-lost", node=holder, node_name=self._name(holder),
+                           task_id=task_name(str(vote["of"])), voter=voter, difference=vote.get("difference"),
+                           lost_in_a_row=node.lost_votes)
+        limit = self.settings.lost_votes
+        for address, losing in list(self.nodes.items()):
+            passing = any(other.won_votes and not other.lost_votes for a, other in self.nodes.items() if a != address)
+            if limit is not None and losing.lost_votes >= limit and passing:
+                self._quarantine(address, self._name(address), f"its results lost {losing.lost_votes} cross-node votes "
+                                                               f"in a row while other nodes' results passed theirs")
+
+    def _name(self, address: str) -> str:
+        ws = self.scheduler.workers.get(address)
+        return str(ws.name) if ws is not None else "?"
+
+    @log_errors
     def handle_policy(self, comm: Any = None, policy: dict | None = None) -> dict[str, Any]:
         """Set (when given) and return the policy; a new one is pushed to every node."""
         if policy is not None:
@@ -684,6 +785,11 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         for report in reports:
             key, task_id, finished = report.key, task_name(report.key), report.finished
             winner = self.ledger.accepted.get(key)
+            if finished and peer is not None and self.result_check is not None and (refusal := self._unproven(report, peer["name"])):
+                reason = f"result refused at reconciliation: {refusal}"
+                self._security_alert("result-refused", peer["name"], reason, key=key, task_id=task_id)
+                await self._shut_out(node, peer["name"], reason)
+                return {}
             if winner is not None and winner != node:
                 verdict = "duplicate" if finished else "drop"
                 events.publish(self.scheduler, events.ALERTS, "duplicate-result" if finished else "duplicate-run",
@@ -711,6 +817,18 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         events.publish(self.scheduler, events.ALERTS, "reconciled", node=node, verdicts=counts)
         self._schedule_release()
         return verdicts
+
+    def _unproven(self, report: TaskReport, name: str) -> str | None:
+        """Why the finished result ``report`` carries does not prove itself (``None``: it does)."""
+        if report.outcome is None:
+            return f"reported {task_name(report.key)} finished without its signed result"
+        try:
+            self.result_check.check(OUTCOME.validate_python(report.outcome), report.key, name, live=False)
+        except ValidationError as exc:
+            return f"the result of {task_name(report.key)} does not read as an outcome: {exc.errors()[0]['msg']}"
+        except SignatureError as exc:
+            return str(exc)
+        return None
 
     async def _progress(self, address: str, key: str) -> int:
         try:

@@ -1,5 +1,5 @@
-"""Checkpoint records and done markers signed with the writing node's ML-DSA-65 key, and
-checked before they are used.
+"""Checkpoint records and outcomes signed with the writing node's ML-DSA-65 key, and checked
+before they are used.
 
 Over ``pqtls://`` a node signs every checkpoint record it writes (to LMDB, etcd or Consul)
 and accepts one to resume from only if the signature verifies. The record's ``hash``
@@ -14,8 +14,9 @@ with plain ``cryptography`` calls:
   :func:`signed_message`: the canonical msgpack of ``{"hash", "iteration", "signed_at",
   "task_id"}`` (keys sorted).
 
-A recorded outcome (the done marker a later run reuses) is signed the same way over its
-JSON without ``signature`` followed by ``|`` and ``repr(signed_at)``.
+An outcome (what a node returns for a task, presents to the scheduler, and records as the
+done marker a later run reuses) is signed the same way over its JSON without ``signature``,
+then ``|``, the task key, ``|`` and ``repr(signed_at)``: :func:`outcome_message`.
 
 A record is refused (:class:`SignatureError`) when it is unsigned, its certificate was not
 issued by the cluster's CA, is revoked in the CA's current list or was not valid when it
@@ -51,53 +52,31 @@ def signed_message(task_id: str, iteration: int, record_hash: str, signed_at: fl
     return msgpack.packb({"hash": record_hash, "iteration": iteration, "signed_at": signed_at, "task_id": task_id})
 
 
-def _outcome_message(outcome: TaskOutcome, signed_at: float) -> bytes:
+def outcome_message(outcome: TaskOutcome, key: str, signed_at: float) -> bytes:
     """The bytes an outcome signature is over: the outcome's JSON without its signature,
-    and the time it was signed."""
-    return OUTCOME.dump_json(replace(outcome, signature=None)) + f"|{signed_at!r}".encode()
+    the task key and the time it was signed."""
+    return OUTCOME.dump_json(replace(outcome, signature=None)) + f"|{key}|{signed_at!r}".encode()
 
 
 @dataclass(frozen=True)
-class Seal:
-    """This node's signing key and certificate, and the CA (and revocation list) it checks
-    other records against."""
+class Verifier:
+    """The CA (and revocation list) signed records are checked against, and the nodes in
+    quarantine. Every process of a ``pqtls://`` cluster has one: a node its :class:`Seal`,
+    the scheduler plugin its result check."""
 
-    key: mldsa.MLDSA65PrivateKey
-    certificate_pem: str
-    signer: str
     ca: x509.Certificate
     crl: Path | None
     quarantined: dict[str, str] = field(default_factory=dict)
-    """Node names in quarantine (name -> reason), kept up to date by the node: what they
+    """Node names in quarantine (name -> reason), kept up to date by the owner: what they
     signed is refused."""
 
     @classmethod
-    def load(cls, ca: Path, cert: Path, key: Path, crl: Path | None, quarantined: dict[str, str] | None = None) -> Seal:
-        private = serialization.load_pem_private_key(Path(key).read_bytes(), None)
-        if not isinstance(private, mldsa.MLDSA65PrivateKey):
-            raise SignatureError(f"{key} is not an ML-DSA-65 key")
-        leaf = x509.load_pem_x509_certificates(Path(cert).read_bytes())[0]
-        return cls(private, leaf.public_bytes(serialization.Encoding.PEM).decode(), name_of(leaf) or "",
-                   x509.load_pem_x509_certificate(Path(ca).read_bytes()), crl, quarantined if quarantined is not None else {})
+    def load(cls, ca: Path, crl: Path | None, quarantined: dict[str, str] | None = None) -> Verifier:
+        return cls(x509.load_pem_x509_certificate(Path(ca).read_bytes()), crl, quarantined if quarantined is not None else {})
 
-    def sign(self, record: TaskCheckpoint) -> TaskCheckpoint:
-        """``record`` with this node's signature over its hash, task, iteration and now."""
-        return replace(record, signature=self._signature(
-            lambda signed_at: signed_message(record.task_id, record.iteration, record.hash, signed_at)))
-
-    def sign_outcome(self, outcome: TaskOutcome) -> TaskOutcome:
-        """``outcome`` signed over its JSON (``signature`` left out) and now: the done marker
-        a later run reuses without recomputing."""
-        return replace(outcome, signature=self._signature(lambda signed_at: _outcome_message(outcome, signed_at)))
-
-    def _signature(self, message: Callable[[float], bytes]) -> dict[str, str | float]:
-        signed_at = time.time()
-        return {"signer": self.signer, "certificate": self.certificate_pem, "signed_at": signed_at,
-                "value": self.key.sign(message(signed_at)).hex()}
-
-    def verify_outcome(self, outcome: TaskOutcome) -> str:
-        """The signer of a recorded outcome, or :class:`SignatureError` saying why not."""
-        return self._verify(outcome.signature, lambda signed_at: _outcome_message(outcome, signed_at), "outcomes")
+    def verify_outcome(self, outcome: TaskOutcome, key: str) -> str:
+        """The signer of ``outcome`` for the task ``key``, or :class:`SignatureError` saying why not."""
+        return self._verify(outcome.signature, lambda signed_at: outcome_message(outcome, key, signed_at), "outcomes")
 
     def verify(self, record: TaskCheckpoint) -> str:
         """The signer's name, or :class:`SignatureError` saying why the record is refused."""
@@ -132,3 +111,39 @@ class Seal:
         except InvalidSignature:
             raise SignatureError(f"the signature of {signer} does not match the record (changed after it was signed)") from None
         return signer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Seal(Verifier):
+    """This node's signing key and certificate, and what it checks other records against."""
+
+    key: mldsa.MLDSA65PrivateKey
+    certificate_pem: str
+    signer: str
+
+    @classmethod
+    def load(cls, ca: Path, cert: Path, key: Path, crl: Path | None,  # type: ignore[override]
+             quarantined: dict[str, str] | None = None) -> Seal:
+        private = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+        if not isinstance(private, mldsa.MLDSA65PrivateKey):
+            raise SignatureError(f"{key} is not an ML-DSA-65 key")
+        leaf = x509.load_pem_x509_certificates(Path(cert).read_bytes())[0]
+        verifier = Verifier.load(ca, crl, quarantined)
+        return cls(ca=verifier.ca, crl=crl, quarantined=verifier.quarantined, key=private,
+                   certificate_pem=leaf.public_bytes(serialization.Encoding.PEM).decode(), signer=name_of(leaf) or "")
+
+    def sign(self, record: TaskCheckpoint) -> TaskCheckpoint:
+        """``record`` with this node's signature over its hash, task, iteration and now."""
+        return replace(record, signature=self._signature(
+            lambda signed_at: signed_message(record.task_id, record.iteration, record.hash, signed_at)))
+
+    def sign_outcome(self, outcome: TaskOutcome, key: str) -> TaskOutcome:
+        """``outcome`` of the task ``key`` signed by this node now (any earlier signature
+        replaced): what it presents to the scheduler, returns, and records."""
+        unsigned = replace(outcome, signature=None)
+        return replace(unsigned, signature=self._signature(lambda signed_at: outcome_message(unsigned, key, signed_at)))
+
+    def _signature(self, message: Callable[[float], bytes]) -> dict[str, str | float]:
+        signed_at = time.time()
+        return {"signer": self.signer, "certificate": self.certificate_pem, "signed_at": signed_at,
+                "value": self.key.sign(message(signed_at)).hex()}

@@ -290,7 +290,10 @@ class PQTLS(Comm):
             channel.writer.transport.abort()
 
     def closed(self) -> bool:
-        return self._channel is None
+        """Closed here, or by the peer (asyncio reads in the background: an idle pooled comm
+        whose peer went away says so, as Tornado's does for ``tcp://``, and is not reused)."""
+        channel = self._channel
+        return channel is None or channel.writer.is_closing() or channel.reader.at_eof()
 
 
 def peer_identity(comm: Any) -> dict[str, str | None] | None:
