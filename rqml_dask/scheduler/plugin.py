@@ -681,9 +681,11 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     async def handle_result(self, comm: Any = None, key: str = "", outcome: dict | None = None) -> dict[str, str]:
         """``rqml_result``: the signed outcome of the task ``key``, presented by the node
         running it before its Dask task ends. ``{"status": "OK"}`` once it passes
-        :class:`ResultCheck`; else the node is quarantined (removed before this answers, so
-        its Dask task's end is not taken: the task runs again elsewhere) and the answer is
-        ``{"status": "refused", "reason": ...}``. Over ``tcp://`` there is nothing to check."""
+        :class:`ResultCheck`; ``{"status": "stale", ...}`` if the task is no longer running
+        there (Dask released it meanwhile: the result is not taken, and that is no fault);
+        else the node is quarantined (removed before this answers, so its Dask task's end is
+        not taken: the task runs again elsewhere) and the answer is ``{"status": "refused",
+        "reason": ...}``. Over ``tcp://`` there is nothing to check."""
         peer = identity(comm)
         if self.result_check is None or peer is None:
             return {"status": "OK"}
@@ -693,9 +695,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             return {"status": "refused", "reason": f"{name} is not a registered node"}
         ws, record = self.scheduler.workers[address], self.tasks.get(key)
         running = [ts.key for ts in ws.processing if isinstance(ts.key, tuple) and ts.key[:2] == ("rqml", key)]
+        if not running:  # released meanwhile (e.g. a result it depended on was lost): not taken, no fault
+            return {"status": "stale", "reason": f"{task_name(key)} is not running on {name} any more"}
         try:
-            if not running:
-                raise SignatureError(f"presented a result of {task_name(key)}, which it is not running")
             try:
                 parsed = OUTCOME.validate_python(outcome)
             except ValidationError as exc:
