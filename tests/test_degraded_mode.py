@@ -501,15 +501,12 @@ def test_over_pqtls_results_finished_without_a_scheduler_are_checked_at_reconcil
 
     from rqml_dask.trust import ca
 
+    from test_trust import trust_config, trust_env
+
     authority = tmp_path / "ca"
     ca.init(authority)
     for name, role in (("scheduler", "scheduler"), ("node-0", "node"), ("node-1", "node"), ("alice", "client")):
         ca.issue(authority, name, role)
-
-    def credentials(name: str) -> dict[str, str]:
-        issued = authority / "issued"
-        return {"DASK_RQML__TRUST__CA": str(authority / "ca.pem"), "DASK_RQML__TRUST__CERT": str(issued / f"{name}.pem"),
-                "DASK_RQML__TRUST__KEY": str(issued / f"{name}-key.pem")}
 
     port = free_port()
     address = f"pqtls://127.0.0.1:{port}"
@@ -517,15 +514,13 @@ def test_over_pqtls_results_finished_without_a_scheduler_are_checked_at_reconcil
     scheduler_args = ["scheduler", "--protocol", "pqtls", "--host", "127.0.0.1", "--port", str(port),
                       "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.scheduler"]
     exactly_two = {"DASK_RQML__SCHEDULER__QUEUED_PER_NODE": "0"}  # with the policy below: two tasks on each node
-    scheduler = DaskProcess(scheduler_args, tmp_path / "scheduler.log", {**credentials("scheduler"), **exactly_two}).start()
+    scheduler = DaskProcess(scheduler_args, tmp_path / "scheduler.log", {**trust_env(authority, "scheduler"), **exactly_two}).start()
     workers = [rqml_worker(address, name, http[name], tmp_path / "workers",
-                           {**credentials(name), "RQML_ATTACK": "tamper-outbox" if name == liar else ""},
+                           {**trust_env(authority, name), "RQML_ATTACK": "tamper-outbox" if name == liar else ""},
                            preloads=("lying_node",) if name == liar else ()).start()
                for name in http]
-    trust = {"rqml.trust": {"ca": str(authority / "ca.pem"), "cert": str(authority / "issued" / "alice.pem"),
-                            "key": str(authority / "issued" / "alice-key.pem")}}
     try:
-        with dask.config.set(trust), Client(address, timeout=bound(60)) as client:
+        with dask.config.set(trust_config(authority, "alice")), Client(address, timeout=bound(60)) as client:
             client.wait_for_workers(2, timeout=bound(60))
             client.sync(client.scheduler.rqml_policy, policy={"version": 2, "min_concurrency": 2, "max_concurrency": 2})
             pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, 150, 0.02, "signed")
@@ -540,7 +535,7 @@ def test_over_pqtls_results_finished_without_a_scheduler_are_checked_at_reconcil
                 return all(h.get("status") == "degraded" and h.get("jobs", 0) > 0 and h.get("outbox") == h.get("jobs") for h in health)
 
             wait_for(finished_alone, timeout=60, what="every task finished in degraded mode")
-            scheduler = DaskProcess(scheduler_args, tmp_path / "scheduler.log", {**credentials("scheduler"), **exactly_two}).start()
+            scheduler = DaskProcess(scheduler_args, tmp_path / "scheduler.log", {**trust_env(authority, "scheduler"), **exactly_two}).start()
             report = run.result(timeout=120)
             alerts = wait_for(lambda: (a := [e for _, e in client.get_events(events.ALERTS)])
                               and any(e["kind"] == "reconciled" for e in a) and a, what="a reconciliation")

@@ -66,7 +66,8 @@ UNSENT_ALERTS = 1000
 
 
 class ResultRefused(RuntimeError):
-    """The scheduler refused the signed result this node presented (and quarantined the node)."""
+    """The scheduler did not take the signed result this node presented: refused (and the
+    node quarantined), or stale (the task no longer runs here)."""
 
 
 class SchedulerLost(RuntimeError):

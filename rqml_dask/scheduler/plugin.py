@@ -67,14 +67,14 @@ from dask.typing import Key
 from rqml_dask import events
 from rqml_dask.compat import restrict_strictly
 from rqml_dask.config import SchedulerSettings, result_settings, scheduler_settings, session_settings
-from rqml_dask.messages import DECISION, OUTCOME, POLICY, TASK_REPORTS, NodePolicy, TaskReport, TaskTraits, task_name, thin
+from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskReport, TaskTraits, task_name, thin
 from rqml_dask.node_installer import INSTALLER_NAME, NodeInstaller
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.figures import InvalidFigures, check_figures
 from rqml_dask.scheduler.gatekeeper import HANDLER_ROLES, Gatekeeper, only_roles
 from rqml_dask.scheduler.ledger import Ledger
 from rqml_dask.scheduler.reliability import Reliability
-from rqml_dask.scheduler.result_check import ResultCheck
+from rqml_dask.scheduler.result_check import ResultCheck, read_outcome
 from rqml_dask.trust.ca import Authority
 from rqml_dask.trust.session import SessionRenewer, leaf_certificate
 from rqml_dask.trust.signing import SignatureError, Verifier
@@ -290,7 +290,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 # a node that returned a result without proving it: shut out, and the
                 # result, which only it holds, is computed again elsewhere
                 record.state = "bound"
-                self._quarantine(record.worker, self._name(record.worker), f"returned a result of {record.traits.task_id} without presenting it signed")
+                self._quarantine(record.worker, self._name(record.worker),
+                                 f"returned a result of {record.traits.task_id} without presenting it signed")
                 return
             record.state = "done"
             self.ledger.accept(record.traits.key, record.worker)
@@ -365,10 +366,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     # -- placement -------------------------------------------------------------------------
 
     def _make_pending(self, record: TaskRecord, ts: TaskState | None) -> None:
-        record.verified_by = None
         """Keep ``record``'s task (Dask's ``ts``) pending until :meth:`_release` binds it to a node.
         Called from :meth:`transition` too: a task handed back must be restricted before the
         scheduler's next transition would bind it to any worker."""
+        record.verified_by = None
         if ts is not None:
             self.scheduler.set_restrictions({ts.key: PENDING})
         if record.worker is not None and (node := self.nodes.get(record.worker)) is not None:
@@ -698,11 +699,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         if not running:  # released meanwhile (e.g. a result it depended on was lost): not taken, no fault
             return {"status": "stale", "reason": f"{task_name(key)} is not running on {name} any more"}
         try:
-            try:
-                parsed = OUTCOME.validate_python(outcome)
-            except ValidationError as exc:
-                raise SignatureError(f"presented a result of {task_name(key)} that does not read as an outcome: "
-                                     f"{exc.errors()[0]['msg']} at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
+            parsed = read_outcome(outcome, key)
             self.result_check.check(parsed, key, name, live=True)
         except SignatureError as exc:
             reason = f"result refused: {exc}"
@@ -734,9 +731,11 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                            task_id=task_name(str(vote["of"])), voter=voter, difference=vote.get("difference"),
                            lost_in_a_row=node.lost_votes)
         limit = self.settings.lost_votes
+        if limit is None:
+            return
+        passing = {address for address, other in self.nodes.items() if other.won_votes and not other.lost_votes}
         for address, losing in list(self.nodes.items()):
-            passing = any(other.won_votes and not other.lost_votes for a, other in self.nodes.items() if a != address)
-            if limit is not None and losing.lost_votes >= limit and passing:
+            if losing.lost_votes >= limit and passing - {address}:
                 self._quarantine(address, self._name(address), f"its results lost {losing.lost_votes} cross-node votes "
                                                                f"in a row while other nodes' results passed theirs")
 
@@ -825,9 +824,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         if report.outcome is None:
             return f"reported {task_name(report.key)} finished without its signed result"
         try:
-            self.result_check.check(OUTCOME.validate_python(report.outcome), report.key, name, live=False)
-        except ValidationError as exc:
-            return f"the result of {task_name(report.key)} does not read as an outcome: {exc.errors()[0]['msg']}"
+            self.result_check.check(read_outcome(report.outcome, report.key), report.key, name, live=False)
         except SignatureError as exc:
             return str(exc)
         return None

@@ -17,9 +17,23 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
-from rqml_dask.messages import TaskOutcome, task_name
+from pydantic import ValidationError
+
+from rqml_dask.messages import OUTCOME, TaskOutcome, task_name
 from rqml_dask.trust.signing import SignatureError, Verifier
+
+
+def read_outcome(outcome: Any, key: str) -> TaskOutcome:
+    """The outcome a node presented for task ``key`` (JSON-like), or :class:`SignatureError`
+    saying where it does not read as one."""
+    try:
+        return OUTCOME.validate_python(outcome)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise SignatureError(f"the result of {task_name(key)} does not read as an outcome: "
+                             f"{error['msg']} at {'.'.join(map(str, error['loc'])) or 'the top'}") from None
 
 
 @dataclass
