@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Any
 
 import dask.array as da
 import zarr
@@ -90,12 +91,14 @@ def level_name(array: str, level: int) -> str:
     return array if level == 0 else f"{array}_s{level}"
 
 
-def write_image(store: str, array: str, axes: tuple[str, ...], voxel: VoxelSize | None, levels: int | str = "auto") -> list[str]:
+def write_image(store: str, array: str, axes: tuple[str, ...], voxel: VoxelSize | None, levels: int | str = "auto",
+                scheduler: Any = "threads") -> list[str]:
     """Make ``store`` an OME image of its array ``array`` (level 0): write the pyramid
     (``array_s1``, ``array_s2``, … each a 2x2 mean over y and x of the one above, chunked
     like level 0) and the multiscales metadata with ``axes`` and ``voxel`` (unknown: a scale
     of 1 and no unit), then validate the group with ``ome-zarr-models``. Returns the
-    levels' array paths. Level 0 is only read."""
+    levels' array paths. Level 0 is only read, by ``scheduler`` (a Dask scheduler name, or a
+    ``distributed.Client`` to read it on the cluster, where the data is)."""
     from ome_zarr.writer import write_multiscales_metadata
     from ome_zarr_models.v05.image import Image
 
@@ -113,7 +116,7 @@ def write_image(store: str, array: str, axes: tuple[str, ...], voxel: VoxelSize 
         name = level_name(array, level)
         chunks = tuple(min(c, n) for c, n in zip(base.chunks, source.shape))
         target = group.create_array(name, shape=source.shape, chunks=chunks, dtype=base.dtype, dimension_names=axes, overwrite=True)
-        da.store(source.rechunk(chunks), target, lock=False, scheduler="threads")
+        da.store(source.rechunk(chunks), target, lock=False, scheduler=scheduler)
         source = da.from_zarr(target)
         paths.append(name)
     datasets = []

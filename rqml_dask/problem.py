@@ -41,7 +41,7 @@ def read_operator(kind: TaskClass, ref: ArrayRef, core: Region | None, image_ref
 
 
 def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]:
-    """The task with its ``input_digest`` (of the image window and operator as read, and
+    """The task with its ``input_digest`` (of the image window, its values checked, and operator as read, and
     :data:`RESULT_FORMAT`), and its problem on ``backend``, in the task class's dtype:
     ``observed`` (the window), the operator under the class's ``operator_key``, and
     ``image``, what the models refine against: the window, or, with the held-out stopping
@@ -49,7 +49,8 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
     ``held_out`` (:func:`rqml_dask.held_out.thin`, seeded by the digest, so a task splits
     its data the same way on every node and every run)."""
     kind = load_task_class(task.task_class)
-    image = read_window(task.input.image, task.region, np.dtype(kind.dtype))
+    image = read_window(task.input.image, task.region, np.dtype(kind.dtype), nonnegative=kind.photon_counts,
+                        accept_saturated=task.input.accept_saturated)
     operator = read_operator(kind, task.input.operator, task.region, task.input.image)
     digest = hashlib.blake2b(RESULT_FORMAT, digest_size=16)
     for array in (image, operator):

@@ -163,6 +163,9 @@ class TaskInput:
     operator: ArrayRef
     truth: ArrayRef | None = None
     counts_per_unit: Annotated[float, Field(gt=0)] | None = None
+    accept_saturated: bool = False
+    """Take an integer image's values at the type's maximum as they are, instead of refusing
+    the window (:func:`rqml_dask.volumes.check_values`)."""
 
 
 @dataclass(frozen=True)

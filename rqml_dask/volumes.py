@@ -6,8 +6,6 @@ Every reader here validates what it reads (present, right rank, finite) and rais
 
 from __future__ import annotations
 
-import itertools
-
 from pathlib import Path
 from typing import Any
 
@@ -40,69 +38,61 @@ def open_array(ref: ArrayRef, mode: str = "r") -> zarr.Array:
     return node
 
 
-def read_window(ref: ArrayRef, region: Region, dtype: Any = np.float32) -> np.ndarray:
-    """The region's window of ``ref`` as a host array; refuses NaN or infinite values.
+def read_window(ref: ArrayRef, region: Region, dtype: Any = np.float32, *, nonnegative: bool = True,
+                accept_saturated: bool = False) -> np.ndarray:
+    """The region's window of ``ref`` as a host array, its values checked
+    (:func:`check_values`) where they are read: the whole input is checked by the tasks
+    that read it, never by one process reading all of it.
 
     Parts of the window outside the volume are the volume mirrored at its border
     (``numpy.pad`` mode ``symmetric``).
     """
     array = open_array(ref)
     inside = tuple(slice(max(a, 0), min(b, n)) for (a, b), n in zip(region.window, array.shape))
-    data = np.asarray(array[inside], dtype=dtype)
-    finite = np.isfinite(data)
-    if not finite.all():
-        first = tuple(int(i) + s.start for i, s in zip(np.argwhere(~finite)[0], inside))
-        raise InputError(
-            f"{ref}{_fmt(tuple((s.start, s.stop) for s in inside))} contains {data.size - int(finite.sum())} "
-            f"NaN or infinite value(s), the first at {first}"
-        )
+    raw = np.asarray(array[inside])
+    data = raw.astype(dtype, copy=False)
+    check_values(ref, raw, data, tuple(s.start for s in inside), nonnegative=nonnegative,
+                 saturation=None if accept_saturated else _saturation(array.dtype))
     pad = [(s.start - a, b - s.stop) for (a, b), s in zip(region.window, inside)]
     if any(p for pair in pad for p in pair):
         data = np.pad(data, pad, mode="symmetric")
     return data
 
 
-def check_values(ref: ArrayRef, accept_saturated: bool = False, nonnegative: bool = True) -> None:
-    """Refuse (:class:`InputError`) an image the models cannot use as it is: NaN or infinite
-    values, negative ones where the task class needs ``nonnegative`` data (Richardson-Lucy
-    and its family need photon counts), or, in an integer image and unless ``accept_saturated``, saturated ones
-    (at the type's maximum: the detector clipped them, and no deconvolution restores what
-    was clipped). The message names the array, how many, where and the fix. Reads the
-    array once, chunk by chunk."""
-    array = open_array(ref)
-    nonfinite, first_nonfinite = 0, None
-    negative, lowest, lowest_at = 0, 0.0, None
-    saturation = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) and not accept_saturated else None
-    saturated, first_saturated = 0, None
-    grid = itertools.product(*(range(0, n, c) for n, c in zip(array.shape, array.chunks)))
-    for start in grid:
-        window = tuple(slice(s, min(s + c, n)) for s, c, n in zip(start, array.chunks, array.shape))
-        raw = np.asarray(array[window])
-        if saturation is not None and (clipped := raw == saturation).any():
-            saturated += int(clipped.sum())
-            first_saturated = first_saturated or tuple(int(i) + s.start for i, s in zip(np.argwhere(clipped)[0], window))
-        data = raw.astype(np.float32, copy=False)
-        finite = np.isfinite(data)
-        if not finite.all():
-            nonfinite += data.size - int(finite.sum())
-            first_nonfinite = first_nonfinite or tuple(int(i) + s.start for i, s in zip(np.argwhere(~finite)[0], window))
-        below = finite & (data < 0)
-        if below.any():
-            negative += int(below.sum())
-            at = np.unravel_index(np.argmin(np.where(below, data, 0)), data.shape)
-            if data[at] < lowest:
-                lowest, lowest_at = float(data[at]), tuple(int(i) + s.start for i, s in zip(at, window))
-    if nonfinite:
-        raise InputError(f"{ref} contains {nonfinite} NaN or infinite value(s), the first at {first_nonfinite}: "
-                         "fill or mask them before the run")
-    if negative and nonnegative:
-        raise InputError(f"{ref} has {negative} negative value(s), the lowest {lowest:.4g} at {lowest_at}: the models "
-                         "need non-negative data (photon counts); subtract less background, or add an offset and "
-                         "subtract it from the result")
-    if saturated:
-        raise InputError(f"{ref} has {saturated} saturated value(s) (= {saturation}, the most {array.dtype} holds), the "
-                         f"first at {first_saturated}: the detector clipped them and deconvolution cannot restore them; "
-                         "acquire below saturation, or set input.accept_saturated: true to deconvolve them as they are")
+def _saturation(dtype: np.dtype) -> int | None:
+    """The value a detector clips an image of ``dtype`` at: an integer type's maximum."""
+    return int(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else None
+
+
+def check_values(ref: ArrayRef, raw: np.ndarray, data: np.ndarray, origin: tuple[int, ...], *, nonnegative: bool,
+                 saturation: int | None) -> None:
+    """Refuse (:class:`InputError`) a part of ``ref`` the models cannot use as it is: ``raw``,
+    read at ``origin`` in the array's own dtype, and ``data``, the same as the models get
+    it. Refused: NaN or infinite values, negative ones where the task class needs
+    ``nonnegative`` data (Richardson-Lucy and its family need photon counts), and values at
+    ``saturation`` (the detector clipped them, and no deconvolution restores what was
+    clipped; ``None``: not checked). The message names the array, how many, the first
+    (or lowest) position in the array, and the fix."""
+
+    def at(index) -> tuple[int, ...]:
+        return tuple(int(i) + o for i, o in zip(index, origin))
+
+    where = _fmt(tuple((o, o + n) for o, n in zip(origin, data.shape)))
+
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise InputError(f"{ref} contains {data.size - int(finite.sum())} NaN or infinite value(s) in {where}, the first at "
+                         f"{at(np.argwhere(~finite)[0])}: fill or mask them before the run")
+    if nonnegative and (below := data < 0).any():
+        lowest = np.unravel_index(np.argmin(data), data.shape)
+        raise InputError(f"{ref} has {int(below.sum())} negative value(s) in {where}, the lowest {float(data[lowest]):.4g} at "
+                         f"{at(lowest)}: the models need non-negative data (photon counts); subtract less background, "
+                         "or add an offset and subtract it from the result")
+    if saturation is not None and (clipped := raw == saturation).any():
+        raise InputError(f"{ref} has {int(clipped.sum())} saturated value(s) (= {saturation}, the most {raw.dtype} holds) in {where}, "
+                         f"the first at {at(np.argwhere(clipped)[0])}: the detector clipped them and deconvolution cannot "
+                         "restore them; acquire below saturation, or set input.accept_saturated: true to deconvolve them "
+                         "as they are")
 
 
 def read_core(ref: ArrayRef, region: Region, dtype: Any = None) -> np.ndarray:

@@ -196,7 +196,7 @@ def test_an_output_of_another_configuration_or_a_file_is_refused_before_any_clus
     assert "Traceback" not in refused.stderr
 
 
-def test_negative_input_is_refused_before_any_cluster_starts(tmp_path, small_volume):
+def test_negative_input_fails_the_run_in_one_line_naming_where(tmp_path, small_volume):
     import shutil
 
     store = tmp_path / "in.zarr"
@@ -204,6 +204,7 @@ def test_negative_input_is_refused_before_any_cluster_starts(tmp_path, small_vol
     zarr.open_group(store, mode="r+")["observed"][3, 4, 5] = -0.5  # over-subtracted background
     config = write_yaml(tmp_path / "p.yaml", pipeline_dict(store, tmp_path / "out.zarr"))
     done = rqml("run", str(config), "--no-progress")
-    assert done.returncode == 1 and "dashboard" not in done.stderr
-    assert f"{store}::observed has 1 negative value(s), the lowest -0.5 at (3, 4, 5)" in done.stderr
-    assert not (tmp_path / "out.zarr").exists()  # nothing written
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert re.search(rf"{re.escape(str(store))}::observed has 1 negative value\(s\) in \[.*\], the lowest -0.5 at \(3, 4, 5\)",
+                     done.stderr), done.stderr
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "incomplete"

@@ -9,6 +9,7 @@ import pytest
 import zarr
 
 from rqml_dask import Pipeline, TaskOutcome
+from rqml_dask.pipeline.pipeline import PipelineError
 from rqml_dask.volumes import InputError
 
 from conftest import pipeline_dict, write_yaml
@@ -104,22 +105,30 @@ def test_stitched_tiles_equal_the_untiled_deconvolution(tmp_path, small_volume, 
 
 
 @pytest.mark.parametrize("value,refusal", [
-    (np.nan, r"::observed contains 1 NaN or infinite value\(s\), the first at \(20, 40, 40\): fill or mask them"),
-    (-3.0, r"::observed has 1 negative value\(s\), the lowest -3 at \(20, 40, 40\): the models need non-negative data"),
+    (np.nan, r"::observed contains 1 NaN or infinite value\(s\) in \[\d+:\d+, \d+:\d+, \d+:\d+\], the first at "
+             r"\(20, 40, 40\): fill or mask them"),
+    (-3.0, r"::observed has 1 negative value\(s\) in \[.*\], the lowest -3 at \(20, 40, 40\): the models need "
+           r"non-negative data"),
 ], ids=["nan", "negative"])
-def test_unusable_input_values_are_refused_before_anything_is_written(tmp_path, small_volume, client, value, refusal):
+def test_unusable_input_values_fail_the_run_where_a_node_reads_them_and_lose_nothing(tmp_path, small_volume, client,
+                                                                                     value, refusal):
     store = tmp_path / "in.zarr"
     shutil.copytree(small_volume, store)
     pipeline = make_pipeline(tmp_path, store)
     pipeline.run(client, progress=False)
-    before = zarr.open_group(tmp_path / "out.zarr", mode="r")
-    result, attrs = before["deconvolved"][...], dict(before.attrs["rqml"])
-    zarr.open_group(store, mode="r+")["observed"][20, 40, 40] = value  # the input changes in place
-    with pytest.raises(InputError, match=refusal):
+    result = zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...]
+    observed = zarr.open_group(store, mode="r+")["observed"]
+    good = observed[20, 40, 40]
+    observed[20, 40, 40] = value  # the input changes in place
+    with pytest.raises(PipelineError, match=refusal):
         pipeline.run(client, progress=False)
     after = zarr.open_group(tmp_path / "out.zarr", mode="r")
-    assert after.attrs["rqml"] == attrs and attrs["status"] == "complete"  # the earlier result stands, outcomes kept
-    np.testing.assert_array_equal(after["deconvolved"][...], result)
+    assert after.attrs["rqml"]["status"] == "incomplete"  # never complete over a task that did not pass
+    np.testing.assert_array_equal(after["deconvolved"][...], result)  # nothing the earlier run stored is lost
+    observed[20, 40, 40] = good
+    report = pipeline.run(client, progress=False)  # fixed: every earlier result is still there, and reused
+    assert all(o.reused for o in report.outcomes) and not report.rejected
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "complete"
 
 
 def test_saturated_counts_are_refused_unless_accepted_and_an_all_zero_region_converges_to_zero(tmp_path, small_volume, client):
@@ -131,13 +140,13 @@ def test_saturated_counts_are_refused_unless_accepted_and_an_all_zero_region_con
     counts[tuple(slice(max(a, 0), b) for a, b in task.region.window)] = 0  # no signal in all it reads
     counts[20, 40, 40] = np.iinfo(np.uint16).max  # one clipped pixel
     group.create_array("observed", data=counts, chunks=(12, 24, 24), overwrite=True)
-    with pytest.raises(InputError, match=r"::observed has 1 saturated value\(s\) \(= 65535, the most uint16 holds\), "
-                                         r"the first at \(20, 40, 40\).*set input.accept_saturated: true"):
+    with pytest.raises(PipelineError, match=r"::observed has 1 saturated value\(s\) \(= 65535, the most uint16 holds\) "
+                                            r"in \[.*\], the first at \(20, 40, 40\).*set input.accept_saturated: true"):
         make_pipeline(tmp_path, store).run(client, progress=False)
-    assert not (tmp_path / "out.zarr").exists()  # refused before anything was written
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "incomplete"
 
     pipeline = make_pipeline(tmp_path, store, input={"store": str(store), "truth": "truth", "accept_saturated": True})
-    report = pipeline.run(client, progress=False)
+    report = pipeline.run(client, progress=False, overwrite=True)  # other tasks (they accept saturation): another configuration
     silent = next(o for o in report.outcomes if o.task_id == task.task_id)
     assert silent.state == "accepted" and silent.status == "converged", silent
     result = zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"]

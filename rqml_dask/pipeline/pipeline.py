@@ -48,7 +48,7 @@ from rqml_dask.problem import read_operator
 from rqml_dask.synthetic import SystemsSpec, write_synthetic, write_systems
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import plan_regions
-from rqml_dask.volumes import InputError, check_values, open_array
+from rqml_dask.volumes import InputError, open_array
 
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class Pipeline:
             image=ArrayRef(store, ome.image_array(store, spec.image)),
             operator=ArrayRef(str(spec.operator_store or store), spec.operator or self.task_class.default_operator),
             truth=ArrayRef(store, truth) if truth else None,
+            accept_saturated=spec.accept_saturated,
         )
 
     @property
@@ -303,18 +304,13 @@ class Pipeline:
         array = self.output_ref.path
         return [array] + [vote_array(array, m) for m in self.config.validation.vote_models]
 
-    def check_input(self) -> None:
-        """Refuse (:class:`InputError`) input values the models cannot use (NaN, infinite,
-        negative photon counts, saturated: :func:`~rqml_dask.volumes.check_values`), before
-        anything is written."""
-        check_values(self.input_refs.image, self.config.input.accept_saturated, self.task_class.photon_counts)
-
     def prepare(self, overwrite: bool = False) -> list[RQMLTask]:
-        """The pipeline's tasks, once its input values and its output are checked
-        (:meth:`check_input`, :meth:`check_output`): what :meth:`submit` and :meth:`run`
-        need, done before any cluster starts if the caller wants (``rqml run`` does)."""
+        """The pipeline's tasks, once their input's metadata and their output are checked
+        (:meth:`tasks`, :meth:`check_output`): what :meth:`submit` and :meth:`run` need, done
+        before any cluster starts if the caller wants (``rqml run`` does). Reads no more than
+        metadata, the operator and one chunk: the input's values are checked by the nodes, each
+        in the window it reads (:func:`~rqml_dask.volumes.read_window`)."""
         tasks = self.tasks()
-        self.check_input()
         self.check_output(tasks, overwrite)
         return tasks
 
@@ -407,12 +403,14 @@ class Pipeline:
             if own_client is not None:
                 own_client.close()
         outcomes.sort(key=lambda o: o.task_id)
-        return self.finalize(outcomes, time.perf_counter() - started, tasks)
+        return self.finalize(outcomes, time.perf_counter() - started, tasks, client)
 
-    def finalize(self, outcomes: list[TaskOutcome], elapsed_s: float, tasks: list[RQMLTask]) -> RunReport:
+    def finalize(self, outcomes: list[TaskOutcome], elapsed_s: float, tasks: list[RQMLTask],
+                 client: Client | None = None) -> RunReport:
         """Build the report; mark the output ``complete`` only if every task was accepted,
         else ``rejected`` (with each task's terminal state and core, for ``rqml report``).
-        A complete image result is made an OME-Zarr image (:func:`rqml_dask.ome.write_image`)."""
+        A complete image result is made an OME-Zarr image (:func:`rqml_dask.ome.write_image`),
+        its pyramid computed on ``client``'s cluster (``None``: in this process)."""
         errors = [o.error for o in outcomes if o.error is not None]
         truth_ss = sum(e.truth_ss for e in errors)
         report = RunReport(
@@ -439,7 +437,7 @@ class Pipeline:
         axes = self.task_class.image_axes(group[self.output_ref.path].ndim)
         if not report.rejected and axes is not None:
             attrs["pyramid"] = ome.write_image(str(self.config.output.store), self.output_ref.path, axes, self.voxel_size,
-                                               self.config.output.pyramid)
+                                               self.config.output.pyramid, scheduler=client)
         zarr.open_group(self.config.output.store, mode="r+").attrs["rqml"] = attrs  # opened anew: it has the OME metadata
         return report
 
