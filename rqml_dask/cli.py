@@ -82,11 +82,24 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
 
 
 def _pictures(store: Path) -> None:
-    """Write the run's slices and report beside its output, and say where they are."""
+    """Write the run's slices and report beside its output (the slices drawn once, for both),
+    and say where they are."""
     from rqml_dask.report import write_report, write_slices
 
-    click.echo(f"slices       {write_slices(store)}")
-    click.echo(f"report       {write_report(store)}")
+    slices = _drawn("slices", lambda: write_slices(store))
+    _drawn("report", lambda: write_report(store, slices=slices.read_bytes() if slices else None))
+
+
+def _drawn(what: str, write) -> Path | None:
+    """``write()``'s path, printed; if it raises, ``None`` and one line on stderr saying why: a
+    picture never changes a run's exit status (its output is written and marked by then)."""
+    try:
+        path = write()
+    except Exception as exc:  # any: the reason is printed, the run's outcome stands
+        click.echo(f"warning: no {what} drawn: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
+        return None
+    click.echo(f"{what:<13}{path}")
+    return path
 
 
 @main.command()
@@ -94,7 +107,8 @@ def _pictures(store: Path) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="The PNG to write (default: beside RESULT).")
 def show(result: Path, output: Path | None) -> None:
     """Draw the middle z, y and x slices of a finished run's observed image, result and
-    truth (if any), on one colour scale, into a PNG, and print its path."""
+    truth (if any), on one colour scale, into a PNG, and print its path. For a batch of
+    systems (linear_solve): the first few systems, a panel each."""
     from rqml_dask.report import write_slices
     from rqml_dask.volumes import InputError
 
