@@ -6,6 +6,9 @@ Every reader here validates what it reads (present, right rank, finite) and rais
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,48 @@ class InputError(ValueError):
     """Input data that cannot be used as it is: missing, wrong shape, or not finite."""
 
 
+OPENED_KEPT = 64
+"""Local arrays :func:`open_array` keeps open, the most recently used."""
+_opened: OrderedDict[tuple[str, str, str], tuple[tuple[int, int, int], zarr.Array]] = OrderedDict()
+_opened_lock = threading.Lock()
+
+
 def open_array(ref: ArrayRef, mode: str = "r") -> zarr.Array:
-    """Open ``ref`` or raise :class:`InputError` saying which store or array is missing."""
+    """Open ``ref`` or raise :class:`InputError` saying which store or array is missing.
+
+    A local array opened before is used again while its metadata file is the one it was
+    opened from (same inode, size and modification time): a task reads and writes several
+    arrays, and opening one costs two metadata reads. An array replaced or deleted since is
+    opened anew (or refused)."""
+    stamp, held_key = _metadata_stamp(ref), (ref.store, ref.path, mode)
+    if stamp is not None:
+        with _opened_lock:
+            held = _opened.get(held_key)
+            if held is not None and held[0] == stamp:
+                _opened.move_to_end(held_key)
+                return held[1]
+    array = _open(ref, mode)
+    if stamp is not None:
+        with _opened_lock:
+            _opened[held_key] = (stamp, array)
+            while len(_opened) > OPENED_KEPT:
+                _opened.popitem(last=False)
+    return array
+
+
+def _metadata_stamp(ref: ArrayRef) -> tuple[int, int, int] | None:
+    """Inode, size and modification time of a local array's ``zarr.json``; ``None`` for a
+    remote store or an array that is not there."""
+    if "://" in ref.store:
+        return None
+    try:
+        info = os.stat(Path(ref.store) / ref.path / "zarr.json")
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _open(ref: ArrayRef, mode: str) -> zarr.Array:
     if "://" not in ref.store and not Path(ref.store).exists():
         raise InputError(f"Zarr store {ref.store} does not exist")
     try:

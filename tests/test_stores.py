@@ -8,6 +8,7 @@ import multiprocessing
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -368,3 +369,34 @@ def test_etcd_hung_server_times_out(etcd) -> None:
         etcd.resume()
     assert store.checkpoints(KEY) == [entry(1)]
     store.close()
+
+
+OPEN_WHILE_WRITING = """
+import sys, threading, time
+from rqml_dask.stores.lmdb_store import LMDBStore
+
+first = LMDBStore(sys.argv[1])
+inside = threading.Event()
+
+def write():
+    with first.env.begin(write=True) as txn:  # as a node's checkpoint writer does
+        inside.set()
+        time.sleep(0.5)  # Python work inside the transaction: it needs the GIL to finish
+        txn.put(b"k", b"v", db=first._slots)
+
+writer = threading.Thread(target=write)
+writer.start()
+inside.wait()
+LMDBStore(sys.argv[1])  # another pipeline's store on the same environment, opened by a task
+writer.join()
+print("opened")
+"""
+
+
+def test_an_lmdb_store_opens_while_another_thread_of_the_process_writes(tmp_path: Path) -> None:
+    """``Environment.open_db`` waits for LMDB's write lock holding the GIL: the process hung
+    for good when a task opened a store while the node's checkpoint writer was in a write
+    transaction. Run in a process of its own, so a hang fails this test instead of the suite."""
+    done = subprocess.run([sys.executable, "-c", OPEN_WHILE_WRITING, str(tmp_path / "node.lmdb")], capture_output=True,
+                          text=True, timeout=bound(60))
+    assert done.returncode == 0 and done.stdout.strip() == "opened", done.stderr

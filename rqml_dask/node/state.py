@@ -23,7 +23,7 @@ from pathlib import Path
 import lmdb
 from pydantic import ValidationError
 
-from rqml_dask.stores.lmdb_store import close_environment, open_environment
+from rqml_dask.stores.lmdb_store import close_environment, open_databases, open_environment
 from rqml_dask.task import RQMLTask
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ class NodeState:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.env = open_environment(self.path)
-        self._jobs = self.env.open_db(b"jobs")
-        self._outbox = self.env.open_db(b"outbox")
+        self._jobs, self._outbox = open_databases(self.env, b"jobs", b"outbox")
 
     @classmethod
     def open(cls, path: Path) -> tuple[NodeState, str | None]:

@@ -43,6 +43,16 @@ def close_environment(path: Path) -> None:
         env.close()
 
 
+def open_databases(env: lmdb.Environment, *names: bytes) -> list:
+    """The named databases of ``env`` (created if missing), opened in a write transaction of
+    their own: ``Environment.open_db`` without one waits for LMDB's write lock holding the
+    GIL, and deadlocks with any thread of the process inside a write transaction (it needs the
+    GIL to finish it), e.g. a node's checkpoint writer while a task opens another pipeline's
+    store."""
+    with env.begin(write=True) as txn:
+        return [env.open_db(name, txn=txn) for name in names]
+
+
 class LMDBStore(RecordStore):
     scheme = "lmdb"
 
@@ -50,9 +60,7 @@ class LMDBStore(RecordStore):
         self.path = Path(path)
         self.url = f"lmdb://{self.path}"
         self.env = open_environment(self.path)
-        self._slots = self.env.open_db(b"slots")
-        self._done = self.env.open_db(b"done")
-        self._pending = self.env.open_db(b"pending")
+        self._slots, self._done, self._pending = open_databases(self.env, b"slots", b"done", b"pending")
 
     def put_checkpoint(self, key: str, entry: SlotEntry) -> list[SlotEntry] | None:
         with self.env.begin(write=True, db=self._slots) as txn:
