@@ -73,8 +73,8 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
             report = pipeline.run(client, progress=progress, tasks=tasks)
         except (PipelineError, InputError) as exc:
             raise click.ClickException(f"{exc}\noutput left marked incomplete: {pipeline.output_ref}") from None
-    click.echo(report.summary())
-    _pictures(Path(pipeline.config.output.store))
+        click.echo(report.summary())
+        _pictures(Path(pipeline.config.output.store))  # while the cluster is there: it reads the planes
     if report.rejected:
         click.echo(f"{len(report.rejected)} of {len(report.outcomes)} task(s) not accepted "
                    f"(listed above): output marked 'rejected'", err=True)

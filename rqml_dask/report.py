@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import zarr
 
@@ -136,9 +137,12 @@ def system_slices(array: zarr.Array) -> list[tuple[str, np.ndarray]]:
 def _plane(array: zarr.Array, fixed: dict[int, int]) -> np.ndarray:
     """The 2-D plane of ``array`` at the ``fixed`` {axis: index}, every ``step``-th voxel along
     both free axes so that neither exceeds :data:`PLANE_PIXELS` (a panel draws fewer); reads
-    only the chunks the plane crosses."""
+    only the chunks the plane crosses, with Dask's scheduler of the moment: on the cluster
+    while a ``distributed.Client`` is open (``rqml run``: the chunks a plane crosses can be
+    a good part of a large volume; only the plane comes back), else in this process."""
     step = max(1, -(-max(n for axis, n in enumerate(array.shape) if axis not in fixed) // PLANE_PIXELS))
-    return np.asarray(array[tuple(fixed.get(axis, slice(None, None, step)) for axis in range(array.ndim))], np.float32)
+    plane = da.from_zarr(array)[tuple(fixed.get(axis, slice(None, None, step)) for axis in range(array.ndim))]
+    return np.asarray(plane.compute(), np.float32)
 
 
 def default_path(store: Path, suffix: str) -> Path:
