@@ -23,6 +23,7 @@ import numpy as np
 import zarr
 
 from rqml_dask.report import write_report, write_slices
+from rqml_dask.volumes import write_outcome_records
 
 TILE = (4, 8, 8)
 LAYERS = 16
@@ -72,7 +73,7 @@ def simulated_run(store: Path, tasks: int, checks: int) -> Path:
         "array": "deconvolved", "iterations": sum(o["iterations"] for o in outcomes),
         "escalations": sum(o["escalations"] for o in outcomes),
         "rejected": {o["task_id"]: o["state"] for o in outcomes if o["state"] != "accepted"},
-        "input_error": 0.6, "output_error": 0.5, "outcomes": outcomes,
+        "input_error": 0.6, "output_error": 0.5, "outcomes": write_outcome_records(store, outcomes),
     }
     return store
 

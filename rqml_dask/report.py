@@ -18,6 +18,7 @@ curves of :data:`CURVES_SHOWN` tasks, the rest as one band), so a run of 10^4 ta
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 from collections import Counter
@@ -30,7 +31,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from rqml_dask.volumes import InputError
+from rqml_dask.volumes import InputError, read_outcome_records
 
 STATE_COLOURS = {"accepted": "#2ca02c", "stalled": "#ff7f0e", "max_iterations": "#bcbd22", "terminated": "#7f7f7f",
                  "rejected": "#d62728", "failed": "#9467bd"}
@@ -75,9 +76,10 @@ class FinishedRun:
     def rqml(self) -> dict[str, Any]:
         return self.attrs["rqml"]
 
-    @property
+    @functools.cached_property
     def outcomes(self) -> list[dict[str, Any]]:
-        return self.rqml["outcomes"]
+        """Each task's outcome record (:func:`~rqml_dask.volumes.read_outcome_records`)."""
+        return read_outcome_records(self.store, self.rqml["outcomes"])
 
     @property
     def voxel(self) -> tuple[list[float], str | None] | None:

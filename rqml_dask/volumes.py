@@ -6,6 +6,7 @@ Every reader here validates what it reads (present, right rank, finite) and rais
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -146,6 +147,36 @@ def read_core(ref: ArrayRef, region: Region, dtype: Any = None) -> np.ndarray:
 def write_core(ref: ArrayRef, region: Region, data: np.ndarray) -> None:
     """Write a task's core into the output array (cores are chunk-aligned: no write races)."""
     open_array(ref, mode="r+")[region.core_slices] = data
+
+
+OUTCOMES_ARRAY = "rqml_outcomes"
+"""The array of an output store that holds its run's outcome records, one JSON string a task."""
+OUTCOMES_CHUNK = 1024
+
+
+def write_outcome_records(store: str | Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write a run's outcome records (JSON objects) into ``store`` as :data:`OUTCOMES_ARRAY`,
+    replacing any there; what the store's ``rqml`` attribute says of them (its ``outcomes``).
+    An array, not the attribute itself: at 10^4 tasks with their convergence traces the
+    records are a hundred megabytes, which every opener of the group would parse."""
+    array = zarr.open_group(store, mode="r+").create_array(
+        OUTCOMES_ARRAY, shape=(len(records),), chunks=(min(max(len(records), 1), OUTCOMES_CHUNK),), dtype=str, overwrite=True)
+    if records:
+        array[:] = np.array([json.dumps(record, allow_nan=False) for record in records], dtype=object)
+    return {"array": OUTCOMES_ARRAY, "count": len(records)}
+
+
+def read_outcome_records(store: str | Path, outcomes: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records :func:`write_outcome_records` wrote into ``store`` (``outcomes``: what it
+    returned); :class:`InputError` if they are not there as it says."""
+    try:
+        array = zarr.open_array(store, path=outcomes["array"], mode="r")
+        records = [json.loads(text) for text in array[:]] if array.shape[0] else []
+    except (KeyError, TypeError, ValueError, FileNotFoundError, zarr.errors.NodeNotFoundError) as exc:
+        raise InputError(f"{store}: the run's outcome records are missing or unreadable ({type(exc).__name__}: {exc})") from None
+    if len(records) != outcomes.get("count"):
+        raise InputError(f"{store}: {len(records)} outcome records, the run recorded {outcomes.get('count')}")
+    return records
 
 
 def _fmt(box: tuple[tuple[int, int], ...]) -> str:

@@ -18,6 +18,7 @@ from PIL import Image
 from rqml_dask import Pipeline
 from rqml_dask.report import CURVES_SHOWN, SYSTEMS_SHOWN
 from rqml_dask.synthetic import SystemsSpec, write_systems
+from rqml_dask.volumes import write_outcome_records
 
 from conftest import ARTIFACTS, pipeline_dict, systems_dict, write_yaml
 from timing import bound
@@ -135,7 +136,7 @@ def test_the_report_is_one_file_that_opens_offline_with_its_tiles_curves_and_sli
 def finished_store(path: Path, result: np.ndarray, outcomes: list[dict], image_axes: tuple[str, ...] | None) -> Path:
     """The output store of a finished run as ``Pipeline.finalize`` leaves it, without running one:
     ``result`` (its axes named where it is an image, as the pipeline names them), the observed
-    image and truth beside it (``result``'s shape, other values), the outcomes in the attribute."""
+    image and truth beside it (``result``'s shape, other values), the outcome records beside them."""
     group = zarr.open_group(path, mode="w")
     for name, data in (("solution", result), ("observed", result + 1), ("truth", result * 0.9)):
         group.create_array(name, data=data, dimension_names=image_axes)
@@ -144,7 +145,7 @@ def finished_store(path: Path, result: np.ndarray, outcomes: list[dict], image_a
         "status": "rejected" if any(o["state"] != "accepted" for o in outcomes) else "complete",
         "pipeline": "simulated", "input": {"image": refs["observed"], "truth": refs["truth"]}, "array": "solution",
         "iterations": sum(o["iterations"] for o in outcomes), "escalations": sum(o["escalations"] for o in outcomes),
-        "outcomes": outcomes,
+        "outcomes": write_outcome_records(path, outcomes),
     }
     return path
 

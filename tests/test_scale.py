@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from rqml_dask import Pipeline
+from rqml_dask.report import FinishedRun
 from rqml_dask.synthetic import gaussian_psf
 
 from conftest import pipeline_dict, write_yaml
@@ -58,7 +59,7 @@ def test_a_run_of_128_tasks_exits_0_with_its_report_and_slices(tmp_path):
     assert re.search(r"^tasks\s+128 \(128 accepted\)", done.stdout, re.M), done.stdout
     assert "warning" not in done.stderr
     group = zarr.open_group(out, mode="r")
-    assert group.attrs["rqml"]["status"] == "complete" and len(group.attrs["rqml"]["outcomes"]) == 128
+    assert group.attrs["rqml"]["status"] == "complete" and len(FinishedRun.open(out).outcomes) == 128
     result = group["deconvolved"][...]
     assert np.isfinite(result).all() and (result.reshape(4, 8, 4, 16, 8, 16).max(axis=(1, 3, 5)) > 0).all()  # every tile written
     png, report = tmp_path / "out.png", tmp_path / "out.report.html"

@@ -12,6 +12,7 @@ from rqml_dask import Pipeline
 from rqml_dask.arrays import numpy_backend
 from rqml_dask.held_out import HeldOutScore, estimate_counts_per_unit, thin
 from rqml_dask.pipeline import load_pipeline_config
+from rqml_dask.report import FinishedRun
 from rqml_dask.synthetic import SynthSpec, write_synthetic
 from rqml_dask.volumes import open_array, read_core, read_window
 from rqml_plugins.deconvolution.richardson_lucy import RichardsonLucy
@@ -95,7 +96,7 @@ def test_results_are_better_than_the_input_and_near_the_best_iteration(tmp_path,
         held = outcome.held_out
         assert held is not None and held.result < held.input and 0 < held.iteration <= outcome.iterations
     assert "held-out fit " in report.summary()
-    record = zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["outcomes"][0]
+    record = FinishedRun.open(tmp_path / "out.zarr").outcomes[0]
     assert record["held_out"]["result"] < record["held_out"]["input"]
 
 

@@ -48,7 +48,7 @@ from rqml_dask.problem import read_operator
 from rqml_dask.synthetic import SystemsSpec, write_synthetic, write_systems
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import plan_regions
-from rqml_dask.volumes import InputError, open_array
+from rqml_dask.volumes import OUTCOMES_ARRAY, InputError, open_array, write_outcome_records
 
 
 logger = logging.getLogger(__name__)
@@ -282,6 +282,8 @@ class Pipeline:
                     and existing.dtype == self.task_class.dtype and existing.metadata.dimension_names == axes):
                 group.create_array(name, shape=shape, chunks=chunks, dtype=self.task_class.dtype, dimension_names=axes,
                                    overwrite=True)
+        if OUTCOMES_ARRAY in group:  # an earlier run's: not this one's
+            del group[OUTCOMES_ARRAY]
         refs = self.input_refs
         group.attrs["rqml"] = {
             "status": "incomplete",
@@ -432,7 +434,7 @@ class Pipeline:
             rejected={o.task_id: o.state for o in report.rejected},
             input_error=report.input_error,
             output_error=report.output_error,
-            outcomes=[_outcome_record(o, cores.get(o.task_id)) for o in outcomes],
+            outcomes=write_outcome_records(self.config.output.store, [_outcome_record(o, cores.get(o.task_id)) for o in outcomes]),
         )
         axes = self.task_class.image_axes(group[self.output_ref.path].ndim)
         if not report.rejected and axes is not None:
