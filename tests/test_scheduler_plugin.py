@@ -71,7 +71,7 @@ def test_a_data_error_a_node_meets_fails_the_run_and_does_not_lower_the_nodes_re
     with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
         client.wait_for_workers(2, timeout=bound(60))
         before = {a: n["reliability"] for a, n in client.sync(client.scheduler.rqml_status)["nodes"].items()}
-        with pytest.raises(PipelineError, match=r"task test/0 failed: .*NaN or infinite value\(s\), the first at \(3, 4, 5\)"):
+        with pytest.raises(PipelineError, match=r"task test/0 failed: .*NaN or infinite value\(s\) in \[.*\], the first at \(3, 4, 5\)"):
             pipeline.run(client, progress=False, tasks=tasks)
         status = client.sync(client.scheduler.rqml_status)
     assert {a: n["reliability"] for a, n in status["nodes"].items()} == before
