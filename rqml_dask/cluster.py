@@ -8,7 +8,12 @@ for clusters launched with ``dask worker``): Dask's own ``MALLOC_TRIM_THRESHOLD_
 glibc return freed memory at once, so every FFT-sized temporary of an iteration is a fresh
 mapping and page faults; a 256 MiB top pad keeps that memory in the heap between
 iterations (an RL iteration on 96^3: 25 ms with Dask's setting alone, 14 ms with the pad;
-BENCHMARKS.md).
+BENCHMARKS.md). And one malloc arena: the pad is larger than a thread arena's heap (64 MiB),
+so glibc never shrinks one (``malloc_trim`` does not either); with glibc's arenas for the
+worker's threads (Dask's executor threads, replaced as tasks secede, the refinement,
+checkpoint and I/O threads), the freed memory they held ratcheted up run after run while
+the memory in use stayed flat (issue 30, BENCHMARKS.md). In the one arena the pad bounds
+what is kept, with the same iterations (no page faults).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ PRELOADS = ["rqml_dask.node"]
 SCHEDULER_PRELOADS = ["rqml_dask.scheduler"]
 """What its scheduler loads, as ``dask scheduler --preload`` would."""
 
-WORKER_ENVIRON = {"MALLOC_TOP_PAD_": str(256 * 2**20)}
+WORKER_ENVIRON = {"MALLOC_TOP_PAD_": str(256 * 2**20), "MALLOC_ARENA_MAX": "1"}
 
 
 def embedded_cluster(spec: ClusterSpec) -> Cluster:

@@ -6,7 +6,9 @@ import gc
 import json
 import os
 import signal
+import socket
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +127,37 @@ def test_a_delivered_task_leaves_no_refinement_behind_without_waiting_for_the_ga
         wait_for(freed, what="every refinement freed")  # the refinement thread lets go of its last round at once
     finally:
         client.run(gc.enable)
+
+
+def node_holdings(dask_worker) -> dict:
+    """What a node holds of its tasks and checkpoint stores (issue 30: a long-lived worker grew run after run)."""
+    import threading
+
+    from rqml_dask.stores import lmdb_store
+
+    node = dask_worker.plugins["rqml-node"]
+    orchestrator = node.orchestrator
+    return {
+        "jobs": len(node.jobs),
+        "queues": len(orchestrator.inbound) + len(orchestrator.refining) + len(orchestrator.outbound),
+        "checkpoint_state": {key: state for c in node.checkpointers.values() for key, state in c.state().items()},
+        "writers": sorted(str(c.local.path) for c in node.checkpointers.values()),
+        "writer_threads": sum(t.name == "rqml-checkpoint-writer" for t in threading.enumerate()),
+        "environments": sorted(str(path) for path in lmdb_store._environments),
+    }
+
+
+def test_a_node_keeps_nothing_of_delivered_tasks_and_closes_the_checkpoint_stores_of_finished_runs(tmp_path, small_volume, client):
+    # each run checkpoints beside its own output: new stores on every node, as runs on new inputs
+    runs = [long_pipeline(tmp_path, small_volume, iterations=20, name=f"run{i}") for i in range(3)]
+    for pipeline in runs:
+        pipeline.run(client, progress=False)
+    latest = {Path(runs[-1].checkpoint_settings.local.removeprefix("lmdb://").replace("{host}", socket.gethostname())).resolve()}
+    for address, held in client.run(node_holdings).items():
+        assert held["jobs"] == 0 and held["queues"] == 0 and held["checkpoint_state"] == {}, (address, held)
+        # at most the latest run's writer stays open, and only its LMDB environment
+        assert len(held["writers"]) <= 1 and held["writer_threads"] == len(held["writers"]), (address, held)
+        assert {Path(p) for p in held["environments"]} <= latest and len(held["environments"]) == len(held["writers"]), (address, held)
 
 
 def test_worker_killed_mid_task_the_pipeline_still_completes_correctly(tmp_path, small_volume):

@@ -400,3 +400,24 @@ def test_an_lmdb_store_opens_while_another_thread_of_the_process_writes(tmp_path
     done = subprocess.run([sys.executable, "-c", OPEN_WHILE_WRITING, str(tmp_path / "node.lmdb")], capture_output=True,
                           text=True, timeout=bound(60))
     assert done.returncode == 0 and done.stdout.strip() == "opened", done.stderr
+
+
+def test_an_lmdb_environment_closes_with_the_last_store_of_its_path(tmp_path: Path) -> None:
+    """A node closes the stores of a finished run (issue 30): the environment of a path,
+    shared by its stores in the process, stays open for the others until the last closes."""
+    import lmdb
+
+    from rqml_dask.stores import lmdb_store
+
+    path = tmp_path / "node.lmdb"
+    first, second = lmdb_store.LMDBStore(path), lmdb_store.LMDBStore(path)
+    assert first.env is second.env
+    first.put_done("k", b"v")
+    first.close()
+    first.close()  # a second close releases nothing more
+    assert second.done("k") == b"v"
+    second.close()
+    assert path.resolve() not in lmdb_store._environments
+    with pytest.raises(lmdb.Error):
+        second.env.stat()
+    assert lmdb_store.LMDBStore(path).done("k") == b"v"  # opened again from disk

@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 DONE_PREFIX = "done:"
 """Pending-replication marker of a task's done record (beside its checkpoint's)."""
 
+FINISHED_KEPT = 4096
+"""How many of the latest finished tasks a writer remembers, to drop a snapshot of one that
+arrives after its finish (being written as it finished, or from a job parked as a Dask task
+delivered it): moments later, never thousands of tasks later."""
+
 
 def done_key(task: RQMLTask) -> str:
     """Where a task's outcome is recorded: its key and the digest of the input it read, so a
@@ -92,7 +97,7 @@ class Checkpointer:
         self.written: dict[str, WrittenCheckpoint] = {}
         self.writes = 0
         self._queued: dict[str, Snapshot] = {}
-        self._finished: set[str] = set()
+        self._finished: dict[str, None] = {}  # the latest FINISHED_KEPT finished keys, oldest first
         self._pending: set[str] = set(local.pending()) if shared is not None else set()
         self._backoff = 0.5
         self._retry_at = time.monotonic()
@@ -161,7 +166,10 @@ class Checkpointer:
         retention."""
         key = task.key
         with self._cond:
-            self._finished.add(key)
+            self._finished.pop(key, None)
+            self._finished[key] = None
+            if len(self._finished) > FINISHED_KEPT:
+                del self._finished[next(iter(self._finished))]
             self._queued.pop(key, None)
         self.local.put_done(done_key(task), outcome)
         if self.shared is not None:
@@ -179,16 +187,26 @@ class Checkpointer:
                 self._pending.discard(key)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until nothing is queued (replication may still be pending)."""
+        """Wait until nothing is queued (replication may still be pending); False if that
+        did not happen within ``timeout``, or at once if the writer is stopped."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._queued or self._writing:
+                if self._stopped:
+                    return False
                 self._next_write = 0.0  # a caller waits: write now
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._cond.wait(remaining)
         return True
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, being written or waiting for the shared store: stopping the writer
+        now loses nothing."""
+        with self._cond:
+            return not (self._queued or self._writing or self._pending)
 
     # -- observation ---------------------------------------------------------------------
 

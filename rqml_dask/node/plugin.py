@@ -24,10 +24,13 @@ running job instead of starting again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +66,11 @@ logger = logging.getLogger(__name__)
 PLUGIN_NAME = "rqml-node"
 UNSENT_ALERTS = 1000
 """Alerts raised while the node has no scheduler that it keeps to publish once registered."""
+IDLE_CHECKPOINTERS = 1
+"""Checkpoint writers a node keeps open that nothing uses: the latest used, for the next run
+on the same stores. Each writer has a thread and its stores open, and a long-lived node
+meets a new set of stores with every input (``INPUT.checkpoints``): older idle writers are
+closed."""
 
 
 class ResultRefused(RuntimeError):
@@ -124,6 +132,8 @@ class NodePlugin(WorkerPlugin):
         self.worker: Worker | None = None
         self.state: NodeState | None = None
         self.checkpointers: dict[tuple, Checkpointer] = {}
+        """One writer per set of checkpoint stores, the least recently used first."""
+        self._holders: Counter[tuple] = Counter()
         self.jobs: dict[str, Job] = {}
         self.link = NodeLink()
         self._checkpointers_lock = threading.Lock()
@@ -196,12 +206,20 @@ class NodePlugin(WorkerPlugin):
             checkpointer.flush(timeout=10)
             checkpointer.stop()
 
-    def checkpointer_for(self, settings: CheckpointSettings) -> Checkpointer:
-        """The node's writer for ``settings``' stores (one per distinct set, made on first use)."""
+    @contextlib.contextmanager
+    def checkpointer_for(self, settings: CheckpointSettings | None) -> Iterator[Checkpointer | None]:
+        """The node's writer for ``settings``' stores (one per distinct set, made on first
+        use; ``None`` without settings), kept open while the ``with`` block runs and while a
+        job made in it uses the writer. On leaving the block, writers that nothing holds or
+        uses, but the latest used :data:`IDLE_CHECKPOINTERS`, are stopped and their stores
+        closed once they have nothing left to write."""
+        if settings is None:
+            yield None
+            return
         local = settings.local.replace("{host}", socket.gethostname())
         key = (local, settings.shared, settings.artifacts)
         with self._checkpointers_lock:
-            checkpointer = self.checkpointers.get(key)
+            checkpointer = self.checkpointers.pop(key, None)
             if checkpointer is None:
                 local_store = open_store(local)
                 if not isinstance(local_store, LMDBStore):
@@ -210,8 +228,30 @@ class NodePlugin(WorkerPlugin):
                 writer = self.settings.checkpoint
                 checkpointer = Checkpointer(local_store, shared, ArtifactStore(settings.artifacts), self.worker.address, self._alert,
                                             max_backoff=writer.max_backoff, max_duty=writer.max_duty, seal=self.seal)
-                self.checkpointers[key] = checkpointer
-            return checkpointer
+            self.checkpointers[key] = checkpointer  # the latest used last
+            self._holders[key] += 1
+        try:
+            yield checkpointer
+        finally:
+            with self._checkpointers_lock:
+                self._holders[key] -= 1
+                closing = self._idle_checkpointers()
+            for idle in closing:
+                idle.stop()
+                idle.local.close()
+
+    def _idle_checkpointers(self) -> list[Checkpointer]:
+        """Take out of :attr:`checkpointers` the writers to close: those that nothing holds
+        or uses, but the latest used :data:`IDLE_CHECKPOINTERS`, that have nothing left to
+        write (``_checkpointers_lock`` held: a job is only made in a ``checkpointer_for``
+        block, so none can appear for a writer that nothing holds)."""
+        with self._jobs_lock:
+            used = {id(job.checkpointer) for job in self.jobs.values()}
+        unused = [key for key, checkpointer in self.checkpointers.items() if not self._holders[key] and id(checkpointer) not in used]
+        closing = [key for key in unused[:max(len(unused) - IDLE_CHECKPOINTERS, 0)] if self.checkpointers[key].idle]
+        for key in closing:
+            del self._holders[key]
+        return [self.checkpointers.pop(key) for key in closing]
 
     def _seal(self) -> Seal:
         """This node's credentials as they are now, to sign and check checkpoints and results."""
@@ -253,33 +293,33 @@ class NodePlugin(WorkerPlugin):
         return signed
 
     def _run(self, task: RQMLTask) -> TaskOutcome:
-        checkpointer = self.checkpointer_for(task.checkpoint) if task.checkpoint else None
-        task, problem = load_problem(task, self.orchestrator.backend)
-        if (recorded := recorded_outcome(task, checkpointer)) is not None:
-            return recorded
-        job = self.claim(task)
-        if job is None:
-            job = self.start_job(task, problem, checkpointer)
-            events.publish(self.worker, events.TASK_INBOUND, "queued", key=task.key, task_id=task.task_id, worker=self.worker.address,
-                           resume_from=job.resume.checkpoint.iteration if job.resume and job.resume.checkpoint else None)
-        else:
-            events.publish(self.worker, events.TASK_INBOUND, "joined", key=task.key, task_id=task.task_id, worker=self.worker.address)
-        secede()
-        try:
-            refinement = self.wait(job)
-        except PushedBack:
-            raise Reschedule() from None
-        finally:
-            rejoin()
-        if refinement.handed_back:  # rerouted: go on elsewhere from the checkpoint just taken
-            if checkpointer is not None:
-                checkpointer.flush()
-            self.forget(job)
-            raise Reschedule()
-        outcome = self.deliver(job, refinement)
-        if outcome.written_to is not None and outcome.written_to != task.output:  # joined a run writing elsewhere
-            outcome = copy_result(outcome, task, outcome.written_to)
-        return outcome
+        with self.checkpointer_for(task.checkpoint) as checkpointer:
+            task, problem = load_problem(task, self.orchestrator.backend)
+            if (recorded := recorded_outcome(task, checkpointer)) is not None:
+                return recorded
+            job = self.claim(task)
+            if job is None:
+                job = self.start_job(task, problem, checkpointer)
+                events.publish(self.worker, events.TASK_INBOUND, "queued", key=task.key, task_id=task.task_id, worker=self.worker.address,
+                               resume_from=job.resume.checkpoint.iteration if job.resume and job.resume.checkpoint else None)
+            else:
+                events.publish(self.worker, events.TASK_INBOUND, "joined", key=task.key, task_id=task.task_id, worker=self.worker.address)
+            secede()
+            try:
+                refinement = self.wait(job)
+            except PushedBack:
+                raise Reschedule() from None
+            finally:
+                rejoin()
+            if refinement.handed_back:  # rerouted: go on elsewhere from the checkpoint just taken
+                if checkpointer is not None:
+                    checkpointer.flush()
+                self.forget(job)
+                raise Reschedule()
+            outcome = self.deliver(job, refinement)
+            if outcome.written_to is not None and outcome.written_to != task.output:  # joined a run writing elsewhere
+                outcome = copy_result(outcome, task, outcome.written_to)
+            return outcome
 
     def start_job(self, task: RQMLTask, problem: dict, checkpointer: Checkpointer | None, claimed: bool = True) -> Job:
         """Hand ``task`` (its problem loaded) to the orchestrator, from its newest valid
@@ -427,21 +467,22 @@ class NodePlugin(WorkerPlugin):
         for task in self.state.jobs():
             if task.key in self.jobs:
                 continue
-            try:
-                checkpointer = self.checkpointer_for(task.checkpoint) if task.checkpoint else None
-                task, problem = load_problem(task, self.orchestrator.backend)
-                outcome = OUTCOME.validate_json(parked[task.key]) if task.key in parked else None
-            except Exception as exc:
-                logger.error("job %s cannot be resumed, dropped: %s", task.task_id, exc)
-                self.state.release(task.key)
-                continue
-            self.link.degraded_since = self.link.degraded_since or time.time()  # working with no scheduler yet
-            if outcome is not None and self._repark(task, problem, checkpointer, outcome):
-                logger.info("job %s is finished: its result waits in the outbox", task.task_id)
-                continue
-            job = self.start_job(task, problem, checkpointer, claimed=False)
-            checkpoint = job.resume.checkpoint if job.resume is not None else None
-            logger.info("resumed job %s from iteration %s", task.task_id, checkpoint.iteration if checkpoint else 0)
+            with contextlib.ExitStack() as held:  # the checkpoint writer, until the job is made
+                try:
+                    checkpointer = held.enter_context(self.checkpointer_for(task.checkpoint))
+                    task, problem = load_problem(task, self.orchestrator.backend)
+                    outcome = OUTCOME.validate_json(parked[task.key]) if task.key in parked else None
+                except Exception as exc:
+                    logger.error("job %s cannot be resumed, dropped: %s", task.task_id, exc)
+                    self.state.release(task.key)
+                    continue
+                self.link.degraded_since = self.link.degraded_since or time.time()  # working with no scheduler yet
+                if outcome is not None and self._repark(task, problem, checkpointer, outcome):
+                    logger.info("job %s is finished: its result waits in the outbox", task.task_id)
+                    continue
+                job = self.start_job(task, problem, checkpointer, claimed=False)
+                checkpoint = job.resume.checkpoint if job.resume is not None else None
+                logger.info("resumed job %s from iteration %s", task.task_id, checkpoint.iteration if checkpoint else 0)
 
     def _repark(self, task: RQMLTask, problem: dict, checkpointer: Checkpointer | None, outcome: TaskOutcome) -> bool:
         """Put a finished job back in the outbox from its final checkpoint (the one at

@@ -18,27 +18,34 @@ import lmdb
 from rqml_dask.config import node_settings
 from rqml_dask.stores.base import RecordStore, SlotEntry, decode_slot, merge_slot
 
-_environments: dict[Path, lmdb.Environment] = {}
+_environments: dict[Path, tuple[lmdb.Environment, int]] = {}
+"""The environments open in this process, by resolved path, and how many holders each has."""
 _environments_lock = threading.Lock()
 
 
 def open_environment(path: Path) -> lmdb.Environment:
-    """LMDB allows one open environment per path per process: share it. Its map size (the
-    address space reserved, sparse: disk use follows the data) is ``rqml.node.lmdb-map-size``."""
+    """LMDB allows one open environment per path per process: share it, one more holder of
+    it (each holder releases it with :func:`close_environment`). Its map size (the address
+    space reserved, sparse: disk use follows the data) is ``rqml.node.lmdb-map-size``."""
     path = path.resolve()
     with _environments_lock:
-        env = _environments.get(path)
+        env, holders = _environments.get(path, (None, 0))
         if env is None:
             path.mkdir(parents=True, exist_ok=True)
             env = lmdb.open(str(path), map_size=node_settings().lmdb_map_size, max_dbs=4, max_spare_txns=4, metasync=False)
-            _environments[path] = env
+        _environments[path] = (env, holders + 1)
         return env
 
 
 def close_environment(path: Path) -> None:
-    """Close the shared environment of ``path``, if this process has it open."""
+    """Release one holder's share of the environment of ``path`` (a no-op if this process
+    has none open): the last holder's release closes it, with its map and files."""
+    path = path.resolve()
     with _environments_lock:
-        env = _environments.pop(path.resolve(), None)
+        env, holders = _environments.pop(path, (None, 0))
+        if env is not None and holders > 1:
+            _environments[path] = (env, holders - 1)
+            return
     if env is not None:
         env.close()
 
@@ -61,6 +68,14 @@ class LMDBStore(RecordStore):
         self.url = f"lmdb://{self.path}"
         self.env = open_environment(self.path)
         self._slots, self._done, self._pending = open_databases(self.env, b"slots", b"done", b"pending")
+        self._closed = False
+
+    def close(self) -> None:
+        """Release this store's share of its environment (closed with the last share in the
+        process); the store is not used afterwards. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            close_environment(self.path)
 
     def put_checkpoint(self, key: str, entry: SlotEntry) -> list[SlotEntry] | None:
         with self.env.begin(write=True, db=self._slots) as txn:
