@@ -2,7 +2,7 @@
 
 A real (unstarted) Dask ``Scheduler`` holds the RQML scheduler plugin with ``--tasks`` task
 records (a 3-D tile grid, half of them refining with a convergence trace of ``--trace``
-checks each, the rest finished or queued) and ``--history`` heartbeat samples
+checks each, kept as the plugin keeps it, the rest finished or queued) and ``--history`` heartbeat samples
 of each of ``--nodes`` nodes, as a real run leaves them; each page's ``update()`` is timed
 (median and worst of ``--repeat`` calls) against the 100 ms budget.
 
@@ -20,10 +20,11 @@ import numpy as np
 from distributed import Scheduler
 
 from rqml_dask import events
-from rqml_dask.messages import TaskTraits, dask_key
+from rqml_dask.messages import NodeHeartbeat, NodeLink, TaskProgress, TaskTraits, dask_key
 from rqml_dask.scheduler.dashboard import RQMLPage
 from rqml_dask.scheduler.live_pages import PAGES
-from rqml_dask.scheduler.plugin import PLUGIN_NAME, NodeRecord, NodeSample, RQMLSchedulerPlugin, TaskRecord
+from rqml_dask.scheduler.plugin import PLUGIN_NAME, RQMLSchedulerPlugin
+from rqml_dask.scheduler.records import NodeRecord, TaskRecord, Trace
 from rqml_dask.scheduler.reliability import Reliability
 
 BUDGET_MS = 100.0
@@ -41,24 +42,29 @@ def simulated(scheduler: Scheduler, tasks: int, nodes: int, trace: int, history:
         core = ((z * 32, z * 32 + 32), (y * 64, y * 64 + 64), (x * 64, x * 64 + 64))
         traits = TaskTraits(f"volume/{i:05d}@0", "deconvolution", "richardson_lucy", core=core)
         record = TaskRecord(traits, dask_key(traits.key, "x"))
+        plugin.tasks[traits.key] = record
+        plugin.runs.add(record)
         kind = i % 4
-        record.state = ("bound", "bound", "done", "pending")[kind]
+        plugin.runs.set_state(record, ("bound", "bound", "done", "pending")[kind])
         record.worker = addresses[i % nodes] if kind < 3 else None
         if kind < 3:
             misfit = np.exp(-np.arange(trace) / 40) + rng.random()
-            record.trace = [(5 * (j + 1), "richardson_lucy", float(misfit[j]), float(misfit[j] / 10), 1e-4, None)
-                            for j in range(trace)]
-            record.iteration = 5 * trace
-            record.decisions = [{"kind": "escalated", "task_id": traits.task_id, "to_model": "richardson_lucy_tv"}] if i % 7 == 0 else []
+            record.trace = Trace()
+            record.trace.add(TaskProgress(5 * trace, tuple((5 * (j + 1), "richardson_lucy", float(misfit[j]), float(misfit[j] / 10), 1e-4, None)
+                                                           for j in range(trace))))
+            plugin.runs.set_iteration(record, 5 * trace)
+            if i % 7 == 0:
+                record.decided({"kind": "escalated", "task_id": traits.task_id, "to_model": "richardson_lucy_tv"})
+                record.model = "richardson_lucy_tv"
             record.result_state = "accepted" if kind == 2 else None
-        plugin.tasks[traits.key] = record
     start = time.time() - history
-    for address in addresses:  # what _publish_heartbeat keeps: one sample per node and second
-        node = NodeRecord(address, Reliability())
-        node.figures = {"link": {"status": "connected"}}
+    for address in addresses:  # what the plugin's heartbeat pass keeps: one sample per node and second
+        node = NodeRecord(address, Reliability(), figures=NodeHeartbeat(link=NodeLink(status="ok")))
         for second in range(int(history)):
-            node.history.append(NodeSample(start + second, 40 + rng.random(), 4, 0.3, None, 0.9))
+            node.history.append(start + second, (40 + rng.random(), 4, 0.3, np.nan, 0.9))
         plugin.nodes[address] = node
+    for second in range(int(history)):  # and their mean
+        plugin.history.append(start + second, (40.5, 4, 0.3, np.nan, 0.9))
     for topic in events.TOPICS:  # a full event log: Dask keeps the latest 1000 of each topic
         for i in range(1000):
             scheduler.log_event(topic, {"kind": "queued", "time": start + i, "task_id": f"volume/{i:05d}", "node": addresses[i % nodes]})

@@ -165,14 +165,16 @@ def status(scheduler: str, as_json: bool) -> None:
                        f"{'renewed, ' if peer.get('renewed') else ''}valid until {expires}")
     for name, reason in sorted(state.get("quarantined", {}).items()):
         click.echo(f"quarantined  {name}: {reason}")
-    counts: dict[str, int] = {}
-    for t in state["tasks"].values():
-        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    counts = state["counts"]  # of every task; `tasks` details the open ones first, a bounded number
     click.echo(f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(counts.items())) or 'none'}")
+    listed = 0
     for key, t in sorted(state["tasks"].items()):  # the key, for `rqml_decide`
         if t["state"] in ("pending", "bound"):
+            listed += 1
             click.echo(f"  {key:<40} {t['state']:<6} {t['node'] or '-':<28} {t['model']}  iteration {t.get('iteration', 0)}"
                        f"  attempts {t['attempts']}")
+    if (unlisted := counts.get("pending", 0) + counts.get("bound", 0) - listed) > 0:
+        click.echo(f"  ... and {unlisted} more open tasks, not listed")
 
 
 @main.command("events")

@@ -2,10 +2,10 @@
 
 Plain data, and the pydantic adapters that check them where they arrive: the supervision
 policy a node enforces and the decisions it carries out (scheduler -> node), what routing
-knows of a task (client -> scheduler, in the task's ``rqml`` annotation), what a node back
-from degraded mode reports (node -> scheduler), and a task's outcome (node -> client, and
-into the node's done marker). Both sides import this module, never each other; it imports
-no Dask.
+knows of a task (client -> scheduler, in the task's ``rqml`` annotation), the figures a node
+advertises on every heartbeat and what a node back from degraded mode reports (node ->
+scheduler), and a task's outcome (node -> client, and into the node's done marker). Both
+sides import this module, never each other; it imports no Dask.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+import numpy as np
+from pydantic import ConfigDict, Field, StrictStr, TypeAdapter, ValidationError
 from typing_extensions import Annotated
 
 from rqml_dask.convergence import ConvergenceFigures
@@ -117,7 +118,7 @@ def dask_key(task_key: str, token: str, kind: str = "rqml") -> tuple[str, str, s
     return (kind, task_key, token)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskTraits:
     """What routing needs to know of an RQML task (carried in its ``rqml`` annotation).
     ``key`` is the task's :attr:`~rqml_dask.task.RQMLTask.key`: the one identity by which the
@@ -156,6 +157,101 @@ class TaskReport:
 TASK_REPORTS = TypeAdapter(list[TaskReport])
 
 
+_HEARD = ConfigDict(extra="ignore", frozen=True)
+"""Heartbeat figures: a node sends more than the scheduler reads; the rest is not kept."""
+Count = Annotated[int, Field(ge=0, le=10**9, strict=True)]
+Rate = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+MemoryFraction = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+Figure = Annotated[float, Field(strict=False)] | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskProgress:
+    """A refining task as its node reports it on a heartbeat: its iteration, its latest
+    convergence checks (:class:`TracePoint` as tuples) and the iterations it was
+    checkpointed at. Shown on the dashboard, never steered by."""
+
+    __pydantic_config__ = _HEARD
+
+    iteration: Count
+    trace: Annotated[tuple[tuple[Count, Annotated[StrictStr, Field(max_length=200)], Figure, Figure, Figure, Figure], ...],
+                     Field(max_length=1024)] = ()
+    checkpoints: Annotated[tuple[Count, ...], Field(max_length=1024)] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLink:
+    """A node's link to the scheduler as it reports it (its ``/health``): ``ok`` or
+    ``degraded``, how often and how long it worked without a scheduler, the jobs and
+    outbox it holds, and what reconciliation settled."""
+
+    __pydantic_config__ = _HEARD
+
+    status: StrictStr = "unknown"
+    scheduler_losses: Count = 0
+    degraded_seconds_total: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    jobs: Count = 0
+    outbox: Count = 0
+    reconciled: Count = 0
+    discarded: Count = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointBacklog:
+    """A node's checkpoint writers: writes waiting, how far behind they are, writes done."""
+
+    __pydantic_config__ = _HEARD
+
+    pending: Count = 0
+    lag_seconds: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    written: Count = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHeartbeat:
+    """The figures the scheduler steers by and shows, from a node's heartbeat (the custom
+    worker metric ``rqml``, :meth:`rqml_dask.node.NodePlugin.heartbeat`), each of its type
+    and a plausible range. Checked once, where the heartbeat arrives (:func:`read_heartbeat`);
+    a node whose figures fail the check gets no new work while another node can take it.
+    ``progress`` holds the tasks refining on the node, by task key."""
+
+    __pydantic_config__ = _HEARD
+
+    concurrency_limit: Annotated[int, Field(ge=1, le=10_000, strict=True)] = 1
+    iterations_per_second: Rate = 0.0
+    busy_fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)] = 0.0
+    inbound: Count = 0
+    refining: Count = 0
+    outbound: Count = 0
+    gpu_count: Annotated[int, Field(ge=0, le=1024, strict=True)] = 0
+    warm_models: tuple[StrictStr, ...] = ()
+    host_memory_fraction: MemoryFraction = 0.0
+    device_memory_fraction: MemoryFraction | None = None
+    checkpoints: CheckpointBacklog = CheckpointBacklog()
+    link: NodeLink = NodeLink()
+    progress: Annotated[dict[Annotated[str, Field(max_length=500)], TaskProgress], Field(max_length=100_000)] = \
+        field(default_factory=dict)
+
+
+HEARTBEAT = TypeAdapter(NodeHeartbeat)
+
+
+class InvalidHeartbeat(ValueError):
+    """A heartbeat figure of the wrong type or out of range."""
+
+
+def read_heartbeat(raw: Any) -> NodeHeartbeat:
+    """``raw`` (a node's ``rqml`` metric) as a :class:`NodeHeartbeat`; :class:`InvalidHeartbeat`
+    naming the first bad field (``concurrency_limit: Input should be a valid integer (got
+    'many')``) if it does not pass."""
+    try:
+        return HEARTBEAT.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "heartbeat"
+        raise InvalidHeartbeat(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
 # -- node -> client -----------------------------------------------------------------------
 
 
@@ -169,14 +265,20 @@ class ModelRun:
     misfit: float | None = None
 
 
+Trace = TypeVar("Trace", list, np.ndarray)
+
 TRACE_POINTS = 256
-"""At most this many convergence checks are kept of a task (thinned evenly beyond it), in its
-outcome and in the scheduler's live view."""
+"""At most this many convergence checks are kept of a task in its outcome (thinned evenly
+beyond it); the scheduler's live view keeps fewer
+(:data:`~rqml_dask.scheduler.records.LIVE_TRACE_POINTS`)."""
 
 
-def thin(trace: list) -> list:
-    """``trace`` kept within :data:`TRACE_POINTS`: every other point, the latest kept."""
-    return trace if len(trace) <= TRACE_POINTS else trace[:-1:2] + trace[-1:]
+def thin(trace: Trace, points: int = TRACE_POINTS) -> Trace:
+    """``trace`` (a list, or an array along its first axis) kept within ``points``: every
+    other point, the latest kept, as often as it takes."""
+    while len(trace) > points:
+        trace = np.concatenate((trace[:-1:2], trace[-1:])) if isinstance(trace, np.ndarray) else trace[:-1:2] + trace[-1:]
+    return trace
 
 
 @dataclass(frozen=True)

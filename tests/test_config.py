@@ -11,11 +11,13 @@ import dask
 import pytest
 
 from rqml_dask.config import ConfigError, node_settings, scheduler_settings
+from rqml_dask.messages import NodeHeartbeat
 from rqml_dask.node.checkpointer import Checkpointer
 from rqml_dask.node.concurrency import AdaptiveConcurrency
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.ledger import Ledger
-from rqml_dask.scheduler.plugin import NodeRecord, RQMLSchedulerPlugin
+from rqml_dask.scheduler.plugin import RQMLSchedulerPlugin
+from rqml_dask.scheduler.records import NodeRecord
 from rqml_dask.scheduler.reliability import Reliability
 from timing import bound
 
@@ -44,7 +46,7 @@ def test_a_configured_value_steers_the_scheduler_plugin():
     with dask.config.set({"rqml.scheduler.queued-per-node": 3, "rqml.scheduler.reliability.penalty": 5}):
         plugin = RQMLSchedulerPlugin()
     plugin.table.add("tcp://a:1")
-    node = NodeRecord("tcp://a:1", Reliability(**dataclasses.asdict(plugin.settings.reliability)), figures={"concurrency_limit": 2})
+    node = NodeRecord("tcp://a:1", Reliability(**dataclasses.asdict(plugin.settings.reliability)), figures=NodeHeartbeat(concurrency_limit=2))
     assert plugin._capacity(node) == 2 + 3
     assert node.reliability.penalty == 5
 

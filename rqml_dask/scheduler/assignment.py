@@ -24,18 +24,23 @@ import numpy as np
 from rqml_dask.messages import TaskTraits
 
 class NodeTable:
-    """Per-node figures as arrays, index-aligned with ``addresses``."""
+    """Per-node figures as arrays, index-aligned with ``addresses``. Besides the weights'
+    factors, ``rate`` holds each node's advertised iterations/s (0: none yet),
+    ``backoff_until`` when its reliability backoff ends (``time.monotonic``) and ``refused``
+    whether its latest heartbeat figures were refused: what says which nodes rest, for the
+    whole cluster at once."""
+
+    ARRAYS = {"room": (float, 1.0), "free": (float, 1.0), "speed": (float, 1.0), "rate": (float, 0.0),
+              "reliability": (float, 1.0), "backoff_until": (float, 0.0), "gpu": (bool, False), "refused": (bool, False)}
+    """Each per-node array: its dtype and a new node's value."""
 
     def __init__(self, speed_bounds: tuple[float, float] = (0.25, 4.0), gpu_preference: float = 10.0) -> None:
         self.speed_bounds = speed_bounds
         self.gpu_preference = gpu_preference
         self.addresses: list[str] = []
         self.index: dict[str, int] = {}
-        self.room = np.zeros(0)
-        self.free = np.zeros(0)
-        self.speed = np.zeros(0)
-        self.reliability = np.zeros(0)
-        self.gpu = np.zeros(0, dtype=bool)
+        self.room = self.free = self.speed = self.rate = self.reliability = self.backoff_until = np.zeros(0)
+        self.gpu = self.refused = np.zeros(0, dtype=bool)
         self.warm: dict[str, np.ndarray] = {}
 
     def add(self, address: str) -> None:
@@ -43,11 +48,8 @@ class NodeTable:
             return
         self.index[address] = len(self.addresses)
         self.addresses.append(address)
-        self.room = np.append(self.room, 1.0)
-        self.free = np.append(self.free, 1.0)
-        self.speed = np.append(self.speed, 1.0)
-        self.reliability = np.append(self.reliability, 1.0)
-        self.gpu = np.append(self.gpu, False)
+        for name, (dtype, initial) in self.ARRAYS.items():
+            setattr(self, name, np.append(getattr(self, name), np.array([initial], dtype)))
         self.warm = {model: np.append(mask, False) for model, mask in self.warm.items()}
 
     def remove(self, address: str) -> None:
@@ -56,12 +58,11 @@ class NodeTable:
             return
         self.addresses.pop(i)
         self.index = {a: j for j, a in enumerate(self.addresses)}
-        self.room, self.free, self.speed, self.reliability, self.gpu = (
-            np.delete(a, i) for a in (self.room, self.free, self.speed, self.reliability, self.gpu)
-        )
+        for name in self.ARRAYS:
+            setattr(self, name, np.delete(getattr(self, name), i))
         self.warm = {model: np.delete(mask, i) for model, mask in self.warm.items()}
 
-    def set_warm(self, address: str, models: list[str]) -> None:
+    def set_warm(self, address: str, models: tuple[str, ...] | list[str]) -> None:
         i = self.index[address]
         for model, mask in self.warm.items():
             mask[i] = model in models
@@ -71,11 +72,16 @@ class NodeTable:
                 self.warm[model][i] = True
 
     def set_speeds(self, iterations_per_second: dict[str, float]) -> None:
-        """Relative speeds from advertised iterations/s (nodes that report 0 keep 1)."""
-        rates = np.array([iterations_per_second.get(a, 0.0) for a in self.addresses])
-        busy = rates > 0
+        """Take the advertised iterations/s of the nodes given (the others keep theirs;
+        unknown addresses are ignored) and make every node's relative speed from them: its
+        rate over the mean of the nodes that report one, clipped to ``speed_bounds``. Nodes
+        that report 0 get 1; with no node reporting, speeds stay as they are."""
+        for address, rate in iterations_per_second.items():
+            if (i := self.index.get(address)) is not None:
+                self.rate[i] = rate
+        busy = self.rate > 0
         if busy.any():
-            self.speed = np.where(busy, np.clip(rates / rates[busy].mean(), *self.speed_bounds), 1.0)
+            self.speed = np.where(busy, np.clip(self.rate / self.rate[busy].mean(), *self.speed_bounds), 1.0)
 
     def weights(self, task: TaskTraits, gpu_only: bool = False, avoid: frozenset[str] = frozenset()) -> np.ndarray:
         """Each node's weight for ``task``. Nodes in ``avoid`` get none unless no other node

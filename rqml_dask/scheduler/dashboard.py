@@ -30,7 +30,7 @@ from distributed.dashboard.components import add_periodic_callback
 
 from rqml_dask import events
 from rqml_dask.compat import add_dashboard_page, use_dask_look
-from rqml_dask.scheduler.live_pages import PAGES, run_records
+from rqml_dask.scheduler.live_pages import PAGES
 
 PATH = "/rqml"
 ALERTS_SHOWN = 50
@@ -86,18 +86,15 @@ class RQMLPage:
         if plugin is None:
             self.summary.text = "The RQML scheduler plugin is not installed on this scheduler."
             return
-        status = plugin.status()
+        latest = plugin.runs.latest()
+        status = plugin.status(limit=0, run=latest)  # the latest run's counts; no task's details
         names = {address: ws.name for address, ws in self.scheduler.workers.items()}
         rows = [self._node_row(address, names.get(address, address), node) for address, node in status["nodes"].items()]
         self.nodes.data = {name: [row[name] for row in rows] for name in NODE_COLUMNS}
         alerts = [self._alert_row(message) for _, message in list(self.scheduler.get_events(events.ALERTS))[-ALERTS_SHOWN:]][::-1]
         self.alerts.data = {name: [row[name] for row in alerts] for name in ALERT_COLUMNS}
-        runs = run_records(plugin)
-        latest = next(reversed(runs), None)
-        states: dict[str, int] = {}
-        for record in runs.get(latest, {}).values():
-            states[record.state] = states.get(record.state, 0) + 1
-        earlier = sum(len(records) for name, records in runs.items() if name != latest)
+        states = status["counts"]
+        earlier = len(plugin.runs) - sum(run["tasks"] for run in status["runs"].values())
         degraded = sum(row["losses"] > 0 or row["degraded_s"] > 0 for row in rows)
         quarantined = "".join(f"; quarantined: {name} ({reason})" for name, reason in sorted(status["quarantined"].items()))
         self.summary.text = (

@@ -10,7 +10,9 @@ not reported yet.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from rqml_dask.messages import NodeLink
+
 
 @dataclass
 class Ledger:
@@ -44,11 +46,11 @@ class Ledger:
         while len(self.accepted) > self.kept:
             self.accepted.pop(next(iter(self.accepted)))
 
-    def node_registered(self, node: str, link: dict[str, Any], now: float) -> None:
+    def node_registered(self, node: str, link: NodeLink, now: float) -> None:
         """A node registered; ``link`` is its advertised scheduler link (heartbeat ``link``)."""
-        if link.get("jobs", 0) > 0:
+        if link.jobs > 0:
             self.awaiting[node] = now + self.reconcile_grace
-        if link.get("jobs", 0) > 0 or link.get("scheduler_losses", 0) > 0:
+        if link.jobs > 0 or link.scheduler_losses > 0:
             self.returns_until = max(self.returns_until, now + self.return_grace)
 
     def node_reported(self, node: str) -> None:

@@ -7,19 +7,26 @@ asks a node anything. What they show:
 * ``/rqml-tiles``: the tile grid of one pipeline run (the latest submitted, or the one
   chosen), one layer of tiles along z at a time (a slider), each tile coloured by its state,
   hover showing node, model, iteration and latest convergence figures; clicking a tile
-  selects it and draws its convergence below.
+  selects it and draws its convergence below. A layer of more than :data:`TILES_DRAWN`
+  tiles is drawn in blocks of neighbouring tiles, each coloured by the most pressing state
+  among them (:data:`TILE_COLOURS`' order).
 * ``/rqml-convergence``: misfit, stability, consistency and novelty against iteration of the
-  tasks chosen (several overlaid; by default the ones refining now), model switches,
-  checkpoints and failed validations marked on the misfit curves, and each task's
-  supervision events (escalations, validation failures, reroutes) listed.
+  tasks chosen (up to :data:`CURVES_OVERLAID` overlaid, coloured by model; by default the
+  ones refining now), model switches, checkpoints and failed validations marked on the
+  misfit curves, and each task's supervision events (escalations, validation failures,
+  reroutes) listed. The tasks offered for choosing are at most :data:`TASKS_OFFERED`.
 * ``/rqml-nodes``: per node over time, iterations/s, queue depths, host and GPU memory, and
   the reliability weight (the plugin's samples, :attr:`NodeRecord.history
-  <rqml_dask.scheduler.plugin.NodeRecord.history>`), with each node's link (degraded?) and
-  quarantine state.
+  <rqml_dask.scheduler.records.NodeRecord.history>`), for at most :data:`NODES_DRAWN` nodes
+  (the least reliable first) beside the cluster's mean, with each node's link (degraded?)
+  and quarantine state.
 * ``/rqml-events``: the RQML topics of the scheduler's event log, newest first, filtered by
   topic and kind.
 
 Tasks of earlier runs are not mixed in: every page shows one run (pipeline name) at a time.
+Each page reads the plugin's index of runs (:class:`~rqml_dask.scheduler.records.Runs`) and
+touches the records it shows, so that an update stays within 100 ms at 10^5 tasks and 10^3
+nodes (``bench/bench_scale.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 from bokeh.layouts import column, row
 from bokeh.models import (
     ColumnDataSource, DataTable, Div, HoverTool, MultiChoice, Select, Slider, TableColumn, TapTool, TextInput,
@@ -37,14 +45,21 @@ from bokeh.plotting import figure
 from distributed import Scheduler
 
 from rqml_dask import events
+from rqml_dask.scheduler.records import FIGURES, NODE_SERIES, NodeHistory, Run, TaskRecord
 
-TILE_COLOURS = {"queued": "#c7c7c7", "refining": "#1f77b4", "escalated": "#ff7f0e", "converged": "#2ca02c",
-                "voted": "#17becf", "stalled": "#8c564b", "rejected": "#d62728", "failed": "#9467bd", "released": "#f7f7f7"}
-"""A colour per tile state (:func:`tile_state`)."""
-FIGURES = ("misfit", "stability", "consistency", "novelty")
+TILE_COLOURS = {"failed": "#9467bd", "rejected": "#d62728", "stalled": "#8c564b", "escalated": "#ff7f0e",
+                "refining": "#1f77b4", "queued": "#c7c7c7", "voted": "#17becf", "converged": "#2ca02c", "released": "#f7f7f7"}
+"""A colour per tile state (:func:`tile_state`), the most pressing first."""
+TILES_DRAWN = 2500
+"""A layer of more tiles than this is drawn in blocks of neighbouring tiles."""
 EVENTS_SHOWN = 200
 ALL_BUT_HEARTBEATS = "all but heartbeats and metrics"
 CURVES_OVERLAID = 8
+TASKS_OFFERED = 200
+"""The convergence page offers at most this many tasks to choose from: those chosen, those
+refining now, then the latest submitted with a trace."""
+NODES_DRAWN = 10
+"""The nodes page draws at most this many nodes' series, the least reliable first."""
 
 
 def plugin_of(scheduler: Scheduler):
@@ -53,39 +68,25 @@ def plugin_of(scheduler: Scheduler):
     return scheduler.plugins.get(PLUGIN_NAME)
 
 
-def run_records(plugin) -> dict[str, dict[str, Any]]:
-    """Every task record the plugin has (current and kept finished), by run (pipeline name),
-    runs in order of their latest submission."""
-    runs: dict[str, dict[str, Any]] = {}
-    for record in sorted([*plugin.finished.values(), *plugin.tasks.values()], key=lambda r: r.submitted_at):
-        name = record.traits.task_id.split("/", 1)[0]
-        runs.setdefault(name, {})[record.traits.task_id] = record
-        runs[name] = runs.pop(name)  # latest submitted last
-    return runs
-
-
-def tile_state(record, voters: list) -> str:
+def tile_state(record: TaskRecord, voters: dict[str, TaskRecord] | None) -> str:
     """One word for where a task stands: queued, refining, escalated, converged, voted,
-    stalled, rejected, failed (or released: its client let go of it before it ended)."""
+    stalled, rejected, failed (or released: its client let go of it before it ended);
+    ``voters``: the records of the votes on it, if any."""
     if record.state == "erred" or record.result_state == "failed":
         return "failed"
     if record.state == "done":
         if record.result_state in (None, "accepted"):
-            return "voted" if voters and all(v.state == "done" for v in voters) else "converged"
+            return "voted" if voters and all(v.state == "done" for v in voters.values()) else "converged"
         return "stalled" if record.result_state == "stalled" else "rejected"
     if record.state == "released":
         return "released"
     if record.state == "bound" and record.iteration > 0:
-        switched = any(d.get("kind") in ("escalated", "diversified") for d in record.decisions)
-        return "escalated" if switched else "refining"
+        return "escalated" if record.switched else "refining"
     return "queued"
 
 
-def _latest_figures(record) -> dict[str, Any]:
-    if not record.trace:
-        return {name: "" for name in FIGURES}
-    point = record.trace[-1]
-    return {name: "" if value is None else f"{value:.3g}" for name, value in zip(FIGURES, point[2:])}
+def _shown(value: float | None) -> str:
+    return "" if value is None else f"{value:.3g}"
 
 
 class RunChoice:
@@ -101,8 +102,8 @@ class RunChoice:
         if not self._setting:
             self.follow_latest = new == (self.select.options[-1] if self.select.options else new)
 
-    def update(self, runs: dict[str, dict]) -> str | None:
-        names = list(runs)
+    def update(self, names: list[str]) -> str | None:
+        """Offer the runs ``names`` (the latest last); the one shown."""
         self._setting = True
         try:
             if self.select.options != names:
@@ -161,31 +162,38 @@ class TilesPage:
         if plugin is None:
             self.summary.text = "The RQML scheduler plugin is not installed on this scheduler."
             return
-        runs = run_records(plugin)
-        name = self.run.update(runs)
-        records = runs.get(name, {})
-        voters: dict[str, list] = {}
-        tiles = []
-        for task_id, record in records.items():
-            if "/vote-" in task_id:
-                voters.setdefault(task_id.split("/vote-")[0], []).append(record)
-            elif record.traits.core:
-                tiles.append(record)
-        layers = sorted({tuple(r.traits.core[0]) if len(r.traits.core) == 3 else (0, 0) for r in tiles})
+        name = self.run.update(plugin.runs.names())
+        run = plugin.runs.get(name) or Run()
+        layers = sorted(run.layers)
         if layers != self._layers:
             self._layers = layers
             self.layer.end = max(len(layers) - 1, 1)
             self.layer.value = min(self.layer.value, len(layers) - 1) if layers else 0
         current = layers[self.layer.value] if layers else None
-        data: dict[str, list] = {f: [] for f in self.tiles.data}
-        counts: dict[str, int] = {}
-        for record in tiles:
-            state = tile_state(record, voters.get(record.traits.task_id, []))
-            counts[state] = counts.get(state, 0) + 1
-            core = record.traits.core
-            if (tuple(core[0]) if len(core) == 3 else (0, 0)) != current:
-                continue
-            (y0, y1), (x0, x1) = core[-2:]
+        tiles = list(run.layers.get(current, {}).values())
+        states = [tile_state(record, run.voters.get(record.traits.task_id)) for record in tiles]
+        data = self._tiles(tiles, states) if len(tiles) <= TILES_DRAWN else self._blocks(tiles, states)
+        if data["task"] != list(self.tiles.data["task"]):
+            self.tiles.selected.indices = []
+        self.tiles.data = data
+        where = f", layer z {current[0]}-{current[1]}" if current and len(layers) > 1 else ""
+        blocks = f", {len(tiles)} tiles in {len(data['task'])} blocks" if len(tiles) > TILES_DRAWN else ""
+        self.map.title.text = f"Tiles of {name or 'no run yet'}{where}{blocks}"
+        layer: dict[str, int] = {}
+        for state in states:
+            layer[state] = layer.get(state, 0) + 1
+        shown = ", ".join(f"{n} {s}" for s, n in sorted(layer.items()))
+        total = sum(map(len, run.layers.values()))
+        self.summary.text = (f"{total} tiles in {len(layers)} layers; tasks: {', '.join(f'{n} {s}' for s, n in sorted(run.counts().items()))}; "
+                             f"this layer: {shown}" if len(layers) > 1 else f"{total} tiles: {shown}")
+        self._draw_selected()
+
+    @staticmethod
+    def _tiles(tiles: list[TaskRecord], states: list[str]) -> dict[str, list]:
+        """One rectangle per tile."""
+        data: dict[str, list] = {f: [] for f in ("x", "y", "w", "h", "colour", "task", "key", "state", "node", "model", "iteration", *FIGURES)}
+        for record, state in zip(tiles, states):
+            (y0, y1), (x0, x1) = record.traits.core[-2:]
             data["x"].append((x0 + x1) / 2)
             data["y"].append((y0 + y1) / 2)
             data["w"].append(x1 - x0)
@@ -197,47 +205,78 @@ class TilesPage:
             data["node"].append(record.worker or "")
             data["model"].append(record.model or record.traits.model)
             data["iteration"].append(record.iteration)
-            for key, value in _latest_figures(record).items():
-                data[key].append(value)
-        if data["task"] != list(self.tiles.data["task"]):
-            self.tiles.selected.indices = []
-        self.tiles.data = data
-        where = f", layer z {current[0]}-{current[1]}" if current and len(layers) > 1 else ""
-        self.map.title.text = f"Tiles of {name or 'no run yet'}{where}"
-        self.summary.text = f"{len(tiles)} tiles: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        self._draw_selected()
+            latest = record.trace.latest() if record.trace is not None else dict.fromkeys(FIGURES)
+            for figure in FIGURES:
+                data[figure].append(_shown(latest[figure]))
+        return data
+
+    @staticmethod
+    def _blocks(tiles: list[TaskRecord], states: list[str]) -> dict[str, list]:
+        """One rectangle per block of about ``side`` x ``side`` neighbouring tiles (at most
+        :data:`TILES_DRAWN` blocks), coloured by the most pressing state among them; hover:
+        how many tiles of each state it holds."""
+        side = math.ceil(math.sqrt(len(tiles) / TILES_DRAWN))
+        bounds = np.array([[y0, y1, x0, x1] for (y0, y1), (x0, x1) in (record.traits.core[-2:] for record in tiles)], float)
+        rows = np.unique(bounds[:, 0], return_inverse=True)[1].ravel() // side
+        columns = np.unique(bounds[:, 2], return_inverse=True)[1].ravel() // side
+        blocks, block_of = np.unique(rows * (columns.max() + 1) + columns, return_inverse=True)
+        block_of = block_of.ravel()
+        rank = {state: i for i, state in enumerate(TILE_COLOURS)}
+        codes = np.array([rank[state] for state in states])
+        worst = np.full(len(blocks), len(rank))
+        np.minimum.at(worst, block_of, codes)
+        tally = np.zeros((len(blocks), len(rank)), int)
+        np.add.at(tally, (block_of, codes), 1)
+        low, high = np.full((len(blocks), 2), np.inf), np.full((len(blocks), 2), -np.inf)
+        np.minimum.at(low, block_of, bounds[:, [0, 2]])
+        np.maximum.at(high, block_of, bounds[:, [1, 3]])
+        names = list(TILE_COLOURS)
+        state = [names[code] for code in worst]
+        return {
+            "x": list((low[:, 1] + high[:, 1]) / 2), "y": list((low[:, 0] + high[:, 0]) / 2),
+            "w": list(high[:, 1] - low[:, 1]), "h": list(high[:, 0] - low[:, 0]),
+            "colour": [TILE_COLOURS[s] for s in state],
+            "task": [", ".join(f"{n} {names[j]}" for j, n in enumerate(counts) if n) for counts in tally],
+            "key": [""] * len(blocks), "state": state, "node": [""] * len(blocks), "model": [""] * len(blocks),
+            "iteration": [""] * len(blocks), **{figure: [""] * len(blocks) for figure in FIGURES},
+        }
 
     def _draw_selected(self) -> None:
         plugin = plugin_of(self.scheduler)
         record = None
-        if plugin is not None and self.selected is not None:
+        if plugin is not None and self.selected:
             record = plugin.tasks.get(self.selected) or plugin.finished.get(self.selected)
-        if record is None:
+        if record is None or record.trace is None:
             return
-        points = [p for p in record.trace if p[2] is not None and p[2] > 0]
-        self.curve.data = {"iteration": [p[0] for p in points], "misfit": [p[2] for p in points],
-                           "stability": [p[3] if p[3] and p[3] > 0 else math.nan for p in points]}
+        iterations, misfit, stability = record.trace.iterations, record.trace.figure("misfit"), record.trace.figure("stability")
+        kept = misfit > 0  # NaN compares False
+        self.curve.data = {"iteration": iterations[kept].tolist(), "misfit": misfit[kept].tolist(),
+                           "stability": np.where(stability[kept] > 0, stability[kept], np.nan).tolist()}
         self.curve_plot.title.text = f"Selected task {record.traits.task_id}: {record.model or record.traits.model}, iteration {record.iteration}"
 
 
 class ConvergencePage:
-    """The convergence figures of several tasks of one run, overlaid, model switches marked."""
+    """The convergence figures of several tasks of one run, overlaid and coloured by model,
+    model switches marked."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.run = RunChoice()
-        self.choice = MultiChoice(title=f"tasks (unset: up to {CURVES_OVERLAID} refining now, else the latest)", options=[],
-                                  value=[], name="rqml-convergence-tasks", sizing_mode="stretch_width")
+        self.choice = MultiChoice(title=f"tasks (unset: up to {CURVES_OVERLAID} refining now, else the latest; "
+                                        f"offered: those refining now, then the latest, {TASKS_OFFERED} at most)",
+                                  options=[], value=[], name="rqml-convergence-tasks", sizing_mode="stretch_width")
         self.sources = [ColumnDataSource({"iteration": [], **{f: [] for f in FIGURES}, "model": [], "task": []},
                                          name=f"rqml-convergence-{i}") for i in range(CURVES_OVERLAID)]
         self.switches = ColumnDataSource({"iteration": [], "misfit": [], "to": [], "task": []}, name="rqml-model-switches")
         self.marks = {kind: ColumnDataSource({"iteration": [], "misfit": [], "task": []}, name=f"rqml-{kind}-marks")
                       for kind in ("checkpoint", "validation")}
         self.plots = {}
+        self.lines: list[list] = [[] for _ in self.sources]
+        """Each source's line on every plot: coloured by the model its task runs now."""
         for name in FIGURES:
             plot = _curve_figure(name, f"rqml-convergence-{name}")
             for i, source in enumerate(self.sources):
-                plot.line("iteration", name, source=source, color=Category10_10[i], line_width=2)
+                self.lines[i].append(plot.line("iteration", name, source=source, color=Category10_10[0], line_width=2))
             if name == "misfit":
                 plot.scatter("iteration", "misfit", source=self.switches, marker="triangle", size=10, color="black",
                              legend_label="model switch")
@@ -260,44 +299,55 @@ class ConvergencePage:
         plugin = plugin_of(self.scheduler)
         if plugin is None:
             return
-        runs = run_records(plugin)
-        records = runs.get(self.run.update(runs), {})
-        options = sorted(records)
+        run = plugin.runs.get(self.run.update(plugin.runs.names())) or Run()
+        records = run.records
+        chosen = [records[key] for key in self.choice.value if key in records]
+        refining = [records[key] for node in plugin.nodes.values() for key in node.bound
+                    if key in records and records[key].trace is not None]
+        latest = []
+        for record in reversed(records.values()):  # the latest submitted with a trace, as many as may be offered
+            if len(latest) >= TASKS_OFFERED:
+                break
+            if record.trace is not None:
+                latest.append(record)
+        offered = list(dict.fromkeys(r.traits.key for r in [*chosen, *refining, *latest]))[:TASKS_OFFERED]
+        options = [(key, records[key].traits.task_id) for key in offered]
         if self.choice.options != options:
             self.choice.options = options
-        chosen = [records[t] for t in self.choice.value if t in records]
         if not chosen:
-            refining = [r for r in records.values() if r.state == "bound" and r.trace]
-            chosen = (refining or sorted((r for r in records.values() if r.trace), key=lambda r: -r.submitted_at))[:CURVES_OVERLAID]
+            chosen = (refining or latest)[:CURVES_OVERLAID]
+        models = sorted({record.model or record.traits.model for record in chosen[:CURVES_OVERLAID]})
+        colour = {model: Category10_10[i % 10] for i, model in enumerate(models)}
         switches: dict[str, list] = {"iteration": [], "misfit": [], "to": [], "task": []}
         marks: dict[str, dict[str, list]] = {kind: {"iteration": [], "misfit": [], "task": []} for kind in self.marks}
         decisions: dict[str, list] = {"task": [], "kind": [], "detail": []}
         for i, source in enumerate(self.sources):
             record = chosen[i] if i < len(chosen) else None
-            trace = record.trace if record is not None else []
-            data = {"iteration": [p[0] for p in trace], "model": [p[1] for p in trace],
-                    "task": [record.traits.task_id] * len(trace) if record else []}
-            for j, name in enumerate(FIGURES):
-                data[name] = [p[2 + j] if p[2 + j] is not None and p[2 + j] > 0 else math.nan for p in trace]
-            source.data = data
-            for prev, point in zip(trace, trace[1:]):
-                if point[1] != prev[1] and point[2]:
-                    switches["iteration"].append(point[0])
-                    switches["misfit"].append(point[2])
-                    switches["to"].append(point[1])
-                    switches["task"].append(record.traits.task_id)
-            if record is not None and trace:
-                placed = [("checkpoint", i) for i in record.checkpoints]
-                placed += [("validation", d["iteration"]) for d in record.decisions
-                           if d.get("kind") == "validation_failed" and isinstance(d.get("iteration"), int)]
-                for kind, iteration in placed:  # drawn on the curve: at the misfit of the check nearest it
-                    nearest = min(trace, key=lambda p: abs(p[0] - iteration))
-                    if nearest[2]:
-                        marks[kind]["iteration"].append(iteration)
-                        marks[kind]["misfit"].append(nearest[2])
-                        marks[kind]["task"].append(record.traits.task_id)
-            for decision in (record.decisions if record is not None else []):
-                decisions["task"].append(record.traits.task_id)
+            trace = record.trace if record is not None else None
+            if trace is None:
+                source.data = {"iteration": [], **{f: [] for f in FIGURES}, "model": [], "task": []}
+                continue
+            task_id = record.traits.task_id
+            for line in self.lines[i]:
+                line.glyph.line_color = colour[record.model or record.traits.model]
+            source.data = {"iteration": trace.iterations.tolist(), "model": trace.model_at(), "task": [task_id] * len(trace.checks),
+                           **{name: np.where(trace.figure(name) > 0, trace.figure(name), np.nan).tolist() for name in FIGURES}}
+            for iteration, misfit, to in trace.switches():
+                if misfit > 0:
+                    for column_, value in zip(("iteration", "misfit", "to", "task"), (iteration, misfit, to, task_id)):
+                        switches[column_].append(value)
+            placed = [("checkpoint", int(i)) for i in trace.checkpoints]
+            placed += [("validation", d["iteration"]) for d in record.decisions
+                       if d.get("kind") == "validation_failed" and isinstance(d.get("iteration"), int)]
+            misfits = trace.figure("misfit")
+            for kind, iteration in placed:  # drawn on the curve: at the misfit of the check nearest it
+                nearest = misfits[int(np.abs(trace.iterations - iteration).argmin())] if len(misfits) else math.nan
+                if nearest > 0:
+                    marks[kind]["iteration"].append(iteration)
+                    marks[kind]["misfit"].append(float(nearest))
+                    marks[kind]["task"].append(task_id)
+            for decision in record.decisions:
+                decisions["task"].append(task_id)
                 decisions["kind"].append(str(decision.get("kind", "")))
                 decisions["detail"].append(", ".join(f"{k}={v}" for k, v in decision.items()
                                                      if k not in ("kind", "task_id", "key", "time", "worker")))
@@ -305,58 +355,74 @@ class ConvergencePage:
         for kind, source in self.marks.items():
             source.data = marks[kind]
         self.decisions.data = decisions
-        self.legend.text = " ".join(f"<span style='color:{Category10_10[i]}'>&#9632; {r.traits.task_id}</span>"
-                                    for i, r in enumerate(chosen[:CURVES_OVERLAID]))
+        shown = min(len(chosen), CURVES_OVERLAID)
+        self.legend.text = f"{shown} task{'s' if shown != 1 else ''} by model: " + " ".join(
+            f"<span style='color:{c}'>&#9632; {model}</span>" for model, c in colour.items())
 
 
-NODE_SERIES = {"iterations_per_second": "iterations/s", "queued": "queue depth (inbound + refining)",
-               "host_memory_fraction": "host memory (fraction of limit)", "device_memory_fraction": "GPU memory (fraction)",
-               "reliability": "reliability weight"}
+SERIES_TITLES = {"iterations_per_second": "iterations/s", "queued": "queue depth (inbound + refining)",
+                 "host_memory_fraction": "host memory (fraction of limit)", "device_memory_fraction": "GPU memory (fraction)",
+                 "reliability": "reliability weight"}
+"""A plot's title for each of :data:`~rqml_dask.scheduler.records.NODE_SERIES`."""
+
+
+def _series(history: NodeHistory, name: str) -> tuple[list[float], list[float]]:
+    """Times (ms, as Bokeh's datetime axis has them) and values of one series of ``history``, gaps left out."""
+    times, values = history.series()
+    column_ = values[:, NODE_SERIES.index(name)]
+    kept = ~np.isnan(column_)
+    return (times[kept] * 1000).tolist(), column_[kept].tolist()
 
 
 class NodesPage:
-    """Each node's figures over time (the plugin's samples, one per heartbeat) and its link
-    and quarantine state now."""
+    """The figures over time (the plugin's samples, one per heartbeat) of the cluster (its
+    mean) and of at most :data:`NODES_DRAWN` nodes, the least reliable first; every node's
+    link and quarantine state now."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.series = {key: ColumnDataSource({"xs": [], "ys": [], "node": [], "colour": []}, name=f"rqml-nodes-{key}")
                        for key in NODE_SERIES}
+        self.cluster = {key: ColumnDataSource({"time": [], "value": []}, name=f"rqml-nodes-cluster-{key}") for key in NODE_SERIES}
         plots = []
-        for key, title in NODE_SERIES.items():
-            plot = figure(title=title, x_axis_type="datetime", height=200, sizing_mode="stretch_width", name=f"rqml-nodes-plot-{key}",
-                          tools="pan,wheel_zoom,reset")
-            plot.multi_line("xs", "ys", source=self.series[key], line_color="colour", line_width=2)
+        for key in NODE_SERIES:
+            plot = figure(title=SERIES_TITLES[key], x_axis_type="datetime", height=200, sizing_mode="stretch_width",
+                          name=f"rqml-nodes-plot-{key}", tools="pan,wheel_zoom,reset")
+            plot.multi_line("xs", "ys", source=self.series[key], line_color="colour", line_width=2, legend_field="node")
+            plot.line("time", "value", source=self.cluster[key], line_color="black", line_dash="dashed", line_width=2,
+                      legend_label="cluster mean")
+            plot.legend.location = "top_left"
             plot.add_tools(HoverTool(tooltips=[("node", "@node")]))
             plots.append(plot)
+        self.drawn = Div(text="", name="rqml-nodes-drawn")
         columns = ("node", "link", "reliability", "state")
         self.table = ColumnDataSource({c: [] for c in columns}, name="rqml-nodes-now")
         table = DataTable(source=self.table, columns=[TableColumn(field=c, title=c) for c in columns], height=180,
                           sizing_mode="stretch_width", index_position=None)
-        self.root = column(table, *plots, sizing_mode="stretch_width")
+        self.root = column(table, self.drawn, *plots, sizing_mode="stretch_width")
 
     def update(self) -> None:
         plugin = plugin_of(self.scheduler)
         if plugin is None:
             return
         nodes = sorted(plugin.nodes)
-        colours = [Category10_10[i % 10] for i in range(len(nodes))]
-        samples = [list(plugin.nodes[n].history) for n in nodes]
+        reliability = {address: plugin.nodes[address].history.latest("reliability") for address in nodes}
+        drawn = sorted(nodes, key=lambda a: (1.0 if reliability[a] is None else reliability[a], a))[:NODES_DRAWN]
+        colours = [Category10_10[i % 10] for i in range(len(drawn))]
         for key in NODE_SERIES:
-            xs, ys = [], []
-            for history in samples:
-                points = [(s.time * 1000, getattr(s, key)) for s in history if getattr(s, key) is not None]
-                xs.append([p[0] for p in points])
-                ys.append([p[1] for p in points])
-            self.series[key].data = {"xs": xs, "ys": ys, "node": nodes, "colour": colours}
+            lines = [_series(plugin.nodes[address].history, key) for address in drawn]
+            self.series[key].data = {"xs": [x for x, _ in lines], "ys": [y for _, y in lines], "node": drawn, "colour": colours}
+            times, values = _series(plugin.history, key)
+            self.cluster[key].data = {"time": times, "value": values}
+        self.drawn.text = (f"{len(drawn)} of {len(nodes)} nodes drawn, the least reliable first, beside the cluster's mean"
+                           if len(drawn) < len(nodes) else "")
         names = {address: str(ws.name) for address, ws in self.scheduler.workers.items()}
         rows: dict[str, list] = {"node": [], "link": [], "reliability": [], "state": []}
         for node in nodes:
             record = plugin.nodes[node]
-            link = record.figures.get("link")
             rows["node"].append(f"{names.get(node, node)} ({node})")
-            rows["link"].append(str(link.get("status", "unknown")) if isinstance(link, dict) else "unknown")
-            rows["reliability"].append(round(record.history[-1].reliability, 3) if record.history else "")
+            rows["link"].append(record.figures.link.status)
+            rows["reliability"].append("" if reliability[node] is None else round(reliability[node], 3))
             rows["state"].append(f"figures refused: {record.invalid_figures}" if record.invalid_figures else "working")
         for name, reason in sorted(plugin.gatekeeper.quarantined.items()):
             rows["node"].append(name)

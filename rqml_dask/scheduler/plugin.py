@@ -46,11 +46,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import time
-from collections import deque
+import warnings
+from dataclasses import asdict, fields, replace
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,7 @@ from cryptography import x509
 from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
+from distributed.core import normalize_address
 from distributed.scheduler import TaskState
 from distributed.utils import log_errors
 from tornado.ioloop import PeriodicCallback
@@ -67,12 +69,14 @@ from dask.typing import Key
 from rqml_dask import events
 from rqml_dask.compat import restrict_strictly
 from rqml_dask.config import SchedulerSettings, result_settings, scheduler_settings, session_settings
-from rqml_dask.messages import DECISION, POLICY, TASK_REPORTS, NodePolicy, TaskReport, TaskTraits, task_name, thin
+from rqml_dask.messages import (
+    DECISION, POLICY, TASK_REPORTS, InvalidHeartbeat, NodeLink, NodePolicy, TaskProgress, TaskReport, TaskTraits, read_heartbeat, task_name,
+)
 from rqml_dask.node_installer import INSTALLER_NAME, NodeInstaller
 from rqml_dask.scheduler.assignment import NodeTable
-from rqml_dask.scheduler.figures import InvalidFigures, check_figures
 from rqml_dask.scheduler.gatekeeper import HANDLER_ROLES, Gatekeeper, only_roles
 from rqml_dask.scheduler.ledger import Ledger
+from rqml_dask.scheduler.records import NODE_SERIES, NodeHistory, NodeRecord, Runs, TaskRecord, Trace
 from rqml_dask.scheduler.reliability import Reliability
 from rqml_dask.scheduler.result_check import ResultCheck, read_outcome
 from rqml_dask.trust.ca import Authority
@@ -91,75 +95,27 @@ PENDING = "rqml-pending"
 plugin binds it to a node."""
 
 PLUGIN_NAME = "rqml-scheduler"
-HISTORY_POINTS = 600
-"""Samples of each node's figures kept for the dashboard (one per ``rqml.scheduler.heartbeat-interval``)."""
 TICK = "rqml-release"
-"""The plugin's entry in ``scheduler.periodic_callbacks``: binds pending tasks, publishes figures."""
+"""The plugin's entry in ``scheduler.periodic_callbacks`` that brings the node table up to
+date for the nodes that changed and binds pending tasks (every ``release_interval``)."""
+HEARTBEAT_TICK = "rqml-heartbeat"
+"""Its entry that goes over every node once per ``rqml.scheduler.heartbeat-interval``
+(reliability decay, the nodes' history, the heartbeats and metrics topics)."""
+LINK_FIGURES = tuple(f.name for f in fields(NodeLink))
+STATUS_TASKS = 1000
+"""``rqml_status`` details at most this many tasks unless asked for another ``limit``."""
 SESSION_TICK = "rqml-session"
 """Its entry that renews the scheduler's own certificate from the CA it holds."""
 
 
-@dataclass
-class TaskRecord:
-    """What the plugin knows of one RQML task, known by its task key (``traits.key``);
-    ``dask_key`` is Dask's key of the submission it manages."""
-
-    traits: TaskTraits
-    dask_key: Key
-    state: str = "pending"  # pending, bound, done, erred; released: forgotten before it ended
-    worker: str | None = None
-    attempts: int = 0
-    avoid: set[str] = field(default_factory=set)
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    failed_here: bool = False
-    model: str | None = None
-    """The model the task runs now, as the node it is bound to reports it (its escalations
-    and diversifications on the supervision topic); ``None``: the ladder's first."""
-    iteration: int = 0
-    """The iteration its node last reported (heartbeat ``progress``)."""
-    trace: list[tuple] = field(default_factory=list)
-    """Its convergence checks as its nodes reported them: (iteration, model, misfit,
-    stability, consistency, novelty), at most :data:`~rqml_dask.messages.TRACE_POINTS`."""
-    checkpoints: list[int] = field(default_factory=list)
-    """The iterations its nodes reported checkpoints at."""
-    submitted_at: float = field(default_factory=time.time)
-    result_state: str | None = None
-    """The terminal state its node reported with the result (``rqml-task_results``), if any."""
-    verified_by: str | None = None
-    """The node whose signed result for this submission passed :class:`ResultCheck` (``pqtls://``)."""
-
-
-@dataclass
-class NodeRecord:
-    address: str
-    reliability: Reliability
-    bound: set[str] = field(default_factory=set)
-    completed: int = 0
-    failed: int = 0
-    figures: dict[str, Any] = field(default_factory=dict)
-    invalid_figures: str | None = None
-    """Why the node's latest heartbeat figures were refused (it rests meanwhile), or None."""
-    history: deque[NodeSample] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
-    """Its figures at each of the plugin's heartbeats, for the dashboard's time series."""
-    lost_votes: int = 0
-    """Cross-node votes its results lost in a row (``pqtls://``: voters are known by their certificates)."""
-    won_votes: int = 0
-    """Cross-node votes its results passed."""
-
-
-@dataclass(frozen=True)
-class NodeSample:
-    """A node's figures at one of the plugin's heartbeats (``time``: Unix seconds)."""
-
-    time: float
-    iterations_per_second: float
-    queued: int
-    host_memory_fraction: float
-    device_memory_fraction: float | None
-    reliability: float
-
-
 class RQMLSchedulerPlugin(SchedulerPlugin):
+    """The plugin (see the module docstring). Its cost follows what changed: a node's
+    heartbeat figures are checked once, when the heartbeat arrives (Dask's
+    ``heartbeat_worker`` handler, wrapped, and :meth:`add_worker`), and every
+    ``release_interval`` :meth:`_tick` touches only the nodes that changed since the last
+    one; what decays with time is refreshed for every node once per
+    ``rqml.scheduler.heartbeat-interval`` (:meth:`_heartbeat`)."""
+
     name = PLUGIN_NAME
 
     def __init__(self, policy: NodePolicy | None = None, seed: int | None = None, release_interval: float = 0.1) -> None:
@@ -171,13 +127,21 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         """The tasks Dask has, by task key."""
         self.finished: dict[str, TaskRecord] = {}
         """Tasks Dask forgot, by task key (the latest :attr:`SchedulerSettings.finished_kept`)."""
+        self.runs = Runs()
+        """Every record of :attr:`tasks` and :attr:`finished`, by run."""
+        self.history = NodeHistory()
+        """The mean of the nodes' figures at each of the plugin's heartbeats."""
         self.ledger = Ledger(self.settings.finished_kept, self.settings.reconcile_grace, self.settings.return_grace)
         self.nodes: dict[str, NodeRecord] = {}
         self.table = NodeTable(self.settings.speed_bounds, self.settings.gpu_preference)
         self._pending: list[tuple] = []
         self._counter = itertools.count()
         self._release_scheduled = False
-        self._published_at = 0.0
+        self._dirty: set[str] = set()
+        """Nodes whose figures or reliability changed since the last :meth:`_tick`."""
+        self._heard_from: set[str] = set()
+        """Nodes whose heartbeat arrived since the last :meth:`_heartbeat`."""
+        self._ticked_at = 0.0
         self.gatekeeper = Gatekeeper()
         self.session = session_settings()
         self.authority: Authority | None = None
@@ -197,11 +161,13 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             scheduler.handlers[name] = only_roles(handler, HANDLER_ROLES[name], name)
         scheduler.handlers["register-worker"] = self.gatekeeper.guard_registration(
             scheduler.handlers["register-worker"], lambda name, reason: self._security_alert("registration-refused", name, reason))
+        scheduler.handlers["heartbeat_worker"] = self._hear_heartbeats(scheduler.handlers["heartbeat_worker"])
         for address in scheduler.workers:
             self.add_worker(scheduler, address)
-        callback = PeriodicCallback(self._tick, self.release_interval * 1000)
-        scheduler.periodic_callbacks[TICK] = callback
-        callback.start()
+        for name, tick, interval in ((TICK, self._tick, self.release_interval), (HEARTBEAT_TICK, self._heartbeat, self.settings.heartbeat_interval)):
+            callback = PeriodicCallback(tick, interval * 1000)
+            scheduler.periodic_callbacks[name] = callback
+            callback.start()
         if self.session.authority is not None:
             self._start_authority(scheduler)
         if any(address.startswith("pqtls://") for address in scheduler.listen_address.split(",")):
@@ -228,8 +194,21 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         scheduler.periodic_callbacks[SESSION_TICK] = callback
         callback.start()
 
+    def _hear_heartbeats(self, heartbeat_worker: Any) -> Any:
+        """Wrap Dask's ``heartbeat_worker`` handler: once Dask has taken a heartbeat, the node's
+        figures are checked and kept (:meth:`_heard`)."""
+
+        def heartbeat(**message: Any) -> dict[str, Any]:
+            answer = heartbeat_worker(**message)
+            if answer.get("status") == "OK":
+                address = normalize_address(self.scheduler.coerce_address(message["address"], message.get("resolve_address", True)))
+                self._heard(address, message["metrics"].get("rqml"))
+            return answer
+
+        return heartbeat
+
     async def close(self) -> None:
-        for name in (TICK, SESSION_TICK):
+        for name in (TICK, HEARTBEAT_TICK, SESSION_TICK):
             if self.scheduler is not None and (callback := self.scheduler.periodic_callbacks.pop(name, None)) is not None:
                 callback.stop()
 
@@ -259,8 +238,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 logger.info("task %s submitted again as %s: placed by Dask", traits.key, dask_key)
                 continue
             restrict_strictly(ts)
-            record = record or TaskRecord(traits, dask_key)
-            self.tasks[traits.key] = record
+            if record is None:
+                record = self.tasks[traits.key] = TaskRecord(traits, ts.key)
+                self.runs.add(record)
             self._make_pending(record, ts)
             events.publish(scheduler, events.TASK_INBOUND, "pending", task_id=traits.task_id, key=traits.key)
         self._schedule_release()
@@ -289,25 +269,26 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             if self.result_check is not None and (record.verified_by is None or record.verified_by != record.worker):
                 # a node that returned a result without proving it: shut out, and the
                 # result, which only it holds, is computed again elsewhere
-                record.state = "bound"
+                self.runs.set_state(record, "bound")
                 self._quarantine(record.worker, self._name(record.worker),
                                  f"returned a result of {record.traits.task_id} without presenting it signed")
                 return
-            record.state = "done"
+            self.runs.set_state(record, "done")
             self.ledger.accept(record.traits.key, record.worker)
             if node is not None:
                 node.completed += 1
                 if not record.failed_here:  # a result its node reported invalid is no success
                     node.reliability.success(now)
+                    self._note_reliability(node, now)
         elif start == "processing" and finish == "erred":
-            record.state = "erred"
+            self.runs.set_state(record, "erred")
             if not str(kwargs.get("exception_text", "")).startswith(DATA_ERRORS):  # bad input is not the node's fault
                 self._failure(record.worker, now)
         elif finish in ("released", "waiting", "no-worker") and record.state != "pending":
             # handed back by its node, its worker died, or its result was lost with a worker:
             # pending again, to be bound elsewhere if another node has room
             if start == "processing" and record.worker is not None:
-                record.avoid.add(record.worker)
+                record.avoid |= {record.worker}
             self._make_pending(record, self.scheduler.tasks.get(key))
         else:
             return
@@ -317,16 +298,17 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         """Keep a forgotten task's record for ``rqml status`` (bounded); one its clients let go
         of before it ended is ``released``, not pending or bound any more."""
         if record.state in ("pending", "bound"):
-            record.state, record.worker = "released", None
-        self.finished.pop(record.traits.key, None)  # kept in order of forgetting
+            self.runs.set_state(record, "released")
+            record.worker = None
+        if (earlier := self.finished.pop(record.traits.key, None)) not in (None, record):  # kept in order of forgetting
+            self.runs.discard(earlier)
         self.finished[record.traits.key] = record
         while len(self.finished) > self.settings.finished_kept:
-            self.finished.pop(next(iter(self.finished)))
+            self.runs.discard(self.finished.pop(next(iter(self.finished))))
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
-        ws = scheduler.workers.get(worker)
-        link = ((ws.metrics.get("rqml") if ws is not None else None) or {}).get("link", {})
-        self.ledger.node_registered(worker, link, time.monotonic())
+        """A node registered: its record, and the figures of the heartbeat it registered with
+        (Dask takes that one itself, not through the ``heartbeat_worker`` handler)."""
         if worker not in self.nodes:
             self.nodes[worker] = NodeRecord(worker, Reliability(**asdict(self.settings.reliability)))
             self.table.add(worker)
@@ -334,11 +316,16 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             scheduler.loop.add_callback(self._push_policy, worker)
             if self.gatekeeper.quarantined:
                 scheduler.loop.add_callback(self._push_quarantine, worker)
+        ws = scheduler.workers.get(worker)
+        self._heard(worker, ws.metrics.get("rqml") if ws is not None else None)
+        self.ledger.node_registered(worker, self.nodes[worker].figures.link, time.monotonic())
         self._schedule_release()
 
     def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any) -> None:
         node = self.nodes.pop(worker, None)
         self.table.remove(worker)
+        self._dirty.discard(worker)
+        self._heard_from.discard(worker)
         self.ledger.node_left(worker)
         if node is not None and node.bound:
             logger.info("node %s lost with %d RQML tasks", worker, len(node.bound))
@@ -353,7 +340,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             return
         record = self.tasks.get(msg.get("key"))
         if record is not None:
-            record.decisions.append(msg)
+            record.decided(msg)
         switched = msg.get("to_model") if msg.get("kind") == "escalated" else msg.get("model") if msg.get("kind") == "diversified" else None
         held = record or self.finished.get(msg.get("key"))
         if isinstance(switched, str) and held is not None and held.worker == msg.get("worker"):  # only its own node says
@@ -375,7 +362,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         if record.worker is not None and (node := self.nodes.get(record.worker)) is not None:
             node.bound.discard(record.traits.key)  # it may come back without having run there
             self._update_room(node)
-        record.state, record.worker = "pending", None
+        self.runs.set_state(record, "pending")
+        record.worker = None
         traits = record.traits
         heapq.heappush(self._pending, (-traits.priority, -traits.difficulty, next(self._counter), traits.key))
 
@@ -386,14 +374,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
 
     @log_errors
     def _tick(self) -> None:
-        self._refresh_figures()
+        """Every ``release_interval``: bring the node table up to date for the nodes that
+        changed since the last tick (:meth:`_refresh_nodes`), then bind pending tasks."""
+        self._refresh_nodes()
         self._release()
-        now = time.monotonic()
-        if now - self._published_at >= self.settings.heartbeat_interval:
-            self._published_at = now
-            for address, name, reason in self.gatekeeper.invalid_peers(self.scheduler):
-                self._quarantine(address, name, reason)
-            self._publish_heartbeat()
 
     def _quarantine(self, address: str, name: str, reason: str) -> None:
         """Shut a node out: it is removed (Dask rebinds its tasks elsewhere, and results
@@ -416,58 +400,66 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         logger.warning("%s: %s: %s", kind, name, reason)
         events.publish(self.scheduler, events.ALERTS, kind, node_name=name, reason=reason, security=True, **extra)
 
-    def _publish_heartbeat(self) -> None:
-        """Nodes' figures on ``heartbeats``, the cluster's task counts on ``metrics``."""
-        for address, node in self.nodes.items():
+    @log_errors
+    def _heartbeat(self) -> None:
+        """Every ``rqml.scheduler.heartbeat-interval``, over every node: quarantine those whose
+        certificates stopped being valid; refresh each one's reliability in the table (it
+        decays with time); keep a sample of its figures (:attr:`NodeRecord.history`, the
+        Nodes page), and of their mean (:attr:`history`). The figures of the nodes heard from
+        since the last pass go on ``heartbeats``; the cluster's task counts (of every task the
+        plugin holds, as ``rqml_status`` counts them) on ``metrics``."""
+        for address, name, reason in self.gatekeeper.invalid_peers(self.scheduler):
+            self._quarantine(address, name, reason)
+        now, wall = time.monotonic(), time.time()
+        samples = np.full((len(self.nodes), len(NODE_SERIES)), np.nan, np.float32)
+        for row, (address, node) in zip(samples, self.nodes.items()):
             f = node.figures
-            reliability = node.reliability.score(time.monotonic())
-            node.history.append(NodeSample(time.time(), f.get("iterations_per_second", 0.0), f.get("inbound", 0) + f.get("refining", 0),
-                                           f.get("host_memory_fraction", 0.0), f.get("device_memory_fraction"), reliability))
-            events.publish(
-                self.scheduler, events.HEARTBEATS, "node", node=address,
-                **{k: f.get(k) for k in ("inbound", "refining", "outbound", "busy_fraction", "iterations_per_second", "concurrency_limit",
-                                         "host_memory_fraction", "device_memory_fraction")},
-                reliability=reliability,
-                link=(f.get("link") or {}).get("status", "unknown") if isinstance(f.get("link"), dict) else "unknown",
-                invalid_figures=node.invalid_figures,
-            )
-        states: dict[str, int] = {}
-        for record in self.tasks.values():
-            states[record.state] = states.get(record.state, 0) + 1
-        rate = sum(n.figures.get("iterations_per_second", 0.0) for n in self.nodes.values())
-        events.publish(self.scheduler, events.METRICS, "cluster", nodes=len(self.nodes), tasks=states, iterations_per_second=rate)
+            reliability = self._note_reliability(node, now)
+            device = math.nan if f.device_memory_fraction is None else f.device_memory_fraction
+            row[:] = (f.iterations_per_second, f.inbound + f.refining, f.host_memory_fraction, device, reliability)
+            node.history.append(wall, row)
+            if address not in self._heard_from:
+                continue
+            events.publish(self.scheduler, events.HEARTBEATS, "node", node=address, inbound=f.inbound, refining=f.refining,
+                           outbound=f.outbound, busy_fraction=f.busy_fraction, iterations_per_second=f.iterations_per_second,
+                           concurrency_limit=f.concurrency_limit, host_memory_fraction=f.host_memory_fraction,
+                           device_memory_fraction=f.device_memory_fraction, reliability=reliability, link=f.link.status,
+                           invalid_figures=node.invalid_figures)
+        self._heard_from.clear()
+        if len(samples):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a series no node reports (GPU memory on CPU nodes) stays NaN
+                self.history.append(wall, np.nanmean(samples, axis=0))
+        events.publish(self.scheduler, events.METRICS, "cluster", nodes=len(self.nodes), tasks=self.runs.counts(),
+                       iterations_per_second=float(samples[:, 0].sum()))
 
     @log_errors
     def _release(self) -> None:
         """Bind pending tasks, highest priority first, to nodes with inbound room. A task that
         cannot be placed, for any reason (an exception included, logged), stays pending."""
         self._release_scheduled = False
+        if not self._pending or not self.scheduler.running or (self.table.room.max(initial=0) <= 0 and not self.ledger.jobs):
+            return  # nothing to place, or nowhere to place it (a task joins its job's node without room)
         scheduler = self.scheduler
         recommendations: dict = {}
         skipped = []
         # Nodes in backoff, nodes whose figures were refused, and slow nodes in the tail of a
-        # run get nothing new while another node can take the work.
+        # run get nothing new while another node Dask runs tasks on can take the work; nodes
+        # Dask does not run tasks on get nothing (found as they are drawn, in _place).
         now = time.monotonic()
-        # A node Dask does not run tasks on (still registering, paused, closing) gets nothing.
-        running = {ws.address for ws in scheduler.running}
-        stopped = np.array([a not in running for a in self.table.addresses], dtype=bool)
-        resting = np.array(
-            [now < self.nodes[a].reliability.backoff_until or self.nodes[a].invalid_figures is not None
-             for a in self.table.addresses], dtype=bool,
-        )
+        blocked = (now < self.table.backoff_until) | self.table.refused
         if len(self._pending) < len(self.table.addresses):
-            resting |= self.table.speed < self.settings.tail_speed_ratio * self.table.speed.max(initial=0)
-        if (resting | stopped).all():
-            resting[:] = False
-        resting |= stopped
+            blocked |= self._slow()
+        if not any(self._running(self.table.addresses[i]) for i in np.flatnonzero(~blocked)):  # the first one, as a rule
+            blocked[:] = False
         awaiting = self.ledger.waiting_for_nodes(now)
         saved_room = self.table.room.copy()
-        self.table.room[resting] = 0
+        self.table.room[blocked] = 0
         try:
             while self._pending:
                 entry = heapq.heappop(self._pending)
                 try:
-                    placed = self._place(entry, running, awaiting)
+                    placed = self._place(entry, blocked, awaiting)
                 except Exception:
                     logger.exception("could not place RQML task %s; it stays pending", entry[-1])
                     placed = "wait"
@@ -481,7 +473,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         finally:
             for entry in skipped:
                 heapq.heappush(self._pending, entry)
-            self.table.room = np.where(resting, saved_room, self.table.room)
+            self.table.room = np.where(blocked, saved_room, self.table.room)
         if recommendations:
             scheduler.transitions(recommendations, stimulus_id=f"rqml-release-{time.time()}")
             for dask_key in recommendations:  # the scheduler may refuse (the node left meanwhile)
@@ -494,10 +486,16 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     if ts is not None and ts.state == "no-worker":
                         self._make_pending(record, ts)
 
-    def _place(self, entry: tuple, running: set[str], awaiting: bool) -> TaskRecord | str | None:
+    def _running(self, address: str) -> bool:
+        """Whether Dask runs tasks on ``address`` (not still registering, paused or closing)."""
+        ws = self.scheduler.workers.get(address)
+        return ws is not None and ws in self.scheduler.running
+
+    def _place(self, entry: tuple, blocked: np.ndarray, awaiting: bool) -> TaskRecord | str | None:
         """Bind the pending task of heap ``entry`` to a node: its record once bound; ``"wait"`` if
         it stays pending, ``"full"`` if it stays pending and no node has room; ``None`` if it is no
-        longer pending (done, forgotten, or bound meanwhile)."""
+        longer pending (done, forgotten, or bound meanwhile). A node Dask does not run tasks on,
+        found when drawn, gets no room until the release ends (marked in ``blocked``)."""
         record = self.tasks.get(entry[-1])
         ts = self.scheduler.tasks.get(record.dask_key) if record is not None else None
         if record is None or record.state != "pending" or ts is None or ts.state != "no-worker":
@@ -505,20 +503,22 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 return "wait"  # not runnable yet
             return None
         job_node = self.ledger.jobs.get(record.traits.key)
-        if job_node in running and job_node in self.nodes:
+        if job_node in self.nodes and self._running(job_node):
             address = job_node  # the node already refines it (or has its result): join it there
         elif awaiting:
             return "wait"  # a node that may have its job has not reported yet
         else:
             # a task that depends on results (a vote) goes to a node not holding them
             result_holders = frozenset(ws.address for dts in ts.dependencies for ws in dts.who_has)
-            address = self.table.choose(
-                record.traits, self.rng, self._gpu_only(record.traits), frozenset(record.avoid), result_holders
-            )
+            while (address := self.table.choose(record.traits, self.rng, self._gpu_only(record.traits), record.avoid,
+                                                result_holders)) is not None and not self._running(address):
+                i = self.table.index[address]
+                blocked[i], self.table.room[i] = True, 0
         if address is None:
             # this task's nodes are full (e.g. GPU only): others may still fit
             return "full" if self.table.room.max(initial=0) <= 0 else "wait"
-        record.state, record.worker, record.failed_here = "bound", address, False
+        self.runs.set_state(record, "bound")
+        record.worker, record.failed_here = address, False
         record.attempts += 1
         self.scheduler.set_restrictions({ts.key: address})
         node = self.nodes[address]
@@ -529,107 +529,157 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def _gpu_only(self, traits: TaskTraits) -> bool:
         return traits.task_class in self.policy.gpu_classes
 
+    def _slow(self) -> np.ndarray:
+        """Which nodes are slow: below ``rqml.scheduler.tail-speed-ratio`` of the fastest."""
+        return self.table.speed < self.settings.tail_speed_ratio * self.table.speed.max(initial=0)
+
     def _capacity(self, node: NodeRecord) -> int:
         """Tasks a node may hold: what it refines at once, plus one queued if it is not slow
         (a task queued on a slow node would wait there while faster nodes free up)."""
         i = self.table.index.get(node.address)
         slow = i is not None and self.table.speed[i] < self.settings.tail_speed_ratio * self.table.speed.max()
-        return int(node.figures.get("concurrency_limit", 1)) + (0 if slow else self.settings.queued_per_node)
+        return node.figures.concurrency_limit + (0 if slow else self.settings.queued_per_node)
 
     def _update_room(self, node: NodeRecord) -> None:
         i = self.table.index.get(node.address)
         if i is not None:
             self.table.room[i] = max(self._capacity(node) - len(node.bound), 0)
-            self.table.free[i] = max(int(node.figures.get("concurrency_limit", 1)) - len(node.bound), 0)
+            self.table.free[i] = max(node.figures.concurrency_limit - len(node.bound), 0)
+
+    def _note_reliability(self, node: NodeRecord, now: float) -> float:
+        """Write ``node``'s reliability score and backoff into the table; the score."""
+        score = node.reliability.score(now)
+        if (i := self.table.index.get(node.address)) is not None:
+            self.table.reliability[i] = score
+            self.table.backoff_until[i] = node.reliability.backoff_until
+        return score
 
     def _failure(self, worker: str, now: float) -> None:
         node = self.nodes.get(worker)
         if node is not None:
             node.reliability.failure(now)
             node.failed += 1
+            self._note_reliability(node, now)
 
-    def _refresh_figures(self) -> None:
-        """Read the nodes' heartbeat figures into the node table."""
+    def _heard(self, address: str, raw: Any) -> None:
+        """A heartbeat of the node ``address`` arrived with the figures ``raw`` (its ``rqml``
+        metric; none before its node plugin is installed): check them, once. Valid figures are
+        kept on its record, and the progress of the tasks bound to it taken into theirs;
+        invalid ones are refused, said once (an ``invalid-figures`` alert) and the node rests
+        until its figures pass again. Either way the node is marked for the next :meth:`_tick`."""
+        node = self.nodes.get(address)
+        if node is None or not raw:
+            return
+        try:
+            heartbeat = read_heartbeat(raw)
+        except InvalidHeartbeat as exc:
+            if node.invalid_figures != str(exc):
+                logger.warning("node %s sent invalid heartbeat figures, not used: %s", address, exc)
+                events.publish(self.scheduler, events.ALERTS, "invalid-figures", worker=address, error=str(exc))
+            node.invalid_figures = str(exc)
+        else:
+            node.invalid_figures = None
+            self._record_progress(address, heartbeat.progress)
+            node.figures = replace(heartbeat, progress={})
+        self._dirty.add(address)
+        self._heard_from.add(address)
+
+    def _refresh_nodes(self) -> None:
+        """Bring the node table up to date for the nodes marked since the last call (a
+        heartbeat arrived) and those whose backoff ended meanwhile; relative speeds (and the
+        room of a node whose speed made it slow, or no longer slow) follow."""
         now = time.monotonic()
+        ended = np.flatnonzero((self.table.backoff_until > self._ticked_at) & (self.table.backoff_until <= now))
+        self._ticked_at = now
+        dirty, self._dirty = self._dirty.union(self.table.addresses[i] for i in ended), set()
         rates = {}
-        for address, node in self.nodes.items():
-            ws = self.scheduler.workers.get(address)
-            raw = (ws.metrics.get("rqml") if ws is not None else None) or {}
-            if raw:
-                try:
-                    figures = check_figures(raw)
-                except InvalidFigures as exc:
-                    if node.invalid_figures != str(exc):
-                        logger.warning("node %s sent invalid heartbeat figures, not used: %s", address, exc)
-                        events.publish(self.scheduler, events.ALERTS, "invalid-figures", worker=address, error=str(exc))
-                    node.invalid_figures = str(exc)
-                else:
-                    node.invalid_figures = None
-                    node.figures = figures
-                    rates[address] = figures["iterations_per_second"]
-                    self.table.set_warm(address, figures["warm_models"])
-                    self.table.gpu[self.table.index[address]] = figures["gpu_count"] > 0
-                    self._record_progress(address, figures["progress"])
-            self.table.reliability[self.table.index[address]] = node.reliability.score(now)
+        for address in dirty:
+            node, i = self.nodes.get(address), self.table.index.get(address)
+            if node is None or i is None:
+                continue
+            refused = node.invalid_figures is not None
+            self.table.refused[i] = refused
+            rates[address] = 0.0 if refused else node.figures.iterations_per_second
+            if not refused:
+                self.table.set_warm(address, node.figures.warm_models)
+                self.table.gpu[i] = node.figures.gpu_count > 0
+            self._note_reliability(node, now)
             self._update_room(node)
-        self.table.set_speeds(rates)
+        if rates:
+            slow = self._slow()
+            self.table.set_speeds(rates)
+            for i in np.flatnonzero(slow != self._slow()):
+                self._update_room(self.nodes[self.table.addresses[i]])
 
-    def _record_progress(self, address: str, progress: dict[str, dict[str, Any]]) -> None:
+    def _record_progress(self, address: str, progress: dict[str, TaskProgress]) -> None:
         """Keep what ``address`` reports of the tasks bound to it (only its own node speaks
         for a task), each check once."""
         for key, reported in progress.items():
             record = self.tasks.get(key)
             if record is None or record.worker != address:
                 continue
-            record.iteration = max(record.iteration, reported["iteration"])
-            record.checkpoints = thin(sorted(set(record.checkpoints) | set(reported["checkpoints"])))
-            last = record.trace[-1][0] if record.trace else -1
-            for point in reported["trace"]:
-                if point[0] > last:
-                    record.trace.append(tuple(point))
-                    record.trace = thin(record.trace)
-                    last = point[0]
+            self.runs.set_iteration(record, max(record.iteration, reported.iteration))
+            if record.trace is None:
+                record.trace = Trace()
+            record.trace.add(reported)
 
     # -- handlers --------------------------------------------------------------------------
 
     @log_errors
-    def status(self, comm: Any = None) -> dict[str, Any]:
-        """Nodes (weight figures, reliability, queues, iteration rate, warm models) and tasks (state, node)."""
+    def status(self, comm: Any = None, limit: int = STATUS_TASKS, offset: int = 0, run: str | None = None,
+               state: str | None = None) -> dict[str, Any]:
+        """``rqml_status``: the cluster as the plugin sees it, of a bounded size at any number of tasks.
+
+        * ``nodes``: every node's weight figures, reliability, queues, iteration rate, warm
+          models, link and whether its figures were refused;
+        * ``counts``: how many tasks are in each state (``pending``, ``bound``, ``done``,
+          ``erred``, ``released``): of the run ``run`` if given, else of every run;
+        * ``runs``: for each of those runs (the latest submitted last), its number of tasks
+          and the sum of their iterations;
+        * ``tasks``: by task key, the details (task id, state, node, attempts, iteration,
+          model, decisions) of at most ``limit`` of those tasks, only those in state ``state``
+          if given: the open ones first (bound, then pending), then the others by state,
+          each state's in the order they came to it, from the ``offset``-th on;
+        * ``total``: how many tasks ``tasks`` was taken from (``offset`` and ``limit`` page
+          through them);
+        * ``policy`` and ``quarantined`` (node name -> reason).
+        """
         now = time.monotonic()
-        nodes = {}
-        for address, node in self.nodes.items():
-            i = self.table.index.get(address)
-            f = node.figures
-            nodes[address] = {
-                "room": float(self.table.room[i]) if i is not None else 0.0,
-                "speed": float(self.table.speed[i]) if i is not None else 0.0,
-                "reliability": node.reliability.score(now),
-                "in_backoff": now < node.reliability.backoff_until,
-                "bound": len(node.bound),
-                "completed": node.completed,
-                "failed": node.failed,
-                "queues": {q: f.get(q, 0) for q in ("inbound", "refining", "outbound")},
-                "iterations_per_second": f.get("iterations_per_second", 0.0),
-                "warm_models": f.get("warm_models", []),
-                "gpu_count": f.get("gpu_count", 0),
-                "checkpoint_backlog": (f.get("checkpoints") or {}).get("pending", 0),
-                "link": f.get("link", {}),
-                "invalid_figures": node.invalid_figures,
-                "identity": self._identity(address),
-            }
+        nodes = {address: self._node_status(address, node, now) for address, node in self.nodes.items()}
+        runs = {name: found for name in ([run] if run is not None else self.runs.names()) if (found := self.runs.get(name)) is not None}
+        counts = self.runs.counts() if run is None else runs[run].counts() if runs else {}
+        order = ["bound", "pending", *sorted(set(counts) - {"bound", "pending"})]
+        groups = [group for name in order if state in (None, name) for found in runs.values() if (group := found.by_state.get(name))]
+        shown = itertools.islice(itertools.chain.from_iterable(group.values() for group in groups), max(offset, 0), max(offset, 0) + max(limit, 0))
         tasks = {
-            r.traits.key: {
-                "task_id": r.traits.task_id,
-                "state": r.state,
-                "node": r.worker,
-                "attempts": r.attempts,
-                "iteration": r.iteration,
-                "model": r.model or r.traits.model,
-                "decisions": [d.get("kind") for d in r.decisions],
-            }
-            for r in [*self.finished.values(), *self.tasks.values()]
+            r.traits.key: {"task_id": r.traits.task_id, "state": r.state, "node": r.worker, "attempts": r.attempts,
+                           "iteration": r.iteration, "model": r.model or r.traits.model, "decisions": [d.get("kind") for d in r.decisions]}
+            for r in shown
         }
-        return {"nodes": nodes, "tasks": tasks, "policy": asdict(self.policy), "quarantined": dict(self.gatekeeper.quarantined)}
+        return {"nodes": nodes, "counts": counts, "runs": {name: {"tasks": len(found.records), "iterations": found.iterations}
+                                                           for name, found in runs.items()},
+                "tasks": tasks, "total": sum(map(len, groups)), "policy": asdict(self.policy),
+                "quarantined": dict(self.gatekeeper.quarantined)}
+
+    def _node_status(self, address: str, node: NodeRecord, now: float) -> dict[str, Any]:
+        i, f = self.table.index.get(address), node.figures
+        return {
+            "room": float(self.table.room[i]) if i is not None else 0.0,
+            "speed": float(self.table.speed[i]) if i is not None else 0.0,
+            "reliability": node.reliability.score(now),
+            "in_backoff": now < node.reliability.backoff_until,
+            "bound": len(node.bound),
+            "completed": node.completed,
+            "failed": node.failed,
+            "queues": {"inbound": f.inbound, "refining": f.refining, "outbound": f.outbound},
+            "iterations_per_second": f.iterations_per_second,
+            "warm_models": list(f.warm_models),
+            "gpu_count": f.gpu_count,
+            "checkpoint_backlog": f.checkpoints.pending,
+            "link": {name: getattr(f.link, name) for name in LINK_FIGURES},
+            "invalid_figures": node.invalid_figures,
+            "identity": self._identity(address),
+        }
 
     def _identity(self, address: str) -> dict[str, Any] | None:
         """Who ``address`` authenticated as, and when its certificate (or its latest renewal) expires."""
