@@ -137,15 +137,15 @@ def report(result: Path, output: Path | None) -> None:
 @click.option("--scheduler", metavar="ADDRESS", required=True, help="The Dask scheduler running the RQML plugin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(scheduler: str, as_json: bool) -> None:
-    """Nodes (weights, reliability, queues, warm models) and tasks (state, node, model)."""
+    """Nodes (weights, reliability, queues, warm models, the policy each enforces) and tasks (state, node, model)."""
     import json
 
     from distributed import Client
 
     with Client(scheduler) as client:
-        if "rqml_status" not in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.handlers)):
-            raise click.ClickException(f"{scheduler} does not run the RQML scheduler plugin (dask scheduler --preload rqml_dask.scheduler)")
-        state = client.sync(client.scheduler.rqml_status)
+        state = client.sync(client.scheduler.rqml_status)  # Dask answers None for a handler it does not have
+    if state is None:
+        raise click.ClickException(f"{scheduler} does not run the RQML scheduler plugin (dask scheduler --preload rqml_dask.scheduler)")
     if as_json:
         click.echo(json.dumps(state, indent=2, default=str))
         return
@@ -159,12 +159,15 @@ def status(scheduler: str, as_json: bool) -> None:
             f"{address:<28}{n['room']:>5.0f}{n['speed']:>7.2f}{n['reliability']:>8.2f}{n['bound']:>6}{n['completed']:>6}"
             f"{n['failed']:>5}{n['iterations_per_second']:>8.1f}  {q['inbound']}/{q['refining']}/{q['outbound']:<9} {lost:<16} {', '.join(n['warm_models'])}{flag}"
         )
+        click.echo(f"  {policy_line(n.get('policy_version'), state['policy']['version'])}")
         if peer := n.get("identity"):
             expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(peer["expires"])) if peer.get("expires") else "?"
             click.echo(f"  certificate {peer['name']} ({peer['role']}), key exchange {peer['group']}, "
                        f"{'renewed, ' if peer.get('renewed') else ''}valid until {expires}")
     for name, reason in sorted(state.get("quarantined", {}).items()):
         click.echo(f"quarantined  {name}: {reason}")
+    policy = state["policy"]
+    click.echo(f"policy version {policy['version']} (the scheduler's, {'signed by ' + policy['signed_by'] if policy.get('signed_by') else 'unsigned'})")
     counts = state["counts"]  # of every task; `tasks` details the open ones first, a bounded number
     click.echo(f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(counts.items())) or 'none'}")
     listed = 0
@@ -175,6 +178,14 @@ def status(scheduler: str, as_json: bool) -> None:
                        f"  attempts {t['attempts']}")
     if (unlisted := counts.get("pending", 0) + counts.get("bound", 0) - listed) > 0:
         click.echo(f"  ... and {unlisted} more open tasks, not listed")
+
+
+def policy_line(enforced: int | None, current: int) -> str:
+    """What ``rqml status`` says of the policy a node enforces (``enforced``, from its
+    heartbeat) against the scheduler's (``current``)."""
+    if enforced == current:
+        return f"enforces policy version {enforced}"
+    return f"enforces policy version {enforced} (not the scheduler's {current}: not applied yet)"
 
 
 @main.command("events")

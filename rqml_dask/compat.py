@@ -13,6 +13,8 @@ that breaks one fails there, loudly, and nowhere else:
   (:func:`use_dask_look`): the Jinja ``env`` and ``BOKEH_THEME`` of its own pages;
 * strict placement (:func:`restrict_strictly`): ``TaskState.loose_restrictions``, which
   only ``update_graph``'s annotations set, and which must be off for a bound task;
+* a task failed by the scheduler (:func:`fail_task`): Dask's transition engine
+  (``Scheduler._transition``, ``_transitions``), given what a worker's ``task-erred`` carries;
 * a worker that survives the loss of its scheduler
   (:class:`~rqml_dask.node.worker.RQMLWorker`): it overrides ``Worker.handle_scheduler``
   (which closes the worker on a broken stream, under ``@fail_hard``) and calls
@@ -27,8 +29,9 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from distributed import Worker
+from distributed import Scheduler, Worker
 from distributed.batched import BatchedSend
+from distributed.core import error_message
 from distributed.scheduler import TaskState
 
 
@@ -62,6 +65,16 @@ def use_dask_look(doc: Any, extra: dict) -> None:
 def restrict_strictly(ts: TaskState) -> None:
     """A task's worker restrictions bind it: work stealing never moves it elsewhere."""
     ts.loose_restrictions = False
+
+
+def fail_task(scheduler: Scheduler, key: Any, exception: BaseException, stimulus_id: str) -> None:
+    """End the task ``key``, waiting in ``no-worker``, as ``erred`` with ``exception``, as if it
+    had raised it: its futures raise it on the client, and the tasks that depend on it err too."""
+    error = error_message(exception)
+    del error["status"]
+    recommendations, client_msgs, worker_msgs = scheduler._transition(key, "erred", stimulus_id, cause=key, **error)
+    scheduler._transitions(recommendations, client_msgs, worker_msgs, stimulus_id)
+    scheduler.send_all(client_msgs, worker_msgs)
 
 
 def prepare_registration(worker: Worker) -> None:

@@ -112,6 +112,7 @@ class SchedulerSettings:
     gpu_preference: Annotated[float, Field(ge=1)]
     reconcile_grace: Seconds
     return_grace: Seconds
+    capable_node_grace: Seconds
     lost_votes: Annotated[int, Field(ge=1)] | None
     reliability: ReliabilitySettings
 

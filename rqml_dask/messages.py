@@ -28,35 +28,57 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 # -- scheduler -> node ----------------------------------------------------------------------
 
+MIN_TASK_SECONDS = 1.0
+"""The smallest ``max_task_seconds`` a policy may set: below it every task would be ended at once."""
+MAX_NAMES = 100
+"""The most task classes (or models of one class) a policy may name in one field."""
+_ClassName = Annotated[StrictStr, Field(min_length=1, max_length=100)]
+_ModelName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
+
 @dataclass(frozen=True)
 class NodePolicy:
     """How a node orders, runs and judges its RQML tasks.
 
     * ``class_order``: task classes in the order the inbound queue serves them (classes not
       listed come after, by name);
-    * ``min_concurrency``/``max_concurrency``: bounds of the refinement queue's adaptive size;
+    * ``min_concurrency``/``max_concurrency``: bounds of the refinement queue's adaptive size
+      (1 to 1024, the first at most the second);
     * ``on_validation_failure``: ``escalate`` refines a rejected result further with the next
       model of its ladder (and validates again), ``reject`` returns it as it is;
-    * ``max_task_seconds``: a task refining longer is terminated with that reason;
+    * ``max_task_seconds``: a task refining longer is terminated with that reason (at least
+      :data:`MIN_TASK_SECONDS`, at most 30 days; ``None``: no limit);
     * ``diversity``: per task class, models of other families to try, in order, when a task
       has stalled on every model of its ladder; a task that stalls on those too ends
       ``stalled`` with the reason;
     * ``gpu_classes``: task classes the scheduler places on GPU nodes only;
-    * ``max_inbound``: a node holding more unstarted tasks pushes the last ones in its order
-      back to the scheduler, to be placed elsewhere.
+    * ``max_inbound``: a node holding more unstarted tasks (1 to 10,000) pushes the last
+      ones in its order back to the scheduler, to be placed elsewhere.
+
+    ``version`` and ``signature`` are the scheduler's: it numbers every policy it adopts,
+    higher than any before it on the cluster, and on a ``pqtls://`` cluster signs it with its
+    certificate (:mod:`rqml_dask.trust.policy`); a caller's values are ignored. Constructing
+    one checks that the concurrency bounds are ordered; :func:`read_policy` checks the rest.
     """
 
     __pydantic_config__ = _STRICT
 
-    version: int = 0
-    class_order: tuple[str, ...] = ("deconvolution",)
-    min_concurrency: Annotated[int, Field(ge=1)] = 1
-    max_concurrency: Annotated[int, Field(ge=1)] = 8
+    version: Annotated[int, Field(ge=0)] = 0
+    class_order: Annotated[tuple[_ClassName, ...], Field(max_length=MAX_NAMES)] = ("deconvolution",)
+    min_concurrency: Annotated[int, Field(ge=1, le=1024)] = 1
+    max_concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
     on_validation_failure: Literal["escalate", "reject"] = "escalate"
-    max_task_seconds: Annotated[float, Field(gt=0)] | None = None
-    diversity: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"deconvolution": ("landweber",)})
-    gpu_classes: tuple[str, ...] = ()
-    max_inbound: Annotated[int, Field(ge=1)] = 4
+    max_task_seconds: Annotated[float, Field(ge=MIN_TASK_SECONDS, le=30 * 86400, allow_inf_nan=False)] | None = None
+    diversity: Annotated[dict[_ClassName, Annotated[tuple[_ModelName, ...], Field(max_length=MAX_NAMES)]],
+                         Field(max_length=MAX_NAMES)] = field(default_factory=lambda: {"deconvolution": ("landweber",)})
+    gpu_classes: Annotated[tuple[_ClassName, ...], Field(max_length=MAX_NAMES)] = ()
+    max_inbound: Annotated[int, Field(ge=1, le=10_000)] = 4
+    signature: dict[str, Any] | None = None
+    """The scheduler's signature (``pqtls://``), in :class:`~rqml_dask.trust.signing.Verifier`'s format."""
+
+    def __post_init__(self) -> None:
+        if self.min_concurrency > self.max_concurrency:
+            raise ValueError(f"min_concurrency: {self.min_concurrency} is above max_concurrency={self.max_concurrency}")
 
     def class_rank(self, task_class: str) -> int:
         try:
@@ -80,6 +102,37 @@ class NodePolicy:
 
 
 POLICY = TypeAdapter(NodePolicy)
+POLICY_OP = "rqml-policy"
+"""The message on a worker's batched stream (scheduler -> node) that carries the policy:
+``{"op": POLICY_OP, "policy": ...}``, sent when the node registers and on every change."""
+
+
+class InvalidPolicy(ValueError):
+    """A policy refused: a field of the wrong type or out of its bounds, or one that would
+    leave no node able to run a task class. The message names the field."""
+
+
+class NoCapableNode(RuntimeError):
+    """A task failed by the scheduler: no node of the cluster can run its class under the
+    policy (e.g. its class is in ``gpu_classes`` and no node has a GPU)."""
+
+
+def read_policy(raw: Any) -> NodePolicy:
+    """``raw`` (what a caller of ``rqml_policy`` sent) as a :class:`NodePolicy`; its
+    ``version`` and ``signature`` are dropped (the scheduler sets them). Raises
+    :class:`InvalidPolicy` naming the first bad field (``max_task_seconds: Input should be
+    greater than or equal to 1 (got 0.5)``)."""
+    if not isinstance(raw, dict):
+        raise InvalidPolicy(f"policy: expected a mapping of policy fields, got {type(raw).__name__}")
+    try:
+        return POLICY.validate_python({k: v for k, v in raw.items() if k not in ("version", "signature")})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "value_error" and not first["loc"]:  # __post_init__: its message names the field
+            raise InvalidPolicy(str(first["ctx"]["error"])) from None
+        where = ".".join(str(p) for p in first["loc"]) or "policy"
+        got = repr(first.get("input"))
+        raise InvalidPolicy(f"{where}: {first['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})") from None
 
 
 @dataclass(frozen=True)
@@ -225,6 +278,8 @@ class NodeHeartbeat:
     outbound: Count = 0
     gpu_count: Annotated[int, Field(ge=0, le=1024, strict=True)] = 0
     warm_models: tuple[StrictStr, ...] = ()
+    policy_version: Annotated[int, Field(ge=0, strict=True)] = 0
+    """The version of the policy the node enforces (:attr:`NodePolicy.version`)."""
     host_memory_fraction: MemoryFraction = 0.0
     device_memory_fraction: MemoryFraction | None = None
     checkpoints: CheckpointBacklog = CheckpointBacklog()

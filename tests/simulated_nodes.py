@@ -25,6 +25,8 @@ from distributed.core import ConnectionPool, Server
 from distributed.versions import get_versions
 from dask.typing import Key
 
+from rqml_dask.messages import POLICY_OP
+
 
 def figures(**overrides: Any) -> dict[str, Any]:
     """An idle node's ``rqml`` metric (as :meth:`rqml_dask.node.NodePlugin.heartbeat` sends
@@ -76,9 +78,8 @@ class SimulatedNodes:
         self.scheduler = scheduler
         self.nodes: dict[str, SimulatedNode] = {}
         self.policies = 0
-        """``rqml_policy`` calls answered (the plugin pushes its policy to every node that registers)."""
-        self.server = Server({"rqml_policy": self._policy, "rqml_quarantined": self._ok, "rqml_decide": self._ok,
-                              "rqml_progress": self._progress})
+        """Policies received on the nodes' streams (the plugin sends its policy to every node that registers)."""
+        self.server = Server({"rqml_quarantined": self._ok, "rqml_decide": self._ok, "rqml_progress": self._progress})
         self.pool = ConnectionPool(limit=64)
         self._readers: list[asyncio.Task] = []
 
@@ -88,10 +89,6 @@ class SimulatedNodes:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
-
-    def _policy(self, comm: Comm = None, policy: dict | None = None) -> dict[str, str]:
-        self.policies += 1
-        return {"status": "OK"}
 
     @staticmethod
     def _ok(comm: Comm = None, **kwargs: Any) -> dict[str, str]:
@@ -126,6 +123,8 @@ class SimulatedNodes:
                 for message in await node.stream.read():
                     if message.get("op") == "compute-task":
                         node.running[message["key"]] = message["run_id"]
+                    elif message.get("op") == POLICY_OP:
+                        self.policies += 1
                     elif message.get("op") in ("free-keys", "cancel-compute"):
                         for key in message.get("keys", [message.get("key")]):
                             node.running.pop(key, None)

@@ -73,3 +73,16 @@ def test_a_worker_has_heartbeat_and_keep_alive_callbacks_and_a_background_task_g
 
     assert "self._ongoing_background_tasks = AsyncTaskGroup()" in source(Server.__init__)
     assert callable(AsyncTaskGroup.call_soon)
+
+
+def test_the_scheduler_fails_a_task_waiting_for_a_worker_through_its_transition_engine():
+    from distributed import Scheduler
+    from distributed.core import error_message
+
+    assert ("no-worker", "erred") in Scheduler._TRANSITIONS_TABLE
+    fields = set(inspect.signature(Scheduler._transition_no_worker_erred).parameters)
+    assert {"cause", "exception", "traceback", "exception_text", "traceback_text"} <= fields
+    assert set(error_message(ValueError("x"))) == {"status", "exception", "traceback", "exception_text", "traceback_text"}
+    assert list(inspect.signature(Scheduler._transitions).parameters)[1:] == ["recommendations", "client_msgs", "worker_msgs",
+                                                                               "stimulus_id"]
+    assert callable(Scheduler.send_all)

@@ -142,15 +142,17 @@ def test_failed_validation_escalates_per_policy(node):
     assert orchestrator.counters.validation_failures == 2
 
 
-def test_policy_is_persisted_and_reloaded(node, tmp_path):
+def test_policy_is_persisted_for_the_next_start_which_enforces_what_it_is_given(node, tmp_path):
     orchestrator = node(state_dir=tmp_path / "state")
     orchestrator.set_policy(NodePolicy(version=3, max_concurrency=2, on_validation_failure="reject"))
-    orchestrator.set_policy(NodePolicy(version=2, max_concurrency=7))  # older: ignored
-    restarted = node(state_dir=tmp_path / "state")
-    assert restarted.policy == NodePolicy(version=3, max_concurrency=2, on_validation_failure="reject")
-    assert restarted.concurrency.maximum == 2
+    orchestrator.set_policy(NodePolicy(version=2, max_concurrency=7))  # the latest the scheduler sent is enforced
+    assert orchestrator.concurrency.maximum == 7
+    saved = NodeOrchestrator.saved_policy(tmp_path / "state")
+    assert saved == NodePolicy(version=2, max_concurrency=7)
+    restarted = node(saved, state_dir=tmp_path / "state")  # the node plugin decides whether to trust it
+    assert restarted.policy == saved and restarted.concurrency.maximum == 7
     (tmp_path / "state" / "policy.json").write_text("{not json")
-    assert node(NodePolicy(version=9), state_dir=tmp_path / "state").policy.version == 9
+    assert NodeOrchestrator.saved_policy(tmp_path / "state") is None
 
 
 def test_adaptive_concurrency_grows_while_throughput_rises_and_backs_off():

@@ -24,7 +24,8 @@ refinement queue adapts to throughput and memory pressure
 The orchestrator lives in the worker process, started by :class:`~rqml_dask.node.NodePlugin`;
 it knows nothing of the scheduler, so it runs on unchanged when the scheduler is lost
 (degraded mode, :mod:`rqml_dask.node.worker`). What must outlive the process is persisted:
-its policy (``policy.json`` in the node's directory), its tasks' checkpoints with the
+its policy (``policy.json`` in the node's directory: :meth:`NodeOrchestrator.saved_policy`
+reads it, the node plugin decides whether to trust it), its tasks' checkpoints with the
 checkpoint store, and the tasks it holds (:mod:`rqml_dask.node.state`).
 """
 
@@ -60,6 +61,8 @@ PROGRESS_POINTS = 32
 """Each heartbeat carries the latest this many convergence checks of every task refining
 (the scheduler keeps the ones it has not seen: a lost heartbeat loses nothing at up to this
 many checks per heartbeat)."""
+POLICY_FILE = "policy.json"
+"""Where in its state directory an orchestrator keeps the policy it enforces."""
 
 
 class PushedBack(RuntimeError):
@@ -106,7 +109,7 @@ class NodeOrchestrator:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.resources = resources
-        self.policy = NodePolicy.load(self.policy_path) or policy or NodePolicy()
+        self.policy = policy or NodePolicy()
         knobs = self.settings.concurrency
         self.concurrency = AdaptiveConcurrency(self.policy.min_concurrency, self.policy.max_concurrency, gain=knobs.gain,
                                                memory_high=knobs.memory_high, hold_windows=knobs.hold_windows)
@@ -127,7 +130,12 @@ class NodeOrchestrator:
 
     @property
     def policy_path(self) -> Path:
-        return self.state_dir / "policy.json"
+        return self.state_dir / POLICY_FILE
+
+    @staticmethod
+    def saved_policy(state_dir: Path) -> NodePolicy | None:
+        """The policy an orchestrator on ``state_dir`` saved last (``None``: none, or unreadable)."""
+        return NodePolicy.load(Path(state_dir) / POLICY_FILE)
 
     def start(self) -> None:
         self._thread.start()
@@ -168,10 +176,9 @@ class NodeOrchestrator:
             self._cond.notify_all()
 
     def set_policy(self, policy: NodePolicy) -> None:
-        """Adopt and persist ``policy`` (an older version than the current one is ignored)."""
+        """Enforce ``policy`` from now on, and persist it (whoever calls decides whether it
+        is to be trusted: the node enforces the latest policy its scheduler sent)."""
         with self._cond:
-            if policy.version < self.policy.version:
-                return
             self.policy = policy
             self.concurrency.bound(policy.min_concurrency, policy.max_concurrency)
             policy.save(self.policy_path)

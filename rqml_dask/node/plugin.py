@@ -38,16 +38,18 @@ from typing import Any
 
 from distributed import Reschedule, Worker, WorkerPlugin, get_worker, rejoin, secede
 from distributed.utils import log_errors, sync
+from pydantic import ValidationError
 from tornado.ioloop import PeriodicCallback
 
 from rqml_dask import events
 from rqml_dask.arrays import default_backend
 from rqml_dask.checkpoint import CheckpointError
 from rqml_dask.config import NodeSettings, node_settings, session_settings
-from rqml_dask.messages import DECISION, OUTCOME, POLICY, Decision, NodePolicy, TaskOutcome
+from rqml_dask.messages import DECISION, OUTCOME, POLICY_OP, Decision, NodePolicy, TaskOutcome
 from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.http import add_routes, register_collector
 from rqml_dask.node.orchestrator import NodeOrchestrator, PushedBack
+from rqml_dask.node.policy import PolicyGate
 from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.node.results import copy_result, host_core, outcome_of, recorded_outcome, vote_on
 from rqml_dask.node.state import NodeState
@@ -56,7 +58,8 @@ from rqml_dask.refinement import Refinement
 from rqml_dask.stores import LMDBStore, open_store
 from rqml_dask.stores.artifacts import ArtifactStore
 from rqml_dask.task import CheckpointSettings, RQMLTask
-from rqml_dask.trust.signing import Seal
+from rqml_dask.trust.policy import PolicyVerifier
+from rqml_dask.trust.signing import Seal, SignatureError
 from rqml_dask.trust.session import SessionRenewer
 from rqml_dask.trust.transport import Credentials, peer_identity
 from rqml_dask.volumes import write_core
@@ -148,6 +151,10 @@ class NodePlugin(WorkerPlugin):
         """Renews this node's certificate through the scheduler (``pqtls://`` clusters)."""
         self.seal: Seal | None = None
         """This node's signing key and what it checks others' signatures with (``pqtls://`` clusters)."""
+        self.policy_gate = PolicyGate(None)
+        """Checks the policies the node is given (signed by its scheduler over ``pqtls://``)."""
+        self._dropped_policy: str | None = None
+        """Why the policy the node saved was dropped when it started, until alerted."""
 
     def setup(self, worker: Worker) -> None:
         self.settings = node_settings()  # checked at start: a bad value stops the worker, naming its key
@@ -161,12 +168,13 @@ class NodePlugin(WorkerPlugin):
                 self._unsent_alerts.append(("node-state-damaged", {"problem": damage}))
         backend = default_backend(cpu_threads=worker.state.nthreads)
         resources = ResourceMonitor(worker.memory_manager.memory_limit)
-        self.orchestrator = NodeOrchestrator(backend, state_dir, resources, self.policy, on_event=self._supervision_event,
+        policy = self._starting_policy(worker, state_dir)
+        self.orchestrator = NodeOrchestrator(backend, state_dir, resources, policy, on_event=self._supervision_event,
                                              settings=self.settings)
         self.orchestrator.start()
         worker.metrics["rqml"] = self.heartbeat
         worker.handlers["rqml_decide"] = self._handle_decision
-        worker.handlers["rqml_policy"] = self._handle_policy
+        worker.stream_handlers[POLICY_OP] = self._receive_policy
         worker.handlers["rqml_progress"] = self._handle_progress
         worker.handlers["rqml_quarantined"] = self._handle_quarantined
         add_routes(worker)
@@ -648,11 +656,37 @@ class NodePlugin(WorkerPlugin):
         self.quarantined.update(names)
         return {"status": "OK"}
 
-    @log_errors
-    def _handle_policy(self, comm: Any = None, policy: dict | None = None) -> dict:
-        self._from_scheduler(comm, "rqml_policy")
-        self.orchestrator.set_policy(POLICY.validate_python(policy))
-        return {"status": "OK"}
+    def _starting_policy(self, worker: Worker, state_dir: Path) -> NodePolicy:
+        """The policy the node enforces until its scheduler sends one: the one it saved, if
+        it may be trusted (:class:`~rqml_dask.node.policy.PolicyGate`), else its initial one."""
+        secure = str(worker.scheduler.address).startswith("pqtls://")
+        if secure:
+            credentials = Credentials.from_config()
+            self.policy_gate = PolicyGate(PolicyVerifier.load(credentials.ca, credentials.crl))
+        saved, dropped = self.policy_gate.saved(NodeOrchestrator.saved_policy(state_dir))
+        if dropped is not None:
+            logger.warning("%s", dropped)
+            self._dropped_policy = dropped  # alerted once the scheduler hears (Dask drops events sent before)
+        return saved or self.policy or NodePolicy()
+
+    def _receive_policy(self, policy: Any = None) -> None:
+        """``rqml-policy`` on the scheduler's batched stream: the policy to enforce from now
+        on (:mod:`rqml_dask.node.policy`). One refused is logged and alerted, never raised:
+        an exception here would end the worker's stream."""
+        peer = peer_identity(getattr(self.worker.batched_stream, "comm", None))
+        try:
+            received = self.policy_gate.received(policy, str(peer["name"]) if peer is not None else None)
+        except (ValidationError, SignatureError) as exc:
+            logger.error("policy from the scheduler refused: %s", exc)
+            self._alert("policy-refused", {"reason": str(exc)})
+            return
+        previous = self.orchestrator.policy
+        self.orchestrator.set_policy(received)
+        if (dropped := PolicyGate.replaced(previous, received)) is not None:
+            logger.warning("%s", dropped)
+        if (dropped := self._dropped_policy or dropped) is not None:
+            self._dropped_policy = None
+            self._alert("policy-dropped", {"reason": dropped, "version": received.version})
 
     @log_errors
     def _handle_progress(self, keys: list[str]) -> dict[str, int]:

@@ -21,7 +21,10 @@ Supervision: nodes apply the policy this plugin sends them (escalate along the l
 diversify to another model family, then end the task with a clear reason) and report every
 decision on the ``supervision_events`` topic; the runtime records them per task, reroutes a
 task to another node when its node reports it stuck there, and terminates tasks past the
-policy's limits.
+policy's limits. The policy is the scheduler's (:mod:`rqml_dask.scheduler.policy`): numbered
+and, over ``pqtls://``, signed here, sent to each node on its batched stream when it
+registers and on every change; a task of a class no node can run under it fails with the
+reason instead of waiting for ever.
 
 Reconciliation: a node that kept working without a scheduler (an
 :class:`~rqml_dask.node.worker.RQMLWorker` in degraded mode) reports, once registered again,
@@ -43,6 +46,7 @@ judged: results that keep losing votes lower its reliability down to quarantine.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -59,6 +63,7 @@ from cryptography import x509
 from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
+from distributed.comm import CommClosedError
 from distributed.core import normalize_address
 from distributed.scheduler import TaskState
 from distributed.utils import log_errors
@@ -67,14 +72,16 @@ from pydantic import ValidationError
 from dask.typing import Key
 
 from rqml_dask import events
-from rqml_dask.compat import restrict_strictly
+from rqml_dask.compat import fail_task, restrict_strictly
 from rqml_dask.config import SchedulerSettings, result_settings, scheduler_settings, session_settings
 from rqml_dask.messages import (
-    DECISION, POLICY, TASK_REPORTS, InvalidHeartbeat, NodeLink, NodePolicy, TaskProgress, TaskReport, TaskTraits, read_heartbeat, task_name,
+    DECISION, POLICY, POLICY_OP, TASK_REPORTS, InvalidHeartbeat, NoCapableNode, NodeLink, NodePolicy, TaskProgress, TaskReport,
+    TaskTraits, read_heartbeat, read_policy, task_name,
 )
 from rqml_dask.node_installer import INSTALLER_NAME, NodeInstaller
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.gatekeeper import HANDLER_ROLES, Gatekeeper, only_roles
+from rqml_dask.scheduler import policy as policies
 from rqml_dask.scheduler.ledger import Ledger
 from rqml_dask.scheduler.records import NODE_SERIES, NodeHistory, NodeRecord, Runs, TaskRecord, Trace
 from rqml_dask.scheduler.reliability import Reliability
@@ -120,7 +127,14 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
 
     def __init__(self, policy: NodePolicy | None = None, seed: int | None = None, release_interval: float = 0.1) -> None:
         self.settings: SchedulerSettings = scheduler_settings()
-        self.policy = policy or NodePolicy(version=1)
+        self.policy = policy or NodePolicy()
+        """The policy every node is sent; numbered (and signed) when the plugin starts."""
+        self._signs_policies = False
+        """Whether this scheduler signs the policies it sends (``pqtls://``)."""
+        self._policy_sent = False
+        """Whether nodes are sent the policy yet (once every worker gets the node plugin)."""
+        self._no_gpu_since: float | None = None
+        """Since when GPU-only tasks have waited on a cluster with nodes but no GPU node."""
         self.rng = np.random.default_rng(seed)
         self.release_interval = release_interval
         self.tasks: dict[str, TaskRecord] = {}
@@ -174,8 +188,12 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             credentials, results = Credentials.from_config(), result_settings()
             verifier = Verifier.load(credentials.ca, credentials.crl, self.gatekeeper.quarantined)  # the quarantine, shared
             self.result_check = ResultCheck(verifier, results.max_skew, results.remembered)
+        self._signs_policies = any(address.startswith("pqtls://") for address in scheduler.listen_address.split(","))
+        self.policy = policies.issue(self.policy, None, sign=self._signs_policies)
         # every worker, now and later, becomes a node (a bare `dask worker` included)
         await scheduler.register_worker_plugin(None, dumps(NodeInstaller()), name=INSTALLER_NAME, idempotent=True)
+        self._policy_sent = True  # from now on every worker has the node plugin's stream handler
+        self._send_policy(list(self.nodes))
 
     def _start_authority(self, scheduler: Scheduler) -> None:
         """Hold the CA to issue session certificates, and renew this scheduler's own from it
@@ -313,7 +331,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             self.nodes[worker] = NodeRecord(worker, Reliability(**asdict(self.settings.reliability)))
             self.table.add(worker)
             self._update_room(self.nodes[worker])
-            scheduler.loop.add_callback(self._push_policy, worker)
+            self._send_policy([worker])
             if self.gatekeeper.quarantined:
                 scheduler.loop.add_callback(self._push_quarantine, worker)
         ws = scheduler.workers.get(worker)
@@ -377,6 +395,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         """Every ``release_interval``: bring the node table up to date for the nodes that
         changed since the last tick (:meth:`_refresh_nodes`), then bind pending tasks."""
         self._refresh_nodes()
+        self._note_gpu_nodes()
         self._release()
 
     def _quarantine(self, address: str, name: str, reason: str) -> None:
@@ -502,6 +521,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             if record is not None and record.state == "pending" and ts is not None and ts.state in ("waiting", "released"):
                 return "wait"  # not runnable yet
             return None
+        if self._gpu_only(record.traits) and not self.table.gpu.any():
+            return self._without_capable_node(record, ts)
         job_node = self.ledger.jobs.get(record.traits.key)
         if job_node in self.nodes and self._running(job_node):
             address = job_node  # the node already refines it (or has its result): join it there
@@ -528,6 +549,28 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
 
     def _gpu_only(self, traits: TaskTraits) -> bool:
         return traits.task_class in self.policy.gpu_classes
+
+    def _note_gpu_nodes(self) -> None:
+        """Keep since when the cluster has had nodes but none with a GPU."""
+        if self.table.gpu.any() or not self.nodes:
+            self._no_gpu_since = None
+        elif self._no_gpu_since is None:
+            self._no_gpu_since = time.monotonic()
+
+    def _without_capable_node(self, record: TaskRecord, ts: TaskState) -> str | None:
+        """A GPU-only task on a cluster without a GPU node: it waits
+        (``"wait"``) while that has lasted less than ``rqml.scheduler.capable-node-grace``,
+        then fails with the reason (:class:`~rqml_dask.messages.NoCapableNode`; ``None``)."""
+        waited = time.monotonic() - self._no_gpu_since if self._no_gpu_since is not None else 0.0
+        if waited < self.settings.capable_node_grace:
+            return "wait"
+        reason = policies.no_capable_node(self.policy, record.traits.task_class, len(self.nodes), waited)
+        logger.warning("%s: %s", record.traits.task_id, reason)
+        self.runs.set_state(record, "erred")
+        fail_task(self.scheduler, ts.key, NoCapableNode(reason), f"rqml-no-capable-node-{time.time()}")
+        events.publish(self.scheduler, events.ALERTS, "no-capable-node", task_id=record.traits.task_id, key=record.traits.key,
+                       reason=reason)
+        return None
 
     def _slow(self) -> np.ndarray:
         """Which nodes are slow: below ``rqml.scheduler.tail-speed-ratio`` of the fastest."""
@@ -631,7 +674,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         """``rqml_status``: the cluster as the plugin sees it, of a bounded size at any number of tasks.
 
         * ``nodes``: every node's weight figures, reliability, queues, iteration rate, warm
-          models, link and whether its figures were refused;
+          models, link, whether its figures were refused, and the version of the policy it
+          enforces (``policy_version``, from its latest heartbeat);
         * ``counts``: how many tasks are in each state (``pending``, ``bound``, ``done``,
           ``erred``, ``released``): of the run ``run`` if given, else of every run;
         * ``runs``: for each of those runs (the latest submitted last), its number of tasks
@@ -642,7 +686,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
           each state's in the order they came to it, from the ``offset``-th on;
         * ``total``: how many tasks ``tasks`` was taken from (``offset`` and ``limit`` page
           through them);
-        * ``policy`` and ``quarantined`` (node name -> reason).
+        * ``policy`` (the scheduler's, as :func:`~rqml_dask.scheduler.policy.summary` shows
+          it) and ``quarantined`` (node name -> reason).
         """
         now = time.monotonic()
         nodes = {address: self._node_status(address, node, now) for address, node in self.nodes.items()}
@@ -658,7 +703,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         }
         return {"nodes": nodes, "counts": counts, "runs": {name: {"tasks": len(found.records), "iterations": found.iterations}
                                                            for name, found in runs.items()},
-                "tasks": tasks, "total": sum(map(len, groups)), "policy": asdict(self.policy),
+                "tasks": tasks, "total": sum(map(len, groups)), "policy": policies.summary(self.policy),
                 "quarantined": dict(self.gatekeeper.quarantined)}
 
     def _node_status(self, address: str, node: NodeRecord, now: float) -> dict[str, Any]:
@@ -674,6 +719,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             "queues": {"inbound": f.inbound, "refining": f.refining, "outbound": f.outbound},
             "iterations_per_second": f.iterations_per_second,
             "warm_models": list(f.warm_models),
+            "policy_version": f.policy_version,
             "gpu_count": f.gpu_count,
             "checkpoint_backlog": f.checkpoints.pending,
             "link": {name: getattr(f.link, name) for name in LINK_FIGURES},
@@ -793,14 +839,21 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         ws = self.scheduler.workers.get(address)
         return str(ws.name) if ws is not None else "?"
 
-    @log_errors
     def handle_policy(self, comm: Any = None, policy: dict | None = None) -> dict[str, Any]:
-        """Set (when given) and return the policy; a new one is pushed to every node."""
+        """``rqml_policy``: adopt ``policy`` (when given) and return the policy
+        (:func:`~rqml_dask.scheduler.policy.summary`). A new one is numbered (its ``version``
+        is the scheduler's; a caller's is ignored), signed over ``pqtls://``, and sent to every
+        node. Refused with :class:`~rqml_dask.messages.InvalidPolicy` naming the field: a
+        field out of its bounds, or ``gpu_classes`` on a cluster whose nodes have no GPU."""
         if policy is not None:
-            self.policy = POLICY.validate_python(policy)
-            for address in list(self.nodes):
-                self.scheduler.loop.add_callback(self._push_policy, address)
-        return asdict(self.policy)
+            proposed = read_policy(policy)
+            gpu_nodes = sum(node.figures.gpu_count > 0 for node in self.nodes.values())
+            if (refused := policies.refusal(proposed, len(self.nodes), gpu_nodes)) is not None:
+                raise refused
+            self.policy = policies.issue(proposed, self.policy, sign=self._signs_policies)
+            logger.info("policy version %d adopted", self.policy.version)
+            self._send_policy(list(self.nodes))
+        return policies.summary(self.policy)
 
     @log_errors
     async def handle_decision(self, comm: Any = None, key: str = "", action: str = "", reason: str = "") -> dict[str, Any]:
@@ -903,8 +956,14 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         except Exception as exc:
             logger.warning("could not send the quarantine to %s: %s", address, exc)
 
-    async def _push_policy(self, address: str) -> None:
-        try:
-            await self.scheduler.rpc(address).rqml_policy(policy=POLICY.dump_python(self.policy, mode="json"))
-        except Exception as exc:  # the node keeps its cached policy until it hears again
-            logger.warning("could not send policy to %s: %s", address, exc)
+    def _send_policy(self, addresses: list[str]) -> None:
+        """Send the policy to the nodes at ``addresses`` on their batched streams (coalesced
+        with whatever else goes to each; no connection of its own). A node that is gone is
+        skipped: it is sent the policy when it registers again."""
+        if not self._policy_sent:
+            return
+        policy = POLICY.dump_python(self.policy, mode="json")
+        for address in addresses:
+            if (stream := self.scheduler.stream_comms.get(address)) is not None:
+                with contextlib.suppress(CommClosedError):  # leaving: it gets the policy when it registers again
+                    stream.send({"op": POLICY_OP, "policy": policy})
