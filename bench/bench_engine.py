@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-# The engine loads models by name ("module:Class"): make this file importable as
+# The engine loads models by name ("module:Class" of a plugin module): make this file importable as
 # ``bench_engine`` so the orchestrator's thread finds TrivialModel in this same process.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rqml_dask.arrays import ArrayBackend, numpy_backend  # noqa: E402
-from rqml_dask.models import RefinementModel, load_model  # noqa: E402
+from rqml_dask.models import RefinementModel, allow_plugin_module, load_model  # noqa: E402
 from rqml_dask.node.orchestrator import NodeOrchestrator  # noqa: E402
 from rqml_dask.messages import NodePolicy  # noqa: E402
 from rqml_dask.node.resources import ResourceMonitor  # noqa: E402
@@ -49,6 +49,7 @@ from rqml_dask.refinement import Refinement  # noqa: E402
 from rqml_dask.task import ArrayRef, ConvergenceSettings, Region, RQMLTask, TaskInput  # noqa: E402
 
 MODEL = "bench_engine:TrivialModel"
+allow_plugin_module("bench_engine")  # as a pipeline's plugins: would: module:Class names resolve only in plugin files
 METRICS_PERIOD = 0.010
 """Seconds between two heartbeat()/queue_stats() reads of the metrics thread."""
 

@@ -142,13 +142,18 @@ def status(scheduler: str, as_json: bool) -> None:
 
     from distributed import Client
 
+    from rqml_dask.exposure import exposed, insecure_warning
+
     with Client(scheduler) as client:
         state = client.sync(client.scheduler.rqml_status)  # Dask answers None for a handler it does not have
+        insecure = exposed({client.scheduler.address, client.scheduler_info()["address"]})  # rqml.trust.allow-insecure
     if state is None:
         raise click.ClickException(f"{scheduler} does not run the RQML scheduler plugin (dask scheduler --preload rqml_dask.scheduler)")
     if as_json:
         click.echo(json.dumps(state, indent=2, default=str))
         return
+    if insecure:
+        click.secho(insecure_warning(insecure), fg="red", bold=True)
     click.echo(f"{'node':<28}{'room':>5}{'speed':>7}{'reliab':>8}{'bound':>6}{'done':>6}{'fail':>5}{'it/s':>8}  queues i/r/o  link{'':<13}warm models")
     for address, n in sorted(state["nodes"].items()):
         q = n["queues"]

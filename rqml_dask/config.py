@@ -141,6 +141,17 @@ class ResultSettings:
     remembered: Annotated[int, Field(ge=1)]
 
 
+@dataclass(frozen=True)
+class ExposureSettings:
+    """``rqml.trust.allow-insecure`` and ``rqml.trust.expose-http``: which doors of a process
+    other hosts may reach (:mod:`rqml_dask.exposure`)."""
+
+    __pydantic_config__ = _STRICT
+
+    allow_insecure: bool
+    expose_http: bool
+
+
 _Settings = TypeVar("_Settings")
 
 
@@ -173,10 +184,22 @@ def result_settings() -> ResultSettings:
     return _read("rqml.trust.results", ResultSettings, _DEFAULTS["rqml"]["trust"]["results"])
 
 
+def exposure_settings() -> ExposureSettings:
+    """``rqml.trust.allow-insecure`` and ``rqml.trust.expose-http`` as configured now, checked
+    (a key left out takes its default, as for :func:`session_settings`)."""
+    keys = ("allow-insecure", "expose-http")
+    value = {key: dask.config.get(f"rqml.trust.{key}", default=_DEFAULTS["rqml"]["trust"][key]) for key in keys}
+    return _validated("rqml.trust", ExposureSettings, value)
+
+
 def _read(key: str, cls: type[_Settings], defaults: dict[str, Any] | None = None) -> _Settings:
     value = dask.config.get(key, default=None) if defaults is not None else dask.config.get(key)
     if defaults is not None:
         value = {**defaults, **(value or {})}
+    return _validated(key, cls, value)
+
+
+def _validated(key: str, cls: type[_Settings], value: Any) -> _Settings:
     try:
         return TypeAdapter(cls).validate_python(_underscored(value))
     except ValidationError as exc:

@@ -7,9 +7,11 @@ class. A model family is an algorithm (Richardson-Lucy, conjugate gradient); mod
 ranked by ``size`` along an escalation ladder; switching family adds diversity. The engine
 imports neither by name: built-in ones are found like any a user adds, through the
 ``rqml_dask.task_classes`` and ``rqml_dask.models`` entry-point groups, and a model may also
-be given as ``"module:Class"`` (a module installed, or shipped with the pipeline's
-``plugins:``, :mod:`rqml_dask.pipeline.plugins`). :func:`check_model` tries a family on its
-class's probe problem before any task runs.
+be given as ``"module:Class"`` where ``module`` is one of the pipeline's own plugin files
+(``plugins:``, :mod:`rqml_dask.pipeline.plugins`, which names them here with
+:func:`allow_plugin_module`, in the client and on every worker) or a module inside one; a
+model name resolves nowhere else, and nothing is imported to find out that it does not.
+:func:`check_model` tries a family on its class's probe problem before any task runs.
 """
 
 from __future__ import annotations
@@ -27,12 +29,26 @@ import numpy as np
 from rqml_dask.arrays import Array, ArrayBackend
 
 __all__ = [
-    "Array", "ArrayBackend", "ModelCheckError", "RefinementModel", "TaskClass", "check_model", "load_model",
-    "load_task_class", "registered_models", "registered_task_classes",
+    "Array", "ArrayBackend", "ModelCheckError", "RefinementModel", "TaskClass", "allow_plugin_module", "check_model",
+    "is_plugin_module", "load_model", "load_task_class", "registered_models", "registered_task_classes",
 ]
 
 ENTRY_POINT_GROUP = "rqml_dask.models"
 TASK_CLASS_GROUP = "rqml_dask.task_classes"
+
+_plugin_modules: set[str] = set()
+"""The top-level module names of the pipeline plugin files this process loaded."""
+
+
+def allow_plugin_module(name: str) -> None:
+    """Let ``module:Class`` model names resolve in the top-level module ``name`` (and the
+    modules of its package): a pipeline's plugin file, loaded by this process."""
+    _plugin_modules.add(name)
+
+
+def is_plugin_module(module: str) -> bool:
+    """Whether ``module`` is a plugin module (:func:`allow_plugin_module`) or inside one."""
+    return module.partition(".")[0] in _plugin_modules
 
 
 class TaskClass(abc.ABC):
@@ -158,8 +174,9 @@ class RefinementModel(abc.ABC):
 
 
 class UnknownModelError(LookupError):
-    """A model name that is neither a registered entry point nor ``module:Class``, or a
-    class that does not keep the contract (the message names it and what it lacks)."""
+    """A model name that is neither a registered entry point nor ``module:Class`` of a
+    plugin module, or a class that does not keep the contract (the message names it and what
+    it lacks)."""
 
 
 class ModelCheckError(ValueError):
@@ -167,11 +184,18 @@ class ModelCheckError(ValueError):
 
 
 def load_model(name: str) -> type[RefinementModel]:
-    """The model class registered as ``name``, or imported from ``"module:Class"`` (looked
-    up afresh each time: a plugin module shipped again is the new one). Refuses a class that
-    is no :class:`RefinementModel`, lacks a required method, or names no ``task_class``."""
+    """The model class registered as ``name``, or ``Class`` of a plugin module for
+    ``"module:Class"`` (looked up afresh each time: a plugin module shipped again is the new
+    one); a ``module`` that is no plugin module (:func:`is_plugin_module`) is refused before
+    anything is imported. Refuses a class that is no :class:`RefinementModel`, lacks a
+    required method, or names no ``task_class``."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        if not is_plugin_module(module_name):
+            raise UnknownModelError(
+                f"model {name!r}: {module_name!r} is not one of the pipeline's plugin files (plugins: "
+                f"{', '.join(sorted(_plugin_modules)) or 'none'}); a model is a registered one "
+                f"({', '.join(registered_models())}) or module:Class of a file listed under plugins:")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:

@@ -15,6 +15,8 @@ import msgpack
 from pydantic import ConfigDict, Field, TypeAdapter
 from typing_extensions import Annotated
 
+from rqml_dask.names import check_task_id
+
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -196,6 +198,13 @@ class RQMLTask:
     checkpoint: CheckpointSettings | None = None
     input_digest: str | None = None
     plugin_digest: str | None = None
+
+    def __post_init__(self) -> None:
+        """A task id that is no :func:`~rqml_dask.names.check_task_id` name (``..``, an empty
+        part, a character it never holds) raises :class:`~rqml_dask.names.UnsafeName`: it names
+        the task's checkpoint artifacts and records. Checked on every construction and copy
+        (``dataclasses.replace``, as a node does on loading a task's data) and validation."""
+        check_task_id(self.task_id)
 
     @property
     def key(self) -> str:

@@ -56,6 +56,7 @@ def sleepy_pipeline(store: Path, out: Path, tile: list[int], iterations: int, de
                 "output": config.output.model_copy(update={"store": out}),
                 "tiling": config.tiling.model_copy(update={"tile": tuple(tile)}),
                 "models": config.models.model_copy(update={"ladder": ["sleepy_model:SleepyModel"], "params": {"sleepy_model:SleepyModel": {"delay": delay}}}),
+                "plugins": [Path(__file__).with_name("sleepy_model.py")],
                 "convergence": config.convergence.__class__(max_iterations=iterations, stability_tol=0, consistency_tol=0, novelty_window=10**6, held_out_fraction=0,
                                                             accept_max_iterations=True),
                 "checkpoint": config.checkpoint.model_copy(update={"every_iterations": 10, "artifacts": Path(f"{out}.checkpoints")}),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from conftest import pipeline_dict, write_yaml
+from conftest import TESTS, pipeline_dict, write_yaml
 from timing import bound
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,8 @@ def test_the_progress_bar_shows_iterations_before_the_first_task_finishes(tmp_pa
     paced = {"max_iterations": 120, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6,
              "accept_max_iterations": True}
     config = pipeline_dict(small_volume, tmp_path / "out.zarr", tiling={"tile": [24, 48, 48], "halo": "auto"}, convergence=paced,
-                           models={"ladder": ["sleepy_model:SleepyModel"], "params": {"sleepy_model:SleepyModel": {"delay": 0.05}}})
+                           models={"ladder": ["sleepy_model:SleepyModel"], "params": {"sleepy_model:SleepyModel": {"delay": 0.05}}},
+                           plugins=[str(TESTS / "sleepy_model.py")])
     done = rqml("run", str(write_yaml(tmp_path / "p.yaml", config)), "--progress")
     assert done.returncode == 0, done.stderr
     before_the_end = [int(n) for n in re.findall(r"0/1 \[[^\]]*iterations=(\d+)", done.stderr)]
@@ -107,7 +108,8 @@ NOT_ACCEPTED = {
     "stalled": {"convergence": {"max_iterations": 300, "check_every": 5, "stability_tol": 1e-12, "novelty_window": 10, "min_progress": 0.5}},
     "max_iterations": {"convergence": FIXED},  # not converged, and the pipeline does not accept that
     "rejected": {"convergence": {**FIXED, "accept_max_iterations": True}, "validation": {"max_misfit": 1e-9}},
-    "failed": {"convergence": {**FIXED, "accept_max_iterations": True}, "models": {"ladder": ["raising_model:RaisingModel"]}},
+    "failed": {"convergence": {**FIXED, "accept_max_iterations": True}, "models": {"ladder": ["raising_model:RaisingModel"]},
+               "plugins": [str(TESTS / "raising_model.py")]},
 }
 
 
@@ -127,7 +129,8 @@ def test_a_run_with_a_task_not_accepted_exits_non_zero_names_it_and_leaves_the_o
 
     settings = {"models": {"ladder": ["richardson_lucy"]}, "tiling": {"tile": [24, 48, 48]}, **NOT_ACCEPTED.get(state, {})}
     if state == "terminated":  # the operator's policy ends tasks refining longer than a second
-        settings.update(models={"ladder": ["sleepy_model:SleepyModel"]}, convergence={**FIXED, "max_iterations": 10**6})
+        settings.update(models={"ladder": ["sleepy_model:SleepyModel"]}, convergence={**FIXED, "max_iterations": 10**6},
+                        plugins=[str(TESTS / "sleepy_model.py")])
         with Client(scheduler_address) as client:
             client.sync(client.scheduler.rqml_policy, policy={"version": 2, "max_task_seconds": 1.0})
     config = write_yaml(tmp_path / "p.yaml", pipeline_dict(small_volume, tmp_path / "out.zarr", **settings))

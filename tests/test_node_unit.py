@@ -13,6 +13,7 @@ from rqml_dask.arrays import numpy_backend
 from rqml_dask.node.concurrency import AdaptiveConcurrency
 from rqml_dask.node.orchestrator import NodeOrchestrator
 from rqml_dask.messages import Decision, NodePolicy
+from rqml_dask.models import allow_plugin_module
 from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.refinement import Refinement
 from rqml_dask.synthetic import gaussian_psf
@@ -199,6 +200,7 @@ def test_a_revalidate_decision_escalates_a_task_whose_estimate_fails_now(node):
 
 
 def test_a_model_that_raises_fails_its_task_alone_and_the_node_goes_on(node):
+    allow_plugin_module("raising_model")  # as shipping it with a pipeline (plugins:) does on a worker
     events = []
     orchestrator = node(NodePolicy(min_concurrency=2, max_concurrency=2))
     orchestrator.on_event = events.append

@@ -12,7 +12,7 @@ from rqml_dask import Pipeline, TaskOutcome
 from rqml_dask.pipeline.pipeline import PipelineError
 from rqml_dask.volumes import InputError
 
-from conftest import pipeline_dict, write_yaml
+from conftest import TESTS, pipeline_dict, write_yaml
 from timing import wait_for
 
 pytestmark = pytest.mark.slow
@@ -169,7 +169,8 @@ def test_a_model_that_raises_fails_its_tasks_the_run_says_so_and_the_nodes_go_on
     fixed = {"max_iterations": 10, "check_every": 5, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 1000,
              "accept_max_iterations": True}
     (tmp_path / "bad").mkdir()
-    bad = make_pipeline(tmp_path / "bad", small_volume, models={"ladder": ["raising_model:RaisingModel"]}, convergence=fixed)
+    bad = make_pipeline(tmp_path / "bad", small_volume, models={"ladder": ["raising_model:RaisingModel"]}, convergence=fixed,
+                        plugins=[str(TESTS / "raising_model.py")])
     report = bad.run(client, progress=False)
     assert len(report.rejected) == len(report.outcomes) == 8
     assert all(o.status == "failed" and o.error is None for o in report.outcomes)

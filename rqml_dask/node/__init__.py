@@ -32,15 +32,24 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 async def dask_setup(worker) -> None:
-    """Preload hook: start the node plugin on this worker. A bad ``rqml.node`` value stops
-    the worker, naming its key (Dask only logs an exception a preload raises)."""
-    from rqml_dask.config import ConfigError, node_settings
+    """Preload hook: move the worker's HTTP endpoints to loopback unless
+    ``rqml.trust.expose-http`` (:func:`~rqml_dask.exposure.confine_http`) and log where they
+    listen; start the node plugin on this worker. A bad ``rqml.node`` or ``rqml.trust`` value
+    stops the worker, naming its key (Dask only logs an exception a preload raises)."""
+    import logging
+
+    from rqml_dask.config import ConfigError, exposure_settings, node_settings
+    from rqml_dask.exposure import confine_http
     from rqml_dask.node.plugin import NodePlugin
 
     try:
         node_settings()
+        exposure = exposure_settings()
     except ConfigError as exc:
         raise SystemExit(f"rqml node: {exc}") from None
+    if worker.http_server is not None:
+        door = confine_http(worker.http_server, exposure)
+        logging.getLogger(__name__).log(door.level, door.describe(f"node {worker.name}'s HTTP server (/health, /metrics, ...)"))
     await worker.plugin_add(NodePlugin(), catch_errors=False)
 
 

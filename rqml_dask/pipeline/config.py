@@ -1,8 +1,9 @@
 """The pipeline YAML schema, and loading a file with errors that name the file and the key.
 
 A pipeline file is validated completely before anything runs: unknown keys, wrong types,
-out-of-range values, unknown model names and model parameters a model does not take are
-refused with ``FILE: key.path: what was expected``.
+out-of-range values, names that would make paths outside their place (``name``,
+``output.array``, the input's arrays: :mod:`rqml_dask.names`), unknown model names and model
+parameters a model does not take are refused with ``FILE: key.path: what was expected``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rqml_dask.arrays import numpy_backend
 from rqml_dask.models import ModelCheckError, UnknownModelError, check_model, load_model, load_task_class
+from rqml_dask.names import ArrayPath, Name
 from rqml_dask.pipeline.plugins import PluginError, import_plugins
 from rqml_dask.synthetic import SynthSpec, SystemsSpec
 from rqml_dask.task import ConvergenceSettings, ValidationSettings
@@ -45,10 +47,10 @@ class InputSpec(_Strict):
     ``unit``) is written into the result's OME metadata; unset, it is the OME input's own."""
 
     store: Path
-    image: str = "observed"
-    operator: str | None = None
+    image: ArrayPath = "observed"
+    operator: ArrayPath | None = None
     operator_store: Path | None = None
-    truth: str | None = None
+    truth: ArrayPath | None = None
     voxel_size: tuple[Annotated[float, Field(gt=0)], ...] | None = None
     unit: str = "micrometer"
     synthesize: Annotated[SynthSpec | SystemsSpec, Field(discriminator="kind")] | None = None
@@ -62,7 +64,7 @@ class OutputSpec(_Strict):
     resolution (each halves y and x; ``auto``: until both are at most 256)."""
 
     store: Path
-    array: str | None = None
+    array: Name | None = None
     pyramid: Literal["auto"] | Annotated[int, Field(ge=0, le=16)] = "auto"
 
 
@@ -132,7 +134,7 @@ class PipelineConfig(_Strict):
     relative to the file, shipped to every worker of the cluster (:mod:`rqml_dask.pipeline.plugins`);
     their models are named ``module:Class`` on the ladder."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     task_class: str = "deconvolution"
     plugins: list[Path] = []
     input: InputSpec

@@ -4,9 +4,11 @@ A pipeline's ``plugins:`` names Python files (``my_models.py``) or package direc
 (``my_models/`` with an ``__init__.py``); their models go on the ladder as
 ``module:Class``. :func:`import_plugins` imports them in this process (so the pipeline file
 is checked against them before anything runs); :func:`ship_plugins` registers each with the
-cluster as Dask's own :class:`~distributed.diagnostics.plugin.UploadFile` worker plugin (a
-package directory zipped), which the scheduler keeps and runs on every worker, those that
-join later included. :func:`plugin_digest` is what ties a task's key to the code shipped.
+cluster as a :class:`~rqml_dask.pipeline.plugin_upload.PluginUpload` worker plugin (Dask's
+own ``UploadFile``, a package directory zipped), which the scheduler keeps and runs on every
+worker, those that join later included. Both name the module a plugin module
+(:func:`rqml_dask.models.allow_plugin_module`): ``module:Class`` model names resolve in
+those modules only. :func:`plugin_digest` is what ties a task's key to the code shipped.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from rqml_dask.models import RefinementModel, load_model, registered_models
+from rqml_dask.models import RefinementModel, allow_plugin_module, is_plugin_module, load_model, registered_models
 
 if TYPE_CHECKING:  # Dask is imported where plugins are shipped: reading a pipeline file needs none
     from distributed import Client
-    from distributed.diagnostics.plugin import UploadFile
+
+    from rqml_dask.pipeline.plugin_upload import PluginUpload
 
 
 class PluginError(ValueError):
@@ -65,6 +68,7 @@ def import_plugins(paths: list[Path]) -> None:
             importlib.reload(loaded) if loaded is not None else importlib.import_module(name)
         except Exception as exc:
             raise PluginError(f"{path} does not import: {type(exc).__name__}: {exc}") from None
+        allow_plugin_module(name)
 
 
 def plugin_digest(paths: list[Path]) -> str | None:
@@ -78,12 +82,13 @@ def plugin_digest(paths: list[Path]) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def _upload(path: Path) -> UploadFile:
-    """Dask's upload plugin for one plugin: the file itself, or the package zipped."""
-    from distributed.diagnostics.plugin import UploadFile
+def _upload(path: Path) -> PluginUpload:
+    """The upload plugin for one plugin: the file itself, or the package zipped."""
+    from rqml_dask.pipeline.plugin_upload import PluginUpload
 
+    name = _check(path)
     if path.is_file():
-        return UploadFile(str(path))
+        return PluginUpload(str(path), name)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for file in _files(path):
@@ -91,7 +96,7 @@ def _upload(path: Path) -> UploadFile:
     with tempfile.TemporaryDirectory() as tmp:  # named by content: a new version is a new path on sys.path
         zipped = Path(tmp) / f"{path.name}-{plugin_digest([path])}.zip"
         zipped.write_bytes(buffer.getvalue())
-        return UploadFile(str(zipped))
+        return PluginUpload(str(zipped), name)
 
 
 def ship_plugins(client: Client, paths: list[Path]) -> None:
@@ -102,8 +107,8 @@ def ship_plugins(client: Client, paths: list[Path]) -> None:
 
 
 def available_models() -> dict[str, dict[str, str]]:
-    """The models this process can run: every registered one, and every model class loaded
-    from a plugin (as ``module:Class``), each with its task class and family."""
+    """The models this process can run: every registered one, and every model class of a
+    plugin module it loaded (as ``module:Class``), each with its task class and family."""
     found: dict[str, type[RefinementModel]] = {name: load_model(name) for name in registered_models()}
     registered = set(found.values())
     pending = list(RefinementModel.__subclasses__())
@@ -111,8 +116,8 @@ def available_models() -> dict[str, dict[str, str]]:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
         name = f"{cls.__module__}:{cls.__qualname__}"
-        if cls not in registered and not cls.__abstractmethods__ and sys.modules.get(cls.__module__) is not None \
-                and getattr(sys.modules[cls.__module__], cls.__qualname__, None) is cls:
+        if cls not in registered and not cls.__abstractmethods__ and is_plugin_module(cls.__module__) \
+                and sys.modules.get(cls.__module__) is not None and getattr(sys.modules[cls.__module__], cls.__qualname__, None) is cls:
             found[name] = cls
     return {name: {"task_class": getattr(cls, "task_class", "?"), "family": getattr(cls, "family", cls.__name__)}
             for name, cls in sorted(found.items())}

@@ -5,6 +5,12 @@ pipeline's output store, which every worker writes anyway), at
 ``ROOT/TASK_KEY/ITERATION-NODE/NAME``. They are written uncompressed: they are transient, and
 a checkpoint's cost is the time the node's writer spends on it. A reader checks each array
 against the SHA-256 its checkpoint record holds (:meth:`ArtifactRef.check`).
+
+Every path is checked to resolve under the root (``..`` and symbolic links followed,
+:func:`rqml_dask.names.inside`) before anything is written, read or deleted there: a task key
+that is no task id (:func:`rqml_dask.names.check_task_id`) or a path that leaves the root
+raises :class:`~rqml_dask.names.UnsafeName` (a record pointing outside it, on reading:
+:class:`~rqml_dask.checkpoint.CheckpointError`), and nothing is touched.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 import zarr
 
 from rqml_dask.checkpoint import ArtifactRef, CheckpointError
+from rqml_dask.names import UnsafeName, check_task_id, inside
 
 
 def _safe(part: str) -> str:
@@ -29,7 +36,13 @@ class ArtifactStore:
         self.root = Path(root)
 
     def task_dir(self, task_key: str) -> Path:
-        return self.root / "tasks" / Path(*[_safe(p) for p in task_key.split("/")])
+        """Where the task ``task_key``'s artifacts go, checked to lie under the root."""
+        check_task_id(task_key)
+        return self._inside(self.root / "tasks" / Path(*[_safe(p) for p in task_key.split("/")]), f"artifacts of task {task_key!r}")
+
+    def _inside(self, path: Path, what: str) -> Path:
+        inside(self.root, path, what)
+        return path
 
     def write(self, task_key: str, iteration: int, node: str, arrays: Mapping[str, np.ndarray]) -> tuple[ArtifactRef, ...]:
         """Write each array; return references with their digests (written before the record)."""
@@ -37,7 +50,7 @@ class ArtifactStore:
         refs = []
         for name, array in arrays.items():
             array = np.asarray(array, order="C")
-            path = directory / _safe(name)
+            path = self._inside(directory / _safe(name), f"artifact {name!r} of task {task_key!r}")
             zarr.create_array(
                 store=str(path), data=array, chunks=array.shape or (), compressors=None, overwrite=True
             )
@@ -46,7 +59,11 @@ class ArtifactStore:
 
     def read(self, ref: ArtifactRef) -> np.ndarray:
         """The artifact's array, verified against its digest; :class:`CheckpointError` if it is
-        missing, unreadable or not what the record says."""
+        missing, outside the root, unreadable or not what the record says."""
+        try:
+            self._inside(Path(ref.location), f"artifact {ref.name!r}")
+        except UnsafeName as exc:
+            raise CheckpointError(str(exc)) from None
         try:
             array = np.asarray(zarr.open_array(store=ref.location, mode="r")[...])
         except Exception as exc:
