@@ -337,7 +337,10 @@ def models(scheduler: str | None, pipeline_file: Path | None) -> None:
 
         with Client(scheduler) as client:
             ship_plugins(client, plugins)
-            found = client.run(available_models)
+            # a task on each worker, not Client.run: only an admin certificate runs code outside tasks
+            asked = {worker: client.submit(available_models, workers=[worker], allow_other_workers=False, pure=False)
+                     for worker in client.scheduler_info()["workers"]}
+            found = dict(zip(asked, client.gather(list(asked.values()))))
     for where, names in sorted(found.items()):
         click.echo(where)
         for name, about in names.items():

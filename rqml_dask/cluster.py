@@ -53,9 +53,9 @@ def _worker_environ() -> dict[str, str]:
 def secure_embedded_cluster(spec: ClusterSpec) -> Iterator[Cluster]:
     """The embedded cluster over ``pqtls://`` (``rqml run --secure``): a throw-away Central
     Authority (deleted at the end) gives the scheduler, every worker (``node-I``, its
-    ``--name``) and this process (a client) their own ML-DSA-65 certificate. While the
-    context is open this process presents the client's; process workers only (no
-    LocalCUDACluster)."""
+    ``--name``) and this process (a client, the cluster's admin: ``rqml.trust.admin-names``)
+    their own ML-DSA-65 certificate. While the context is open this process presents the
+    client's; process workers only (no LocalCUDACluster)."""
     from distributed import Nanny, Scheduler, SpecCluster
 
     from rqml_dask.trust import ca
@@ -73,8 +73,9 @@ def secure_embedded_cluster(spec: ClusterSpec) -> Iterator[Cluster]:
         worker = {"nthreads": spec.threads_per_worker, "host": "127.0.0.1", "preload": PRELOADS,
                   "memory_limit": spec.memory_limit, "dashboard_address": "127.0.0.1:0"}
         with dask.config.set({"rqml.trust": trust("client"), **_worker_environ()}):
-            # what the scheduler's listener presents; it holds the CA to renew the nodes' certificates
-            with dask.config.set({"rqml.trust": {**trust("scheduler"), "session": {"authority": str(directory)}}}):
+            # what the scheduler's listener presents; it holds the CA to renew the nodes' certificates, and
+            # this process's client is its admin (the cluster is this process's own: it closes it at the end)
+            with dask.config.set({"rqml.trust": {**trust("scheduler"), "session": {"authority": str(directory)}, "admin-names": ["client"]}}):
                 cluster = SpecCluster(
                     scheduler={"cls": Scheduler, "options": {"protocol": "pqtls", "host": "127.0.0.1",
                                                              "dashboard_address": spec.dashboard_address,

@@ -21,17 +21,24 @@ that breaks one fails there, loudly, and nowhere else:
   ``Worker._register_with_scheduler`` again (which Dask asserts is only called once), after
   :func:`prepare_registration` (a fresh ``BatchedSend``, the heartbeat digests and spans
   state a registration expects to be empty), with :func:`stop_heartbeats` while it has no
-  scheduler and :func:`in_background` for the worker's own background task group.
+  scheduler and :func:`in_background` for the worker's own background task group;
+* a handler wrapped to check its caller (:mod:`rqml_dask.scheduler.doors`,
+  :mod:`rqml_dask.node.doors`): Dask passes the comm to a handler whose first parameter is
+  ``comm`` and ``serializers`` to one that names it, as ``inspect.signature`` says
+  (:func:`takes_comm`, :func:`handler_signature`); the connections a server is handling
+  (:func:`open_comms`): ``Server._comms``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from distributed import Scheduler, Worker
 from distributed.batched import BatchedSend
-from distributed.core import error_message
+from distributed.core import Server, _expects_comm, error_message
+from distributed.utils import has_keyword
 from distributed.scheduler import TaskState
 
 
@@ -97,3 +104,23 @@ def stop_heartbeats(worker: Worker) -> None:
 def in_background(worker: Worker, function: Callable[[], Coroutine[Any, Any, Any]]) -> None:
     """Run ``function()`` in the worker's background task group (cancelled when it closes)."""
     worker._ongoing_background_tasks.call_soon(function)
+
+
+def takes_comm(handler: Callable[..., Any]) -> bool:
+    """Whether Dask calls ``handler`` with the comm first."""
+    return _expects_comm(handler)
+
+
+def handler_signature(guarded: Callable[..., Any], like: Callable[..., Any]) -> None:
+    """Give ``guarded(comm=None, **message)`` the signature by which Dask calls it with the
+    comm, and with ``serializers`` when the handler it wraps (``like``) takes them."""
+    parameters = [inspect.Parameter("comm", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    if has_keyword(like, "serializers"):
+        parameters.append(inspect.Parameter("serializers", inspect.Parameter.KEYWORD_ONLY, default=None))
+    guarded.__signature__ = inspect.Signature([*parameters, inspect.Parameter("message", inspect.Parameter.VAR_KEYWORD)])
+    guarded.__name__ = getattr(like, "__name__", guarded.__name__)
+
+
+def open_comms(server: Server) -> list[Any]:
+    """The connections ``server`` is handling now (each peer's calls and sessions)."""
+    return list(server._comms)

@@ -213,3 +213,11 @@ def _underscored(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k).replace("-", "_"): _underscored(v) for k, v in value.items()}
     return value
+
+
+def admin_names() -> frozenset[str]:
+    """``rqml.trust.admin-names``, checked: the client certificates (by name) that the
+    scheduler lets run code and manage the cluster through Dask's own handlers
+    (:mod:`rqml_dask.scheduler.doors`)."""
+    value = dask.config.get("rqml.trust.admin-names", default=_DEFAULTS["rqml"]["trust"]["admin-names"])
+    return frozenset(_validated("rqml.trust.admin-names", tuple[str, ...], value or ()))

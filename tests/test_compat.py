@@ -86,3 +86,27 @@ def test_the_scheduler_fails_a_task_waiting_for_a_worker_through_its_transition_
     assert list(inspect.signature(Scheduler._transitions).parameters)[1:] == ["recommendations", "client_msgs", "worker_msgs",
                                                                                "stimulus_id"]
     assert callable(Scheduler.send_all)
+
+
+def test_dask_passes_a_handler_the_comm_and_serializers_as_its_signature_says():
+    from distributed.core import Server
+
+    from rqml_dask.compat import handler_signature, open_comms, takes_comm
+
+    def plain(keys):
+        return keys
+
+    def with_comm(comm, keys, serializers=None):
+        return keys
+
+    assert not takes_comm(plain) and takes_comm(with_comm)
+
+    async def guarded(comm=None, **message):
+        return message
+
+    handler_signature(guarded, with_comm)
+    assert takes_comm(guarded) and "serializers" in inspect.signature(guarded).parameters
+    handler_signature(guarded, plain)
+    assert takes_comm(guarded) and "serializers" not in inspect.signature(guarded).parameters
+    server = Server({})
+    assert open_comms(server) == [] and isinstance(server._comms, dict)  # comm -> the op it runs, while it is open

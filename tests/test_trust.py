@@ -28,6 +28,8 @@ from timing import bound, wait_for
 pytestmark = pytest.mark.slow
 
 REFUSED = "alert|certificate|handshake"  # what OpenSSL says when the other side refuses a certificate
+ADMIN = {"DASK_RQML__TRUST__ADMIN_NAMES": '["alice"]'}
+"""alice may run code on these tests' schedulers (``Client.run`` to look at the nodes); mallory may not."""
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_the_ca_issues_ml_dsa_credentials_with_private_keys_only_its_owner_reads
 def start_pq_scheduler(authority: Path, logs: Path) -> tuple[str, subprocess.Popen]:
     """``dask scheduler --protocol pqtls --preload rqml_dask.scheduler`` with the CA's scheduler certificate."""
     port = free_port()
-    env = {**os.environ, **trust_env(authority, "scheduler")}
+    env = {**os.environ, **trust_env(authority, "scheduler"), **ADMIN}
     scheduler = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "pqtls", "--host", "127.0.0.1",
          "--port", str(port), "--dashboard-address", ":0", "--preload", "rqml_dask.scheduler"],
@@ -272,10 +274,19 @@ def test_a_plain_tcp_client_cannot_talk_to_a_pqtls_scheduler(pq_scheduler):
 
 
 def test_the_rqml_handlers_answer_only_the_roles_they_serve(authority, pq_scheduler):
+    import asyncio
+
+    from distributed.core import rpc
+
     address, _ = pq_scheduler
-    with dask.config.set(trust_config(authority, "node-a")), Client(address, timeout=bound(60)) as as_node:
+
+    async def set_policy_as_a_node():  # a node certificate opens no client session (tests/test_doors.py): a bare call
+        async with rpc(address) as scheduler:
+            return await scheduler.rqml_policy(policy={"max_inbound": 1})
+
+    with dask.config.set(trust_config(authority, "node-a")):
         with pytest.raises(PermissionError, match="rqml_policy: the certificate of node-a has role node"):
-            as_node.sync(as_node.scheduler.rqml_policy, policy={"max_inbound": 1})
+            asyncio.run(set_policy_as_a_node())
     with dask.config.set(trust_config(authority, "alice")), Client(address, timeout=bound(60)) as as_client:
         with pytest.raises(PermissionError, match="rqml_reconcile: the certificate of alice has role client"):
             as_client.sync(as_client.scheduler.rqml_reconcile, node="x", tasks=[])
@@ -379,7 +390,7 @@ def test_short_lived_certificates_are_renewed_through_the_scheduler_without_inte
     scheduler = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "pqtls", "--host", "127.0.0.1",
          "--port", str(port), "--dashboard-address", ":0", "--preload", "rqml_dask.scheduler"],
-        env={**os.environ, **trust_env(directory, "scheduler"), **session, "DASK_RQML__TRUST__SESSION__AUTHORITY": str(directory)},
+        env={**os.environ, **trust_env(directory, "scheduler"), **session, **ADMIN, "DASK_RQML__TRUST__SESSION__AUTHORITY": str(directory)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     node_env = {"DASK_RQML__TRUST__CA": str(directory / "ca.pem"), "DASK_RQML__TRUST__CERT": str(node.cert),

@@ -47,6 +47,7 @@ from rqml_dask.checkpoint import CheckpointError
 from rqml_dask.config import NodeSettings, node_settings, session_settings
 from rqml_dask.messages import DECISION, OUTCOME, POLICY_OP, Decision, NodePolicy, TaskOutcome
 from rqml_dask.node.checkpointer import Checkpointer, Resume
+from rqml_dask.node.doors import guard as guard_code_doors
 from rqml_dask.node.http import add_routes, register_collector
 from rqml_dask.node.orchestrator import NodeOrchestrator, PushedBack
 from rqml_dask.node.policy import PolicyGate
@@ -177,6 +178,7 @@ class NodePlugin(WorkerPlugin):
         worker.stream_handlers[POLICY_OP] = self._receive_policy
         worker.handlers["rqml_progress"] = self._handle_progress
         worker.handlers["rqml_quarantined"] = self._handle_quarantined
+        guard_code_doors(worker)  # run, plugins, close: the scheduler's certificate only
         add_routes(worker)
         register_collector(worker)
         if str(worker.scheduler.address).startswith("pqtls://"):

@@ -172,7 +172,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                     "rqml_reconcile": self.reconcile, "rqml_quarantine": self.handle_quarantine,
                     "rqml_session": self.handle_session, "rqml_result": self.handle_result}
         for name, handler in handlers.items():
-            scheduler.handlers[name] = only_roles(handler, HANDLER_ROLES[name], name)
+            scheduler.handlers[name] = only_roles(handler, HANDLER_ROLES[name], name, self.gatekeeper)
         scheduler.handlers["register-worker"] = self.gatekeeper.guard_registration(
             scheduler.handlers["register-worker"], lambda name, reason: self._security_alert("registration-refused", name, reason))
         scheduler.handlers["heartbeat_worker"] = self._hear_heartbeats(scheduler.handlers["heartbeat_worker"])
@@ -190,6 +190,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             self.result_check = ResultCheck(verifier, results.max_skew, results.remembered)
         self._signs_policies = any(address.startswith("pqtls://") for address in scheduler.listen_address.split(","))
         self.policy = policies.issue(self.policy, None, sign=self._signs_policies)
+        self.gatekeeper.guard_doors(scheduler)  # Dask's own handlers too, once every wrapper above is in place
         # every worker, now and later, becomes a node (a bare `dask worker` included)
         await scheduler.register_worker_plugin(None, dumps(NodeInstaller()), name=INSTALLER_NAME, idempotent=True)
         self._policy_sent = True  # from now on every worker has the node plugin's stream handler
@@ -422,13 +423,14 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     @log_errors
     def _heartbeat(self) -> None:
         """Every ``rqml.scheduler.heartbeat-interval``, over every node: quarantine those whose
-        certificates stopped being valid; refresh each one's reliability in the table (it
+        certificates stopped being valid (and end other peers' connections); refresh each one's reliability in the table (it
         decays with time); keep a sample of its figures (:attr:`NodeRecord.history`, the
         Nodes page), and of their mean (:attr:`history`). The figures of the nodes heard from
         since the last pass go on ``heartbeats``; the cluster's task counts (of every task the
         plugin holds, as ``rqml_status`` counts them) on ``metrics``."""
         for address, name, reason in self.gatekeeper.invalid_peers(self.scheduler):
             self._quarantine(address, name, reason)
+        self.gatekeeper.sweep(self.scheduler)  # clients' connections too
         now, wall = time.monotonic(), time.time()
         samples = np.full((len(self.nodes), len(NODE_SERIES)), np.nan, np.float32)
         for row, (address, node) in zip(samples, self.nodes.items()):

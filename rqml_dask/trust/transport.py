@@ -14,7 +14,9 @@ read again whenever it changes) never completes the handshake. The credentials a
 project's own Dask config keys ``rqml.trust.{ca,cert,key,crl}``. Each comm knows its
 peer's certificate name and role (``peer_name``, ``peer_role``) and the negotiated group;
 what a role may do is the scheduler plugin's to enforce (a client certificate cannot
-register a worker).
+register a worker). A listener tells its :attr:`PQTLSListener.on_refused` of every
+handshake it refuses (:class:`HandshakeRefusal`: who, from where, why); without one it logs
+a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import dask.config
@@ -49,6 +52,51 @@ _CHUNK = 1 << 20
 _SMALL = 64 << 10
 _BUFFER = 8 << 20  # what the socket reader may hold: large reads, few wake-ups
 _LENGTH = struct.Struct("!Q")
+
+
+VERIFY_ERRORS = {
+    2: "its issuer is not this cluster's CA",
+    7: "its signature does not verify",
+    9: "it is not valid yet",
+    10: "it has expired",
+    18: "it is self-signed",
+    19: "it is not of this cluster's CA",
+    20: "it is not of this cluster's CA",
+    21: "it is not of this cluster's CA",
+    23: "it was revoked",
+}
+"""OpenSSL's certificate verification errors (``X509_V_ERR_*``) that a refused peer
+certificate shows, in words."""
+
+
+@dataclass(frozen=True)
+class HandshakeRefusal:
+    """A connection a listener refused before any Dask message: the peer's address, the name
+    its certificate gives (``None``: it showed none, or the handshake ended before its
+    certificate was checked, e.g. because the peer refused ours) and why."""
+
+    address: str
+    name: str | None
+    reason: str
+
+
+@dataclass
+class _Checked:
+    """What verifying one connection's peer certificate found (its ``app_data``)."""
+
+    name: str | None = None
+    error: int = 0
+
+
+def _verify(connection: SSL.Connection, certificate: crypto.X509, error: int, depth: int, ok: int) -> bool:
+    """OpenSSL's verdict, unchanged; the leaf's name and the first error are noted for a refusal."""
+    checked = connection.get_app_data()
+    if isinstance(checked, _Checked):
+        if depth == 0:
+            checked.name = name_of(certificate.to_cryptography())
+        if not ok and not checked.error:
+            checked.error = error
+    return bool(ok)
 
 
 class TrustConfigError(ValueError):
@@ -113,7 +161,7 @@ def context(credentials: Credentials) -> SSL.Context:
         store = ctx.get_cert_store()
         store.add_crl(load_crl(credentials.crl))
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda conn, cert, errno, depth, ok: bool(ok))
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify)
     _contexts[credentials] = (stamp, ctx)
     return ctx
 
@@ -344,6 +392,16 @@ async def _refuse(channel: _Channel) -> None:
     channel.writer.close()
 
 
+def _why(checked: _Checked, exc: BaseException) -> str:
+    if checked.error:
+        return f"its certificate: {VERIFY_ERRORS.get(checked.error, f'verification error {checked.error}')}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no handshake within 30 s"
+    if isinstance(exc, SSL.Error):
+        return _reason(exc)
+    return f"the peer ended the handshake (it refused this listener's certificate?): {exc}"
+
+
 class PQTLSListener(BaseListener):
     prefix = PREFIX
 
@@ -357,6 +415,8 @@ class PQTLSListener(BaseListener):
         self.allow_offload = allow_offload
         self.server: asyncio.base_events.Server | None = None
         self.credentials = Credentials.from_config()  # this listener's, for its life; refused without them
+        self.on_refused: Callable[[HandshakeRefusal], None] | None = None
+        """Told of every handshake this listener refuses (instead of a warning in the log)."""
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, self.ip or None, self.port, family=socket.AF_INET,
@@ -371,11 +431,13 @@ class PQTLSListener(BaseListener):
         peer = _address(writer.get_extra_info("peername"))
         connection = SSL.Connection(context(self.credentials), None)
         connection.set_accept_state()
+        checked = _Checked()
+        connection.set_app_data(checked)
         channel = _Channel(connection, reader, writer)
         try:
             await asyncio.wait_for(channel.handshake(), timeout=30)
         except (SSL.Error, CommClosedError, OSError, asyncio.TimeoutError) as exc:
-            logger.warning("pqtls listener %s: handshake with %s refused: %s", self.listen_address, peer, exc)
+            self._refused(HandshakeRefusal(peer, checked.name, _why(checked, exc)))
             await _refuse(channel)
             return
         if self.server is None:
@@ -389,6 +451,15 @@ class PQTLSListener(BaseListener):
             logger.info("pqtls connection from %s closed before the Dask handshake", peer)
             return
         await self.comm_handler(comm)
+
+    def _refused(self, refusal: HandshakeRefusal) -> None:
+        if self.on_refused is None:
+            logger.warning("pqtls listener %s: handshake with %s refused: %s", self.listen_address, refusal.address, refusal.reason)
+            return
+        try:
+            self.on_refused(refusal)
+        except Exception:
+            logger.exception("pqtls listener %s: reporting a refused handshake failed", self.listen_address)
 
     def get_host_port(self) -> tuple[str, int]:
         if self.server is None:
