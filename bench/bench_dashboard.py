@@ -71,7 +71,7 @@ def simulated(scheduler: Scheduler, tasks: int, nodes: int, trace: int, history:
 
 
 async def main(args: argparse.Namespace) -> None:
-    scheduler = Scheduler(dashboard_address=":0", validate=False)
+    scheduler = Scheduler(dashboard_address="127.0.0.1:0", validate=False)
     simulated(scheduler, args.tasks, args.nodes, args.trace, args.history)
     pages = {"/rqml": RQMLPage, **{path: component for path, (_, component) in PAGES.items()}}
     print(f"{args.tasks} tasks, {args.nodes} nodes, {args.trace} checks per traced task, {args.history:g} heartbeat samples per node")

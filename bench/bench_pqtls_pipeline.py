@@ -52,9 +52,9 @@ def run_once(scheme: str, directory: Path, work: Path, run: int) -> float:
     address = f"{scheme}://127.0.0.1:{port}"
     secure = scheme == "pqtls"
     processes = [start(["scheduler", "--protocol", scheme, "--host", "127.0.0.1", "--port", str(port),
-                        "--dashboard-address", ":0", "--preload", "rqml_dask.scheduler"], trust(directory, "scheduler") if secure else {})]
+                        "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.scheduler"], trust(directory, "scheduler") if secure else {})]
     for i in range(2):
-        processes.append(start(["worker", address, "--nthreads", "1", "--name", f"node-{i}", "--dashboard-address", ":0",
+        processes.append(start(["worker", address, "--nthreads", "1", "--name", f"node-{i}", "--dashboard-address", "127.0.0.1:0",
                                 "--preload", "rqml_dask.node"], trust(directory, f"node-{i}") if secure else {}))
     config = load_pipeline_config(ROOT / "pipelines" / "quickstart.yaml")
     config = config.model_copy(update={

@@ -171,7 +171,7 @@ async def main(args: argparse.Namespace) -> None:
     dask.config.set({"distributed.logging.distributed": "warning"})
     logging.getLogger("distributed").setLevel(logging.ERROR)
     process = psutil.Process()
-    scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address=":0", validate=False)
+    scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0", validate=False)
     plugin = RQMLSchedulerPlugin(seed=0)
     scheduler.add_plugin(plugin)  # as the preload installs it, before the scheduler starts
     await scheduler

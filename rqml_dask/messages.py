@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
@@ -162,13 +163,26 @@ def task_name(key: str) -> str:
     return key.rpartition("@")[0] or key
 
 
-def dask_key(task_key: str, token: str, kind: str = "rqml") -> tuple[str, str, str]:
-    """The Dask key of one submission of the task ``task_key``: ``(kind, task_key, token)``.
-    ``token`` tells apart submissions that differ beyond the task key (where the result goes,
-    its priority): Dask keeps the first spec of a key submitted again. ``kind`` is ``rqml`` for
-    a task run on a node (a voter too) and ``rqml-tally`` for a vote's tally; Dask's dashboard
-    groups the tasks by it."""
-    return (kind, task_key, token)
+def dask_key(task_key: str, submission: str) -> tuple[str, str, str]:
+    """The Dask key of one submission of the task ``task_key``: ``("rqml", task_key,
+    submission)``. ``submission`` is an unguessable token the client draws for each
+    submission (:func:`new_submission`), so no other party can put data under the key
+    before or instead of the node computing it; what a submission may reuse comes from the
+    stores, by task key, never from a Dask key. A voter's key is of its own task key."""
+    return ("rqml", task_key, submission)
+
+
+def new_submission() -> str:
+    """A fresh, unguessable submission token (128 bits)."""
+    return secrets.token_hex(16)
+
+
+def delivered_as(task_key: str, submission: str) -> str:
+    """What a node signs an outcome it delivers for one submission over (with the outcome
+    and the time, :func:`rqml_dask.trust.signing.outcome_message`): the task key and the
+    submission, so a signed result answers that submission only. A done marker is signed
+    over the bare task key: it cannot pass as a delivery, nor a delivery as another."""
+    return f"{task_key}#{submission}"
 
 
 @dataclass(frozen=True, slots=True)

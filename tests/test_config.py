@@ -90,7 +90,7 @@ def test_an_environment_variable_sets_a_key():
 )
 def test_a_bad_value_stops_the_scheduler_or_worker_at_start_naming_its_key(variable, key, command):
     env = {**os.environ, variable: "-2"}
-    done = subprocess.run([sys.executable, "-m", *command, "--dashboard-address", ":0"],
+    done = subprocess.run([sys.executable, "-m", *command, "--dashboard-address", "127.0.0.1:0"],
                           env=env, capture_output=True, text=True, timeout=bound(60))
     assert done.returncode != 0
     assert key in done.stderr, done.stderr[-2000:]

@@ -44,7 +44,7 @@ async def until(predicate: Callable[[], object], what: str, timeout: float = 30)
 @asynccontextmanager
 async def cluster():
     """A scheduler with the plugin (installed as the preload installs it), its simulated nodes and a client."""
-    scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address=":0")
+    scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0")
     plugin = RQMLSchedulerPlugin(seed=0)
     scheduler.add_plugin(plugin)
     await scheduler

@@ -87,7 +87,7 @@ def start_pq_scheduler(authority: Path, logs: Path) -> tuple[str, subprocess.Pop
     env = {**os.environ, **trust_env(authority, "scheduler"), **ADMIN}
     scheduler = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "pqtls", "--host", "127.0.0.1",
-         "--port", str(port), "--dashboard-address", ":0", "--preload", "rqml_dask.scheduler"],
+         "--port", str(port), "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.scheduler"],
         env=env, stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "wb"),
     )
     return f"pqtls://127.0.0.1:{port}", scheduler
@@ -99,7 +99,7 @@ def pq_scheduler(authority, tmp_path_factory):
     address, scheduler = start_pq_scheduler(authority, logs)
     worker = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-         "--name", "node-a", "--dashboard-address", ":0", "--preload", "rqml_dask.node"],
+         "--name", "node-a", "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.node"],
         env={**os.environ, **trust_env(authority, "node-a")}, stdout=subprocess.DEVNULL, stderr=open(logs / "node-a.log", "wb"),
     )
     try:
@@ -154,7 +154,7 @@ def test_a_client_certificate_cannot_register_a_worker(authority, pq_scheduler):
     address, _ = pq_scheduler
     worker = subprocess.run(
         [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
-         "--dashboard-address", ":0", "--death-timeout", "20"],
+         "--dashboard-address", "127.0.0.1:0", "--death-timeout", "20"],
         env={**os.environ, **trust_env(authority, "alice")}, capture_output=True, text=True, timeout=bound(60),
     )
     assert worker.returncode != 0
@@ -207,7 +207,7 @@ def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq
     ca.issue(authority, "node-b", "node")
     worker = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-b",
-         "--dashboard-address", ":0", "--no-nanny"],
+         "--dashboard-address", "127.0.0.1:0", "--no-nanny"],
         env={**os.environ, **trust_env(authority, "node-b")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -260,7 +260,7 @@ def test_a_node_whose_certificate_names_another_node_cannot_register(authority, 
     address, _ = pq_scheduler
     worker = subprocess.run(
         [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny", "--name", "impostor",
-         "--dashboard-address", ":0", "--death-timeout", "20"],
+         "--dashboard-address", "127.0.0.1:0", "--death-timeout", "20"],
         env={**os.environ, **trust_env(authority, "node-a")}, capture_output=True, text=True, timeout=bound(60),
     )
     assert worker.returncode != 0
@@ -389,7 +389,7 @@ def test_short_lived_certificates_are_renewed_through_the_scheduler_without_inte
     address = f"pqtls://127.0.0.1:{port}"
     scheduler = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "pqtls", "--host", "127.0.0.1",
-         "--port", str(port), "--dashboard-address", ":0", "--preload", "rqml_dask.scheduler"],
+         "--port", str(port), "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.scheduler"],
         env={**os.environ, **trust_env(directory, "scheduler"), **session, **ADMIN, "DASK_RQML__TRUST__SESSION__AUTHORITY": str(directory)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -397,7 +397,7 @@ def test_short_lived_certificates_are_renewed_through_the_scheduler_without_inte
                 "DASK_RQML__TRUST__KEY": str(node.key), "PYTHONPATH": str(Path(__file__).parent)}
     worker = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-s",
-         "--dashboard-address", ":0"],
+         "--dashboard-address", "127.0.0.1:0"],
         env={**os.environ, **node_env, **session}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -468,7 +468,7 @@ def test_a_node_whose_certificate_expires_unrenewed_is_quarantined(authority, pq
     expires = x509.load_pem_x509_certificates(credential.cert.read_bytes())[0].not_valid_after_utc
     worker = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-e",
-         "--dashboard-address", ":0", "--no-nanny"],
+         "--dashboard-address", "127.0.0.1:0", "--no-nanny"],
         env={**os.environ, **trust_env(authority, "node-e"), "DASK_RQML__TRUST__SESSION__CHECK_INTERVAL": "1s"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -512,7 +512,7 @@ def lying_node(authority: Path, address: str, name: str, attack: str, **env: str
     tests = str(Path(__file__).parent)
     return subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", name,
-         "--dashboard-address", ":0", "--no-nanny", "--preload", "lying_node"],
+         "--dashboard-address", "127.0.0.1:0", "--no-nanny", "--preload", "lying_node"],
         env={**os.environ, **trust_env(authority, name), "RQML_ATTACK": attack, **env,
              "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -648,7 +648,7 @@ def test_a_node_whose_results_keep_losing_cross_node_votes_is_quarantined(tmp_pa
         for process in [*workers, scheduler]:
             process.kill()
     assert list(quarantined) == [liar]
-    assert re.fullmatch(r"its results lost \d+ cross-node votes in a row while other nodes' results passed theirs", quarantined[liar])
+    assert re.fullmatch(r"its results lost \d+ cross-node votes in a row in run [\w.-]+ while other nodes' results passed theirs", quarantined[liar])
     lost = [a for a in alerts if a["kind"] == "vote-lost"]
     assert [a["lost_in_a_row"] for a in lost] == list(range(1, len(lost) + 1)) and len(lost) >= 3
     assert all(abs(a["difference"] - 1 / 3) < 1e-3 for a in lost)  # |x - 1.5 x| / |1.5 x|

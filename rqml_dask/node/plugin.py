@@ -45,7 +45,9 @@ from rqml_dask import events
 from rqml_dask.arrays import default_backend
 from rqml_dask.checkpoint import CheckpointError
 from rqml_dask.config import NodeSettings, node_settings, session_settings
-from rqml_dask.messages import DECISION, OUTCOME, POLICY_OP, Decision, NodePolicy, TaskOutcome
+from rqml_dask.key_guard import refusing_rqml_keys
+from rqml_dask.node.kept_plugins import restore_plugins
+from rqml_dask.messages import DECISION, OUTCOME, POLICY_OP, Decision, NodePolicy, TaskOutcome, delivered_as
 from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.doors import guard as guard_code_doors
 from rqml_dask.node.http import add_routes, register_collector
@@ -164,6 +166,7 @@ class NodePlugin(WorkerPlugin):
         node_directory = getattr(worker, "node_directory", None)
         state_dir = node_directory or Path(worker.local_directory) / "rqml"
         if node_directory is not None:
+            restore_plugins(node_directory)  # the models of the jobs it may resume before a scheduler sends them
             self.state, damage = NodeState.open(node_directory / "node.lmdb")
             if damage is not None:  # Dask drops events sent before the worker registers
                 self._unsent_alerts.append(("node-state-damaged", {"problem": damage}))
@@ -178,6 +181,7 @@ class NodePlugin(WorkerPlugin):
         worker.stream_handlers[POLICY_OP] = self._receive_policy
         worker.handlers["rqml_progress"] = self._handle_progress
         worker.handlers["rqml_quarantined"] = self._handle_quarantined
+        worker.handlers["update_data"] = refusing_rqml_keys(worker.handlers["update_data"], "update_data", lambda kw: kw.get("data") or {})
         guard_code_doors(worker)  # run, plugins, close: the scheduler's certificate only
         add_routes(worker)
         register_collector(worker)
@@ -270,11 +274,12 @@ class NodePlugin(WorkerPlugin):
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def run(self, task: RQMLTask, judging: tuple[TaskOutcome, str] | None = None) -> TaskOutcome:
-        """Run ``task`` here and return its outcome: what a Dask task of it does. A voter
-        is given ``judging``, the result it votes on and that task's key: its outcome carries
-        its verdict. On a ``pqtls://`` cluster the outcome is signed by this node now and
-        accepted by the scheduler first (:meth:`present`).
+    def run(self, task: RQMLTask, submission: str, judging: tuple[TaskOutcome, str] | None = None) -> TaskOutcome:
+        """Run ``task`` here and return its outcome: what a Dask task of it does, for the
+        client's ``submission`` (:func:`~rqml_dask.messages.dask_key`). A voter is given
+        ``judging``, the result it votes on and that task's key: its outcome carries its
+        verdict. On a ``pqtls://`` cluster the outcome is signed by this node now, for this
+        submission, and accepted by the scheduler first (:meth:`present`).
 
         A task whose outcome was recorded before (a re-run of the same pipeline, or a result
         settled when a degraded node reconnected) and whose core is in the output returns
@@ -287,16 +292,18 @@ class NodePlugin(WorkerPlugin):
         outcome = self._run(task)
         if judging is not None:
             outcome = vote_on(task, outcome, *judging)
-        return self.present(task, outcome)
+        return self.present(task, outcome, submission)
 
-    def present(self, task: RQMLTask, outcome: TaskOutcome) -> TaskOutcome:
-        """``outcome`` of ``task`` signed by this node now and presented to the scheduler
-        (``rqml_result``), which checks it before the Dask task ends; raises
-        :class:`ResultRefused` if it is refused. Without ``pqtls://``: ``outcome`` as it is."""
+    def present(self, task: RQMLTask, outcome: TaskOutcome, submission: str) -> TaskOutcome:
+        """``outcome`` of ``task`` signed by this node now for ``submission``
+        (:func:`~rqml_dask.messages.delivered_as`) and presented to the scheduler
+        (``rqml_result``), which checks it before the Dask task ends, as the client does when
+        it gets it; raises :class:`ResultRefused` if it is refused. Without ``pqtls://``:
+        ``outcome`` as it is."""
         if self.seal is None:
             return outcome
-        signed = self.seal.sign_outcome(outcome, task.key)
-        answer = sync(self.worker.loop, self.worker.scheduler.rqml_result, key=task.key,
+        signed = self.seal.sign_outcome(outcome, delivered_as(task.key, submission))
+        answer = sync(self.worker.loop, self.worker.scheduler.rqml_result, key=task.key, submission=submission,
                       outcome=OUTCOME.dump_python(signed, mode="json"))
         if answer.get("status") != "OK":
             raise ResultRefused(f"the scheduler refused the result of {task.task_id}: {answer.get('reason')}")
@@ -400,9 +407,12 @@ class NodePlugin(WorkerPlugin):
         nothing is written and its outcome is returned. A failed task (its model raised) has
         no result: nothing is written or recorded, and the next run of the pipeline tries it
         again; a terminated one is written but not recorded, so the next run tries it again
-        too (from its checkpoints)."""
+        too (from its checkpoints). Only another node can have recorded the task since its
+        job began (a node has one job per task), so the done marker is looked up again only
+        where nodes share a store."""
         task = job.task
-        if (recorded := recorded_outcome(task, job.checkpointer)) is not None:
+        shared = job.checkpointer is not None and job.checkpointer.shared is not None
+        if shared and (recorded := recorded_outcome(task, job.checkpointer)) is not None:
             self.forget(job)
             return recorded
         outcome = job.outcome
@@ -482,15 +492,15 @@ class NodePlugin(WorkerPlugin):
                     checkpointer = held.enter_context(self.checkpointer_for(task.checkpoint))
                     task, problem = load_problem(task, self.orchestrator.backend)
                     outcome = OUTCOME.validate_json(parked[task.key]) if task.key in parked else None
-                except Exception as exc:
+                    self.link.degraded_since = self.link.degraded_since or time.time()  # working with no scheduler yet
+                    if outcome is not None and self._repark(task, problem, checkpointer, outcome):
+                        logger.info("job %s is finished: its result waits in the outbox", task.task_id)
+                        continue
+                    job = self.start_job(task, problem, checkpointer, claimed=False)
+                except Exception as exc:  # the node starts without it: a scheduler sends the task again
                     logger.error("job %s cannot be resumed, dropped: %s", task.task_id, exc)
                     self.state.release(task.key)
                     continue
-                self.link.degraded_since = self.link.degraded_since or time.time()  # working with no scheduler yet
-                if outcome is not None and self._repark(task, problem, checkpointer, outcome):
-                    logger.info("job %s is finished: its result waits in the outbox", task.task_id)
-                    continue
-                job = self.start_job(task, problem, checkpointer, claimed=False)
                 checkpoint = job.resume.checkpoint if job.resume is not None else None
                 logger.info("resumed job %s from iteration %s", task.task_id, checkpoint.iteration if checkpoint else 0)
 

@@ -17,6 +17,7 @@ output is created until every task has finished and passed validation; only then
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -31,19 +32,19 @@ from typing import Any
 import numpy as np
 import zarr
 import dask
-from dask.base import tokenize
 from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 from distributed.comm import get_address_host_port
 
-from rqml_dask import ome
-from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits, dask_key
+from rqml_dask import events, ome
+from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits, dask_key, new_submission
 from rqml_dask.node.handover import run_task, run_vote
 from rqml_dask.held_out import estimate_counts_per_unit
 from rqml_dask.models import TaskClass, load_task_class
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
 from rqml_dask.pipeline.plugins import plugin_digest, ship_plugins
-from rqml_dask.pipeline.voting import tally_vote, vote_array, voter_tasks
+from rqml_dask.pipeline.verification import OutcomeCheck, SignatureError, unverified
+from rqml_dask.pipeline.voting import NO_INDEPENDENT_VOTER, tally_vote, vote_array, voter_tasks
 from rqml_dask.problem import read_operator
 from rqml_dask.synthetic import SystemsSpec, write_synthetic, write_systems
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
@@ -56,6 +57,36 @@ logger = logging.getLogger(__name__)
 
 class PipelineError(RuntimeError):
     """A run that could not finish: a task failed, or the input was refused."""
+
+
+SUBMISSIONS = 3
+"""How many times a run submits a task whose result does not verify before it gives up on it."""
+
+
+@dataclass(frozen=True)
+class _Submission:
+    """One submission of a task: its token, the futures of its result and of its voters,
+    and which of the task's submissions it is (from 1)."""
+
+    task: RQMLTask
+    token: str
+    result: Future
+    voters: list[Future]
+    attempt: int
+
+    @property
+    def futures(self) -> list[Future]:
+        return [self.result, *self.voters]
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """A task's outcome as the run counts it, the submission it came from, and the nodes that
+    signed it and its votes (none where the cluster does not sign)."""
+
+    outcome: TaskOutcome
+    submission: _Submission
+    signers: frozenset[str]
 
 
 @dataclass
@@ -317,28 +348,30 @@ class Pipeline:
         return tasks
 
     def submit(self, client: Client, overwrite: bool = False, tasks: list[RQMLTask] | None = None) -> list[Future]:
-        """Create the output and submit one Dask task per RQML task; ``tasks`` is what
-        :meth:`prepare` returned, else it is called here."""
+        """Create the output and submit one Dask task per RQML task (and its voters, if it
+        votes); ``tasks`` is what :meth:`prepare` returned, else it is called here. The
+        futures of the tasks' outcomes as their nodes deliver them: :meth:`run` also
+        verifies each one (on a cluster that signs) and tallies the votes."""
         tasks = self.prepare(overwrite) if tasks is None else tasks
         self.create_output(tasks)
         ship_plugins(client, self.config.plugins)
-        return [self._submit_task(client, task) for task in tasks]
+        return [self._submit_task(client, task).result for task in tasks]
 
-    def _submit_task(self, client: Client, task: RQMLTask) -> Future:
-        """The Dask tasks of one RQML task (its voters and tally, if it votes); the future of
-        its final outcome. Keys are deterministic: submitting again joins the same work."""
-        result = self._submit_one(client, run_task, task, task)
-        voters = [self._submit_one(client, run_vote, voter, voter, result, task.key) for voter in voter_tasks(task)]
-        if voters:
-            result = client.submit(tally_vote, task, result, voters, key=dask_key(task.key, tokenize(task), "rqml-tally"))
-        return result
+    def _submit_task(self, client: Client, task: RQMLTask, attempt: int = 1) -> _Submission:
+        """One submission of ``task`` and of its voters, under a fresh unguessable token
+        (:func:`~rqml_dask.messages.dask_key`): nodes that refine or finished the task join
+        it by its task key; nothing is reused through Dask keys."""
+        token = new_submission()
+        result = self._submit_one(client, run_task, task, token, task, token)
+        voters = [self._submit_one(client, run_vote, voter, token, voter, token, result, task.key) for voter in voter_tasks(task)]
+        return _Submission(task, token, result, voters, attempt)
 
     @staticmethod
-    def _submit_one(client: Client, function, task: RQMLTask, *args) -> Future:
+    def _submit_one(client: Client, function, task: RQMLTask, token: str, *args) -> Future:
         traits = TaskTraits(task.key, task.task_class, task.model_ladder[0], task.priority, task.expected_difficulty,
                             core=task.region.core)
         with dask.annotate(rqml=asdict(traits)):  # read by the RQML scheduler plugin, if installed
-            return client.submit(function, *args, key=dask_key(task.key, tokenize(task)), priority=task.priority)
+            return client.submit(function, *args, key=dask_key(task.key, token), priority=task.priority)
 
     def run(
         self, client: Client, progress: bool = True, reconnect_timeout: float = 300.0, overwrite: bool = False,
@@ -348,42 +381,35 @@ class Pipeline:
         what :meth:`prepare` returned, else it is called here (an existing output another
         configuration wrote is refused unless ``overwrite``).
 
+        Every outcome is checked before it counts (:class:`~rqml_dask.pipeline.verification.OutcomeCheck`):
+        on a ``pqtls://`` cluster it must be signed, for this submission, by a node of the
+        cluster's CA that is neither revoked nor quarantined (the quarantine is asked again
+        before the run is finalized), and so must each of its voters' verdicts, which are
+        tallied here. A task whose result does not verify is submitted again (under a new
+        token; at most :data:`SUBMISSIONS` times in all) with an ``outcome-unverified`` alert,
+        and is not accepted if none verifies.
+
         If the client loses the scheduler, the tasks not yet returned are submitted again
         once a scheduler answers at the same address (Dask cancels a client's futures when
         its scheduler connection breaks): nodes that kept refining them join the new
         submissions, and results they finished meanwhile are returned from their stores.
         The loss and the return are logged as warnings (``rqml run`` prints them). The run
-        polls the address itself and goes on through a client of its own as soon as it answers (``client``'s own reconnection backs off exponentially: after an outage
-        of a few seconds it may take as long again); ``reconnect_timeout`` bounds the wait."""
+        polls the address itself and goes on through a client of its own as soon as it
+        answers (``client``'s own reconnection backs off exponentially: after an outage of a
+        few seconds it may take as long again); ``reconnect_timeout`` bounds the wait."""
         started = time.perf_counter()
         tasks = self.prepare(overwrite) if tasks is None else tasks
         self.create_output(tasks)
         ship_plugins(client, self.config.plugins)
-        pending = {task.key: (task, self._submit_task(client, task)) for task in tasks}
-        outcomes: list[TaskOutcome] = []
+        check = OutcomeCheck.for_client(client)
+        pending = {task.key: self._submit_task(client, task) for task in tasks}
+        verified: dict[str, _Verified] = {}
         bar = _progress_bar(len(tasks), self.config.name, progress)
-        live = _LiveIterations(client, bar, set(pending))
+        live = _LiveIterations(client, bar, self.config.name)
         own_client: Client | None = None  # ours, after a scheduler loss
         try:
             while pending:
-                lost = []
-                by_key = {future.key: task for task, future in pending.values()}
-                # the futures' own loop: as_completed otherwise waits on the default client's
-                for future in as_completed([future for _, future in pending.values()], loop=client.loop):
-                    task = by_key[future.key]
-                    try:
-                        outcome = future.result()
-                    except FutureCancelledError as exc:
-                        if exc.reason != "scheduler-connection-lost":
-                            raise PipelineError(f"task {task.task_id} was cancelled: {exc.reason}") from exc
-                        lost.append(task)
-                        continue
-                    except Exception as exc:
-                        raise PipelineError(f"task {task.task_id} failed: {exc}") from exc
-                    del pending[task.key]
-                    outcomes.append(outcome)
-                    bar.update(1)
-                    live.escalations = sum(o.escalations for o in outcomes)
+                lost = self._collect(client, check, pending, verified, bar, live)
                 if lost:
                     address = client.scheduler.address
                     logger.warning("lost the scheduler %s with %d task(s) not returned: waiting up to %g s for one to "
@@ -393,19 +419,113 @@ class Pipeline:
                     client = own_client = live.client = _client_when_back(client, reconnect_timeout)
                     ship_plugins(client, self.config.plugins)  # a scheduler started anew has none
                     for task in lost:
-                        pending[task.key] = (task, self._submit_task(client, task))
+                        pending[task.key] = self._submit_task(client, task, pending[task.key].attempt)
                     logger.warning("the scheduler %s answers again: %d task(s) submitted again", address, len(lost))
+                    continue
+                quarantine = check.refresh_quarantine(client)  # what was quarantined since a result verified
+                for key, done in list(verified.items()):
+                    if (signer := next((n for n in done.signers if n in quarantine), None)) is not None:
+                        del verified[key]
+                        bar.update(-1)
+                        self._refused(client, done.submission, f"signed by {signer}, a node in quarantine ({quarantine[signer]})",
+                                      pending, verified)
         except BaseException:
             if client.status == "running":
-                client.cancel([future for _, future in pending.values()])
+                client.cancel([future for submission in pending.values() for future in submission.futures])
             raise
         finally:
             live.stop()
             bar.close()
             if own_client is not None:
                 own_client.close()
-        outcomes.sort(key=lambda o: o.task_id)
+        outcomes = sorted((done.outcome for done in verified.values()), key=lambda o: o.task_id)
         return self.finalize(outcomes, time.perf_counter() - started, tasks, client)
+
+    def _collect(self, client: Client, check: OutcomeCheck, pending: dict[str, _Submission], verified: dict[str, _Verified],
+                 bar, live: _LiveIterations) -> list[RQMLTask]:
+        """Wait for every submission in ``pending`` (and those it submits again), moving
+        each task whose result and votes verified into ``verified``; the tasks whose futures
+        were cancelled by a lost scheduler connection, to be submitted again."""
+        lost: dict[str, RQMLTask] = {}
+        by_key = {future.key: submission for submission in pending.values() for future in submission.futures}
+        # the futures' own loop: as_completed otherwise waits on the default client's
+        arrivals = as_completed([f for submission in pending.values() for f in submission.futures], loop=client.loop)
+        for future in arrivals:
+            submission = by_key.pop(future.key)
+            task = submission.task
+            if pending.get(task.key) is not submission or task.key in lost:
+                continue  # submitted again meanwhile, or already lost
+            try:
+                future.result()
+            except FutureCancelledError as exc:
+                if exc.reason != "scheduler-connection-lost":
+                    raise PipelineError(f"task {task.task_id} was cancelled: {exc.reason}") from exc
+                lost[task.key] = task
+                continue
+            except Exception as exc:
+                raise PipelineError(f"task {task.task_id} failed: {exc}") from exc
+            if not all(f.done() for f in submission.futures):
+                continue
+            try:
+                verified[task.key] = self._verify(check, submission)
+            except SignatureError as exc:
+                if (again := self._refused(client, submission, str(exc), pending, verified)) is not None:
+                    by_key.update({f.key: again for f in again.futures})
+                    arrivals.update(again.futures)
+                continue
+            del pending[task.key]
+            bar.update(1)
+            outcome = verified[task.key].outcome
+            live.escalations += outcome.escalations
+            if any(NO_INDEPENDENT_VOTER in failure for failure in outcome.validation_failures):
+                self._alert(client, "no-independent-voter", task_id=task.task_id, key=task.key,
+                            reason=f"{task.task_id} is not accepted: its voters ran on the node of its result "
+                                   "(add a node: a node cannot vouch for itself)")
+        return list(lost.values())
+
+    @staticmethod
+    def _verify(check: OutcomeCheck, submission: _Submission) -> _Verified:
+        """The task's outcome, its votes tallied, once its result and every verdict verified
+        (:class:`SignatureError` saying which did not)."""
+        task, outcome = submission.task, submission.result.result()
+        if outcome.task_id != task.task_id:
+            raise SignatureError(f"the result delivered for {task.task_id} is the outcome of task {outcome.task_id}")
+        signer = check.signer(outcome, task.key, submission.token)
+        voters = []
+        for voter_task, future in zip(voter_tasks(task), submission.voters):
+            verdict = future.result()
+            try:
+                voters.append((verdict, check.signer(verdict, voter_task.key, submission.token)))
+            except SignatureError as exc:
+                raise SignatureError(f"the vote of {voter_task.task_id}: {exc}") from None
+        if voters:
+            outcome = tally_vote(task, outcome, signer, voters)
+        return _Verified(outcome, submission, frozenset([signer, *(node for _, node in voters)]) if check.signs else frozenset())
+
+    @staticmethod
+    def _alert(client: Client, kind: str, **payload: Any) -> None:
+        """An ``rqml-alerts`` event from this client (for the pages and ``rqml status``); the
+        run goes on without it where the scheduler does not take it."""
+        with contextlib.suppress(Exception):
+            events.publish(client, events.ALERTS, kind, **payload)
+
+    def _refused(self, client: Client, submission: _Submission, reason: str, pending: dict[str, _Submission],
+                 verified: dict[str, _Verified]) -> _Submission | None:
+        """A result of ``submission`` that did not verify (``reason``): an
+        ``outcome-unverified`` alert, and the task submitted again (its new submission,
+        put in ``pending``) or, after :data:`SUBMISSIONS` submissions, not accepted (an
+        :func:`~rqml_dask.pipeline.verification.unverified` outcome in ``verified``)."""
+        task = submission.task
+        again = submission.attempt < SUBMISSIONS
+        logger.warning("the result of %s was not accepted: %s; %s", task.task_id, reason,
+                       "computing it again" if again else f"no verified result after {SUBMISSIONS} submissions")
+        self._alert(client, "outcome-unverified", task_id=task.task_id, key=task.key, reason=reason, submitted_again=again)
+        if not again:
+            pending.pop(task.key, None)
+            verified[task.key] = _Verified(unverified(task.task_id, reason), submission, frozenset())
+            return None
+        pending[task.key] = resubmitted = self._submit_task(client, task, submission.attempt + 1)
+        return resubmitted
 
     def finalize(self, outcomes: list[TaskOutcome], elapsed_s: float, tasks: list[RQMLTask],
                  client: Client | None = None) -> RunReport:
@@ -496,13 +616,13 @@ def _progress_bar(total: int, name: str, enabled: bool):
 
 
 class _LiveIterations:
-    """Shows on ``bar`` the iterations the run's tasks have reached, as the RQML scheduler
-    plugin has them from the nodes' heartbeats, every ``interval`` seconds: a bar of
-    finished tasks alone sits at 0 % until the first task ends. Silent where the scheduler
-    has no RQML plugin or does not answer."""
+    """Shows on ``bar`` the iterations the tasks of the run ``run`` (the pipeline's name)
+    have reached, as the RQML scheduler plugin has them from the nodes' heartbeats, every
+    ``interval`` seconds: a bar of finished tasks alone sits at 0 % until the first task
+    ends. Silent where the scheduler has no RQML plugin or does not answer."""
 
-    def __init__(self, client: Client, bar, keys: set[str], interval: float = 2.0) -> None:
-        self.client, self.bar, self.keys, self.interval = client, bar, keys, interval
+    def __init__(self, client: Client, bar, run: str, interval: float = 2.0) -> None:
+        self.client, self.bar, self.run, self.interval = client, bar, run, interval
         self.escalations = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="rqml-progress", daemon=True)
@@ -512,10 +632,10 @@ class _LiveIterations:
     def _follow(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                tasks = self.client.sync(self.client.scheduler.rqml_status, callback_timeout=self.interval)["tasks"]
+                status = self.client.sync(self.client.scheduler.rqml_status, limit=0, run=self.run, callback_timeout=self.interval)
+                iterations = status["runs"][self.run]["iterations"]
             except Exception:
                 continue
-            iterations = sum(t.get("iteration", 0) for key, t in tasks.items() if key in self.keys)
             self.bar.set_postfix(iterations=iterations, escalations=self.escalations)
 
     def stop(self) -> None:

@@ -76,14 +76,15 @@ from rqml_dask.compat import fail_task, restrict_strictly
 from rqml_dask.config import SchedulerSettings, result_settings, scheduler_settings, session_settings
 from rqml_dask.messages import (
     DECISION, POLICY, POLICY_OP, TASK_REPORTS, InvalidHeartbeat, NoCapableNode, NodeLink, NodePolicy, TaskProgress, TaskReport,
-    TaskTraits, read_heartbeat, read_policy, task_name,
+    TaskTraits, dask_key, delivered_as, read_heartbeat, read_policy, task_name,
 )
+from rqml_dask.key_guard import refusing_rqml_keys
 from rqml_dask.node_installer import INSTALLER_NAME, NodeInstaller
 from rqml_dask.scheduler.assignment import NodeTable
 from rqml_dask.scheduler.gatekeeper import HANDLER_ROLES, Gatekeeper, only_roles
 from rqml_dask.scheduler import policy as policies
 from rqml_dask.scheduler.ledger import Ledger
-from rqml_dask.scheduler.records import NODE_SERIES, NodeHistory, NodeRecord, Runs, TaskRecord, Trace
+from rqml_dask.scheduler.records import NODE_SERIES, NodeHistory, NodeRecord, Runs, TaskRecord, Trace, run_name_of_key
 from rqml_dask.scheduler.reliability import Reliability
 from rqml_dask.scheduler.result_check import ResultCheck, read_outcome
 from rqml_dask.trust.ca import Authority
@@ -176,6 +177,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["register-worker"] = self.gatekeeper.guard_registration(
             scheduler.handlers["register-worker"], lambda name, reason: self._security_alert("registration-refused", name, reason))
         scheduler.handlers["heartbeat_worker"] = self._hear_heartbeats(scheduler.handlers["heartbeat_worker"])
+        for door, keys_of in (("scatter", lambda kw: kw.get("data") or {}), ("update_data", lambda kw: kw.get("who_has") or {})):
+            scheduler.handlers[door] = refusing_rqml_keys(scheduler.handlers[door], door, keys_of,
+                                                          lambda who, reason: events.publish(scheduler, events.ALERTS, "data-refused", node_name=who,
+                                                                                             reason=reason, security=True))
         for address in scheduler.workers:
             self.add_worker(scheduler, address)
         for name, tick, interval in ((TICK, self._tick, self.release_interval), (HEARTBEAT_TICK, self._heartbeat, self.settings.heartbeat_interval)):
@@ -374,8 +379,10 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def _make_pending(self, record: TaskRecord, ts: TaskState | None) -> None:
         """Keep ``record``'s task (Dask's ``ts``) pending until :meth:`_release` binds it to a node.
         Called from :meth:`transition` too: a task handed back must be restricted before the
-        scheduler's next transition would bind it to any worker."""
-        record.verified_by = None
+        scheduler's next transition would bind it to any worker. What its node presented
+        (:attr:`TaskRecord.verified_by`) stays: a node that presented the signed result of this
+        submission and runs it again (Dask took it back while it finished, and gave it back)
+        may deliver that result without presenting it twice; the client checks what it gets."""
         if ts is not None:
             self.scheduler.set_restrictions({ts.key: PENDING})
         if record.worker is not None and (node := self.nodes.get(record.worker)) is not None:
@@ -777,14 +784,15 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         return chain.decode()
 
     @log_errors
-    async def handle_result(self, comm: Any = None, key: str = "", outcome: dict | None = None) -> dict[str, str]:
-        """``rqml_result``: the signed outcome of the task ``key``, presented by the node
+    async def handle_result(self, comm: Any = None, key: str = "", submission: str = "", outcome: dict | None = None) -> dict[str, str]:
+        """``rqml_result``: the signed outcome of the task ``key`` for the client's
+        ``submission`` (the Dask task ``("rqml", key, submission)``), presented by the node
         running it before its Dask task ends. ``{"status": "OK"}`` once it passes
-        :class:`ResultCheck`; ``{"status": "stale", ...}`` if the task is no longer running
-        there (Dask released it meanwhile: the result is not taken, and that is no fault);
-        else the node is quarantined (removed before this answers, so its Dask task's end is
-        not taken: the task runs again elsewhere) and the answer is ``{"status": "refused",
-        "reason": ...}``. Over ``tcp://`` there is nothing to check."""
+        :class:`ResultCheck`; ``{"status": "stale", ...}`` if that Dask task is no longer
+        running there (Dask released it meanwhile: the result is not taken, and that is no
+        fault); else the node is quarantined (removed before this answers, so its Dask task's
+        end is not taken: the task runs again elsewhere) and the answer is ``{"status":
+        "refused", "reason": ...}``. Over ``tcp://`` there is nothing to check."""
         peer = identity(comm)
         if self.result_check is None or peer is None:
             return {"status": "OK"}
@@ -792,19 +800,18 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         address = next((a for a, ws in self.scheduler.workers.items() if str(ws.name) == name), None)
         if address is None:
             return {"status": "refused", "reason": f"{name} is not a registered node"}
-        ws, record = self.scheduler.workers[address], self.tasks.get(key)
-        running = [ts.key for ts in ws.processing if isinstance(ts.key, tuple) and ts.key[:2] == ("rqml", key)]
-        if not running:  # released meanwhile (e.g. a result it depended on was lost): not taken, no fault
-            return {"status": "stale", "reason": f"{task_name(key)} is not running on {name} any more"}
+        ws, record, dask_task = self.scheduler.workers[address], self.tasks.get(key), dask_key(key, str(submission))
+        if self.scheduler.tasks.get(dask_task) not in ws.processing:  # released meanwhile: not taken, no fault
+            return {"status": "stale", "reason": f"{task_name(key)} is not running on {name} for that submission any more"}
         try:
             parsed = read_outcome(outcome, key)
-            self.result_check.check(parsed, key, name, live=True)
+            self.result_check.check(parsed, key, name, live=True, signed_for=delivered_as(key, str(submission)))
         except SignatureError as exc:
             reason = f"result refused: {exc}"
             self._security_alert("result-refused", name, reason, key=key, task_id=task_name(key))
             await self._shut_out(address, name, reason)
             return {"status": "refused", "reason": reason}
-        if record is not None and record.dask_key in running:
+        if record is not None and record.dask_key == dask_task:
             record.verified_by = address
         if parsed.vote is not None:
             self._count_vote(parsed.vote, address)
@@ -813,29 +820,33 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
     def _count_vote(self, vote: dict[str, Any], voter: str) -> None:
         """A voter's verdict on the result of the task ``vote["of"]``, counted for the node
         whose accepted result that was (the ledger says which, not the vote), unless it is the
-        voter itself: a lost vote lowers its reliability, and ``rqml.scheduler.lost-votes``
-        in a row quarantine it while another node's results pass theirs (when every node
-        loses, the tolerance is at fault, not the nodes)."""
-        holder = self.ledger.accepted.get(str(vote.get("of")))
+        voter itself, in the streak of that task's run (pipeline name) and the vote's
+        tolerance: a lost vote lowers its reliability, and the one that makes
+        ``rqml.scheduler.lost-votes`` in a row in one streak quarantines it while another
+        node's results pass theirs in that streak (when every node loses, the tolerance is at
+        fault, not the nodes). A streak never carries into another run or tolerance, and an
+        old streak never quarantines a node that lost no new vote."""
+        of = str(vote.get("of"))
+        holder = self.ledger.accepted.get(of)
         node = self.nodes.get(holder) if holder is not None else None
         if node is None or holder == voter:
             return
+        streak = (run_name_of_key(of), float(vote.get("tolerance") or 0.0))
         if vote.get("agreed") is True:
-            node.lost_votes, node.won_votes = 0, node.won_votes + 1
+            node.lost_votes.pop(streak, None)
+            node.won_votes[streak] = node.won_votes.get(streak, 0) + 1
         else:
-            node.lost_votes += 1
+            node.lost_votes[streak] = lost = node.lost_votes.get(streak, 0) + 1
             node.reliability.failure(time.monotonic())
             events.publish(self.scheduler, events.ALERTS, "vote-lost", node=holder, node_name=self._name(holder),
-                           task_id=task_name(str(vote["of"])), voter=voter, difference=vote.get("difference"),
-                           lost_in_a_row=node.lost_votes)
+                           task_id=task_name(of), voter=voter, difference=vote.get("difference"), lost_in_a_row=lost)
         limit = self.settings.lost_votes
-        if limit is None:
-            return
-        passing = {address for address, other in self.nodes.items() if other.won_votes and not other.lost_votes}
-        for address, losing in list(self.nodes.items()):
-            if losing.lost_votes >= limit and passing - {address}:
-                self._quarantine(address, self._name(address), f"its results lost {losing.lost_votes} cross-node votes "
-                                                               f"in a row while other nodes' results passed theirs")
+        if limit is None or node.lost_votes.get(streak, 0) < limit:
+            return  # a node is quarantined on a vote it loses, never for an old streak
+        passing = {address for address, other in self.nodes.items() if other.won_votes.get(streak) and not other.lost_votes.get(streak)}
+        if passing - {holder}:
+            self._quarantine(holder, self._name(holder), f"its results lost {node.lost_votes[streak]} cross-node votes in a row "
+                                                         f"in run {streak[0]} while other nodes' results passed theirs")
 
     def _name(self, address: str) -> str:
         ws = self.scheduler.workers.get(address)

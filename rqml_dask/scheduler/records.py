@@ -114,7 +114,8 @@ class TaskRecord:
     result_state: str | None = None
     """The terminal state its node reported with the result (``rqml-task_results``), if any."""
     verified_by: str | None = None
-    """The node whose signed result for this submission passed :class:`ResultCheck` (``pqtls://``)."""
+    """The node whose signed result for this submission (:attr:`dask_key`) last passed
+    :class:`ResultCheck` (``pqtls://``): a result of it from another node is unproven."""
 
     def decided(self, event: dict[str, Any]) -> None:
         """Keep a supervision event of this task (the latest :data:`DECISIONS_KEPT`)."""
@@ -173,10 +174,12 @@ class NodeRecord:
     invalid_figures: str | None = None
     """Why the node's latest heartbeat figures were refused (it rests meanwhile), or None."""
     history: NodeHistory = field(default_factory=NodeHistory)
-    lost_votes: int = 0
-    """Cross-node votes its results lost in a row (``pqtls://``: voters are known by their certificates)."""
-    won_votes: int = 0
-    """Cross-node votes its results passed."""
+    lost_votes: dict[tuple[str, float], int] = field(default_factory=dict)
+    """Cross-node votes its results lost in a row, per streak: each run (pipeline name) and
+    vote tolerance counts on its own, so a streak never carries over into a run with other
+    data or another tolerance (``pqtls://``: voters are known by their certificates)."""
+    won_votes: dict[tuple[str, float], int] = field(default_factory=dict)
+    """Cross-node votes its results passed, per streak."""
 
 
 @dataclass(slots=True)
@@ -237,6 +240,11 @@ class Run:
 def run_name(traits: TaskTraits) -> str:
     """The run (pipeline name) a task belongs to: its task id up to the first ``/``."""
     return traits.task_id.split("/", 1)[0]
+
+
+def run_name_of_key(key: str) -> str:
+    """The run (pipeline name) of the task ``key`` (``task_id@fingerprint``)."""
+    return key.split("/", 1)[0].split("@", 1)[0]
 
 
 class Runs:

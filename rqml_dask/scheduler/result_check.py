@@ -48,15 +48,22 @@ class ResultCheck:
     seen: OrderedDict[bytes, tuple[str, float]] = field(default_factory=OrderedDict)
     """sha256 of each accepted signature -> (the task key, when it was presented)."""
 
-    def check(self, outcome: TaskOutcome, key: str, presenter: str, *, live: bool, now: float | None = None) -> None:
+    def check(self, outcome: TaskOutcome, key: str, presenter: str, *, live: bool, signed_for: str | None = None,
+              now: float | None = None) -> None:
         """Accept ``outcome`` as the result of task ``key`` presented by the node named
         ``presenter``, or raise :class:`SignatureError`. ``live``: a result of a task the node
-        is running now (its timestamp must be within ``max_skew`` of now); otherwise one it
-        finished without a scheduler (reconciliation: signed earlier, not in the future)."""
+        is running now, signed for one submission (``signed_for``,
+        :func:`~rqml_dask.messages.delivered_as`; its timestamp must be within ``max_skew`` of
+        now); otherwise one it finished without a scheduler (reconciliation: signed over the
+        task key, earlier, not in the future)."""
         now = time.time() if now is None else now
         if outcome.task_id != task_name(key):
             raise SignatureError(f"the result of {task_name(key)} replays an outcome of task {outcome.task_id}")
-        signer = self.verifier.verify_outcome(outcome, key)
+        digest = hashlib.sha256(str((outcome.signature or {}).get("value")).encode()).digest()
+        if (before := self.seen.get(digest)) is not None:
+            raise SignatureError(f"the result of {outcome.task_id} replays a signed result presented at "
+                                 f"{time.strftime('%H:%M:%S', time.gmtime(before[1]))} UTC")
+        signer = self.verifier.verify_outcome(outcome, signed_for or key)
         if signer != presenter:
             raise SignatureError(f"the result of {outcome.task_id} is signed by {signer} but presented by {presenter}")
         signed_at = float(outcome.signature["signed_at"])
@@ -66,10 +73,6 @@ class ResultCheck:
         if live and now - signed_at > self.max_skew:
             raise SignatureError(f"the result of {outcome.task_id} was signed {now - signed_at:.1f} s ago, outside the "
                                  f"{self.max_skew:g} s skew window (replayed?)")
-        digest = hashlib.sha256(str(outcome.signature["value"]).encode()).digest()
-        if (before := self.seen.get(digest)) is not None:
-            raise SignatureError(f"the result of {outcome.task_id} replays a signed result presented at "
-                                 f"{time.strftime('%H:%M:%S', time.gmtime(before[1]))} UTC")
         self.seen[digest] = (key, now)
         while len(self.seen) > self.remembered:
             self.seen.popitem(last=False)
