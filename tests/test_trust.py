@@ -654,6 +654,6 @@ def test_a_node_whose_results_keep_losing_cross_node_votes_is_quarantined(tmp_pa
     assert all(abs(a["difference"] - 1 / 3) < 1e-3 for a in lost)  # |x - 1.5 x| / |1.5 x|
     assert any(a["kind"] == "node-quarantined" and a["security"] for a in alerts)
     honest = [o for o in outcomes if names[o.node] != liar]
-    assert honest and all(o.accepted and o.vote["agreed"] for o in honest)
+    assert honest and all(o.accepted and o.vote["agreed"] for o in honest), [(o.task_id, names[o.node], o.validation_failures, o.vote) for o in honest if not o.accepted]
     assert all(not o.accepted and o.validation_failures[-1].startswith("vote: richardson_lucy differs by 0.333")
                for o in outcomes if names[o.node] == liar)

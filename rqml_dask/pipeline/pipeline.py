@@ -520,6 +520,8 @@ class Pipeline:
         logger.warning("the result of %s was not accepted: %s; %s", task.task_id, reason,
                        "computing it again" if again else f"no verified result after {SUBMISSIONS} submissions")
         self._alert(client, "outcome-unverified", task_id=task.task_id, key=task.key, reason=reason, submitted_again=again)
+        with contextlib.suppress(Exception):  # let go of the refused data (and of recomputing it, were its node gone)
+            client.cancel(submission.futures)
         if not again:
             pending.pop(task.key, None)
             verified[task.key] = _Verified(unverified(task.task_id, reason), submission, frozenset())

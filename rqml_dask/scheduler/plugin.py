@@ -189,13 +189,15 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             callback.start()
         if self.session.authority is not None:
             self._start_authority(scheduler)
-        if any(address.startswith("pqtls://") for address in scheduler.listen_address.split(",")):
+        secure = any(address.startswith("pqtls://") for address in scheduler.listen_address.split(","))
+        if secure:
             credentials, results = Credentials.from_config(), result_settings()
             verifier = Verifier.load(credentials.ca, credentials.crl, self.gatekeeper.quarantined)  # the quarantine, shared
             self.result_check = ResultCheck(verifier, results.max_skew, results.remembered)
-        self._signs_policies = any(address.startswith("pqtls://") for address in scheduler.listen_address.split(","))
+        self._signs_policies = secure
         self.policy = policies.issue(self.policy, None, sign=self._signs_policies)
-        self.gatekeeper.guard_doors(scheduler)  # Dask's own handlers too, once every wrapper above is in place
+        if secure:  # over tcp:// there is no identity to check: Dask's handlers stay as they are
+            self.gatekeeper.guard_doors(scheduler)  # Dask's own handlers too, once every wrapper above is in place
         # every worker, now and later, becomes a node (a bare `dask worker` included)
         await scheduler.register_worker_plugin(None, dumps(NodeInstaller()), name=INSTALLER_NAME, idempotent=True)
         self._policy_sent = True  # from now on every worker has the node plugin's stream handler
@@ -256,13 +258,16 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 continue
             traits = TaskTraits(**info)
             record = self.tasks.get(traits.key)
-            if record is not None and record.dask_key != dask_key:
-                # the same task submitted again beside its first submission, to be written
-                # elsewhere: Dask places it, and the node that gets it joins the running job there
+            if record is not None and record.dask_key != dask_key and record.state in ("pending", "bound"):
+                # the same task submitted again while its earlier submission runs (another
+                # client, or another output): Dask places it, and the node that gets it joins
+                # the running job there
                 logger.info("task %s submitted again as %s: placed by Dask", traits.key, dask_key)
                 continue
             restrict_strictly(ts)
-            if record is None:
+            if record is None or record.dask_key != dask_key:  # new, or a new submission of one that ended
+                if record is not None:
+                    self._keep_finished(record)
                 record = self.tasks[traits.key] = TaskRecord(traits, ts.key)
                 self.runs.add(record)
             self._make_pending(record, ts)
