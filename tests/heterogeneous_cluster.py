@@ -47,6 +47,9 @@ def heterogeneous_cluster(slowdowns: list[float], rqml_scheduler: bool = True, f
 
 
 def sleepy_pipeline(store: Path, out: Path, tile: list[int], iterations: int, delay: float, name: str) -> Pipeline:
+    from rqml_dask.pipeline.plugins import import_plugins
+
+    import_plugins([Path(__file__).with_name("sleepy_model.py")])  # as loading a pipeline file that lists it does
     config = load_pipeline_config("pipelines/quickstart.yaml")
     return Pipeline(
         config.model_copy(

@@ -541,7 +541,11 @@ def test_over_pqtls_results_finished_without_a_scheduler_are_checked_at_reconcil
             report = run.result(timeout=120)
             alerts = wait_for(lambda: (a := [e for _, e in client.get_events(events.ALERTS)])
                               and any(e["kind"] == "reconciled" for e in a) and a, what="a reconciliation")
-            quarantined = client.sync(client.scheduler.rqml_status)["quarantined"]
+            # the liar reconciles when it reconnects, which may be after the other node took its
+            # tasks over and the run ended: its refusal follows
+            quarantined = client.sync(client.scheduler.rqml_status)["quarantined"] if liar is None else wait_for(
+                lambda: liar in (q := client.sync(client.scheduler.rqml_status)["quarantined"]) and q,
+                what=f"{liar} quarantined at its reconciliation")
             names.update({addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()})
         assert all(o.accepted and o.iterations == 150 for o in report.outcomes) and len(report.outcomes) == 4
         np.testing.assert_array_equal(zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],
