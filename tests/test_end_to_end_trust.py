@@ -24,10 +24,10 @@ from distributed import Client
 from rqml_dask import Pipeline, events
 from rqml_dask.messages import delivered_as, new_submission
 from rqml_dask.pipeline import load_pipeline_config
-from rqml_dask.pipeline.verification import OutcomeCheck, SignatureError
+from rqml_dask.pipeline.verification import OutcomeCheck
 from rqml_dask.pipeline.voting import tally_vote
 from rqml_dask.trust import ca
-from rqml_dask.trust.signing import Seal, Verifier
+from rqml_dask.trust.signing import Seal, SignatureError, Verifier
 
 from conftest import local_cluster, pipeline_dict, write_yaml
 from test_scheduler_plugin import run_or_explain
@@ -190,44 +190,35 @@ def test_lost_vote_streaks_count_per_run_and_tolerance_and_an_old_streak_quarant
     quarantines it."""
     import asyncio
 
-    from distributed import Scheduler
-
-    from rqml_dask.scheduler.plugin import RQMLSchedulerPlugin
-    from simulated_nodes import SimulatedNodes, figures
+    from simulated_nodes import figures
+    from test_scheduler_scale import cluster
 
     async def test():
-        scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0")
-        plugin = RQMLSchedulerPlugin(seed=0)
-        scheduler.add_plugin(plugin)
-        await scheduler
-        try:
-            async with SimulatedNodes(scheduler) as nodes:
-                honest, other, voter = [(await nodes.add(n, figures())).address for n in ("honest", "other", "voter")]
-                count = iter(range(10_000))
+        async with cluster() as (scheduler, plugin, nodes, client):
+            honest, other, voter = [(await nodes.add(n, figures())).address for n in ("honest", "other", "voter")]
+            count = iter(range(10_000))
 
-                def vote(run: str, holder: str, agreed: bool, tolerance: float) -> None:
-                    key = f"{run}/{next(count)}@0"
-                    plugin.ledger.accept(key, holder)
-                    plugin._count_vote({"of": key, "agreed": agreed, "tolerance": tolerance, "difference": 0.2}, voter)
+            def vote(run: str, holder: str, agreed: bool, tolerance: float) -> None:
+                key = f"{run}/{next(count)}@0"
+                plugin.ledger.accept(key, holder)
+                plugin._count_vote({"of": key, "agreed": agreed, "tolerance": tolerance, "difference": 0.2}, voter)
 
-                for _ in range(3):  # three lost in run "a" at tolerance 0.1, while no node passes there: the tolerance's fault
-                    vote("a", honest, False, 0.1)
-                await asyncio.sleep(0.2)  # a quarantine is carried out on the event loop
-                assert plugin.gatekeeper.quarantined == {}
-                for _ in range(3):  # then other nodes pass theirs, in that streak and in others: the old streak counts for nothing
-                    vote("a", other, True, 0.1)
-                    vote("a", other, True, 0.5)
-                    vote("b", other, True, 0.1)
-                vote("b", honest, False, 0.1)  # one lost in run "b": a streak of one there
-                vote("a", honest, False, 0.5)  # one at the other tolerance of run "a"
-                await asyncio.sleep(0.2)
-                assert plugin.gatekeeper.quarantined == {}
-                assert plugin.nodes[honest].lost_votes == {("a", 0.1): 3, ("b", 0.1): 1, ("a", 0.5): 1}
-                vote("a", honest, False, 0.1)  # a new lost vote in the first streak, while another node passes in it
-                await asyncio.sleep(0.2)
-                quarantined = dict(plugin.gatekeeper.quarantined)
-        finally:
-            await scheduler.close()
+            for _ in range(3):  # three lost in run "a" at tolerance 0.1, while no node passes there: the tolerance's fault
+                vote("a", honest, False, 0.1)
+            await asyncio.sleep(0.2)  # a quarantine is carried out on the event loop
+            assert plugin.gatekeeper.quarantined == {}
+            for _ in range(3):  # then other nodes pass theirs, in that streak and in others: the old streak counts for nothing
+                vote("a", other, True, 0.1)
+                vote("a", other, True, 0.5)
+                vote("b", other, True, 0.1)
+            vote("b", honest, False, 0.1)  # one lost in run "b": a streak of one there
+            vote("a", honest, False, 0.5)  # one at the other tolerance of run "a"
+            await asyncio.sleep(0.2)
+            assert plugin.gatekeeper.quarantined == {}
+            assert plugin.nodes[honest].lost_votes == {("a", 0.1): 3, ("b", 0.1): 1, ("a", 0.5): 1}
+            vote("a", honest, False, 0.1)  # a new lost vote in the first streak, while another node passes in it
+            await asyncio.sleep(0.2)
+            quarantined = dict(plugin.gatekeeper.quarantined)
         assert list(quarantined) == ["honest"] and "4 cross-node votes in a row in run a" in quarantined["honest"]
 
     asyncio.run(asyncio.wait_for(test(), bound(60)))

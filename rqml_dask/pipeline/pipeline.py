@@ -43,12 +43,13 @@ from rqml_dask.held_out import estimate_counts_per_unit
 from rqml_dask.models import TaskClass, load_task_class
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
 from rqml_dask.pipeline.plugins import plugin_digest, ship_plugins
-from rqml_dask.pipeline.verification import OutcomeCheck, SignatureError, unverified
+from rqml_dask.pipeline.verification import OutcomeCheck, unverified
 from rqml_dask.pipeline.voting import NO_INDEPENDENT_VOTER, tally_vote, vote_array, voter_tasks
 from rqml_dask.problem import read_operator
 from rqml_dask.synthetic import SystemsSpec, write_synthetic, write_systems
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import plan_regions
+from rqml_dask.trust.signing import SignatureError
 from rqml_dask.volumes import OUTCOMES_ARRAY, InputError, open_array, write_outcome_records
 
 

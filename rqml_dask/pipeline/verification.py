@@ -69,5 +69,3 @@ def unverified(task_id: str, reason: str) -> TaskOutcome:
                        convergence=None, validation_failures=[f"result not verified: {reason}"], output="", elapsed_s=0.0,
                        backend="", reason=reason)
 
-
-__all__ = ["OutcomeCheck", "SignatureError", "unverified"]
