@@ -55,6 +55,8 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
         tasks = pipeline.prepare(overwrite)  # refuse bad input or output before any cluster starts
     except (InputError, PipelineError) as exc:
         raise click.ClickException(str(exc)) from None
+    if pipeline.camera_note is not None:
+        click.echo(f"camera       {pipeline.camera_note}", err=True)
     with contextlib.ExitStack() as stack:
         if scheduler:
             client = stack.enter_context(Client(scheduler))
@@ -292,10 +294,17 @@ def import_(source: Path, store: Path, array: str, chunks, voxel_size, unit: str
               help="systems: max/min diffusivity in each system (larger: worse conditioned).")
 @click.option("--anisotropy", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="systems: diffusivity factor along the last axis.")
+@click.option("--camera-offset", type=click.FloatRange(min=0), default=None,
+              help="Camera data: observed is uint16 ADU = gain * photons + this offset + read noise (truth in photons).")
+@click.option("--camera-gain", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Camera data: ADU per photon (1 unless given).")
+@click.option("--read-noise", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Camera data: Gaussian read noise, ADU (standard deviation).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace STORE if it exists.")
 def synth(store: Path, kind: str, shape, psf: str, psf_sigma, photons: float, grid, count: int, contrast: float,
-          anisotropy: float, seed: int, overwrite: bool) -> None:
+          anisotropy: float, camera_offset: float | None, camera_gain: float | None, read_noise: float, seed: int,
+          overwrite: bool) -> None:
     """Write synthetic data to STORE: a ground truth, PSF and blurred noisy observation, or
     (``--kind systems``) right-hand sides, coefficients and direct solutions."""
     from rqml_dask.synthetic import SynthSpec, SystemsSpec, write_synthetic, write_systems
@@ -307,8 +316,12 @@ def synth(store: Path, kind: str, shape, psf: str, psf_sigma, photons: float, gr
             spec = SystemsSpec(kind=kind, grid=grid, count=count, contrast=contrast, anisotropy=anisotropy, seed=seed)
             path, wrote = write_systems(store, spec), f"rhs, coefficients and truth of {count} systems on {grid}"
         else:
-            spec = SynthSpec(kind=kind, shape=shape, psf=psf, psf_sigma=psf_sigma, photons=photons, seed=seed)
+            spec = SynthSpec(kind=kind, shape=shape, psf=psf, psf_sigma=psf_sigma, photons=photons, seed=seed,
+                             camera_offset=camera_offset, camera_gain=camera_gain, read_noise=read_noise)
             path, wrote = write_synthetic(store, spec), f"truth, observed and psf {shape}"
+            if spec.camera:
+                wrote += (f" (observed: uint16 camera data, offset {camera_offset or 0:g} ADU, gain {camera_gain or 1:g} "
+                          f"ADU/photon, read noise {read_noise:g} ADU; truth in photons)")
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {wrote} to {path}")

@@ -51,6 +51,7 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
     kind = load_task_class(task.task_class)
     image = read_window(task.input.image, task.region, np.dtype(kind.dtype), nonnegative=kind.photon_counts,
                         accept_saturated=task.input.accept_saturated)
+    image = image if task.input.camera is None else task.input.camera.photons(image, image.dtype)  # ADU to photons
     operator = read_operator(kind, task.input.operator, task.region, task.input.image)
     digest = hashlib.blake2b(RESULT_FORMAT, digest_size=16)
     for array in (image, operator):

@@ -7,7 +7,10 @@ axis in each cell) and ``truth``, each system solved to a relative residual of 1
 
 :func:`write_synthetic` writes a Zarr group with ``truth`` (beads or cell-like shapes),
 ``psf`` (an anisotropic Gaussian, or a scalar widefield model, normalised to sum 1) and ``observed`` (the truth blurred
-by the PSF with Poisson noise at ``photons`` counts per unit intensity). The group is
+by the PSF with Poisson noise at ``photons`` counts per unit intensity). With a camera
+(``camera_offset`` and/or ``camera_gain``), ``observed`` is what a camera reads of the same
+counts instead: uint16 ADU, ``round(gain * counts + offset + read noise)``, and ``truth`` is
+in photons (times ``photons``), the units a pipeline's result of camera data is in. The group is
 written to a temporary sibling and renamed into place, so a store that exists is complete.
 """
 
@@ -17,17 +20,19 @@ import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import zarr
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 
 @dataclass(frozen=True)
 class SynthSpec:
     """What to generate. ``psf``: ``gaussian`` of ``psf_sigma`` voxels per axis (z, y, x
-    for 3-D), or ``widefield`` (:func:`widefield_psf`, 3-D only)."""
+    for 3-D), or ``widefield`` (:func:`widefield_psf`, 3-D only). ``camera_offset`` (ADU,
+    default 0 with a gain) and ``camera_gain`` (ADU per photon, default 1 with an offset):
+    camera data, with Gaussian read noise of ``read_noise`` ADU (standard deviation)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid", frozen=True)
 
@@ -38,6 +43,14 @@ class SynthSpec:
     photons: float = 300.0
     background: float = 0.01
     seed: int = 0
+    camera_offset: Annotated[float, Field(ge=0)] | None = None
+    camera_gain: Annotated[float, Field(gt=0)] | None = None
+    read_noise: Annotated[float, Field(ge=0)] = 2.0
+
+    @property
+    def camera(self) -> bool:
+        """Whether ``observed`` is camera data (ADU), not photons per unit intensity."""
+        return self.camera_offset is not None or self.camera_gain is not None
 
 
 def gaussian_psf(sigma: tuple[float, ...]) -> np.ndarray:
@@ -97,8 +110,20 @@ def make_truth(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> n
     return truth
 
 
+def camera_counts(counts: np.ndarray, spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
+    """Photon ``counts`` as ``spec``'s camera reads them: uint16 ADU, ``round(gain * counts +
+    offset + N(0, read_noise^2))``, clipped to what uint16 holds."""
+    gain = 1.0 if spec.camera_gain is None else spec.camera_gain
+    offset = 0.0 if spec.camera_offset is None else spec.camera_offset
+    adu = gain * counts + offset + rng.normal(0.0, spec.read_noise, counts.shape)
+    return np.clip(np.rint(adu), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
 def write_synthetic(store: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
     """Write truth, psf and observed to the Zarr group at ``store``; return its path."""
+    if (spec.camera_offset or 0) < 0 or (spec.camera_gain is not None and spec.camera_gain <= 0) or spec.read_noise < 0:
+        raise ValueError(f"camera offset {spec.camera_offset} must be >= 0, gain {spec.camera_gain} > 0 and read noise "
+                         f"{spec.read_noise} >= 0")
     if spec.psf == "gaussian" and len(spec.psf_sigma) != len(spec.shape):
         raise ValueError(f"psf_sigma {spec.psf_sigma} and shape {spec.shape} differ in rank")
     store = Path(store)
@@ -110,13 +135,18 @@ def write_synthetic(store: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
     import scipy.signal  # here, not at import: reading a pipeline file loads no SciPy
 
     blurred = np.clip(scipy.signal.fftconvolve(truth + spec.background, psf, mode="same"), 0, None)
-    observed = (rng.poisson(blurred * spec.photons) / spec.photons).astype(np.float32)
+    counts = rng.poisson(blurred * spec.photons)
+    truth = truth + spec.background
+    if spec.camera:
+        observed, truth = camera_counts(counts, spec, rng), truth * spec.photons
+    else:
+        observed = (counts / spec.photons).astype(np.float32)
     staging = store.with_name(store.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     group = zarr.open_group(staging, mode="w")
     chunks = tuple(min(n, 64) for n in spec.shape)
-    for name, data in (("truth", truth + spec.background), ("observed", observed)):
-        group.create_array(name, data=data.astype(np.float32), chunks=chunks)
+    group.create_array("truth", data=truth.astype(np.float32), chunks=chunks)
+    group.create_array("observed", data=observed, chunks=chunks)
     group.create_array("psf", data=psf)
     group.attrs["rqml_synthetic"] = {**asdict(spec), "shape": list(spec.shape), "psf_sigma": list(spec.psf_sigma)}
     shutil.rmtree(store, ignore_errors=True)

@@ -15,6 +15,7 @@ import msgpack
 from pydantic import ConfigDict, Field, TypeAdapter
 from typing_extensions import Annotated
 
+from rqml_dask.camera import Camera
 from rqml_dask.names import check_task_id
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -157,7 +158,9 @@ class TaskInput:
     right-hand side), and ``operator``, read with it (a PSF, a coefficient field: what the
     task class makes of it, :class:`rqml_dask.models.TaskClass`); ``truth`` is optional
     (synthetic data). ``counts_per_unit``: photons per unit of the image's intensity (what
-    the held-out stopping rule thins), ``None`` where the image is not photon counts."""
+    the held-out stopping rule thins), ``None`` where the image is not photon counts.
+    ``camera``: the image is camera data in ADU, read as photon counts
+    (:meth:`rqml_dask.camera.Camera.photons`), so the models and the result are in photons."""
 
     __pydantic_config__ = _STRICT
 
@@ -168,6 +171,7 @@ class TaskInput:
     accept_saturated: bool = False
     """Take an integer image's values at the type's maximum as they are, instead of refusing
     the window (:func:`rqml_dask.volumes.check_values`)."""
+    camera: Camera | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,8 @@ class RQMLTask:
                 if k not in ("output", "priority", "expected_difficulty", "checkpoint", "input_digest")}
         if body["plugin_digest"] is None:  # keys of pipelines without plugin files stay as they were
             del body["plugin_digest"]
+        if body["input"]["camera"] is None:  # and those of pipelines without a camera
+            del body["input"]["camera"]
         digest = hashlib.sha256(msgpack.packb(body)).hexdigest()[:16]
         return f"{self.task_id}@{digest}"
 

@@ -31,6 +31,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CameraSpec(_Strict):
+    """How a camera's raw values (ADU) are photons: ``ADU = gain * photons + offset``,
+    ``offset`` in ADU (the dark level, >= 0) and ``gain`` in ADU per photon (> 0); or
+    ``auto`` (long form ``{estimate: true}``): both estimated from a few chunks of the
+    image (:func:`rqml_dask.camera.estimate_camera`)."""
+
+    offset: float | None = Field(default=None, ge=0)
+    gain: float | None = Field(default=None, gt=0)
+    estimate: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto(cls, data: Any) -> Any:
+        if data == "auto":
+            return {"estimate": True}
+        if isinstance(data, str):
+            raise ValueError(f"expected auto or {{offset: ADU, gain: ADU per photon}}, got {data!r}")
+        return data
+
+    @model_validator(mode="after")
+    def _complete(self) -> CameraSpec:
+        given = (self.offset is not None, self.gain is not None)
+        if self.estimate and any(given):
+            raise ValueError("give offset and gain, or auto to estimate them, not both")
+        if not self.estimate and not all(given):
+            raise ValueError("give both offset (ADU) and gain (ADU per photon), or auto to estimate them")
+        return self
+
+
 class InputSpec(_Strict):
     """Where the data is: ``image``, the array refined against, and ``operator``, read with
     it (the PSF of a deconvolution, the coefficients of a linear solve; unset, the task
@@ -40,6 +69,9 @@ class InputSpec(_Strict):
     unit of the image's intensity (for a camera, 1 / gain after the offset is subtracted);
     unset, it is the synthetic store's ``photons``, 1 for an integer image, else estimated
     from the image's own noise (:func:`rqml_dask.held_out.estimate_counts_per_unit`).
+    ``camera``: the image is camera data (:class:`CameraSpec`), read as photon counts
+    (``counts_per_unit`` 1; the result is in photons too). An integer image whose darkest
+    values are well above 0 is refused without it (:data:`rqml_dask.camera.OFFSET_FLOOR`).
 
     ``image`` may name an OME-Zarr image group (``"."``: the store's root), whose
     full-resolution level is read; ``operator_store`` is where the operator is when it is not
@@ -56,6 +88,14 @@ class InputSpec(_Strict):
     synthesize: Annotated[SynthSpec | SystemsSpec, Field(discriminator="kind")] | None = None
     accept_saturated: bool = False
     counts_per_unit: float | None = Field(default=None, gt=0)
+    camera: CameraSpec | None = None
+
+    @model_validator(mode="after")
+    def _camera_or_counts(self) -> InputSpec:
+        if self.camera is not None and self.counts_per_unit is not None:
+            raise ValueError("give camera or counts_per_unit, not both: camera data are read as photon counts "
+                             "(1 per unit)")
+        return self
 
 
 class OutputSpec(_Strict):

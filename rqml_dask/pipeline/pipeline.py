@@ -39,6 +39,7 @@ from distributed.comm import get_address_host_port
 from rqml_dask import events, ome
 from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits, dask_key, new_submission
 from rqml_dask.node.handover import run_task, run_vote
+from rqml_dask.camera import OFFSET_FLOOR, Camera, CameraEstimateError, estimate_camera, offset_floor, sample_chunks
 from rqml_dask.held_out import estimate_counts_per_unit
 from rqml_dask.models import TaskClass, load_task_class
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
@@ -154,6 +155,8 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
+        self.camera_note: str | None = None
+        """How :meth:`tasks` reads the image as camera data, for ``rqml run``'s summary; ``None``: not."""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Pipeline:
@@ -211,6 +214,8 @@ class Pipeline:
             return None
         if self.config.input.counts_per_unit is not None:
             return self.config.input.counts_per_unit
+        if self.config.input.camera is not None:
+            return 1.0  # read as photon counts
         synthetic = zarr.open_group(self.config.input.store, mode="r").attrs.get("rqml_synthetic")
         if isinstance(synthetic, dict) and synthetic.get("photons"):
             return float(synthetic["photons"])
@@ -220,6 +225,38 @@ class Pipeline:
             return estimate_counts_per_unit(image[tuple(slice(0, c) for c in image.chunks)])
         except ValueError as exc:
             raise InputError(f"{self.input_refs.image}: {exc}") from None
+
+    def _camera(self, image: zarr.Array) -> Camera | None:
+        """The camera ``image`` is read with (``input.camera``): as given, or estimated from
+        at most :data:`~rqml_dask.camera.SAMPLE_CHUNKS` of its chunks; ``None`` without one.
+        Sets :attr:`camera_note`. Refuses (:class:`InputError`) a camera for a task class
+        that takes no photon counts, data no camera can be estimated from, and, with no
+        camera given, an integer image of photon counts whose floor (in the same few chunks)
+        is at least :data:`~rqml_dask.camera.OFFSET_FLOOR`: a camera's offset, not photons."""
+        spec, ref = self.config.input.camera, self.input_refs.image
+        self.camera_note = None
+        if spec is None:
+            if self.task_class.photon_counts and np.issubdtype(image.dtype, np.integer):
+                sample = sample_chunks(image)
+                if (floor := offset_floor(sample)) >= OFFSET_FLOOR:
+                    raise InputError(
+                        f"{ref} looks like camera data: its darkest values are at {floor:g} (0.5th percentile of "
+                        f"{len(sample)} chunk(s); minimum {min(int(c.min()) for c in sample)}), an offset, not photon "
+                        f"counts: set input.camera: {{offset: ADU, gain: ADU per photon}} or input.camera: auto to "
+                        "estimate them (or, for photon counts, input.camera: {offset: 0, gain: 1})")
+            return None
+        if not self.task_class.photon_counts:
+            raise InputError(f"input.camera: {self.config.task_class} tasks do not take photon counts; remove it")
+        if not spec.estimate:
+            camera = Camera(offset=spec.offset, gain=spec.gain)
+            self.camera_note = f"{camera} (given)"
+            return camera
+        try:
+            estimate = estimate_camera(sample_chunks(image))
+        except CameraEstimateError as exc:
+            raise InputError(f"{ref}: input.camera: auto: {exc}: set input.camera: {{offset: ADU, gain: ADU per photon}}") from None
+        self.camera_note = str(estimate)
+        return estimate.camera
 
     def ensure_input(self) -> None:
         """Generate the synthetic input if the pipeline asks for it and it is missing."""
@@ -252,7 +289,7 @@ class Pipeline:
         regions = plan_regions(image.shape, tiling.tile, halo)
         models = self.config.models
         checkpoint = self.checkpoint_settings
-        refs = replace(refs, counts_per_unit=self._counts_per_unit(image))
+        refs = replace(refs, counts_per_unit=self._counts_per_unit(image), camera=self._camera(image))
         width = len(str(len(regions) - 1))
         return [
             RQMLTask(
