@@ -57,6 +57,7 @@ def run(pipeline_file: Path, scheduler: str | None, progress: bool, overwrite: b
         raise click.ClickException(str(exc)) from None
     if pipeline.camera_note is not None:
         click.echo(f"camera       {pipeline.camera_note}", err=True)
+    click.echo(f"halo         {pipeline.halo_note}", err=True)
     with contextlib.ExitStack() as stack:
         if scheduler:
             client = stack.enter_context(Client(scheduler))

@@ -18,6 +18,7 @@ count to the user.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,18 +26,47 @@ import numpy as np
 from rqml_dask.arrays import Array, ArrayBackend
 
 
+SIGNIFICANCE = 2.0
+"""How many standard errors better than the input's a result's held-out fit must be to count
+as better by that test (:attr:`HeldOutFigures.significance`)."""
+
+NOISE_REGIME = 0.5
+"""The largest :attr:`HeldOutFigures.departure` a result may have to count as better than
+its input by that test."""
+
+
 @dataclass(frozen=True)
 class HeldOutFigures:
-    """What the stopping rule saw, for the outcome: held-out Poisson deviance per voxel
-    (lower is better; about 1 where a prediction is as good as the noise allows at high
-    counts) of the input itself (``input``: the observed image taken as the estimate) and
-    of the result (``result``, the iterate chosen, ``iteration``); ``fraction`` of the
-    counts was held out."""
+    """What the stopping rule saw, for the outcome: held-out Poisson deviance per voxel of
+    the task's core (lower is better; about 1 where a prediction is as good as the noise
+    allows at high counts) of the input itself (``input``: the observed image taken as the
+    estimate) and of the result (``result``, the iterate chosen, ``iteration``); ``fraction``
+    of the counts was held out.
+
+    The guard's two tests (:meth:`better_than_input`): ``significance``, the paired z-score
+    of the per-voxel deviance of the result minus the input's (negative: the result predicts
+    the held-out counts better, by that many standard errors; the counts are independent, so
+    the voxels are), and ``departure``, how far the result lies from the blurred object,
+    estimated from the held-out counts alone (``||x - h/s||^2 - sum h/s^2``, unbiased), as a
+    fraction of the input's own noise energy (``sum y / counts_per_unit``, a lower bound of
+    the input's squared error against the object)."""
 
     input: float
     result: float
     iteration: int
     fraction: float
+    significance: float | None = None
+    departure: float | None = None
+
+    def better_than_input(self) -> bool:
+        """Whether the result counts as better than its input: its held-out fit is
+        :data:`SIGNIFICANCE` standard errors better (where the blur dominates the input's
+        error), or it departs from the blurred object by less than :data:`NOISE_REGIME` of the
+        input's noise (where the noise does: a smoothed input beats it, whatever it predicts).
+        Without the two figures, whether the result's deviance is below the input's."""
+        if self.significance is None or self.departure is None:
+            return self.result <= self.input
+        return self.significance <= -SIGNIFICANCE or self.departure < NOISE_REGIME
 
 
 def thin(image: np.ndarray, counts_per_unit: float, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,24 +80,52 @@ def thin(image: np.ndarray, counts_per_unit: float, fraction: float, seed: int) 
 
 class HeldOutScore:
     """Scores predictions of the data (the model's forward model applied to its estimate,
-    in the image's units) against the held-out counts."""
+    in the image's units) against the held-out counts, over ``core`` of the window only (the
+    task's result; near the window's edge a prediction lacks the light from past it, and
+    the score there would stop the task early)."""
 
-    def __init__(self, held: Array, counts_per_unit: float, fraction: float, backend: ArrayBackend) -> None:
+    def __init__(self, held: Array, counts_per_unit: float, fraction: float, backend: ArrayBackend,
+                 core: tuple[slice, ...] = ()) -> None:
         xp = backend.xp
         self.xp = xp
-        self.held = xp.astype(held, xp.float64)
+        self.core = core
+        self.held = xp.astype(held[core], xp.float64)
         self.scale = counts_per_unit * fraction
         self.fraction = fraction
         safe = xp.where(self.held > 0, self.held, 1.0)
         self._held_log_held = xp.where(self.held > 0, self.held * xp.log(safe), 0.0)
 
-    def deviance(self, prediction: Array) -> float:
-        """Mean Poisson deviance ``2 (mu - h - h log mu + h log h)`` of the held-out counts
-        ``h`` under the predicted means ``mu``, in float64."""
+    def terms(self, prediction: Array) -> Array:
+        """Per-voxel Poisson deviance ``2 (mu - h - h log mu + h log h)`` over the core of the
+        held-out counts ``h`` under the predicted means ``mu`` (``prediction``: the window's),
+        in float64."""
         xp = self.xp
-        mu = xp.maximum(xp.astype(prediction, xp.float64) * self.scale, 1e-12)
-        terms = mu - self.held - self.held * xp.log(mu) + self._held_log_held
-        return float(2.0 * xp.mean(terms))
+        mu = xp.maximum(xp.astype(prediction[self.core], xp.float64) * self.scale, 1e-12)
+        return 2.0 * (mu - self.held - self.held * xp.log(mu) + self._held_log_held)
+
+    def deviance(self, prediction: Array) -> float:
+        """The mean of :meth:`terms`."""
+        return float(self.xp.mean(self.terms(prediction)))
+
+    def significance(self, result: Array, baseline: Array) -> float:
+        """The paired z-score of :meth:`terms` of the prediction ``result`` minus those of
+        ``baseline`` (negative: ``result`` fits the held-out counts better)."""
+        xp = self.xp
+        difference = self.terms(result) - self.terms(baseline)
+        spread = float(xp.std(difference))
+        mean = float(xp.mean(difference))
+        return mean / (spread / difference.size**0.5) if spread > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+
+    def departure(self, estimate: Array, observed: Array) -> float:
+        """How far the window's ``estimate`` lies from the blurred object over the core, as a
+        fraction of the noise energy of the window's ``observed`` image
+        (:class:`HeldOutFigures`)."""
+        xp = self.xp
+        scaled = self.held / self.scale
+        estimate = xp.astype(estimate[self.core], xp.float64)
+        distance = float(xp.sum((estimate - scaled) ** 2)) - float(xp.sum(scaled)) / self.scale
+        noise = float(xp.sum(xp.astype(observed[self.core], xp.float64))) / (self.scale / self.fraction)
+        return distance / noise if noise > 0 else math.inf
 
 
 def estimate_counts_per_unit(image: np.ndarray) -> float:

@@ -67,7 +67,9 @@ class TaskClass(abc.ABC):
     * ``default_operator`` / ``default_output`` name the arrays a pipeline file may omit.
     * :meth:`read_operator` reads the operator for one task from the array-like ``operator``
       (``shape`` and NumPy indexing) and checks it, raising :class:`ValueError` with what is
-      wrong; :meth:`halo` is the halo a task needs to read around its core (``auto``).
+      wrong; :meth:`halo` is the halo, per axis, a task needs to read around its core
+      (``auto``), given the operator as :meth:`read_operator` returns it for the first core
+      and the most iterations a task runs.
     * :meth:`probe_problem` is a small problem, on ``backend``, on which :func:`check_model`
       tries a model family before any task runs.
     * :meth:`image_axes` names the axes of a result that is an image (``z``, ``y``, ``x``):
@@ -87,7 +89,7 @@ class TaskClass(abc.ABC):
     def read_operator(self, operator: Any, core: tuple[tuple[int, int], ...], image_shape: tuple[int, ...]) -> np.ndarray: ...
 
     @abc.abstractmethod
-    def halo(self, operator_shape: tuple[int, ...], image_ndim: int) -> tuple[int, ...]: ...
+    def halo(self, operator: np.ndarray, image_ndim: int, iterations: int) -> tuple[int, ...]: ...
 
     @abc.abstractmethod
     def probe_problem(self, backend: ArrayBackend) -> dict[str, Array]: ...

@@ -86,7 +86,7 @@ class Refinement:
         if "held_out" in self.problem:
             settings = self.task.convergence
             self.held_out = HeldOutScore(self.problem["held_out"], self.task.input.counts_per_unit,
-                                         settings.held_out_fraction, self.backend)
+                                         settings.held_out_fraction, self.backend, self.task.region.core_in_window)
 
     @classmethod
     def start(cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend) -> Refinement:
@@ -106,10 +106,20 @@ class Refinement:
         return None if prediction is None else self.held_out.deviance(prediction)
 
     def held_out_figures(self) -> HeldOutFigures | None:
-        """What the held-out rule saw, for the outcome."""
+        """What the held-out rule saw, for the outcome; once finished, with the guard's
+        figures of the estimate (the chosen iterate) against the input."""
         if self.held_out_input is None or self.best_estimate is None:
             return None
-        return HeldOutFigures(self.held_out_input, self.best_held_out, self.best_iteration, self.held_out.fraction)
+        significance = departure = None
+        prediction = self.model.prediction() if self.done else None
+        if prediction is not None:
+            name = self.model_name
+            baseline = load_model(name)(self.problem, self.backend, **self.task.model_params.get(name, {}))
+            baseline.start(self.problem["image"])
+            significance = self.held_out.significance(prediction, baseline.prediction())
+            departure = self.held_out.departure(self.estimate, self.problem["observed"])
+        return HeldOutFigures(self.held_out_input, self.best_held_out, self.best_iteration, self.held_out.fraction,
+                              significance, departure)
 
     @property
     def done(self) -> bool:
@@ -162,7 +172,7 @@ class Refinement:
             held_out = self._score()
             if held_out is not None and held_out < self.best_held_out:
                 self.best_held_out, self.best_iteration = held_out, self.iteration
-                self.best_estimate = self._keep(self.model.estimate)
+                self.best_estimate = self._keep(self.model.state()["estimate"])
             verdict = self.monitor.observe(run.iterations, change, self.model.misfit(), held_out)
             self.last_figures = figures = self.monitor.latest
             if figures is not None:
@@ -248,10 +258,11 @@ class Refinement:
         xp = self.backend.xp
         failures = []
         figures = self.held_out_figures()
-        self.fitted_noise = figures is not None and figures.result > figures.input
+        self.fitted_noise = figures is not None and not figures.better_than_input()
         if self.fitted_noise:
-            failures.append(f"held-out fit of the result ({figures.result:.4g}) worse than the input's "
-                            f"({figures.input:.4g}): every model fitted the noise")
+            failures.append(f"the result is no better than the input by the held-out counts (fit {figures.result:.4g} "
+                            f"vs {figures.input:.4g}, {_figure(figures.significance)} standard errors; departure "
+                            f"{_figure(figures.departure)} of the input's noise): every model fitted the noise")
         if rules.require_finite and not bool(xp.all(xp.isfinite(self.estimate))):
             failures.append("estimate has non-finite values")
         lowest = float(xp.min(self.estimate))
@@ -403,6 +414,10 @@ class Refinement:
                               held_out=self.best_held_out)
         if status in ("stalled", "terminated"):
             self.record_event(status, model=self.model_name, reason=self.reason)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _relative_change(xp, current: Array, previous: Array) -> float:

@@ -113,8 +113,7 @@ class Region:
     """The part of the volume a task owns (``core``) and the larger ``window`` it reads.
 
     Both are ``(start, stop)`` per axis in volume coordinates; ``window`` contains ``core``
-    and extends it by the halo, reaching past the volume's border where the core touches it
-    (readers mirror the volume there).
+    and extends it by the halo, up to the volume's border.
     """
 
     __pydantic_config__ = _STRICT

@@ -1,12 +1,12 @@
 """Cutting a volume into task regions with halos (what halo a task needs is its class's say).
 
 Each task owns a ``tile``-shaped core (the last ones along an axis may be smaller) and reads
-a window that extends the core by ``halo`` on every side. Where the window reaches past the
-volume, the reader mirrors the volume (:func:`rqml_dask.volumes.read_window`), so a task at
-the border sees the same boundary as an untiled run with the same halo. Tasks write only
-their cores, so the stitched volume has no overlaps to blend; seams are avoided by making
-the halo wide enough that the zero boundary each task's convolution sees at its window edge
-does not reach its core within the iterations it runs.
+a window that extends the core by ``halo`` on every side, clipped to the volume: a task at
+the volume's border sees the same border as an untiled run, and nothing is invented past
+it. Tasks write only their cores, so the stitched volume has no overlaps to blend; seams
+are avoided by models that assume nothing past their window (the deconvolution models
+estimate the object beyond it from the observed data alone) and a halo wide enough that the
+window's edge does not reach the core within the iterations a task runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def plan_regions(shape: Sequence[int], tile: Sequence[int], halo: Sequence[int])
     if any(t <= 0 for t in tile) or any(h < 0 for h in halo):
         raise ValueError(f"tile {tuple(tile)} must be positive and halo {tuple(halo)} non-negative")
     per_axis = [
-        [((start, min(start + t, n)), (start - h, min(start + t, n) + h)) for start in range(0, n, t)]
+        [((start, min(start + t, n)), (max(start - h, 0), min(start + t + h, n))) for start in range(0, n, t)]
         for n, t, h in zip(shape, tile, halo)
     ]
     return [

@@ -88,18 +88,16 @@ def read_window(ref: ArrayRef, region: Region, dtype: Any = np.float32, *, nonne
     (:func:`check_values`) where they are read: the whole input is checked by the tasks
     that read it, never by one process reading all of it.
 
-    Parts of the window outside the volume are the volume mirrored at its border
-    (``numpy.pad`` mode ``symmetric``).
+    A window reaching past the array (a region planned for another shape) is refused.
     """
     array = open_array(ref)
-    inside = tuple(slice(max(a, 0), min(b, n)) for (a, b), n in zip(region.window, array.shape))
-    raw = np.asarray(array[inside])
+    if any(a < 0 or b > n for (a, b), n in zip(region.window, array.shape)) or len(region.window) != array.ndim:
+        raise InputError(f"{ref} {tuple(array.shape)} does not hold the window {_fmt(region.window)}: the task was "
+                         "planned for an array of another shape")
+    raw = np.asarray(array[region.window_slices])
     data = raw.astype(dtype, copy=False)
-    check_values(ref, raw, data, tuple(s.start for s in inside), nonnegative=nonnegative,
+    check_values(ref, raw, data, tuple(a for a, _ in region.window), nonnegative=nonnegative,
                  saturation=None if accept_saturated else _saturation(array.dtype))
-    pad = [(s.start - a, b - s.stop) for (a, b), s in zip(region.window, inside)]
-    if any(p for pair in pad for p in pair):
-        data = np.pad(data, pad, mode="symmetric")
     return data
 
 

@@ -16,7 +16,7 @@ def test_cores_cover_the_volume_exactly_once_and_windows_hold_the_halo(shape, ti
     for region in plan_regions(shape, tile, halo):
         cover[region.core_slices] += 1
         for (c0, c1), (w0, w1), h, n in zip(region.core, region.window, halo, shape):
-            assert (w0, w1) == (c0 - h, c1 + h)
+            assert (w0, w1) == (max(c0 - h, 0), min(c1 + h, n))
         window = np.zeros([b - a for a, b in region.window], bool)
         assert window[region.core_in_window].shape == tuple(b - a for a, b in region.core)
     assert (cover == 1).all()
@@ -55,14 +55,16 @@ def test_progressing_refinement_continues_and_divergence_stalls():
     assert verdicts[-1] == "stalled"
 
 
-def test_window_past_the_border_mirrors_the_volume(tmp_path):
+def test_window_stops_at_the_border_and_a_foreign_region_is_refused(tmp_path):
     import zarr
 
-    from rqml_dask.task import ArrayRef
-    from rqml_dask.volumes import read_window
+    from rqml_dask.task import ArrayRef, Region
+    from rqml_dask.volumes import InputError, read_window
 
     volume = np.arange(5 * 6, dtype=np.float32).reshape(5, 6)
     zarr.open_group(tmp_path / "v.zarr", mode="w").create_array("a", data=volume)
+    ref = ArrayRef(str(tmp_path / "v.zarr"), "a")
     (region,) = [r for r in plan_regions(volume.shape, (5, 3), (2, 1)) if r.core[1] == (0, 3)]
-    window = read_window(ArrayRef(str(tmp_path / "v.zarr"), "a"), region)
-    np.testing.assert_array_equal(window, np.pad(volume, ((2, 2), (1, 0)), mode="symmetric")[:, :5])
+    np.testing.assert_array_equal(read_window(ref, region), volume[:, :4])  # nothing invented past the border
+    with pytest.raises(InputError, match=r"does not hold the window \[-1:6, 0:4\]"):
+        read_window(ref, Region(core=((0, 5), (0, 3)), window=((-1, 6), (0, 4))))

@@ -1,4 +1,15 @@
-"""Convolution with one point-spread function, through FFTs planned once per task."""
+"""Convolution with one point-spread function over a window, through FFTs planned once per task.
+
+A task sees its data only inside its window, but the light recorded near the window's edge
+came partly from outside it. The models therefore estimate the object on a domain one PSF
+larger than the window (the *object domain*), and :meth:`Convolver.forward` predicts only
+the voxels that were observed: no data are invented past the window (no zeros, no mirror).
+Richardson-Lucy then divides its back-projection by ``adjoint(ones)``, the weight each object
+voxel has in the observed window (Bertero & Boccacci, A&A 437, 2005; the boundary method of
+deconwolf, Wernersson et al., Nat. Methods 2024). A tile's core so sees the same data as it
+would in the whole volume, and tiles agree with an untiled run once the window's edge is far
+enough away (:func:`halo_for`).
+"""
 
 from __future__ import annotations
 
@@ -8,52 +19,49 @@ import numpy as np
 
 from rqml_dask.models import Array, ArrayBackend
 
+UNOBSERVED_WEIGHT = 1e-3
+"""Object voxels whose weight in the window (``adjoint(ones)``, at most 1) is below this are
+not estimated: they stay 0 (Richardson-Lucy's normalisation would divide by almost nothing)."""
+
 
 class Convolver:
-    """``"same"``-mode convolution of image-shaped arrays with one PSF, and its adjoint.
+    """Blurring of object-domain arrays by one PSF onto a window of ``image_shape``, and its adjoint.
 
-    The PSF is normalised to unit sum. :meth:`forward` equals
-    ``scipy.signal.convolve(x, psf, mode="same")``: the zero-padded linear convolution
-    cropped to the image from ``(psf_shape - 1) // 2`` on every axis. :meth:`adjoint` is its
-    exact adjoint: the convolution with ``flip(psf)`` cropped from ``psf_shape // 2``. For an
-    odd-sized PSF that is ``scipy.signal.convolve(x, flip(psf), mode="same")``; for an
-    even-sized one, that call (scikit-image's back-projection) is one pixel off the adjoint,
-    which breaks Landweber's and accelerated Richardson-Lucy's convergence.
+    The object domain has shape ``image_shape + psf_shape - 1``; the window sits in it at
+    :attr:`window` (from ``psf_shape // 2`` on every axis). :meth:`forward` is the ``"valid"``
+    convolution of an object with the PSF (normalised to unit sum): for an object ``x`` whose
+    window is ``w``, it equals ``scipy.signal.convolve(x, psf, mode="valid")`` and, wherever
+    ``x`` is zero outside its window, ``scipy.signal.convolve(w, psf, mode="same")``.
+    :meth:`adjoint` is its exact adjoint (an image-shaped array to the object domain).
+    :attr:`normalisation` is ``1 / adjoint(ones)`` where that weight is at least
+    :data:`UNOBSERVED_WEIGHT`, else 0.
 
-    :meth:`forward` and :meth:`adjoint` take and return float32 arrays (leading axes beyond
-    the image's are a batch, convolved one by one in a single call), each a fresh view
-    into its own FFT buffer that callers may modify in place. Their transfer functions are
-    computed once here.
+    Both take and return float32 arrays (leading axes beyond the image's are a batch,
+    convolved one by one in a single call), each a fresh view into its own FFT buffer that
+    callers may modify in place. Transfer functions are computed once here.
     """
 
     def __init__(self, psf: Array, image_shape: tuple[int, ...], backend: ArrayBackend) -> None:
         from scipy.fft import next_fast_len
 
-        if psf.ndim != len(image_shape) or any(
-            p > n for p, n in zip(psf.shape, image_shape, strict=True)
-        ):
+        if psf.ndim != len(image_shape) or any(p > n for p, n in zip(psf.shape, image_shape, strict=True)):
             raise ValueError(
                 f"psf of shape {psf.shape} does not fit images of shape {image_shape}: "
                 "it needs the same rank and at most the image's size on every axis"
             )
         xp = backend.xp
         self.backend = backend
+        self.image_shape = tuple(int(n) for n in image_shape)
+        self.object_shape = tuple(n + p - 1 for n, p in zip(image_shape, psf.shape, strict=True))
+        self.window = tuple(slice(p // 2, p // 2 + n) for n, p in zip(image_shape, psf.shape, strict=True))
+        """Where the image's voxels sit in the object domain."""
         self._blurred_for: Array | None = None
         self._blurred: Array | None = None
-        # A circular convolution of length L equals the linear one on the cropped outputs
-        # once L >= n + p // 2: the wrapped-around tail of the full (n + p - 1) result then
-        # lands only on indices before the crop. That is up to p // 2 shorter than the full
-        # length, and so cheaper, with identical results.
-        self.fft_shape = tuple(
-            next_fast_len(n + p // 2, True) for n, p in zip(image_shape, psf.shape, strict=True)
-        )
-        self._crop = tuple(
-            slice((p - 1) // 2, (p - 1) // 2 + n)
-            for n, p in zip(image_shape, psf.shape, strict=True)
-        )
-        self._adjoint_crop = tuple(
-            slice(p // 2, p // 2 + n) for n, p in zip(image_shape, psf.shape, strict=True)
-        )
+        # A circular convolution of length L >= the object's size wraps the full result's tail
+        # only onto indices before the valid part, and the adjoint's full result fits in L.
+        self.fft_shape = tuple(next_fast_len(m, True) for m in self.object_shape)
+        self._valid = tuple(slice(p - 1, p - 1 + n) for n, p in zip(image_shape, psf.shape, strict=True))
+        self._whole = tuple(slice(0, m) for m in self.object_shape)
         total = float(xp.sum(xp.astype(psf, xp.float64)))
         if not 0.0 < total < float("inf"):
             raise ValueError(f"psf must have a positive, finite sum, not {total}")
@@ -63,6 +71,11 @@ class Convolver:
         """Equal digests (and image shapes) mean equal transfer functions: batchable."""
         self._otf = backend.rfftn(psf32, self.fft_shape)
         self._otf_flipped = backend.rfftn(xp.flip(psf32), self.fft_shape)
+        weight = self.adjoint(xp.ones(self.image_shape, dtype=xp.float32))
+        observed = weight >= UNOBSERVED_WEIGHT
+        self.observed = observed
+        """Where the object domain is estimated (its weight in the window is not negligible)."""
+        self.normalisation = xp.astype(xp.where(observed, 1.0 / xp.where(observed, weight, 1.0), 0.0), xp.float32)
 
     def _apply(self, x: Array, otf: Array, crop: tuple[slice, ...]) -> Array:
         spectrum = self.backend.rfftn(x, self.fft_shape)
@@ -70,12 +83,36 @@ class Convolver:
         return self.backend.irfftn(spectrum, self.fft_shape)[(..., *crop)]
 
     def forward(self, x: Array) -> Array:
-        """``x`` blurred by the PSF."""
-        return self._apply(x, self._otf, self._crop)
+        """The object ``x`` blurred by the PSF, on the window (image-shaped)."""
+        return self._apply(x, self._otf, self._valid)
 
-    def adjoint(self, x: Array) -> Array:
-        """The adjoint of :meth:`forward` applied to ``x`` (correlation with the PSF)."""
-        return self._apply(x, self._otf_flipped, self._adjoint_crop)
+    def adjoint(self, r: Array) -> Array:
+        """The adjoint of :meth:`forward` applied to the image-shaped ``r`` (object-shaped)."""
+        return self._apply(r, self._otf_flipped, self._whole)
+
+    def extend(self, estimate: Array) -> Array:
+        """An estimate as an object-domain float32 array (a copy): one of the object domain as
+        it is, one of the window's shape extended by repeating its edge voxels."""
+        xp = self.backend.xp
+        shape = tuple(estimate.shape)
+        if shape == self.object_shape:
+            return xp.astype(estimate, xp.float32, copy=True)
+        if shape != self.image_shape:
+            raise ValueError(f"estimate shape {shape} is neither the image's {self.image_shape} "
+                             f"nor the object domain's {self.object_shape}")
+        extended = xp.astype(estimate, xp.float32, copy=True)
+        for axis, (w, m) in enumerate(zip(self.window, self.object_shape)):
+            before, after = extended[_along(axis, slice(0, 1))], extended[_along(axis, slice(-1, None))]
+            shape = list(extended.shape)
+            parts = []
+            for edge, count in ((before, w.start), (extended, None), (after, m - w.stop)):
+                if count is None:
+                    parts.append(edge)
+                elif count:
+                    shape[axis] = count
+                    parts.append(xp.broadcast_to(edge, tuple(shape)))
+            extended = xp.concat(parts, axis=axis)
+        return extended
 
     def blurred(self, estimate: Array) -> Array:
         """:meth:`forward` of ``estimate``, kept for the last estimate given, so a check's
@@ -98,3 +135,36 @@ class Convolver:
         image_sq = float(xp.sum(image * image, dtype=xp.float64))
         residual_sq = float(xp.sum(residual * residual, dtype=xp.float64))
         return (residual_sq / (image_sq if image_sq > 0.0 else 1.0)) ** 0.5
+
+
+def halo_for(psf: np.ndarray, iterations: int, tolerance: float = 0.02) -> tuple[int, ...]:
+    """The halo, per axis, that keeps a tile's core within about ``tolerance`` of an untiled
+    run after ``iterations`` Richardson-Lucy iterations with ``psf``.
+
+    Derived from the PSF's energy, not its size: linearised, ``k`` iterations map the data to
+    the estimate by ``sum_{j<k} (1 - H'H)^j H'``, in Fourier ``(1 - (1 - |OTF|^2)^k) /
+    |OTF|^2 * conj(OTF)``. Its absolute values, summed over the other axes, give how much data
+    at each distance along an axis shapes an estimate voxel; the halo is the distance beyond
+    which at most ``tolerance`` of that weight lies. It grows with the PSF's far-reaching
+    tails (a widefield PSF's out-of-focus rings) and slowly with ``iterations``."""
+    psf = np.asarray(psf, dtype=np.float64)
+    grid = tuple(int(8 * p) for p in psf.shape)
+    axes = tuple(range(psf.ndim))
+    otf = np.fft.rfftn(psf / psf.sum(), grid, axes=axes)
+    power = np.abs(otf) ** 2
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        gain = np.where(power > 1e-30, -np.expm1(iterations * np.log1p(-np.minimum(power, 1.0 - 1e-12))) / power,
+                        float(iterations))
+    kernel = np.abs(np.fft.fftshift(np.fft.irfftn(gain * np.conj(otf), grid, axes=axes)))
+    halo = []
+    for axis, n in enumerate(grid):
+        profile = kernel.sum(axis=tuple(a for a in range(kernel.ndim) if a != axis))
+        centre, total = n // 2, float(profile.sum())
+        inside = np.cumsum([profile[centre]] + [profile[centre - d] + profile[centre + d] for d in range(1, centre)])
+        halo.append(int(np.argmax(inside >= (1.0 - tolerance) * total)))
+    return tuple(halo)
+
+
+def _along(axis: int, index: slice) -> tuple:
+    """The index that applies ``index`` on ``axis`` and takes every other axis whole."""
+    return (slice(None),) * axis + (index, ...)

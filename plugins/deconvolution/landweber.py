@@ -13,8 +13,12 @@ class Landweber(RefinementModel):
 
     ``problem`` is ``{"image": float32 array, "psf": float32 array}`` as for Richardson-Lucy
     (the PSF is normalised to unit sum, so ``|OTF| <= 1``). ``step_size`` is ``tau``, in
-    ``(0, 2)`` for convergence. The default start is the image clamped at 0. ``misfit()`` is
-    ``||psf * estimate - image||_2 / ||image||_2``, recomputed and summed in float64.
+    ``(0, 2)`` for convergence. Like Richardson-Lucy it refines the object on the domain one
+    PSF larger than the window and predicts only the observed voxels
+    (:class:`~rqml_plugins.deconvolution._convolution.Convolver`): ``estimate`` is the object
+    at the window, ``state()["estimate"]`` the whole domain. The default start is the image
+    clamped at 0, extended by its edges. ``misfit()`` is ``||forward(object) - image||_2 /
+    ||image||_2``, recomputed and summed in float64.
     """
 
     task_class = "deconvolution"
@@ -40,27 +44,25 @@ class Landweber(RefinementModel):
 
     def start(self, estimate: Array | None = None) -> None:
         xp = self.xp
-        if estimate is None:
-            self._estimate = xp.maximum(self.image, 0.0)
-            return
-        if tuple(estimate.shape) != tuple(self.image.shape):
-            raise ValueError(f"estimate shape {estimate.shape} != image shape {self.image.shape}")
-        self._estimate = xp.astype(estimate, xp.float32, copy=True)
+        self._object = self.convolver.extend(xp.maximum(self.image, 0.0) if estimate is None else estimate)
 
     def step(self) -> None:
-        residual = self.convolver.forward(self._estimate)
+        residual = self.convolver.forward(self._object)
         residual -= self.image
         update = self.convolver.adjoint(residual)
         update *= -self.step_size
-        update += self._estimate
-        self._estimate = self.xp.maximum(update, 0.0)
+        update += self._object
+        self._object = self.xp.maximum(update, 0.0)
 
     @property
     def estimate(self) -> Array:
-        return self._estimate
+        return self._object[self.convolver.window]
+
+    def state(self) -> dict[str, Array]:
+        return {"estimate": self._object}
 
     def misfit(self) -> float:
-        return self.convolver.residual_norm(self._estimate, self.image)
+        return self.convolver.residual_norm(self._object, self.image)
 
     def prediction(self) -> Array:
-        return self.convolver.blurred(self._estimate)
+        return self.convolver.blurred(self._object)

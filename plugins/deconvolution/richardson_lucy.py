@@ -1,9 +1,13 @@
 """Richardson-Lucy deconvolution: plain, vector-extrapolated, and total-variation regularised.
 
 ``problem`` is ``{"image": float32 array, "psf": float32 array}``: the PSF has the image's
-rank and at most its size on every axis, and is normalised to unit sum here. Estimates are
-float32 of the image's shape. :meth:`RichardsonLucy.misfit` is
-``||psf * estimate - image||_2 / ||image||_2``, recomputed and summed in float64.
+rank and at most its size on every axis, and is normalised to unit sum here. Each model
+refines the object on the domain one PSF larger than the window, predicting only the
+observed voxels (:class:`~rqml_plugins.deconvolution._convolution.Convolver`); ``estimate``
+is the object at the window (float32, the image's shape), ``state()["estimate"]`` the whole
+object domain, and ``start()`` takes either (a window-shaped one extended by its edges).
+:meth:`RichardsonLucy.misfit` is ``||forward(object) - image||_2 / ||image||_2``, recomputed
+and summed in float64.
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ TV_DENOMINATOR_FLOOR = 1e-4
 
 
 class RichardsonLucy(RefinementModel):
-    """Richardson-Lucy: ``est *= adjoint(image / (forward(est) + 1e-12))``.
+    """Richardson-Lucy with the boundary normalisation of Bertero & Boccacci:
+    ``x *= adjoint(image / (forward(x) + 1e-12)) / adjoint(ones)`` on the object domain.
 
-    For an odd-sized PSF this is ``skimage.restoration.richardson_lucy(image, psf,
-    clip=False)`` (0.26) step for step, default start (0.5 everywhere) included, to float32
-    rounding. For an even-sized PSF scikit-image back-projects one pixel off the adjoint;
-    this model equals scikit-image given the PSF zero-padded in front to an odd size.
+    The default start is the image's mean (at least 1e-6) everywhere. Where the window is
+    the whole of a periodic-free volume's support, this is Richardson-Lucy on the ``"valid"``
+    blur model; it never assumes zeros or mirrored data past the window.
     """
 
     task_class = "deconvolution"
@@ -48,22 +52,25 @@ class RichardsonLucy(RefinementModel):
     def start(self, estimate: Array | None = None) -> None:
         xp = self.xp
         if estimate is None:
-            self._estimate = xp.full(self.image.shape, 0.5, dtype=xp.float32)
+            level = max(float(xp.sum(self.image, dtype=xp.float64)) / max(self.image.size, 1), 1e-6)
+            self._object = xp.where(self.convolver.observed, xp.asarray(level, dtype=xp.float32),
+                                    xp.asarray(0.0, dtype=xp.float32))
             return
-        if tuple(estimate.shape) != tuple(self.image.shape):
-            raise ValueError(f"estimate shape {estimate.shape} != image shape {self.image.shape}")
-        self._estimate = xp.astype(estimate, xp.float32, copy=True)
+        self._object = self.convolver.extend(estimate)
 
     def _correction(self, x: Array) -> Array:
-        """The Richardson-Lucy factor ``adjoint(image / (forward(x) + 1e-12))`` (a fresh array)."""
+        """The Richardson-Lucy factor ``adjoint(image / (forward(x) + 1e-12)) / adjoint(ones)``
+        (a fresh array)."""
         blurred = self.convolver.forward(x)
         blurred += EPSILON
-        return self.convolver.adjoint(self.image / blurred)
+        correction = self.convolver.adjoint(self.image / blurred)
+        correction *= self.convolver.normalisation
+        return correction
 
     def step(self) -> None:
-        correction = self._correction(self._estimate)
-        correction *= self._estimate
-        self._estimate = correction  # a fresh array: the previous estimate stays as it was
+        correction = self._correction(self._object)
+        correction *= self._object
+        self._object = correction  # a fresh array: the previous estimate stays as it was
 
     def batch_key(self) -> tuple | None:
         # Subclasses carry extra per-task state: only plain Richardson-Lucy batches.
@@ -78,24 +85,28 @@ class RichardsonLucy(RefinementModel):
             return super().step_batch(models)
         first = models[0]
         xp, convolver = first.xp, first.convolver
-        blurred = convolver.forward(xp.stack([m._estimate for m in models]))
+        blurred = convolver.forward(xp.stack([m._object for m in models]))
         blurred += EPSILON
         ratio = xp.stack([m.image for m in models])
         ratio /= blurred
         correction = convolver.adjoint(ratio)
-        correction *= xp.stack([m._estimate for m in models])
+        correction *= convolver.normalisation
+        correction *= xp.stack([m._object for m in models])
         for i, model in enumerate(models):
-            model._estimate = correction[i, ...]
+            model._object = correction[i, ...]
 
     @property
     def estimate(self) -> Array:
-        return self._estimate
+        return self._object[self.convolver.window]
+
+    def state(self) -> dict[str, Array]:
+        return {"estimate": self._object}
 
     def misfit(self) -> float:
-        return self.convolver.residual_norm(self._estimate, self.image)
+        return self.convolver.residual_norm(self._object, self.image)
 
     def prediction(self) -> Array:
-        return self.convolver.blurred(self._estimate)
+        return self.convolver.blurred(self._object)
 
 
 class AcceleratedRichardsonLucy(RichardsonLucy):
@@ -119,7 +130,7 @@ class AcceleratedRichardsonLucy(RichardsonLucy):
 
     def step(self) -> None:
         xp = self.xp
-        x = self._estimate
+        x = self._object
         if self._previous is None:
             predicted = x
         else:
@@ -134,10 +145,10 @@ class AcceleratedRichardsonLucy(RichardsonLucy):
             denominator = xp.sum(self._change * self._change, dtype=xp.float64)
             ratio = numerator / xp.maximum(denominator, 1e-300)
             self._alpha = xp.astype(xp.clip(ratio, 0.0, 1.0), xp.float32)
-        self._previous, self._estimate, self._change = x, updated, change
+        self._previous, self._object, self._change = x, updated, change
 
     def state(self) -> dict[str, Array]:
-        state = {"estimate": self._estimate, "alpha": self._alpha}
+        state = {"estimate": self._object, "alpha": self._alpha}
         if self._previous is not None:
             state["previous"] = self._previous
         if self._change is not None:
@@ -182,7 +193,7 @@ class TotalVariationRichardsonLucy(RichardsonLucy):
 
     def step(self) -> None:
         xp = self.xp
-        x = self._estimate
+        x = self._object
         gradients = [_forward_difference(xp, x, axis) for axis in range(x.ndim)]
         magnitude = xp.full(x.shape, TV_GRADIENT_EPSILON**2, dtype=xp.float32)
         for gradient in gradients:
@@ -198,7 +209,7 @@ class TotalVariationRichardsonLucy(RichardsonLucy):
         correction = self._correction(x)
         correction /= xp.maximum(denominator, TV_DENOMINATOR_FLOOR)
         correction *= x
-        self._estimate = correction
+        self._object = correction
 
 
 def _forward_difference(xp: ModuleType, x: Array, axis: int) -> Array:

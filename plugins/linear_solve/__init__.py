@@ -38,7 +38,7 @@ class LinearSolve(TaskClass):
             raise ValueError(f"systems {core[0][0]}:{core[0][1]}: every diffusivity must be finite and positive")
         return coefficients
 
-    def halo(self, operator_shape: tuple[int, ...], image_ndim: int) -> tuple[int, ...]:
+    def halo(self, operator: np.ndarray, image_ndim: int, iterations: int) -> tuple[int, ...]:
         return (0,) * image_ndim
 
     def probe_problem(self, backend: ArrayBackend) -> dict[str, Array]:

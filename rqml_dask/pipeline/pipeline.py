@@ -156,6 +156,8 @@ class Pipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.camera_note: str | None = None
+        self.halo_note: str | None = None
+        """The halo the tasks read and the one their operator needs (set by :meth:`tasks`)."""
         """How :meth:`tasks` reads the image as camera data, for ``rqml run``'s summary; ``None``: not."""
 
     @classmethod
@@ -274,7 +276,7 @@ class Pipeline:
         image = open_array(refs.image)
         if refs.truth is not None and open_array(refs.truth).shape != image.shape:
             raise InputError(f"truth {refs.truth} has shape {open_array(refs.truth).shape}, image {image.shape}")
-        read_operator(self.task_class, refs.operator, None, refs.image)
+        operator = read_operator(self.task_class, refs.operator, None, refs.image)
         voxel = self.config.input.voxel_size
         if voxel is not None and len(voxel) != image.ndim:
             raise InputError(f"input.voxel_size {tuple(voxel)} has {len(voxel)} axes, the image {refs.image} has {image.ndim}")
@@ -282,10 +284,15 @@ class Pipeline:
         if len(tiling.tile) != image.ndim:
             raise InputError(f"tiling.tile {tiling.tile} has rank {len(tiling.tile)}, image {refs.image} has rank {image.ndim}")
         halo = tiling.halo
+        iterations = self.config.convergence.max_iterations
+        needed = tuple(self.task_class.halo(operator, image.ndim, iterations))
         if halo == "auto":
-            halo = self.task_class.halo(tuple(open_array(refs.operator).shape), image.ndim)
+            halo = needed
         elif isinstance(halo, int):
             halo = (halo,) * image.ndim
+        self.halo_note = (f"{tuple(halo)} voxels per side; {needed} needed for up to {iterations} iterations "
+                          f"with this {self.task_class.operator_key}"
+                          + ("" if all(h >= n for h, n in zip(halo, needed)) else ": tiles may differ from an untiled run"))
         regions = plan_regions(image.shape, tiling.tile, halo)
         models = self.config.models
         checkpoint = self.checkpoint_settings
