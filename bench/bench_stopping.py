@@ -8,6 +8,7 @@ is checked against the truth: a *false rejection* is a task not accepted whose c
 input against the truth, a *false acceptance* one accepted whose core does not.
 
     .venv/bin/python bench/bench_stopping.py [--shape 48,96,96] [--tile 24,48,48] [--kinds cells,beads]
+        [--camera 100,2]   # uint16 camera data with that offset (ADU) and gain (ADU/photon)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from distributed import Client
 from rqml_dask.arrays import numpy_backend
 from rqml_dask.cluster import embedded_cluster
 from rqml_dask.pipeline import Pipeline, load_pipeline_config
-from rqml_dask.pipeline.config import ClusterSpec
+from rqml_dask.pipeline.config import CameraSpec, ClusterSpec
 from rqml_dask.synthetic import SynthSpec, write_synthetic
 from rqml_dask.volumes import open_array
 from rqml_plugins.deconvolution.richardson_lucy import RichardsonLucy
@@ -33,7 +34,8 @@ def oracle(pipeline: Pipeline, iterations: int) -> tuple[float, int]:
     """Plain RL's best relative error on the whole volume over ``iterations``, and where."""
     task = pipeline.tasks()[0]
     psf = np.asarray(open_array(task.input.operator)[...], dtype=np.float32)
-    image = np.asarray(open_array(task.input.image)[...], dtype=np.float32)
+    image = np.asarray(open_array(task.input.image)[...])
+    image = (task.input.camera.photons(image) if task.input.camera is not None else image).astype(np.float32)
     truth = np.asarray(open_array(task.input.truth)[...], dtype=np.float64)
     model = RichardsonLucy({"image": image, "psf": psf}, numpy_backend())
     errors = []
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--photons", default="20,50,300,1000")
     parser.add_argument("--kinds", default="cells,beads")
     parser.add_argument("--psfs", default="gaussian,widefield")
+    parser.add_argument("--camera", default=None, help="OFFSET,GAIN: uint16 camera data (ADU), read with input.camera given")
     parser.add_argument("--oracle-iterations", type=int, default=150)
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -63,10 +66,14 @@ def main() -> None:
         for kind, psf, photons in itertools.product(args.kinds.split(","), args.psfs.split(","),
                                                     (float(p) for p in args.photons.split(","))):
                 name = f"{kind}-{psf}-{photons:g}"
-                store = write_synthetic(root / f"{name}.zarr", SynthSpec(kind=kind, shape=shape, psf=psf, photons=photons, seed=11))
+                camera = None if args.camera is None else dict(zip(("offset", "gain"), map(float, args.camera.split(","))))
+                store = write_synthetic(root / f"{name}.zarr", SynthSpec(
+                    kind=kind, shape=shape, psf=psf, photons=photons, seed=11,
+                    **({} if camera is None else {"camera_offset": camera["offset"], "camera_gain": camera["gain"]})))
                 config = quickstart.model_copy(update={
                     "name": name,
-                    "input": quickstart.input.model_copy(update={"store": store, "synthesize": None}),
+                    "input": quickstart.input.model_copy(update={
+                        "store": store, "synthesize": None, "camera": None if camera is None else CameraSpec(**camera)}),
                     "output": quickstart.output.model_copy(update={"store": root / f"{name}.out.zarr"}),
                     "tiling": quickstart.tiling.model_copy(update={"tile": tile}),
                 })
