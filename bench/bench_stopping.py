@@ -8,7 +8,7 @@ is checked against the truth: a *false rejection* is a task not accepted whose c
 input against the truth, a *false acceptance* one accepted whose core does not.
 
     .venv/bin/python bench/bench_stopping.py [--shape 48,96,96] [--tile 24,48,48] [--kinds cells,beads]
-        [--camera 100,2]   # uint16 camera data with that offset (ADU) and gain (ADU/photon)
+        [--camera 100,2,2]   # uint16 camera data: offset (ADU), gain (ADU/photon), read noise (ADU)
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ def oracle(pipeline: Pipeline, iterations: int) -> tuple[float, int]:
     task = pipeline.tasks()[0]
     psf = np.asarray(open_array(task.input.operator)[...], dtype=np.float32)
     image = np.asarray(open_array(task.input.image)[...])
-    image = (task.input.camera.photons(image) if task.input.camera is not None else image).astype(np.float32)
+    background = 0.0
+    if task.input.camera is not None:
+        image, background = task.input.camera.photons(image), task.input.camera.pedestal
+    image = image.astype(np.float32)
     truth = np.asarray(open_array(task.input.truth)[...], dtype=np.float64)
-    model = RichardsonLucy({"image": image, "psf": psf}, numpy_backend())
+    model = RichardsonLucy({"image": image, "psf": psf, "background": background}, numpy_backend())
     errors = []
     for _ in range(iterations):
         model.step()
@@ -52,7 +55,7 @@ def main() -> None:
     parser.add_argument("--photons", default="20,50,300,1000")
     parser.add_argument("--kinds", default="cells,beads")
     parser.add_argument("--psfs", default="gaussian,widefield")
-    parser.add_argument("--camera", default=None, help="OFFSET,GAIN: uint16 camera data (ADU), read with input.camera given")
+    parser.add_argument("--camera", default=None, help="OFFSET,GAIN[,READ_NOISE]: uint16 camera data (ADU), read with input.camera given")
     parser.add_argument("--oracle-iterations", type=int, default=150)
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -66,10 +69,11 @@ def main() -> None:
         for kind, psf, photons in itertools.product(args.kinds.split(","), args.psfs.split(","),
                                                     (float(p) for p in args.photons.split(","))):
                 name = f"{kind}-{psf}-{photons:g}"
-                camera = None if args.camera is None else dict(zip(("offset", "gain"), map(float, args.camera.split(","))))
+                camera = None if args.camera is None else dict(zip(("offset", "gain", "read_noise"), map(float, args.camera.split(","))))
                 store = write_synthetic(root / f"{name}.zarr", SynthSpec(
                     kind=kind, shape=shape, psf=psf, photons=photons, seed=11,
-                    **({} if camera is None else {"camera_offset": camera["offset"], "camera_gain": camera["gain"]})))
+                    **({} if camera is None else {"camera_offset": camera["offset"], "camera_gain": camera["gain"],
+                                                  "read_noise": camera.get("read_noise", 0.0)})))
                 config = quickstart.model_copy(update={
                     "name": name,
                     "input": quickstart.input.model_copy(update={

@@ -1,10 +1,15 @@
 """Camera data: raw values in ADU (analog-digital units) turned into photon counts.
 
 A camera reports ``ADU = gain * photons + offset`` plus Gaussian read noise: ``offset`` is
-the dark level (often 100 ADU), ``gain`` the ADU per detected photon. The deconvolution
-models and the held-out stopping rule need photon counts, so a task reads its window as
-``(raw - offset) / gain`` (:meth:`Camera.photons`), rounded to whole photons and clipped at
-0: read noise makes values below the offset normal, and they are counts of no photon.
+the dark level (often 100 ADU), ``gain`` the ADU per detected photon, ``read_noise`` the
+noise's standard deviation in ADU. The deconvolution models and the held-out stopping rule
+need Poisson counts, so a task reads its window as ``(raw - offset) / gain + s^2`` with
+``s = read_noise / gain`` (:meth:`Camera.photons`), rounded to whole counts and clipped at
+0: the shifted-Poisson approximation of Poisson-Gaussian data (Snyder, Hammoud & White,
+JOSA A 1993), whose mean and variance are both ``photons + s^2``. The pedestal ``s^2``
+(:attr:`Camera.pedestal`) is a known background the models add to their prediction, so
+the result is in photons without it; without it, binomial thinning would split the read
+noise between the halves and the held-out score would reward fitting it.
 
 :func:`estimate_camera` finds offset and gain from a few chunks of the data (no dark
 frame): the gain is the slope of the variance-mean relation over local patches, the
@@ -24,22 +29,30 @@ from pydantic import ConfigDict, Field
 
 @dataclass(frozen=True)
 class Camera:
-    """``ADU = gain * photons + offset``: ``offset`` in ADU (>= 0), ``gain`` in ADU per photon (> 0)."""
+    """``ADU = gain * photons + offset + N(0, read_noise^2)``: ``offset`` in ADU (>= 0),
+    ``gain`` in ADU per photon (> 0), ``read_noise`` in ADU (>= 0)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid", frozen=True)
 
     offset: Annotated[float, Field(ge=0)]
     gain: Annotated[float, Field(gt=0)]
+    read_noise: Annotated[float, Field(ge=0)] = 0.0
+
+    @property
+    def pedestal(self) -> float:
+        """``(read_noise / gain)^2``: the counts :meth:`photons` adds to every voxel."""
+        return (self.read_noise / self.gain) ** 2
 
     def photons(self, raw: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """``raw`` (ADU) as photon counts in ``dtype``: ``(raw - offset) / gain`` rounded to
-        whole photons (the held-out rule thins whole counts) and clipped at 0 (values
-        below the offset are read noise on no photon)."""
-        photons = (np.asarray(raw, dtype=np.float64) - self.offset) / self.gain
+        """``raw`` (ADU) as shifted-Poisson counts in ``dtype``: ``(raw - offset) / gain +
+        pedestal`` rounded to whole counts (the held-out rule thins whole counts) and clipped
+        at 0 (what read noise leaves below that is a count of no photon)."""
+        photons = (np.asarray(raw, dtype=np.float64) - self.offset) / self.gain + self.pedestal
         return np.clip(np.rint(photons), 0, None).astype(dtype, copy=False)
 
     def __str__(self) -> str:
-        return f"offset {self.offset:.1f} ADU, gain {self.gain:.2f} ADU/photon"
+        noise = f", read noise {self.read_noise:.2f} ADU" if self.read_noise else ""
+        return f"offset {self.offset:.1f} ADU, gain {self.gain:.2f} ADU/photon{noise}"
 
 
 OFFSET_FLOOR = 10.0

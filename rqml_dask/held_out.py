@@ -116,13 +116,13 @@ class HeldOutScore:
         mean = float(xp.mean(difference))
         return mean / (spread / difference.size**0.5) if spread > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
 
-    def departure(self, estimate: Array, observed: Array) -> float:
-        """How far the window's ``estimate`` lies from the blurred object over the core, as a
-        fraction of the noise energy of the window's ``observed`` image
-        (:class:`HeldOutFigures`)."""
+    def departure(self, estimate: Array, observed: Array, background: float = 0.0) -> float:
+        """How far the window's ``estimate`` (plus the known ``background`` the data hold)
+        lies from the blurred object over the core, as a fraction of the noise energy of the
+        window's ``observed`` image (:class:`HeldOutFigures`)."""
         xp = self.xp
         scaled = self.held / self.scale
-        estimate = xp.astype(estimate[self.core], xp.float64)
+        estimate = xp.astype(estimate[self.core], xp.float64) + background
         distance = float(xp.sum((estimate - scaled) ** 2)) - float(xp.sum(scaled)) / self.scale
         noise = float(xp.sum(xp.astype(observed[self.core], xp.float64))) / (self.scale / self.fraction)
         return distance / noise if noise > 0 else math.inf

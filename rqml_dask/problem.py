@@ -47,7 +47,9 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
     ``image``, what the models refine against: the window, or, with the held-out stopping
     rule, the part of its counts not held out (rescaled), the held-out counts being
     ``held_out`` (:func:`rqml_dask.held_out.thin`, seeded by the digest, so a task splits
-    its data the same way on every node and every run)."""
+    its data the same way on every node and every run). Camera data (``task.input.camera``)
+    are read as shifted-Poisson counts, and ``background`` (a float, in the image's units)
+    is the pedestal the models add to their prediction (:class:`rqml_dask.camera.Camera`)."""
     kind = load_task_class(task.task_class)
     image = read_window(task.input.image, task.region, np.dtype(kind.dtype), nonnegative=kind.photon_counts,
                         accept_saturated=task.input.accept_saturated)
@@ -60,6 +62,8 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
     task = replace(task, input_digest=digest.hexdigest())
     observed = backend.asarray(image)
     problem = {"observed": observed, "image": observed, kind.operator_key: backend.asarray(operator)}
+    if task.input.camera is not None:
+        problem["background"] = task.input.camera.pedestal
     fraction, counts_per_unit = task.convergence.held_out_fraction, task.input.counts_per_unit
     if fraction > 0 and counts_per_unit is not None:
         train, held = thin(image, counts_per_unit, fraction, seed=int(task.input_digest[:16], 16))
@@ -89,7 +93,10 @@ def error_figures(task: RQMLTask, core: np.ndarray, observed: np.ndarray) -> Err
     if task.input.truth is None:
         return None
     truth = read_core(task.input.truth, task.region, np.float64)
-    observed = observed.astype(np.float64) if load_task_class(task.task_class).data_is_estimate else np.zeros_like(truth)
+    if load_task_class(task.task_class).data_is_estimate:  # less a camera's pedestal, which is no signal
+        observed = observed.astype(np.float64) - (task.input.camera.pedestal if task.input.camera is not None else 0.0)
+    else:
+        observed = np.zeros_like(truth)
     return ErrorFigures(
         output_sse=float(np.sum((core.astype(np.float64) - truth) ** 2)),
         input_sse=float(np.sum((observed - truth) ** 2)),

@@ -93,10 +93,16 @@ class Refinement:
         refinement = cls(task, problem, backend)
         refinement._switch_model(0, estimate=None)
         if refinement.held_out is not None:  # the input taken as the estimate: what a result must beat
-            refinement.model.start(problem["image"])
+            refinement.model.start(refinement.input_estimate())
             refinement.held_out_input = refinement._score()
             refinement.model.start(None)
         return refinement
+
+    def input_estimate(self) -> Array:
+        """The data the models refine, taken as an estimate: the input a result must beat
+        (less the problem's known ``background``, if any, clipped at 0)."""
+        image, background = self.problem["image"], float(self.problem.get("background", 0.0))
+        return self.backend.xp.maximum(image - background, 0.0) if background else image
 
     def _score(self) -> float | None:
         """The held-out deviance of the model's current prediction, if the rule is on."""
@@ -115,9 +121,10 @@ class Refinement:
         if prediction is not None:
             name = self.model_name
             baseline = load_model(name)(self.problem, self.backend, **self.task.model_params.get(name, {}))
-            baseline.start(self.problem["image"])
+            baseline.start(self.input_estimate())
             significance = self.held_out.significance(prediction, baseline.prediction())
-            departure = self.held_out.departure(self.estimate, self.problem["observed"])
+            departure = self.held_out.departure(self.estimate, self.problem["observed"],
+                                                float(self.problem.get("background", 0.0)))
         return HeldOutFigures(self.held_out_input, self.best_held_out, self.best_iteration, self.held_out.fraction,
                               significance, departure)
 

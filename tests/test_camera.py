@@ -18,7 +18,7 @@ from rqml_dask.volumes import InputError
 from conftest import pipeline_dict, write_yaml
 
 SPEC = SynthSpec(kind="cells", shape=(16, 32, 32), psf_sigma=(1.5, 1.0, 1.0), photons=300, seed=2)
-CAMERA = {"offset": 100.0, "gain": 2.0}
+CAMERA = {"offset": 100.0, "gain": 2.0, "read_noise": 2.0}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,27 @@ def test_synth_writes_uint16_camera_data_of_the_same_counts(stores, tmp_path):
 def test_camera_reads_adu_as_whole_photons_clipped_at_zero():
     raw = np.array([90, 100, 101, 103, 700], np.uint16)
     np.testing.assert_array_equal(Camera(offset=100, gain=2).photons(raw), [0, 0, 0, 2, 300])  # rint: 0.5 -> 0, 1.5 -> 2
+    # read noise of 2 ADU at gain 2 is 1 photon: shifted-Poisson counts carry a pedestal of (2 / 2)^2 = 1
+    noisy = Camera(offset=100, gain=2, read_noise=2)
+    assert noisy.pedestal == 1.0
+    np.testing.assert_array_equal(noisy.photons(raw), [0, 1, 2, 2, 301])
+
+
+def test_the_read_noise_pedestal_is_a_background_the_result_does_not_hold(stores, tmp_path):
+    from rqml_dask.arrays import numpy_backend
+    from rqml_dask.problem import load_problem
+    from rqml_dask.refinement import Refinement
+
+    task = make_pipeline(tmp_path, stores[1], camera=CAMERA).tasks()[0]
+    _, problem = load_problem(task, numpy_backend())
+    assert problem["background"] == 1.0
+    refinement = Refinement.start(task, problem, numpy_backend())
+    refinement.run_to_end()
+    # a dark region stays near 0 photons, not at the pedestal of 1
+    truth = zarr.open_group(stores[1], mode="r")["truth"][task.region.core_slices]
+    core = refinement.estimate[task.region.core_in_window]
+    dark = truth <= np.percentile(truth, 20)
+    assert float(core[dark].mean()) < 0.5 + float(truth[dark].mean())
 
 
 def test_offset_data_without_a_camera_are_refused_before_any_task_runs(stores, tmp_path):
@@ -99,8 +120,8 @@ def test_offset_data_without_a_camera_are_refused_before_any_task_runs(stores, t
 def test_camera_data_run_to_the_result_of_the_same_photons_as_floats(stores, tmp_path, client):
     pipeline = make_pipeline(tmp_path, stores[1], name="camera", camera=CAMERA)
     tasks = pipeline.tasks()
-    assert len(tasks) == 2 and tasks[0].input.camera == Camera(offset=100.0, gain=2.0)
-    assert pipeline.camera_note == "offset 100.0 ADU, gain 2.00 ADU/photon (given)"
+    assert len(tasks) == 2 and tasks[0].input.camera == Camera(offset=100.0, gain=2.0, read_noise=2.0)
+    assert pipeline.camera_note == "offset 100.0 ADU, gain 2.00 ADU/photon, read noise 2.00 ADU (given)"
     cam = pipeline.run(client, progress=False)
     flt = make_pipeline(tmp_path, stores[0], name="float").run(client, progress=False)
     assert not cam.rejected and not flt.rejected

@@ -64,11 +64,11 @@ def oracle(pipeline: Pipeline, iterations: int = 120) -> tuple[float, int]:
     return float(errors.min()), int(errors.argmin()) + 1
 
 
-def quickstart_on(store, out, tile=(16, 32, 32)) -> Pipeline:
+def quickstart_on(store, out, tile=(16, 32, 32), camera=None) -> Pipeline:
     """The quickstart's models and convergence settings (the defaults users start from)."""
     config = load_pipeline_config("pipelines/quickstart.yaml")
     return Pipeline(config.model_copy(update={
-        "input": config.input.model_copy(update={"store": store, "synthesize": None}),
+        "input": config.input.model_copy(update={"store": store, "synthesize": None, "camera": camera}),
         "output": config.output.model_copy(update={"store": out}),
         "tiling": config.tiling.model_copy(update={"tile": tile}),
         "checkpoint": config.checkpoint.model_copy(update={"artifacts": out.with_name(out.name + ".checkpoints")}),
@@ -120,3 +120,20 @@ def test_where_every_model_fits_the_noise_the_task_is_not_accepted_and_the_run_s
         if outcome.accepted:  # what is accepted is better than its input: by the held-out counts, and by the truth
             assert outcome.held_out.better_than_input()
             assert outcome.error.output_sse < outcome.error.input_sse
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cells", "beads"])
+def test_a_task_is_accepted_iff_it_beats_its_input_on_dim_camera_data(tmp_path, cluster_client, kind):
+    """Camera data at 20 photons through a widefield PSF, with read noise of 1 photon: where
+    read noise was taken for photons, the held-out rule fitted it and tasks worse than their
+    input were accepted (and good bead tasks rejected)."""
+    from rqml_dask.pipeline.config import CameraSpec
+
+    store = write_synthetic(tmp_path / "in.zarr", SynthSpec(kind=kind, shape=(32, 64, 64), psf="widefield", photons=20,
+                                                            seed=5, camera_offset=100, camera_gain=2, read_noise=2))
+    pipeline = quickstart_on(store, tmp_path / "out.zarr", camera=CameraSpec(offset=100, gain=2, read_noise=2))
+    report = pipeline.run(cluster_client, progress=False)
+    verdicts = [(o.task_id, o.accepted, o.error.output_sse < o.error.input_sse) for o in report.outcomes]
+    assert all(accepted == better for _, accepted, better in verdicts), verdicts
+    assert report.output_error < report.input_error, report.summary()

@@ -122,8 +122,8 @@ class Convolver:
             self._blurred_for, self._blurred = estimate, self.forward(estimate)
         return self._blurred
 
-    def residual_norm(self, estimate: Array, image: Array) -> float:
-        """``||forward(estimate) - image||_2 / ||image||_2``, summed in float64.
+    def residual_norm(self, estimate: Array, image: Array, background: float = 0.0) -> float:
+        """``||forward(estimate) + background - image||_2 / ||image||_2``, summed in float64.
 
         The convolution is recomputed here (:meth:`blurred`), apart from any iteration's own
         arithmetic; in float32, whose rounding (~1e-7 relative) is far below any convergence
@@ -132,6 +132,8 @@ class Convolver:
         """
         xp = self.backend.xp
         residual = self.blurred(estimate) - image
+        if background:
+            residual += background
         image_sq = float(xp.sum(image * image, dtype=xp.float64))
         residual_sq = float(xp.sum(residual * residual, dtype=xp.float64))
         return (residual_sq / (image_sq if image_sq > 0.0 else 1.0)) ** 0.5

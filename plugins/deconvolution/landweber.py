@@ -11,7 +11,7 @@ from rqml_plugins.deconvolution._convolution import Convolver
 class Landweber(RefinementModel):
     """Projected Landweber: ``x <- max(0, x + tau * adjoint(image - forward(x)))``.
 
-    ``problem`` is ``{"image": float32 array, "psf": float32 array}`` as for Richardson-Lucy
+    ``problem`` is ``{"image": float32 array, "psf": float32 array}`` (and ``"background"``) as for Richardson-Lucy
     (the PSF is normalised to unit sum, so ``|OTF| <= 1``). ``step_size`` is ``tau``, in
     ``(0, 2)`` for convergence. Like Richardson-Lucy it refines the object on the domain one
     PSF larger than the window and predicts only the observed voxels
@@ -40,6 +40,7 @@ class Landweber(RefinementModel):
         self.step_size = float(step_size)
         self.image = xp.astype(problem["image"], xp.float32, copy=False)
         self.convolver = Convolver(problem["psf"], tuple(self.image.shape), backend)
+        self.background = float(problem.get("background", 0.0))
         self.start()
 
     def start(self, estimate: Array | None = None) -> None:
@@ -49,6 +50,8 @@ class Landweber(RefinementModel):
     def step(self) -> None:
         residual = self.convolver.forward(self._object)
         residual -= self.image
+        if self.background:
+            residual += self.background
         update = self.convolver.adjoint(residual)
         update *= -self.step_size
         update += self._object
@@ -62,7 +65,8 @@ class Landweber(RefinementModel):
         return {"estimate": self._object}
 
     def misfit(self) -> float:
-        return self.convolver.residual_norm(self._object, self.image)
+        return self.convolver.residual_norm(self._object, self.image, self.background)
 
     def prediction(self) -> Array:
-        return self.convolver.blurred(self._object)
+        blurred = self.convolver.blurred(self._object)
+        return blurred + self.background if self.background else blurred

@@ -1,7 +1,9 @@
 """Richardson-Lucy deconvolution: plain, vector-extrapolated, and total-variation regularised.
 
-``problem`` is ``{"image": float32 array, "psf": float32 array}``: the PSF has the image's
-rank and at most its size on every axis, and is normalised to unit sum here. Each model
+``problem`` is ``{"image": float32 array, "psf": float32 array}`` and optionally
+``"background"``, a known constant the blur adds (a camera's read-noise pedestal; 0 by
+default): the PSF has the image's rank and at most its size on every axis, and is
+normalised to unit sum here. Each model
 refines the object on the domain one PSF larger than the window, predicting only the
 observed voxels (:class:`~rqml_plugins.deconvolution._convolution.Convolver`); ``estimate``
 is the object at the window (float32, the image's shape), ``state()["estimate"]`` the whole
@@ -32,7 +34,7 @@ class RichardsonLucy(RefinementModel):
     """Richardson-Lucy with the boundary normalisation of Bertero & Boccacci:
     ``x *= adjoint(image / (forward(x) + 1e-12)) / adjoint(ones)`` on the object domain.
 
-    The default start is the image's mean (at least 1e-6) everywhere. Where the window is
+    The default start is the image's mean less the background (at least 1e-6) everywhere. Where the window is
     the whole of a periodic-free volume's support, this is Richardson-Lucy on the ``"valid"``
     blur model; it never assumes zeros or mirrored data past the window.
     """
@@ -47,12 +49,13 @@ class RichardsonLucy(RefinementModel):
         xp = self.xp
         self.image = xp.astype(problem["image"], xp.float32, copy=False)
         self.convolver = Convolver(problem["psf"], tuple(self.image.shape), backend)
+        self.background = float(problem.get("background", 0.0))
         self.start()
 
     def start(self, estimate: Array | None = None) -> None:
         xp = self.xp
         if estimate is None:
-            level = max(float(xp.sum(self.image, dtype=xp.float64)) / max(self.image.size, 1), 1e-6)
+            level = max(float(xp.sum(self.image, dtype=xp.float64)) / max(self.image.size, 1) - self.background, 1e-6)
             self._object = xp.where(self.convolver.observed, xp.asarray(level, dtype=xp.float32),
                                     xp.asarray(0.0, dtype=xp.float32))
             return
@@ -62,7 +65,7 @@ class RichardsonLucy(RefinementModel):
         """The Richardson-Lucy factor ``adjoint(image / (forward(x) + 1e-12)) / adjoint(ones)``
         (a fresh array)."""
         blurred = self.convolver.forward(x)
-        blurred += EPSILON
+        blurred += self.background + EPSILON
         correction = self.convolver.adjoint(self.image / blurred)
         correction *= self.convolver.normalisation
         return correction
@@ -76,7 +79,7 @@ class RichardsonLucy(RefinementModel):
         # Subclasses carry extra per-task state: only plain Richardson-Lucy batches.
         if type(self) is not RichardsonLucy:
             return None
-        return (RichardsonLucy, tuple(self.image.shape), self.convolver.psf_digest, self.backend.name)
+        return (RichardsonLucy, tuple(self.image.shape), self.convolver.psf_digest, self.background, self.backend.name)
 
     @classmethod
     def step_batch(cls, models: Sequence[RefinementModel]) -> None:
@@ -86,7 +89,7 @@ class RichardsonLucy(RefinementModel):
         first = models[0]
         xp, convolver = first.xp, first.convolver
         blurred = convolver.forward(xp.stack([m._object for m in models]))
-        blurred += EPSILON
+        blurred += first.background + EPSILON
         ratio = xp.stack([m.image for m in models])
         ratio /= blurred
         correction = convolver.adjoint(ratio)
@@ -103,10 +106,11 @@ class RichardsonLucy(RefinementModel):
         return {"estimate": self._object}
 
     def misfit(self) -> float:
-        return self.convolver.residual_norm(self._object, self.image)
+        return self.convolver.residual_norm(self._object, self.image, self.background)
 
     def prediction(self) -> Array:
-        return self.convolver.blurred(self._object)
+        blurred = self.convolver.blurred(self._object)
+        return blurred + self.background if self.background else blurred
 
 
 class AcceleratedRichardsonLucy(RichardsonLucy):

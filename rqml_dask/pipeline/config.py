@@ -33,12 +33,15 @@ class _Strict(BaseModel):
 
 class CameraSpec(_Strict):
     """How a camera's raw values (ADU) are photons: ``ADU = gain * photons + offset``,
-    ``offset`` in ADU (the dark level, >= 0) and ``gain`` in ADU per photon (> 0); or
+    ``offset`` in ADU (the dark level, >= 0) and ``gain`` in ADU per photon (> 0), with the
+    camera's ``read_noise`` (ADU, standard deviation; 0 by default) if known; or
     ``auto`` (long form ``{estimate: true}``): both estimated from a few chunks of the
-    image (:func:`rqml_dask.camera.estimate_camera`)."""
+    image (:func:`rqml_dask.camera.estimate_camera`), ``{estimate: true, read_noise: ADU}``
+    to give the read noise with them (it is not separable from the offset in the data)."""
 
     offset: float | None = Field(default=None, ge=0)
     gain: float | None = Field(default=None, gt=0)
+    read_noise: float = Field(default=0.0, ge=0)
     estimate: bool = False
 
     @model_validator(mode="before")

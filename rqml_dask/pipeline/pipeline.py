@@ -250,15 +250,19 @@ class Pipeline:
         if not self.task_class.photon_counts:
             raise InputError(f"input.camera: {self.config.task_class} tasks do not take photon counts; remove it")
         if not spec.estimate:
-            camera = Camera(offset=spec.offset, gain=spec.gain)
+            camera = Camera(offset=spec.offset, gain=spec.gain, read_noise=spec.read_noise)
             self.camera_note = f"{camera} (given)"
             return camera
         try:
             estimate = estimate_camera(sample_chunks(image))
         except CameraEstimateError as exc:
             raise InputError(f"{ref}: input.camera: auto: {exc}: set input.camera: {{offset: ADU, gain: ADU per photon}}") from None
-        self.camera_note = str(estimate)
-        return estimate.camera
+        camera = estimate.camera
+        if spec.read_noise:  # the estimate's offset holds the read-noise pedestal: give it to the models instead
+            camera = Camera(offset=camera.offset + spec.read_noise**2 / camera.gain, gain=camera.gain,
+                            read_noise=spec.read_noise)
+        self.camera_note = f"{camera} (estimated from {estimate.chunks} chunk(s), {estimate.voxels} voxels; gain +- {estimate.gain_error:.2f})"
+        return camera
 
     def ensure_input(self) -> None:
         """Generate the synthetic input if the pipeline asks for it and it is missing."""
