@@ -76,6 +76,15 @@ class Refinement:
     best_iteration: int = 0
     best_estimate: Array | None = None
     fitted_noise: bool = False
+    segments: list[tuple[str, int, int]] = field(default_factory=list)
+    """Each model run as (model, the iteration its start estimate is at, the iteration it
+    started at): what :meth:`_replay` follows to recompute an iterate on other data."""
+    estimate_iteration: int = 0
+    """The iteration the model's current estimate is at (behind :attr:`iteration` after a rollback)."""
+    guard: HeldOutFigures | None = None
+    """The held-out figures the guard judged the chosen iterate by, kept once it passed."""
+    refitted: bool = False
+    """Whether the result was computed again on all the counts (:meth:`_refit`)."""
     trace: list[TracePoint] = field(default_factory=list)
     """Every convergence check so far (one per ``check_every`` iterations of each model)."""
     checkpoints: list[int] = field(default_factory=list)
@@ -113,7 +122,10 @@ class Refinement:
 
     def held_out_figures(self) -> HeldOutFigures | None:
         """What the held-out rule saw, for the outcome; once finished, with the guard's
-        figures of the estimate (the chosen iterate) against the input."""
+        figures of the estimate (the chosen iterate) against the input (those it passed
+        with, once kept: a result refitted on all the counts cannot be scored by them)."""
+        if self.guard is not None:
+            return self.guard
         if self.held_out_input is None or self.best_estimate is None:
             return None
         significance = departure = None
@@ -174,6 +186,7 @@ class Refinement:
         xp = self.backend.xp
         run.iterations += 1
         self.iteration += 1
+        self.estimate_iteration = self.iteration
         if previous is not None:
             change = _relative_change(xp, self.model.estimate, previous)
             held_out = self._score()
@@ -186,6 +199,14 @@ class Refinement:
                 self.trace.append(TracePoint(self.iteration, self.model_name, figures.misfit, figures.stability,
                                              figures.consistency, figures.novelty))
                 self.trace = thin(self.trace)
+            if held_out is not None and verdict == "converged":
+                # settling iterates are no sign of the optimum (the held-out counts say where it is), but of slow
+                # progress towards it: on to the next model of the ladder if it is a faster one, else go on
+                if self.can_escalate and not load_model(self.models[self.ladder_position + 1]).regularizes:
+                    verdict = "stalled"
+                    self.reason = "settled while the held-out fit still improves"
+                else:
+                    verdict = "continue"
             if held_out is not None and min(self.iteration - self.best_iteration, run.iterations) >= settings.held_out_patience:
                 verdict = "converged"  # past the held-out optimum (each model gets its patience): the rest would fit noise
             if verdict == "converged":
@@ -270,6 +291,10 @@ class Refinement:
             failures.append(f"the result is no better than the input by the held-out counts (fit {figures.result:.4g} "
                             f"vs {figures.input:.4g}, {_figure(figures.significance)} standard errors; departure "
                             f"{_figure(figures.departure)} of the input's noise): every model fitted the noise")
+        elif figures is not None and self.done and self.status != "failed":
+            self.guard = figures
+            if self.task.convergence.refit_all_counts and not self.refitted:
+                self._refit()
         if rules.require_finite and not bool(xp.all(xp.isfinite(self.estimate))):
             failures.append("estimate has non-finite values")
         lowest = float(xp.min(self.estimate))
@@ -281,6 +306,43 @@ class Refinement:
                 failures.append(f"misfit {misfit:.4g} above max_misfit {rules.max_misfit:.4g}")
         self.validation_failures = failures
         return failures
+
+    def _refit(self) -> None:
+        """Compute the chosen iterate again on all the counts (``observed``): the same models,
+        from the same starts, for the same iterations (:meth:`_replay`). The held-out counts
+        chose the stopping point; they are data too, and the result uses them."""
+        problem = {name: array for name, array in self.problem.items() if name != "held_out"}
+        problem["image"] = self.problem["observed"]
+        estimate = self._keep_state(self._replay(self.best_iteration, problem))
+        name = self.model_name  # the model the task ended on holds the result, as after a rollback
+        self.model = load_model(name)(problem, self.backend, **self.task.model_params.get(name, {}))
+        self.model.start(estimate)
+        self.refitted = True
+        self.record_event("refitted", model=self.model_name, iterations=self.best_iteration)
+
+    def _replay(self, target: int, problem: dict[str, Array]) -> RefinementModel:
+        """The model holding iterate ``target`` recomputed on ``problem``: back from
+        ``target`` through the segment that made each estimate to the first start, then
+        forward, each segment's model built afresh and started from its origin's estimate
+        (``estimate``, as :meth:`_switch_model` hands it on)."""
+        chain = []
+        while target > 0:
+            name, origin, first = next(segment for segment in reversed(self.segments) if segment[2] < target)
+            chain.append((name, target - first))
+            target = origin
+        estimate, model = None, None
+        for name, steps in reversed(chain):
+            model = load_model(name)(problem, self.backend, **self.task.model_params.get(name, {}))
+            model.start(estimate)
+            for _ in range(steps):
+                model.step()
+            estimate = self.backend.xp.asarray(model.estimate, copy=True)
+        return model
+
+    @staticmethod
+    def _keep_state(model: RefinementModel) -> Array:
+        estimate = model.state()["estimate"]
+        return estimate if model.immutable_state else model.backend.xp.asarray(estimate, copy=True)
 
     def _escalate_or_finish(self, status: Status, stop: str | None = None) -> None:
         if self.can_escalate:
@@ -340,6 +402,10 @@ class Refinement:
             "monitor": [list(point) for point in self.monitor.history],
             "held_out_input": self.held_out_input,
             "held_out_best": [self.best_held_out, self.best_iteration] if self.best_estimate is not None else None,
+            "segments": [list(segment) for segment in self.segments],
+            "estimate_iteration": self.estimate_iteration,
+            "guard": asdict(self.guard) if self.guard is not None else None,
+            "refitted": self.refitted,
             "last_figures": asdict(self.last_figures) if self.last_figures else None,
             "trace": [astuple(point) for point in self.trace],
             "reason": self.reason,
@@ -382,6 +448,10 @@ class Refinement:
             refinement.best_held_out, refinement.best_iteration = float(state["held_out_best"][0]), int(state["held_out_best"][1])
             refinement.best_estimate = best
         refinement.runs = [ModelRun(**run) for run in state["runs"]]
+        refinement.segments = [(str(n), int(o), int(f)) for n, o, f in state["segments"]]
+        refinement.estimate_iteration = int(state["estimate_iteration"])
+        refinement.guard = HeldOutFigures(**state["guard"]) if state["guard"] is not None else None
+        refinement.refitted = bool(state["refitted"])
         refinement.monitor.history.extend((int(i), float(m)) for i, m in state["monitor"])
         refinement.held_out_input = state.get("held_out_input")
         refinement.last_figures = ConvergenceFigures(**state["last_figures"]) if state["last_figures"] else None
@@ -398,6 +468,7 @@ class Refinement:
         model_cls = load_model(name)
         model = model_cls(self.problem, self.backend, **self.task.model_params.get(name, {}))
         model.start(estimate)
+        self.segments.append((name, self.estimate_iteration if estimate is not None else 0, self.iteration))
         self.ladder_position = position
         self.model = model
         self.monitor = ConvergenceMonitor(self.task.convergence)
@@ -415,8 +486,9 @@ class Refinement:
     def _finish(self, status: Status) -> None:
         self._close_run(status)
         self.status = status
-        if self.best_estimate is not None and self.best_iteration != self.iteration:  # the held-out optimum
+        if self.best_estimate is not None and self.best_iteration != self.estimate_iteration:  # the held-out optimum
             self.model.start(self.best_estimate)
+            self.estimate_iteration = self.best_iteration
             self.record_event("rolled_back", model=self.model_name, to_iteration=self.best_iteration,
                               held_out=self.best_held_out)
         if status in ("stalled", "terminated"):

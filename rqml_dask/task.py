@@ -36,10 +36,14 @@ class ConvergenceSettings:
 
     With ``held_out_fraction`` > 0 (photon-count data, :mod:`rqml_dask.held_out`), that
     fraction of the counts is held out: consistency is then the held-out deviance's
-    relative change per iteration, and a task also converges once the held-out deviance has
-    not improved for ``held_out_patience`` iterations; its result is the iterate where it was
-    lowest. ``0`` refines the whole image and stops by the iterates alone (for fixed-budget
-    runs, or data that are not photon counts).
+    relative change per iteration (reported, not a stopping rule), and a task converges only
+    once the held-out deviance has not improved for ``held_out_patience`` iterations (settling
+    iterates stopped high-count data far before their optimum); its result is the iterate
+    where it was lowest. ``0`` refines the whole image and stops by the iterates alone (for fixed-budget
+    runs, or data that are not photon counts). With ``refit_all_counts`` (the default), a
+    result that passes the guard is then computed again on all the counts, along the same
+    models and iteration counts that led to the chosen iterate: the held-out counts chose
+    the stopping point, and are data too.
 
     With ``target_misfit`` set (a solver's requested tolerance, where the misfit is the true
     residual), consistency is the misfit itself, and holds once it is at most the target.
@@ -63,6 +67,7 @@ class ConvergenceSettings:
     accept_max_iterations: bool = False
     held_out_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     held_out_patience: PositiveInt = 15
+    refit_all_counts: bool = True
     target_misfit: NonNegativeFloat | None = None
 
 

@@ -3,6 +3,9 @@ against plain Richardson-Lucy's best iteration (the oracle, computed here from t
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -137,3 +140,68 @@ def test_a_task_is_accepted_iff_it_beats_its_input_on_dim_camera_data(tmp_path, 
     verdicts = [(o.task_id, o.accepted, o.error.output_sse < o.error.input_sse) for o in report.outcomes]
     assert all(accepted == better for _, accepted, better in verdicts), verdicts
     assert report.output_error < report.input_error, report.summary()
+
+
+def one_task(tmp_path, ladder, photons=30.0, **convergence):
+    """The first task of a small widefield volume with the quickstart's settings, its
+    problem loaded, and a refinement of it started."""
+    from rqml_dask.arrays import numpy_backend
+    from rqml_dask.problem import load_problem
+    from rqml_dask.refinement import Refinement
+
+    store = write_synthetic(tmp_path / "in.zarr", SynthSpec(shape=(32, 64, 64), psf="widefield", photons=photons, seed=5))
+    pipeline = quickstart_on(store, tmp_path / "out.zarr")
+    task = pipeline.tasks()[0]
+    task = dataclasses.replace(task, model_ladder=tuple(ladder), convergence=dataclasses.replace(task.convergence, **convergence))
+    task, problem = load_problem(task, numpy_backend())
+    return task, problem, Refinement.start(task, problem, numpy_backend())
+
+
+@pytest.mark.parametrize("ladder,per_model", [(["richardson_lucy"], None),
+                                               (["richardson_lucy", "richardson_lucy_accelerated"], 10)])
+def test_the_chosen_iterate_is_recomputed_on_all_the_counts_along_the_same_path(tmp_path, ladder, per_model):
+    from rqml_dask.arrays import numpy_backend
+    from rqml_dask.models import load_model
+
+    task, problem, refinement = one_task(tmp_path, ladder, max_iterations_per_model=per_model)
+    refinement.run_to_end()
+    chosen = np.array(refinement.best_estimate)
+    # the path is replayable: on the data the run refined, it gives the chosen iterate bit for bit
+    replayed = refinement._replay(refinement.best_iteration, refinement.problem)
+    np.testing.assert_array_equal(np.array(replayed.state()["estimate"]), chosen)
+
+    assert not refinement.validate() and refinement.refitted
+    # ... and on all the counts: the first model for min(best, per_model) iterations, then the next from there
+    everything = {**{k: v for k, v in problem.items() if k != "held_out"}, "image": problem["observed"]}
+    steps, estimate = refinement.best_iteration, None
+    for name in ladder:
+        model = load_model(name)(everything, numpy_backend())
+        model.start(estimate)
+        for _ in range(min(steps, per_model or steps)):
+            model.step()
+        steps -= min(steps, per_model or steps)
+        estimate = np.array(model.estimate)  # the window, as an escalation hands it on
+        if not steps:
+            break
+    np.testing.assert_array_equal(np.array(refinement.estimate), np.array(model.estimate))
+    assert [e["kind"] for e in refinement.events].count("refitted") == 1
+    # the guard judged the iterate chosen on the split data, and its figures stay those
+    assert refinement.held_out_figures() is refinement.guard and refinement.guard.better_than_input()
+
+
+def test_a_result_refitted_and_checkpointed_resumes_without_refitting_again(tmp_path):
+    from rqml_dask.arrays import numpy_backend
+    from rqml_dask.checkpoint import TaskCheckpoint
+    from rqml_dask.refinement import Refinement
+
+    task, problem, refinement = one_task(tmp_path, ["richardson_lucy"])
+    refinement.run_to_end()
+    assert not refinement.validate() and refinement.refitted
+    snapshot = refinement.snapshot("finished")
+    checkpoint = TaskCheckpoint.create(task.task_id, snapshot.iteration, snapshot.model_config, (),
+                                       json.loads(json.dumps(snapshot.supervision_state)))  # as stored
+    resumed = Refinement.resume(task, problem, numpy_backend(), checkpoint,
+                                {k: np.array(v) for k, v in snapshot.arrays.items()})
+    assert resumed.done and resumed.refitted and resumed.guard == refinement.guard
+    assert not resumed.validate()
+    np.testing.assert_array_equal(np.array(resumed.estimate), np.array(refinement.estimate))
