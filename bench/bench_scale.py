@@ -23,12 +23,20 @@ heartbeats of its node.
    median of ``--repeat`` calls; the first builds the page and is not counted). The run
    then ends; the growth of the whole process's RSS over it (the scheduler with the plugin,
    the client, the simulated nodes) is printed.
-3. Memory: a second run of as many tasks (``--traced-tasks``), to its end (every task with a full trace), under
-   ``tracemalloc``: the bytes still held that were allocated with the plugin's code
-   (``rqml_dask``) on the stack, per task of that run.
+3. Memory at ``--tasks``: once every task of the timed run ended (each with a full trace),
+   its futures still held, the plugin's state is walked (:func:`plugin_size`: every object
+   reachable from the plugin, Dask's own objects aside) and compared with the same walk
+   after the nodes registered, before any task: the growth per task.
+4. Memory under ``tracemalloc``, a cross-check of 3.: the timed run's futures are let go of
+   and its tasks forgotten *before* tracing starts (not by ``Client.cancel``: Dask's
+   ``stimulus_cancel`` calls ``client_releases_keys`` with all the keys once per key,
+   10^10 steps at 10^5 keys), then a second run of ``--traced-tasks`` tasks (default
+   10,000; tracing slows the whole process about 15x) to its end: the bytes still held
+   that were allocated with the plugin's code (``rqml_dask``) on the stack, per task, and
+   the walk of 3. over the same run, side by side.
 
 The last line is ``tick_ms=<p99 of the tick> status_ms=<rqml_status> bytes_per_task=<plugin
-bytes per task> page_ms=<the slowest page's median>``.
+state per task at --tasks, 3.> page_ms=<the slowest page's median>``.
 
     .venv/bin/python bench/bench_scale.py                  # 1,000 nodes, 100,000 tasks
     .venv/bin/python bench/bench_scale.py --nodes 50 --tasks 2000 --seconds 3   # a quick look
@@ -45,6 +53,7 @@ import statistics
 import sys
 import time
 import tracemalloc
+import types
 from pathlib import Path
 
 import dask
@@ -167,6 +176,60 @@ def plugin_bytes(snapshot: tracemalloc.Snapshot) -> int:
     return held
 
 
+SKIPPED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.CodeType,
+           types.FrameType, types.CoroutineType, types.GeneratorType, logging.Logger, asyncio.AbstractEventLoop)
+"""Objects :func:`plugin_size` does not count nor walk into: code, classes, modules, loggers, the loop."""
+
+
+def plugin_size(plugin: RQMLSchedulerPlugin) -> tuple[int, int]:
+    """Bytes of every object reachable from ``plugin`` (``sys.getsizeof``; an array's buffer
+    with it, a view's base walked), and how many objects: Dask's and Tornado's objects (the
+    scheduler, its task states) are neither counted nor walked into, code and classes
+    neither (:data:`SKIPPED`). Strings and key tuples the plugin shares with Dask are
+    counted: an upper bound of what the plugin holds."""
+    seen: set[int] = set()
+    stack: list = [plugin]
+    size = count = 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        module = type(obj).__module__ or ""
+        if isinstance(obj, SKIPPED) or module.startswith(("distributed", "tornado", "dask", "bokeh")):
+            continue
+        size += sys.getsizeof(obj)
+        count += 1
+        if isinstance(obj, np.ndarray):
+            if obj.base is not None:
+                stack.append(obj.base)
+            continue
+        stack.extend(gc.get_referents(obj))
+    return size, count
+
+
+async def forgotten(scheduler: Scheduler, plugin: RQMLSchedulerPlugin, run: str) -> None:
+    """Until the scheduler forgot every task of ``run`` and the plugin holds none of them as current."""
+    while (any(isinstance(k, tuple) and len(k) == 3 and str(k[1]).startswith(f"{run}/") for k in scheduler.tasks)
+           or any(key.startswith(f"{run}/") for key in plugin.tasks)):
+        await asyncio.sleep(0.5)
+
+
+def top_lines(snapshot: tracemalloc.Snapshot, top: int) -> list[str]:
+    """The ``top`` lines of ``rqml_dask`` by the bytes still held that they allocated (attributed as :func:`plugin_bytes` does)."""
+    lines: dict[str, list[int]] = {}
+    for trace in snapshot.traces:
+        for frame in reversed(trace.traceback):
+            if not any(part in frame.filename for part in PASSED):
+                if "/rqml_dask/" in frame.filename:
+                    where = lines.setdefault(f"{frame.filename.split('/rqml_dask/')[1]}:{frame.lineno}", [0, 0])
+                    where[0] += trace.size
+                    where[1] += 1
+                break
+    return [f"rqml_dask/{where}: {size / 2**20:.2f} MiB in {count} blocks"
+            for where, (size, count) in sorted(lines.items(), key=lambda item: -item[1][0])[:top]]
+
+
 async def main(args: argparse.Namespace) -> None:
     dask.config.set({"distributed.logging.distributed": "warning"})
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -180,6 +243,8 @@ async def main(args: argparse.Namespace) -> None:
         for i in range(args.nodes):
             await nodes.add(f"node-{i}", figures(concurrency_limit=REFINING))
         print(f"{args.nodes} nodes registered in {time.perf_counter() - began:.1f} s")
+        gc.collect()
+        empty, _ = plugin_size(plugin)
 
         # the timed run
         simulation = Simulation(nodes)
@@ -211,25 +276,50 @@ async def main(args: argparse.Namespace) -> None:
         grown = process.memory_info().rss - rss
         print(f"process RSS grew {grown / 2**20:.0f} MiB over the timed run ({grown / args.tasks:.0f} bytes per task: "
               f"the scheduler with the plugin, the client, the simulated nodes)")
-        await client.cancel(futures)
-        del futures
-
-        # the same run again, its memory traced
-        began = time.perf_counter()
-        tracemalloc.start(3)
-        traced_tasks = args.traced_tasks or args.tasks
-        futures = await submit(client, plugin, "traced", traced_tasks)
-        await simulation.run_until(simulation.ended + traced_tasks)
-        records = [r for r in plugin.tasks.values() if r.traits.task_id.startswith("traced/")]
-        assert len(records) == traced_tasks and all(r.state == "done" for r in records), "the traced run did not end"
+        await asyncio.sleep(1)  # the last results reach the plugin
+        records = [r for r in plugin.tasks.values() if r.traits.task_id.startswith("timed/")]
         gc.collect()
-        held = plugin_bytes(tracemalloc.take_snapshot())
-        tracemalloc.stop()
-        bytes_per_task = held / traced_tasks
-        traced = sum(r.trace is not None for r in records)
-        print(f"traced run ({time.perf_counter() - began:.0f} s): {traced} of {traced_tasks} records with a trace; still held, allocated by the plugin's code: "
-              f"{held / 2**20:.1f} MiB, {bytes_per_task:.0f} bytes per task")
-        del futures, records
+        began = time.perf_counter()
+        full, objects = plugin_size(plugin)
+        bytes_per_task = (full - empty) / args.tasks
+        print(f"plugin state ({time.perf_counter() - began:.1f} s to walk): {full / 2**20:.1f} MiB, {objects} objects, with "
+              f"{len(records)} of {args.tasks} records held ({sum(r.state == 'done' for r in records)} done, "
+              f"{sum(r.trace is not None for r in records)} with a trace); before any task {empty / 2**20:.1f} MiB: "
+              f"{bytes_per_task:.0f} bytes per task")
+        del records
+        # let go of the futures (not Client.cancel: Dask's stimulus_cancel calls
+        # client_releases_keys once per key with every key, quadratic: hours at 10^5)
+        del futures
+        gc.collect()
+        began = time.perf_counter()
+        await forgotten(scheduler, plugin, "timed")  # Dask's release of the keys, before tracing
+        print(f"the timed run's tasks forgotten in {time.perf_counter() - began:.0f} s")
+
+        if args.traced_tasks:
+            # the same run again, smaller, its memory traced
+            traced_tasks = args.traced_tasks
+            gc.collect()
+            before, _ = plugin_size(plugin)
+            began = time.perf_counter()
+            tracemalloc.start(3)
+            futures = await submit(client, plugin, "traced", traced_tasks)
+            await simulation.run_until(simulation.ended + traced_tasks)
+            await asyncio.sleep(1)
+            records = [r for r in plugin.tasks.values() if r.traits.task_id.startswith("traced/")]
+            assert len(records) == traced_tasks and all(r.state == "done" for r in records), "the traced run did not end"
+            gc.collect()
+            snapshot = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            held = plugin_bytes(snapshot)
+            traced = sum(r.trace is not None for r in records)
+            del records
+            after, _ = plugin_size(plugin)
+            print(f"traced run ({time.perf_counter() - began:.0f} s): {traced} of {traced_tasks} records with a trace; still held, "
+                  f"allocated by the plugin's code: {held / 2**20:.1f} MiB, {held / traced_tasks:.0f} bytes per task; "
+                  f"the plugin's state grew {(after - before) / 2**20:.1f} MiB, {(after - before) / traced_tasks:.0f} bytes per task")
+            for line in top_lines(snapshot, args.top):
+                print(f"  {line}")
+            del snapshot, futures
     await scheduler.close()
     print(f"tick_ms={tick_ms:.2f} status_ms={status_ms:.1f} bytes_per_task={bytes_per_task:.0f} page_ms={page_ms:.1f}")
 
@@ -265,5 +355,6 @@ if __name__ == "__main__":
     parser.add_argument("--measure-at", type=float, default=0.9, help="the share of tasks ended when the timing starts")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long ticks are timed")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--traced-tasks", type=int, default=None, help="tasks of the traced run (default: --tasks)")
+    parser.add_argument("--traced-tasks", type=int, default=10_000, help="tasks of the run under tracemalloc (0: none)")
+    parser.add_argument("--top", type=int, default=8, help="rqml_dask lines shown by the bytes they hold after the traced run")
     asyncio.run(main(parser.parse_args()))
