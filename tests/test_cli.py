@@ -34,6 +34,9 @@ def test_synth_then_run_prints_summary_with_both_errors(tmp_path):
     done = rqml("run", str(config), "--no-progress")
     assert done.returncode == 0, done.stderr
     assert "dashboard    http://127.0.0.1:" in done.stderr
+    # the halo it reads, and that it is what the PSF needs (pipeline_dict's halo: auto)
+    assert re.search(r"^halo\s+\(\d+, \d+, \d+\) voxels per side \(auto: what this psf needs for up to \d+ iterations\)$",
+                     done.stderr, re.M), done.stderr
     assert re.search(r"^tasks\s+8 \(", done.stdout, re.M)
     errors = re.search(r"error vs truth \(relative RMSE\): input ([\d.]+) -> output ([\d.]+)", done.stdout)
     assert errors and float(errors[2]) < float(errors[1])

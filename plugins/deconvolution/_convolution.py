@@ -111,7 +111,7 @@ class Convolver:
                 elif count:
                     shape[axis] = count
                     parts.append(xp.broadcast_to(edge, tuple(shape)))
-            extended = xp.concat(parts, axis=axis)
+            extended = _concat(xp)(parts, axis=axis)
         return extended
 
     def blurred(self, estimate: Array) -> Array:
@@ -165,6 +165,11 @@ def halo_for(psf: np.ndarray, iterations: int, tolerance: float = 0.02) -> tuple
         inside = np.cumsum([profile[centre]] + [profile[centre - d] + profile[centre + d] for d in range(1, centre)])
         halo.append(int(np.argmax(inside >= (1.0 - tolerance) * total)))
     return tuple(halo)
+
+
+def _concat(xp):
+    """The array API's ``concat``, or ``concatenate`` where a namespace predates it (older CuPy)."""
+    return getattr(xp, "concat", None) or xp.concatenate
 
 
 def _along(axis: int, index: slice) -> tuple:

@@ -294,9 +294,10 @@ class Pipeline:
             halo = needed
         elif isinstance(halo, int):
             halo = (halo,) * image.ndim
-        self.halo_note = (f"{tuple(halo)} voxels per side; {needed} needed for up to {iterations} iterations "
-                          f"with this {self.task_class.operator_key}"
-                          + ("" if all(h >= n for h, n in zip(halo, needed)) else ": tiles may differ from an untiled run"))
+        self.halo_note = (f"{tuple(halo)} voxels per side ("
+                          + ("auto: " if tiling.halo == "auto" else f"{needed} ")
+                          + f"what this {self.task_class.operator_key} needs for up to {iterations} iterations"
+                          + (")" if all(h >= n for h, n in zip(halo, needed)) else "): tiles may differ from an untiled run"))
         regions = plan_regions(image.shape, tiling.tile, halo)
         models = self.config.models
         checkpoint = self.checkpoint_settings
