@@ -11,7 +11,14 @@ RSS after the last run / RSS after the first>`` (named after ``--runs``).
 
 Acceptance (issue 30): ten runs of 64 tasks, the ratio at most 1.2.
 
-Usage: python bench/bench_worker_memory.py [--runs 10] [--tasks 64] [--workers 2] [--vary store|setting]
+``--trace N``: each worker traces its allocations (``tracemalloc``, N frames) from the end
+of the first run; after the last it prints the ``--top`` source lines by the bytes they
+allocated since and still hold (where the growth is, if Python or NumPy holds it; it slows
+the runs down). ``--sizes``: after each run, the MiB of Python objects each worker holds in
+Dask's profile history and logs, its task data, the open arrays and the node's jobs and
+checkpoint writers.
+
+Usage: python bench/bench_worker_memory.py [--runs 10] [--tasks 64] [--workers 2] [--vary store|setting] [--trace N] [--sizes]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 from distributed import Client
@@ -40,6 +48,73 @@ TILES_PER_LAYER = 16
 def worker_rss() -> int:
     """This process's resident set size, in bytes (run on each worker)."""
     return psutil.Process().memory_info().rss
+
+
+def start_tracing(frames: int) -> None:
+    """Trace this worker's allocations from now (run on each worker)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start(frames)
+
+
+def traced_growth(top: int) -> list[str]:
+    """What this worker allocated since :func:`start_tracing` and still holds: the total, and the
+    ``top`` lines by bytes (each with the innermost frames outside Python's own modules)."""
+    import gc
+    import tracemalloc
+
+    from rqml_dask import volumes
+
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    stats = snapshot.statistics("traceback")
+    lines = [f"traced and still held: {sum(s.size for s in stats) / 2**20:.1f} MiB in {sum(s.count for s in stats)} blocks; "
+             f"volumes.open_array holds {len(volumes._opened)} arrays"]
+    for stat in stats[:top]:
+        frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in reversed(stat.traceback)]
+        lines.append(f"{stat.size / 2**20:7.2f} MiB {stat.count:6d} blocks  " + " <- ".join(frames[:4]))
+    return lines
+
+
+def held_sizes(dask_worker: Any) -> dict[str, float]:
+    """MiB reachable from what a worker keeps between runs (run on each worker): Dask's profile
+    history and logs, its task results, the arrays :func:`rqml_dask.volumes.open_array`
+    keeps open, the node plugin's jobs and checkpointers. Objects shared between them count
+    in the first that reaches them."""
+    import gc
+    import sys
+    import types
+
+    import numpy as np
+
+    from rqml_dask import volumes
+
+    worker = dask_worker
+    node = worker.plugins.get("rqml-node") or next((p for p in worker.plugins.values() if hasattr(p, "checkpointers")), None)
+    skipped = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.CodeType)
+    stop = {id(worker), id(worker.state), id(node)}
+    seen: set[int] = set()
+
+    def size(*roots) -> float:
+        stack, total = list(roots), 0
+        while stack:
+            obj = stack.pop()
+            if id(obj) in seen or id(obj) in stop or isinstance(obj, skipped):
+                continue
+            seen.add(id(obj))
+            total += obj.nbytes if isinstance(obj, np.ndarray) and obj.base is None else sys.getsizeof(obj)
+            if not isinstance(obj, np.ndarray):
+                stack.extend(gc.get_referents(obj))
+        return total / 2**20
+
+    gc.collect()
+    return {"profile": size(worker.profile_history, worker.profile_keys_history, worker.profile_recent, worker.profile_keys),
+            "worker logs": size(worker.state.log, worker.state.stimulus_log, worker.transfer_incoming_log, worker.transfer_outgoing_log),
+            "task data": size(worker.data), "open arrays": size(volumes._opened),
+            "node jobs": size(getattr(node, "jobs", None)), "checkpointers": size(getattr(node, "checkpointers", None))}
 
 
 def run_config(base: PipelineConfig, tmp: Path, store: Path, run: int, vary: str) -> PipelineConfig:
@@ -63,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=64, help=f"a multiple of {TILES_PER_LAYER}")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vary", choices=("store", "setting"), default="store")
+    parser.add_argument("--trace", type=int, default=0, metavar="FRAMES", help="trace each worker's allocations after the first run")
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--sizes", action="store_true", help="after each run, the MiB each worker holds in its caches and logs")
     args = parser.parse_args(argv)
     if args.tasks <= 0 or args.tasks % TILES_PER_LAYER or args.runs < 1:
         parser.error(f"--tasks must be a positive multiple of {TILES_PER_LAYER}, --runs at least 1")
@@ -86,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
                 figures = " ".join(f"{i}:{rss[w] / 2**20:.0f}MiB" for i, w in enumerate(sorted(rss)))
                 print(f"run {run:>2}: {len(report.outcomes)} tasks ({reused} reused), {report.iterations} iterations, "
                       f"{seconds:.1f} s; worker RSS {figures}", flush=True)
+                if args.sizes:
+                    for i, (worker, sizes) in enumerate(sorted(client.run(held_sizes).items())):
+                        print(f"  worker {i} holds, MiB: " + ", ".join(f"{name} {mib:.1f}" for name, mib in sizes.items()), flush=True)
+                if run == 1 and args.trace:
+                    client.run(start_tracing, args.trace)
+            if args.trace:
+                for i, (worker, lines) in enumerate(sorted(client.run(traced_growth, args.top).items())):
+                    print(f"worker {i} ({worker}), since the first run:")
+                    print("\n".join(f"  {line}" for line in lines))
             ratio = max(rss[w] / first[w] for w in rss if w in first)
             print(f"rss_ratio_{args.runs}_vs_1={ratio:.3f}")
     return 0

@@ -14,6 +14,13 @@ worker's threads (Dask's executor threads, replaced as tasks secede, the refinem
 checkpoint and I/O threads), the freed memory they held ratcheted up run after run while
 the memory in use stayed flat (issue 30, BENCHMARKS.md). In the one arena the pad bounds
 what is kept, with the same iterations (no page faults).
+
+They also run without Dask's statistical profiler (:data:`WORKER_CONFIG`): it samples every
+thread's stack every 10 ms and keeps a tree of them per second for the last 1,000 seconds
+(``distributed.admin.low-level-log-length``), 2 MiB of Python objects a 64-task run here and
+more of the heap: a long-lived cluster's workers grew by it for their first 17 minutes
+(issue 30; ten runs: RSS 1.38x the first run's with it, 1.11x without; BENCHMARKS.md).
+Dask's Profile page is empty for these workers; a cluster of one's own keeps it.
 """
 
 from __future__ import annotations
@@ -38,15 +45,18 @@ SCHEDULER_PRELOADS = ["rqml_dask.scheduler"]
 """What its scheduler loads, as ``dask scheduler --preload`` would."""
 
 WORKER_ENVIRON = {"MALLOC_TOP_PAD_": str(256 * 2**20), "MALLOC_ARENA_MAX": "1"}
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+"""Dask settings of the embedded cluster's workers (``configs/dask.yaml`` sets the same)."""
 
 
 def embedded_cluster(spec: ClusterSpec) -> Cluster:
-    with dask.config.set(_worker_environ()):
+    with dask.config.set(_worker_config()):
         return _start(spec)
 
 
-def _worker_environ() -> dict[str, str]:
-    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}
+def _worker_config() -> dict[str, object]:
+    """:data:`WORKER_CONFIG` and :data:`WORKER_ENVIRON`, as the Dask config the nannies take when they start."""
+    return {**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}, **WORKER_CONFIG}
 
 
 @contextlib.contextmanager
@@ -72,7 +82,7 @@ def secure_embedded_cluster(spec: ClusterSpec) -> Iterator[Cluster]:
 
         worker = {"nthreads": spec.threads_per_worker, "host": "127.0.0.1", "preload": PRELOADS,
                   "memory_limit": spec.memory_limit, "dashboard_address": "127.0.0.1:0"}
-        with dask.config.set({"rqml.trust": trust("client"), **_worker_environ()}):
+        with dask.config.set({"rqml.trust": trust("client"), **_worker_config()}):
             # what the scheduler's listener presents; it holds the CA to renew the nodes' certificates, and
             # this process's client is its admin (the cluster is this process's own: it closes it at the end)
             with dask.config.set({"rqml.trust": {**trust("scheduler"), "session": {"authority": str(directory)}, "admin-names": ["client"]}}):

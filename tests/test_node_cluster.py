@@ -160,6 +160,12 @@ def test_a_node_keeps_nothing_of_delivered_tasks_and_closes_the_checkpoint_store
         assert {Path(p) for p in held["environments"]} <= latest and len(held["environments"]) == len(held["writers"]), (address, held)
 
 
+def test_the_embedded_cluster_workers_run_without_dask_s_profiler(client):
+    # its history of stack trees (17 minutes of them) grew a long-lived cluster's workers run after run (issue 30)
+    profiling = client.run(lambda dask_worker: "profile-cycle" in dask_worker.periodic_callbacks)
+    assert profiling and not any(profiling.values()), profiling
+
+
 def test_worker_killed_mid_task_the_pipeline_still_completes_correctly(tmp_path, small_volume):
     # The sleepy model: each task takes seconds of wall time whatever the load, so the kill
     # lands mid-task, and its exact result is known (``sleepy_result``).
