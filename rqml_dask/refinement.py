@@ -131,8 +131,7 @@ class Refinement:
         significance = departure = None
         prediction = self.model.prediction() if self.done else None
         if prediction is not None:
-            name = self.model_name
-            baseline = load_model(name)(self.problem, self.backend, **self.task.model_params.get(name, {}))
+            baseline = self._build(self.model_name, self.problem)
             baseline.start(self.input_estimate())
             significance = self.held_out.significance(prediction, baseline.prediction())
             departure = self.held_out.departure(self.estimate, self.problem["observed"],
@@ -313,10 +312,9 @@ class Refinement:
         chose the stopping point; they are data too, and the result uses them."""
         problem = {name: array for name, array in self.problem.items() if name != "held_out"}
         problem["image"] = self.problem["observed"]
-        estimate = self._keep_state(self._replay(self.best_iteration, problem))
-        name = self.model_name  # the model the task ended on holds the result, as after a rollback
-        self.model = load_model(name)(problem, self.backend, **self.task.model_params.get(name, {}))
-        self.model.start(estimate)
+        replayed = self._replay(self.best_iteration, problem)
+        self.model = self._build(self.model_name, problem)  # the model the task ended on holds it, as after a rollback
+        self.model.start(replayed.state()["estimate"])
         self.refitted = True
         self.record_event("refitted", model=self.model_name, iterations=self.best_iteration)
 
@@ -332,17 +330,16 @@ class Refinement:
             target = origin
         estimate, model = None, None
         for name, steps in reversed(chain):
-            model = load_model(name)(problem, self.backend, **self.task.model_params.get(name, {}))
+            model = self._build(name, problem)
             model.start(estimate)
             for _ in range(steps):
                 model.step()
             estimate = self.backend.xp.asarray(model.estimate, copy=True)
         return model
 
-    @staticmethod
-    def _keep_state(model: RefinementModel) -> Array:
-        estimate = model.state()["estimate"]
-        return estimate if model.immutable_state else model.backend.xp.asarray(estimate, copy=True)
+    def _build(self, name: str, problem: dict[str, Array]) -> RefinementModel:
+        """Model ``name`` with the task's parameters for it, on ``problem`` (not started)."""
+        return load_model(name)(problem, self.backend, **self.task.model_params.get(name, {}))
 
     def _escalate_or_finish(self, status: Status, stop: str | None = None) -> None:
         if self.can_escalate:
@@ -465,8 +462,7 @@ class Refinement:
 
     def _switch_model(self, position: int, estimate: Array | None) -> None:
         name = self.models[position]
-        model_cls = load_model(name)
-        model = model_cls(self.problem, self.backend, **self.task.model_params.get(name, {}))
+        model = self._build(name, self.problem)
         model.start(estimate)
         self.segments.append((name, self.estimate_iteration if estimate is not None else 0, self.iteration))
         self.ladder_position = position

@@ -36,7 +36,8 @@ class ConvergenceSettings:
 
     With ``held_out_fraction`` > 0 (photon-count data, :mod:`rqml_dask.held_out`), that
     fraction of the counts is held out: consistency is then the held-out deviance's
-    relative change per iteration (reported, not a stopping rule), and a task converges only
+    relative change per iteration (with stability, it moves a task on to the next model of
+its ladder where that is a faster one, and never stops it), and a task converges only
     once the held-out deviance has not improved for ``held_out_patience`` iterations (settling
     iterates stopped high-count data far before their optimum); its result is the iterate
     where it was lowest. ``0`` refines the whole image and stops by the iterates alone (for fixed-budget

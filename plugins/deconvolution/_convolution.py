@@ -34,14 +34,15 @@ class Convolver:
     ``x`` is zero outside its window, ``scipy.signal.convolve(w, psf, mode="same")``.
     :meth:`adjoint` is its exact adjoint (an image-shaped array to the object domain).
     :attr:`normalisation` is ``1 / adjoint(ones)`` where that weight is at least
-    :data:`UNOBSERVED_WEIGHT`, else 0.
+    :data:`UNOBSERVED_WEIGHT`, else 0. ``background`` is a known constant the data hold on
+    top of the blur (a camera's read-noise pedestal): :meth:`prediction` adds it.
 
     Both take and return float32 arrays (leading axes beyond the image's are a batch,
     convolved one by one in a single call), each a fresh view into its own FFT buffer that
     callers may modify in place. Transfer functions are computed once here.
     """
 
-    def __init__(self, psf: Array, image_shape: tuple[int, ...], backend: ArrayBackend) -> None:
+    def __init__(self, psf: Array, image_shape: tuple[int, ...], backend: ArrayBackend, background: float = 0.0) -> None:
         from scipy.fft import next_fast_len
 
         if psf.ndim != len(image_shape) or any(p > n for p, n in zip(psf.shape, image_shape, strict=True)):
@@ -51,12 +52,13 @@ class Convolver:
             )
         xp = backend.xp
         self.backend = backend
+        self.background = float(background)
         self.image_shape = tuple(int(n) for n in image_shape)
         self.object_shape = tuple(n + p - 1 for n, p in zip(image_shape, psf.shape, strict=True))
         self.window = tuple(slice(p // 2, p // 2 + n) for n, p in zip(image_shape, psf.shape, strict=True))
         """Where the image's voxels sit in the object domain."""
-        self._blurred_for: Array | None = None
-        self._blurred: Array | None = None
+        self._predicted_for: Array | None = None
+        self._predicted: Array | None = None
         # A circular convolution of length L >= the object's size wraps the full result's tail
         # only onto indices before the valid part, and the adjoint's full result fits in L.
         self.fft_shape = tuple(next_fast_len(m, True) for m in self.object_shape)
@@ -102,38 +104,33 @@ class Convolver:
                              f"nor the object domain's {self.object_shape}")
         extended = xp.astype(estimate, xp.float32, copy=True)
         for axis, (w, m) in enumerate(zip(self.window, self.object_shape)):
-            before, after = extended[_along(axis, slice(0, 1))], extended[_along(axis, slice(-1, None))]
-            shape = list(extended.shape)
-            parts = []
-            for edge, count in ((before, w.start), (extended, None), (after, m - w.stop)):
-                if count is None:
-                    parts.append(edge)
-                elif count:
-                    shape[axis] = count
-                    parts.append(xp.broadcast_to(edge, tuple(shape)))
-            extended = _concat(xp)(parts, axis=axis)
+            before = _repeat_edge(xp, extended, axis, slice(0, 1), w.start)
+            after = _repeat_edge(xp, extended, axis, slice(-1, None), m - w.stop)
+            extended = _concat(xp)([*before, extended, *after], axis=axis)
         return extended
 
-    def blurred(self, estimate: Array) -> Array:
-        """:meth:`forward` of ``estimate``, kept for the last estimate given, so a check's
-        misfit and its held-out score share one convolution. For estimates that are never
-        modified in place (``immutable_state`` models); callers must not modify the result."""
-        if self._blurred_for is not estimate:
-            self._blurred_for, self._blurred = estimate, self.forward(estimate)
-        return self._blurred
+    def prediction(self, estimate: Array) -> Array:
+        """What ``estimate`` predicts the data to be, :meth:`forward` plus ``background``,
+        kept for the last estimate given, so a check's misfit and its held-out score share
+        one convolution. For estimates that are never modified in place (``immutable_state``
+        models); callers must not modify the result."""
+        if self._predicted_for is not estimate:
+            predicted = self.forward(estimate)
+            if self.background:
+                predicted += self.background
+            self._predicted_for, self._predicted = estimate, predicted
+        return self._predicted
 
-    def residual_norm(self, estimate: Array, image: Array, background: float = 0.0) -> float:
-        """``||forward(estimate) + background - image||_2 / ||image||_2``, summed in float64.
+    def residual_norm(self, estimate: Array, image: Array) -> float:
+        """``||prediction(estimate) - image||_2 / ||image||_2``, summed in float64.
 
-        The convolution is recomputed here (:meth:`blurred`), apart from any iteration's own
+        The convolution is recomputed here (:meth:`prediction`), apart from any iteration's own
         arithmetic; in float32, whose rounding (~1e-7 relative) is far below any convergence
         tolerance, so a check costs half an iteration rather than the two of a float64
         convolution. A zero ``||image||`` is not divided by.
         """
         xp = self.backend.xp
-        residual = self.blurred(estimate) - image
-        if background:
-            residual += background
+        residual = self.prediction(estimate) - image
         image_sq = float(xp.sum(image * image, dtype=xp.float64))
         residual_sq = float(xp.sum(residual * residual, dtype=xp.float64))
         return (residual_sq / (image_sq if image_sq > 0.0 else 1.0)) ** 0.5
@@ -165,6 +162,16 @@ def halo_for(psf: np.ndarray, iterations: int, tolerance: float = 0.02) -> tuple
         inside = np.cumsum([profile[centre]] + [profile[centre - d] + profile[centre + d] for d in range(1, centre)])
         halo.append(int(np.argmax(inside >= (1.0 - tolerance) * total)))
     return tuple(halo)
+
+
+def _repeat_edge(xp, x: Array, axis: int, edge: slice, count: int) -> list[Array]:
+    """The voxels of ``x`` at ``edge`` along ``axis`` repeated ``count`` times along it, as a
+    list of one array to concatenate (empty for no repeat)."""
+    if not count:
+        return []
+    shape = list(x.shape)
+    shape[axis] = count
+    return [xp.broadcast_to(x[_along(axis, edge)], tuple(shape))]
 
 
 def _concat(xp):

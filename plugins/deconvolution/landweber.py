@@ -39,8 +39,7 @@ class Landweber(RefinementModel):
         xp = self.xp
         self.step_size = float(step_size)
         self.image = xp.astype(problem["image"], xp.float32, copy=False)
-        self.convolver = Convolver(problem["psf"], tuple(self.image.shape), backend)
-        self.background = float(problem.get("background", 0.0))
+        self.convolver = Convolver(problem["psf"], tuple(self.image.shape), backend, problem.get("background", 0.0))
         self.start()
 
     def start(self, estimate: Array | None = None) -> None:
@@ -48,10 +47,7 @@ class Landweber(RefinementModel):
         self._object = self.convolver.extend(xp.maximum(self.image, 0.0) if estimate is None else estimate)
 
     def step(self) -> None:
-        residual = self.convolver.forward(self._object)
-        residual -= self.image
-        if self.background:
-            residual += self.background
+        residual = self.convolver.prediction(self._object) - self.image
         update = self.convolver.adjoint(residual)
         update *= -self.step_size
         update += self._object
@@ -65,8 +61,7 @@ class Landweber(RefinementModel):
         return {"estimate": self._object}
 
     def misfit(self) -> float:
-        return self.convolver.residual_norm(self._object, self.image, self.background)
+        return self.convolver.residual_norm(self._object, self.image)
 
     def prediction(self) -> Array:
-        blurred = self.convolver.blurred(self._object)
-        return blurred + self.background if self.background else blurred
+        return self.convolver.prediction(self._object)

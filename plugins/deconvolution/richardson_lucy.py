@@ -15,10 +15,10 @@ and summed in float64.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import EllipsisType, ModuleType
+from types import ModuleType
 
 from rqml_dask.models import Array, ArrayBackend, RefinementModel
-from rqml_plugins.deconvolution._convolution import Convolver
+from rqml_plugins.deconvolution._convolution import Convolver, _along
 
 EPSILON = 1e-12
 """Added to the re-blurred estimate before dividing, as scikit-image does."""
@@ -48,14 +48,13 @@ class RichardsonLucy(RefinementModel):
         super().__init__(problem, backend)
         xp = self.xp
         self.image = xp.astype(problem["image"], xp.float32, copy=False)
-        self.convolver = Convolver(problem["psf"], tuple(self.image.shape), backend)
-        self.background = float(problem.get("background", 0.0))
+        self.convolver = Convolver(problem["psf"], tuple(self.image.shape), backend, problem.get("background", 0.0))
         self.start()
 
     def start(self, estimate: Array | None = None) -> None:
         xp = self.xp
         if estimate is None:
-            level = max(float(xp.sum(self.image, dtype=xp.float64)) / max(self.image.size, 1) - self.background, 1e-6)
+            level = max(float(xp.sum(self.image, dtype=xp.float64)) / max(self.image.size, 1) - self.convolver.background, 1e-6)
             self._object = xp.where(self.convolver.observed, xp.asarray(level, dtype=xp.float32),
                                     xp.asarray(0.0, dtype=xp.float32))
             return
@@ -65,7 +64,7 @@ class RichardsonLucy(RefinementModel):
         """The Richardson-Lucy factor ``adjoint(image / (forward(x) + 1e-12)) / adjoint(ones)``
         (a fresh array)."""
         blurred = self.convolver.forward(x)
-        blurred += self.background + EPSILON
+        blurred += self.convolver.background + EPSILON
         correction = self.convolver.adjoint(self.image / blurred)
         correction *= self.convolver.normalisation
         return correction
@@ -79,7 +78,8 @@ class RichardsonLucy(RefinementModel):
         # Subclasses carry extra per-task state: only plain Richardson-Lucy batches.
         if type(self) is not RichardsonLucy:
             return None
-        return (RichardsonLucy, tuple(self.image.shape), self.convolver.psf_digest, self.background, self.backend.name)
+        return (RichardsonLucy, tuple(self.image.shape), self.convolver.psf_digest, self.convolver.background,
+                self.backend.name)
 
     @classmethod
     def step_batch(cls, models: Sequence[RefinementModel]) -> None:
@@ -89,7 +89,7 @@ class RichardsonLucy(RefinementModel):
         first = models[0]
         xp, convolver = first.xp, first.convolver
         blurred = convolver.forward(xp.stack([m._object for m in models]))
-        blurred += first.background + EPSILON
+        blurred += convolver.background + EPSILON
         ratio = xp.stack([m.image for m in models])
         ratio /= blurred
         correction = convolver.adjoint(ratio)
@@ -106,11 +106,10 @@ class RichardsonLucy(RefinementModel):
         return {"estimate": self._object}
 
     def misfit(self) -> float:
-        return self.convolver.residual_norm(self._object, self.image, self.background)
+        return self.convolver.residual_norm(self._object, self.image)
 
     def prediction(self) -> Array:
-        blurred = self.convolver.blurred(self._object)
-        return blurred + self.background if self.background else blurred
+        return self.convolver.prediction(self._object)
 
 
 class AcceleratedRichardsonLucy(RichardsonLucy):
@@ -223,8 +222,3 @@ def _forward_difference(xp: ModuleType, x: Array, axis: int) -> Array:
     difference[head] = x[_along(axis, slice(1, None))]
     difference[head] -= x[head]
     return difference
-
-
-def _along(axis: int, index: slice) -> tuple[slice | EllipsisType, ...]:
-    """The index that applies ``index`` on ``axis`` and takes every other axis whole."""
-    return (slice(None),) * axis + (index, ...)

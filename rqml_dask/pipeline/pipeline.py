@@ -156,9 +156,9 @@ class Pipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.camera_note: str | None = None
+        """How :meth:`tasks` reads the image as camera data, for ``rqml run``'s summary; ``None``: not."""
         self.halo_note: str | None = None
         """The halo the tasks read and the one their operator needs (set by :meth:`tasks`)."""
-        """How :meth:`tasks` reads the image as camera data, for ``rqml run``'s summary; ``None``: not."""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Pipeline:
