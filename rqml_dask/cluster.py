@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +41,8 @@ from rqml_dask.pipeline.config import ClusterSpec
 
 
 PRELOADS = ["rqml_dask.node"]
-"""What every worker of the embedded cluster loads, as ``dask worker --preload`` would."""
+"""What every worker of the embedded cluster loads, as ``dask worker --preload`` would (and,
+over ``pqtls://``, its nanny, as ``--preload-nanny`` would: the nanny's doors)."""
 SCHEDULER_PRELOADS = ["rqml_dask.scheduler"]
 """What its scheduler loads, as ``dask scheduler --preload`` would."""
 
@@ -59,23 +61,43 @@ def _worker_config() -> dict[str, object]:
     return {**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}, **WORKER_CONFIG}
 
 
+def secure_authority() -> Path:
+    """The Central Authority of ``rqml run --secure``, kept per user so that a run verifies
+    the signed results of the runs before it and reuses them: ``$XDG_CONFIG_HOME/rqml/secure-ca``
+    (default ``~/.config/rqml/secure-ca``), mode 0700, made on first use. Made whole in a
+    directory of its own and renamed into place, so two first runs at once agree on one."""
+    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "rqml"
+    directory = home / "secure-ca"
+    if not (directory / "ca.pem").exists():
+        from rqml_dask.trust import ca
+
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        made = Path(tempfile.mkdtemp(prefix="secure-ca-", dir=home))  # mode 0700
+        ca.init(made, name="rqml-secure-ca")
+        try:
+            os.rename(made, directory)
+        except OSError:  # another run made it first
+            shutil.rmtree(made)
+    return directory
+
+
 @contextlib.contextmanager
 def secure_embedded_cluster(spec: ClusterSpec) -> Iterator[Cluster]:
-    """The embedded cluster over ``pqtls://`` (``rqml run --secure``): a throw-away Central
-    Authority (deleted at the end) gives the scheduler, every worker (``node-I``, its
+    """The embedded cluster over ``pqtls://`` (``rqml run --secure``): the user's Central
+    Authority (:func:`secure_authority`) gives the scheduler, every worker (``node-I``, its
     ``--name``) and this process (a client, the cluster's admin: ``rqml.trust.admin-names``)
-    their own ML-DSA-65 certificate. While the context is open this process presents the
-    client's; process workers only (no LocalCUDACluster)."""
+    their own ML-DSA-65 certificate, issued for this run into a directory deleted at its
+    end. While the context is open this process presents the client's; process workers
+    only (no LocalCUDACluster)."""
     from distributed import Nanny, Scheduler, SpecCluster
 
     from rqml_dask.trust import ca
 
     n_workers = spec.n_workers or os.cpu_count() or 1
+    directory = secure_authority()
     with tempfile.TemporaryDirectory(prefix="rqml-secure-") as tmp:
-        directory = Path(tmp)
-        ca.init(directory)
         names = {"scheduler": "scheduler", "client": "client", **{f"node-{i}": "node" for i in range(n_workers)}}
-        issued = {name: ca.issue(directory, name, role) for name, role in names.items()}  # type: ignore[arg-type]
+        issued = {name: ca.issue(directory, name, role, out=Path(tmp)) for name, role in names.items()}  # type: ignore[arg-type]
 
         def trust(name: str) -> dict[str, str]:
             return {"ca": str(directory / "ca.pem"), "cert": str(issued[name].cert), "key": str(issued[name].key)}
@@ -111,6 +133,7 @@ def _start(spec: ClusterSpec) -> Cluster:
                 scheduler_kwargs={"preload": SCHEDULER_PRELOADS},
                 dashboard_address=spec.dashboard_address,
                 threads_per_worker=spec.threads_per_worker,
+                silence_logs=False,  # Dask's logging config decides (rqml: quiet unless -v)
             )
     return LocalCluster(
         preload=PRELOADS,
@@ -121,4 +144,5 @@ def _start(spec: ClusterSpec) -> Cluster:
         host="127.0.0.1",
         dashboard_address=spec.dashboard_address,
         memory_limit=spec.memory_limit,
+        silence_logs=False,  # Dask's logging config decides (rqml: quiet unless -v)
     )

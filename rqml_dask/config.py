@@ -11,6 +11,7 @@ it starts: a value of the wrong type or range, or a key that does not exist, rai
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +28,7 @@ dask.config.update_defaults(_DEFAULTS)
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
-def _parsed(parse: Any) -> BeforeValidator:
+def _parsed(parse: Any, what: str) -> BeforeValidator:
     """Dask's reading of a string (``"2s"``, ``"4GiB"``), its errors as validation errors."""
 
     def read(value: Any) -> Any:
@@ -35,14 +36,15 @@ def _parsed(parse: Any) -> BeforeValidator:
             return value
         try:
             return parse(value)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(str(exc).strip("'\"")) from None
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"cannot read {value!r} as {what}") from None
 
     return BeforeValidator(read)
 
 
-Seconds = Annotated[float, _parsed(lambda v: parse_timedelta(v, default="seconds")), Field(ge=0)]
-Size = Annotated[int, _parsed(parse_bytes), Field(gt=0)]
+Seconds = Annotated[float, _parsed(lambda v: parse_timedelta(v, default="seconds"), "a duration"),
+                    Field(ge=0, description="seconds, or a duration such as '2s'")]
+Size = Annotated[int, _parsed(parse_bytes, "a size"), Field(gt=0, description="bytes, or a size such as '4GiB'")]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
@@ -200,12 +202,81 @@ def _read(key: str, cls: type[_Settings], defaults: dict[str, Any] | None = None
 
 
 def _validated(key: str, cls: type[_Settings], value: Any) -> _Settings:
+    """``value`` as a ``cls``; else :class:`ConfigError`, one line: the first bad key, what is
+    wrong, the value, where it was set (an environment variable or a YAML file, when one of
+    those set it) and what the key allows."""
+    adapter = TypeAdapter(cls)
     try:
-        return TypeAdapter(cls).validate_python(_underscored(value))
+        return adapter.validate_python(_underscored(value))
     except ValidationError as exc:
         error = exc.errors()[0]
+        parts = [str(part).replace("_", "-") for part in error["loc"] if not isinstance(part, int)]
         where = ".".join([key, *(str(part).replace("_", "-") for part in error["loc"])])
-        raise ConfigError(f"Dask config {where}: {error['msg']} (got {error['input']!r})") from None
+        schema = adapter.json_schema()
+        if error["type"] == "unexpected_keyword_argument":
+            allowed = f"the keys of {'.'.join([key, *parts[:-1]])}: {', '.join(_keys(schema, parts[:-1]))}"
+        else:
+            allowed = _allowed(_at(schema, parts), schema.get("$defs", {}))
+        origin = _origin(where)
+        raise ConfigError(f"Dask config {where}: {error['msg']} (got {error['input']!r}{', from ' + origin if origin else ''}; "
+                          f"allowed: {allowed})") from None
+
+
+def _at(schema: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """The part of a JSON schema that ``parts`` (dashed keys) lead to."""
+    defs = schema.get("$defs", {})
+    for part in parts:
+        schema = _resolved(schema, defs).get("properties", {}).get(part.replace("-", "_"), {})
+    return _resolved(schema, defs)
+
+
+def _resolved(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    return defs[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+
+
+def _keys(schema: dict[str, Any], parts: list[str]) -> list[str]:
+    return [name.replace("_", "-") for name in _at(schema, parts).get("properties", {})]
+
+
+_KINDS = {"integer": "an integer", "number": "a number", "boolean": "true or false", "string": "a string", "null": "null"}
+_BOUNDS = ((("exclusiveMinimum", "gt"), ">"), (("minimum", "ge"), ">="), (("exclusiveMaximum", "lt"), "<"), (("maximum", "le"), "<="))
+"""pydantic's names of a field's bounds (``gt``... where a validator runs first), the stricter of each side first."""
+
+
+def _allowed(schema: dict[str, Any], defs: dict[str, Any]) -> str:
+    """What a JSON schema (pydantic's, of a settings field) allows, in words: ``an integer >= 0``."""
+    schema = _resolved(schema, defs)
+    if "anyOf" in schema:
+        return " or ".join(_allowed(option, defs) for option in schema["anyOf"])
+    if "prefixItems" in schema:
+        return f"a list of {len(schema['prefixItems'])}: " + ", ".join(_allowed(item, defs) for item in schema["prefixItems"])
+    if schema.get("type") == "array":
+        return f"a list of {_allowed(schema.get('items', {}), defs)}"
+    bounds: list[str] = []
+    for side in (_BOUNDS[:2], _BOUNDS[2:]):  # the stricter bound of each side
+        bounds += next(([f"{sign} {schema[name]:g}"] for names, sign in side for name in names if name in schema), [])
+    if "description" in schema:  # a string Dask reads (a duration, a size): the bounds are of its value
+        return " ".join([schema["description"], *([f"({' and '.join(bounds)})"] if bounds else [])])
+    return " ".join([_KINDS.get(schema.get("type", ""), "a value"), " and ".join(bounds)]).strip()
+
+
+def _origin(dotted: str) -> str | None:
+    """Where ``dotted`` (``rqml.node.lmdb-map-size``) is set, if an environment variable
+    (``$DASK_RQML__NODE__LMDB_MAP_SIZE``) or a YAML file in Dask's config paths sets it."""
+    variable = "DASK_" + "__".join(part.upper().replace("-", "_") for part in dotted.split("."))
+    if variable in os.environ:
+        return f"${variable}"
+    for path in dask.config.paths:
+        for file in sorted(Path(path).glob("*.y*ml")) if Path(path).is_dir() else ():
+            try:
+                found: Any = yaml.safe_load(file.read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            for part in dotted.split("."):
+                found = _underscored(found).get(part.replace("-", "_")) if isinstance(found, dict) else None
+            if found is not None:
+                return str(file)
+    return None
 
 
 def _underscored(value: Any) -> Any:
@@ -221,3 +292,15 @@ def admin_names() -> frozenset[str]:
     (:mod:`rqml_dask.scheduler.doors`)."""
     value = dask.config.get("rqml.trust.admin-names", default=_DEFAULTS["rqml"]["trust"]["admin-names"])
     return frozenset(_validated("rqml.trust.admin-names", tuple[str, ...], value or ()))
+
+
+def check_all() -> None:
+    """Every setting of the ``rqml`` section as configured now, checked (:class:`ConfigError`
+    for the first bad one): what ``rqml run`` asks before it starts an embedded cluster, whose
+    scheduler and nodes would each refuse it later, with a traceback per process."""
+    node_settings()
+    scheduler_settings()
+    session_settings()
+    result_settings()
+    exposure_settings()
+    admin_names()
