@@ -246,6 +246,11 @@ class TaskProgress:
     checkpoints: Annotated[tuple[Count, ...], Field(max_length=1024)] = ()
 
 
+PROGRESS = TypeAdapter(TaskProgress)
+"""Checks a task's progress as a node reports it on its own (the figures of a finished task's
+``rqml-task_results`` event); a heartbeat's are checked with the heartbeat."""
+
+
 @dataclass(frozen=True, slots=True)
 class NodeLink:
     """A node's link to the scheduler as it reports it (its ``/health``): ``ok`` or

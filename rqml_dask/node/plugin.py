@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,11 @@ from rqml_dask.checkpoint import CheckpointError
 from rqml_dask.config import NodeSettings, node_settings, session_settings
 from rqml_dask.key_guard import refusing_rqml_keys
 from rqml_dask.node.kept_plugins import restore_plugins
-from rqml_dask.messages import DECISION, OUTCOME, POLICY_OP, Decision, NodePolicy, TaskOutcome, delivered_as
+from rqml_dask.messages import DECISION, OUTCOME, POLICY_OP, Decision, NodePolicy, TaskOutcome, delivered_as, thin
 from rqml_dask.node.checkpointer import Checkpointer, Resume
 from rqml_dask.node.doors import guard as guard_code_doors
 from rqml_dask.node.http import add_routes, register_collector
-from rqml_dask.node.orchestrator import NodeOrchestrator, PushedBack
+from rqml_dask.node.orchestrator import PROGRESS_POINTS, NodeOrchestrator, PushedBack
 from rqml_dask.node.policy import PolicyGate
 from rqml_dask.node.resources import ResourceMonitor
 from rqml_dask.node.results import copy_result, host_core, outcome_of, recorded_outcome, vote_on
@@ -313,6 +313,7 @@ class NodePlugin(WorkerPlugin):
         with self.checkpointer_for(task.checkpoint) as checkpointer:
             task, problem = load_problem(task, self.orchestrator.backend)
             if (recorded := recorded_outcome(task, checkpointer)) is not None:
+                self._announce(task, recorded)
                 return recorded
             job = self.claim(task)
             if job is None:
@@ -414,6 +415,7 @@ class NodePlugin(WorkerPlugin):
         shared = job.checkpointer is not None and job.checkpointer.shared is not None
         if shared and (recorded := recorded_outcome(task, job.checkpointer)) is not None:
             self.forget(job)
+            self._announce(task, recorded)
             return recorded
         outcome = job.outcome
         core = None if refinement.status == "failed" else host_core(refinement)
@@ -426,10 +428,21 @@ class NodePlugin(WorkerPlugin):
                     outcome = self.seal.sign_outcome(outcome, task.key)
                 job.checkpointer.finish(task, OUTCOME.dump_json(outcome))
         self.forget(job)
-        events.publish(self.worker, events.TASK_RESULTS, "finished", key=task.key, task_id=task.task_id, worker=self.worker.address,
-                       state=outcome.state, status=outcome.status, iterations=outcome.iterations, model=outcome.model,
-                       escalations=outcome.escalations, resumed_from=outcome.resumed_from, reconciled=outcome.reconciled)
+        self._announce(task, outcome)
         return outcome
+
+    def _announce(self, task: RQMLTask, outcome: TaskOutcome) -> None:
+        """Publish the end of ``task`` on ``rqml-task_results``: ``reused`` where ``outcome`` was
+        recorded by an earlier run (not one settled by reconciliation), else ``finished``. Either
+        carries the state and figures, and the outcome's convergence checks as a heartbeat's
+        ``progress`` has a task's (at most :data:`PROGRESS_POINTS`, thinned evenly over the
+        whole run), so the live pages draw a reused result with the figures of the run that
+        computed it."""
+        progress = {"iteration": outcome.iterations, "trace": [astuple(p) for p in thin(outcome.trace, PROGRESS_POINTS)]}
+        events.publish(self.worker, events.TASK_RESULTS, "reused" if outcome.reused and not outcome.reconciled else "finished", key=task.key,
+                       task_id=task.task_id, worker=self.worker.address, state=outcome.state, status=outcome.status,
+                       iterations=outcome.iterations, model=outcome.model, escalations=outcome.escalations,
+                       resumed_from=outcome.resumed_from, reconciled=outcome.reconciled, progress=progress)
 
     def _outcome_of(self, job: Job, refinement: Refinement, core) -> TaskOutcome:
         return outcome_of(refinement, self.worker.address, core, job.began_at, job.resume.rejected if job.resume else [])

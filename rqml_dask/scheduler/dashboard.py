@@ -24,13 +24,13 @@ import time
 from typing import Any
 
 from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, DataTable, Div, TableColumn
+from bokeh.models import ColumnDataSource, Div
 from distributed import Scheduler
 from distributed.dashboard.components import add_periodic_callback
 
 from rqml_dask import events
 from rqml_dask.compat import add_dashboard_page, use_dask_look
-from rqml_dask.scheduler.live_pages import PAGES
+from rqml_dask.scheduler.live_pages import PAGES, fitted_table
 
 PATH = "/rqml"
 ALERTS_SHOWN = 50
@@ -54,6 +54,10 @@ NODE_COLUMNS = {
     "certificate": "certificate",
 }
 ALERT_COLUMNS = {"time": "time", "kind": "alert", "subject": "about", "detail": "detail"}
+NODE_WIDTHS = {"name": 140, "address": 180, "link": 80, "warm": 240, "certificate": 240}
+ALERT_WIDTHS = {"time": 80, "kind": 160, "subject": 200, "detail": 900}
+"""Widths (pixels) for the content of the columns that need more than their header: the
+tables scroll sideways where the page is narrower (:func:`~rqml_dask.scheduler.live_pages.fitted_table`)."""
 
 
 class RQMLPage:
@@ -65,14 +69,8 @@ class RQMLPage:
         self.summary = Div(name="rqml-summary", text="")
         self.nodes = ColumnDataSource({name: [] for name in NODE_COLUMNS}, name="rqml-nodes")
         self.alerts = ColumnDataSource({name: [] for name in ALERT_COLUMNS}, name="rqml-alerts")
-        node_table = DataTable(
-            source=self.nodes, columns=[TableColumn(field=f, title=t) for f, t in NODE_COLUMNS.items()],
-            sizing_mode="stretch_width", height=220, index_position=None,
-        )
-        alert_table = DataTable(
-            source=self.alerts, columns=[TableColumn(field=f, title=t) for f, t in ALERT_COLUMNS.items()],
-            sizing_mode="stretch_width", height=320, index_position=None,
-        )
+        node_table = fitted_table(self.nodes, NODE_COLUMNS, NODE_WIDTHS, height=220)
+        alert_table = fitted_table(self.alerts, ALERT_COLUMNS, ALERT_WIDTHS, height=320)
         links = " · ".join(f"<a href='{path.lstrip('/')}'>{title}</a>" for path, (title, _) in PAGES.items())
         self.root = column(
             Div(text=f"<h2>RQML</h2><p>Live pages: {links}</p>", name="rqml-links"), self.summary, Div(text="<h3>Nodes</h3>"), node_table,

@@ -5,8 +5,10 @@ callback) that reads the RQML scheduler plugin's records and the scheduler's eve
 asks a node anything. What they show:
 
 * ``/rqml-tiles``: the tile grid of one pipeline run (the latest submitted, or the one
-  chosen), one layer of tiles along z at a time (a slider), each tile coloured by its state,
-  hover showing node, model, iteration and latest convergence figures; clicking a tile
+  chosen), one layer of tiles along z at a time (a slider, which follows the layer with the
+  most tiles refining until a user moves it), each tile coloured by its state (``reused``: a
+  result an earlier run computed, with that run's figures), hover showing node, model,
+  iteration and latest convergence figures; clicking a tile
   selects it and draws its convergence below. A layer of more than :data:`TILES_DRAWN`
   tiles is drawn in blocks of neighbouring tiles, each coloured by the most pressing state
   among them (:data:`TILE_COLOURS`' order).
@@ -18,8 +20,9 @@ asks a node anything. What they show:
 * ``/rqml-nodes``: per node over time, iterations/s, queue depths, host and GPU memory, and
   the reliability weight (the plugin's samples, :attr:`NodeRecord.history
   <rqml_dask.scheduler.records.NodeRecord.history>`), for at most :data:`NODES_DRAWN` nodes
-  (the least reliable first) beside the cluster's mean, with each node's link (degraded?)
-  and quarantine state.
+  (the least reliable first) beside the cluster's mean, each line named in a legend and its
+  hover, "no GPU on this cluster" in place of the GPU plot where that is so, with each
+  node's link (degraded?) and quarantine state.
 * ``/rqml-events``: the RQML topics of the scheduler's event log, newest first, filtered by
   topic and kind.
 
@@ -31,6 +34,7 @@ nodes (``bench/bench_scale.py``).
 
 from __future__ import annotations
 
+import html
 import math
 import time
 from typing import Any
@@ -38,7 +42,8 @@ from typing import Any
 import numpy as np
 from bokeh.layouts import column, row
 from bokeh.models import (
-    ColumnDataSource, DataTable, Div, HoverTool, MultiChoice, Select, Slider, TableColumn, TapTool, TextInput,
+    ColumnDataSource, CustomJSTicker, CustomJSTickFormatter, DataTable, Div, HoverTool, HTMLTemplateFormatter, MultiChoice, Select,
+    Slider, TableColumn, TapTool, TextInput,
 )
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
@@ -48,7 +53,8 @@ from rqml_dask import events
 from rqml_dask.scheduler.records import FIGURES, NODE_SERIES, NodeHistory, Run, TaskRecord
 
 TILE_COLOURS = {"failed": "#9467bd", "rejected": "#d62728", "stalled": "#8c564b", "escalated": "#ff7f0e",
-                "refining": "#1f77b4", "queued": "#c7c7c7", "voted": "#17becf", "converged": "#2ca02c", "released": "#f7f7f7"}
+                "refining": "#1f77b4", "queued": "#c7c7c7", "voted": "#17becf", "converged": "#2ca02c", "reused": "#98df8a",
+                "released": "#f7f7f7"}
 """A colour per tile state (:func:`tile_state`), the most pressing first."""
 TILES_DRAWN = 2500
 """A layer of more tiles than this is drawn in blocks of neighbouring tiles."""
@@ -70,12 +76,15 @@ def plugin_of(scheduler: Scheduler):
 
 def tile_state(record: TaskRecord, voters: dict[str, TaskRecord] | None) -> str:
     """One word for where a task stands: queued, refining, escalated, converged, voted,
-    stalled, rejected, failed (or released: its client let go of it before it ended);
-    ``voters``: the records of the votes on it, if any."""
+    reused (accepted by an earlier run, nothing computed now), stalled, rejected, failed (or
+    released: its client let go of it before it ended); ``voters``: the records of the votes
+    on it, if any."""
     if record.state == "erred" or record.result_state == "failed":
         return "failed"
     if record.state == "done":
         if record.result_state in (None, "accepted"):
+            if record.reused:
+                return "reused"
             return "voted" if voters and all(v.state == "done" for v in voters.values()) else "converged"
         return "stalled" if record.result_state == "stalled" else "rejected"
     if record.state == "released":
@@ -115,11 +124,70 @@ class RunChoice:
         return self.select.value or None
 
 
+LOG_TICKS = """
+const lo = Math.min(cb_data.start, cb_data.end), hi = Math.max(cb_data.start, cb_data.end);
+if (!(lo > 0) || !(hi > lo)) return [];
+const within = (ticks) => ticks.filter((t) => t >= lo && t <= hi);
+const e0 = Math.floor(Math.log10(lo)), e1 = Math.ceil(Math.log10(hi));
+for (const mantissas of [[1, 2, 5], [1, 3], [1]]) {
+    const ticks = [];
+    for (let e = e0; e <= e1; e++) for (const m of mantissas) ticks.push(Number((m * 10 ** e).toPrecision(1)));
+    const kept = within(ticks);
+    if (kept.length >= 2 && kept.length <= most) return kept;
+    if (kept.length < 2) break;
+}
+const powers = [];
+for (let e = e0; e <= e1; e++) powers.push(Number((10 ** e).toPrecision(1)));
+const decades = within(powers);
+if (decades.length > most) {
+    const every = Math.ceil(decades.length / most);
+    return decades.filter((_, i) => i % every == 0);
+}
+const rough = (hi - lo) / 3, unit = 10 ** Math.floor(Math.log10(rough));
+const step = [1, 2, 5, 10].map((m) => m * unit).find((s) => s >= rough);
+const ticks = [];
+for (let k = Math.ceil(lo / step); k * step <= hi; k++) ticks.push(k * step);
+return ticks;
+"""
+"""Major ticks of a log axis that never crowd: at most ``most`` of 1-2-5, 1-3 or 1 per
+decade (every n-th decade over many), or three evenly spaced where the range is within a
+factor of a few (a flat curve), where a log axis would label a linear ladder of ticks
+bunched at its top."""
+SHORTEST_LABEL = """
+for (let digits = 1; digits < 12; digits++) {
+    const labels = ticks.map((t) => Number(t.toPrecision(digits)));
+    if (new Set(labels).size == labels.length) return String(Number(tick.toPrecision(digits)));
+}
+return String(tick);
+"""
+"""A tick's label with the fewest significant digits that still tell every tick apart."""
+
+
 def _curve_figure(title: str, name: str) -> figure:
+    """A figure against iteration whose y axis is logarithmic, its ticks :data:`LOG_TICKS`."""
     plot = figure(title=title, y_axis_type="log", height=260, sizing_mode="stretch_width", name=name,
                   tools="pan,wheel_zoom,box_zoom,reset")
     plot.xaxis.axis_label = "iteration"
+    ticker = CustomJSTicker(major_code=LOG_TICKS, args={"most": 5})
+    plot.yaxis.ticker = plot.ygrid.ticker = ticker
+    plot.yaxis.formatter = CustomJSTickFormatter(code=SHORTEST_LABEL)
     return plot
+
+
+CELL = '<span title="<%- value %>"><%- value %></span>'
+"""A table cell's template: its text, and the same as its tooltip, for one cut off by its column's width."""
+
+
+def fitted_table(source: ColumnDataSource, columns: dict[str, str], widths: dict[str, int] | None = None, **options) -> DataTable:
+    """A table of ``source``'s ``columns`` (field -> header) in which no header is cut off:
+    each column is as wide as its header in full, or its width in ``widths`` (pixels, for its
+    content) if wider, and the table scrolls sideways where they do not fit the page; a cell
+    cut off shows its full text as its tooltip. ``options`` go to the :class:`DataTable`."""
+    widths, cell = widths or {}, HTMLTemplateFormatter(template=CELL)
+    return DataTable(source=source, autosize_mode="none", sizing_mode="stretch_width", index_position=None,
+                     columns=[TableColumn(field=field, title=title, formatter=cell,
+                                          width=max(8 * len(title) + 24, widths.get(field, 0)))
+                              for field, title in columns.items()], **options)
 
 
 class TilesPage:
@@ -129,6 +197,10 @@ class TilesPage:
         self.scheduler = scheduler
         self.run = RunChoice()
         self.layer = Slider(start=0, end=1, value=0, step=1, title="tile layer along z", name="rqml-tile-layer", width=300)
+        self.layer.on_change("value", self._moved)
+        self.follow_busiest = True
+        """Show the layer with the most tiles refining, until a user moves the slider."""
+        self._setting = False
         self.summary = Div(text="", name="rqml-tiles-summary")
         fields = ("x", "y", "w", "h", "colour", "task", "key", "state", "node", "model", "iteration", *FIGURES)
         self.tiles = ColumnDataSource({f: [] for f in fields}, name="rqml-tiles")
@@ -152,6 +224,10 @@ class TilesPage:
                            sizing_mode="stretch_width")
         self._layers: list[tuple[int, int]] = []
 
+    def _moved(self, attr, old, new) -> None:
+        if not self._setting:
+            self.follow_busiest = False
+
     def _tapped(self, attr, old, new) -> None:
         if new:
             self.selected = self.tiles.data["key"][new[0]]
@@ -165,10 +241,22 @@ class TilesPage:
         name = self.run.update(plugin.runs.names())
         run = plugin.runs.get(name) or Run()
         layers = sorted(run.layers)
+        at = self.layer.value
         if layers != self._layers:
             self._layers = layers
             self.layer.end = max(len(layers) - 1, 1)
-            self.layer.value = min(self.layer.value, len(layers) - 1) if layers else 0
+            at = min(at, len(layers) - 1) if layers else 0
+        if self.follow_busiest and (refining := run.refining_by_layer()):
+            here = refining.get(layers[at], 0) if at < len(layers) else 0
+            busiest = max(refining, key=lambda layer: (refining[layer], -layer[0]))
+            if refining[busiest] > here:  # a tie keeps the layer shown: no flicker between equals
+                at = layers.index(busiest)
+        if at != self.layer.value:
+            self._setting = True
+            try:
+                self.layer.value = at
+            finally:
+                self._setting = False
         current = layers[self.layer.value] if layers else None
         tiles = list(run.layers.get(current, {}).values())
         states = [tile_state(record, run.voters.get(record.traits.task_id)) for record in tiles]
@@ -184,8 +272,9 @@ class TilesPage:
             layer[state] = layer.get(state, 0) + 1
         shown = ", ".join(f"{n} {s}" for s, n in sorted(layer.items()))
         total = sum(map(len, run.layers.values()))
+        following = "; the slider follows the layer with the most tiles refining until you move it" if self.follow_busiest else ""
         self.summary.text = (f"{total} tiles in {len(layers)} layers; tasks: {', '.join(f'{n} {s}' for s, n in sorted(run.counts().items()))}; "
-                             f"this layer: {shown}" if len(layers) > 1 else f"{total} tiles: {shown}")
+                             f"this layer: {shown}{following}" if len(layers) > 1 else f"{total} tiles: {shown}")
         self._draw_selected()
 
     @staticmethod
@@ -252,7 +341,8 @@ class TilesPage:
         kept = misfit > 0  # NaN compares False
         self.curve.data = {"iteration": iterations[kept].tolist(), "misfit": misfit[kept].tolist(),
                            "stability": np.where(stability[kept] > 0, stability[kept], np.nan).tolist()}
-        self.curve_plot.title.text = f"Selected task {record.traits.task_id}: {record.model or record.traits.model}, iteration {record.iteration}"
+        reused = ", reused: computed by an earlier run" if record.reused else ""
+        self.curve_plot.title.text = f"Selected task {record.traits.task_id}: {record.model or record.traits.model}, iteration {record.iteration}{reused}"
 
 
 class ConvergencePage:
@@ -288,8 +378,8 @@ class ConvergencePage:
             plot.add_tools(HoverTool(tooltips=[("task", "@task"), ("iteration", "@iteration"), ("model", "@model"), (name, f"@{name}")]))
             self.plots[name] = plot
         self.decisions = ColumnDataSource({"task": [], "kind": [], "detail": []}, name="rqml-convergence-decisions")
-        table = DataTable(source=self.decisions, columns=[TableColumn(field=f, title=f) for f in ("task", "kind", "detail")],
-                          height=200, sizing_mode="stretch_width", index_position=None)
+        table = fitted_table(self.decisions, {f: f for f in ("task", "kind", "detail")}, {"task": 200, "kind": 160, "detail": 900},
+                             height=200)
         self.legend = Div(text="")
         self.root = column(row(self.run.select), self.choice, self.legend, *self.plots.values(),
                            Div(text="<b>Supervision events</b>"), table,
@@ -374,32 +464,37 @@ def _series(history: NodeHistory, name: str) -> tuple[list[float], list[float]]:
     return (times[kept] * 1000).tolist(), column_[kept].tolist()
 
 
+NO_GPU = "no GPU on this cluster: no node has reported one, so there is no GPU memory to draw"
+
+
 class NodesPage:
     """The figures over time (the plugin's samples, one per heartbeat) of the cluster (its
-    mean) and of at most :data:`NODES_DRAWN` nodes, the least reliable first; every node's
-    link and quarantine state now."""
+    mean) and of at most :data:`NODES_DRAWN` nodes, the least reliable first, each line
+    named (by the node's ``--name``) in a legend above the plots and in its hover; every
+    node's link and quarantine state now. Where no node has a GPU, the GPU plot gives way to
+    :data:`NO_GPU`."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.series = {key: ColumnDataSource({"xs": [], "ys": [], "node": [], "colour": []}, name=f"rqml-nodes-{key}")
+        self.series = {key: ColumnDataSource({"xs": [], "ys": [], "node": [], "address": [], "colour": []}, name=f"rqml-nodes-{key}")
                        for key in NODE_SERIES}
         self.cluster = {key: ColumnDataSource({"time": [], "value": []}, name=f"rqml-nodes-cluster-{key}") for key in NODE_SERIES}
-        plots = []
+        self.plots = {}
         for key in NODE_SERIES:
             plot = figure(title=SERIES_TITLES[key], x_axis_type="datetime", height=200, sizing_mode="stretch_width",
                           name=f"rqml-nodes-plot-{key}", tools="pan,wheel_zoom,reset")
-            plot.multi_line("xs", "ys", source=self.series[key], line_color="colour", line_width=2, legend_field="node")
-            plot.line("time", "value", source=self.cluster[key], line_color="black", line_dash="dashed", line_width=2,
-                      legend_label="cluster mean")
-            plot.legend.location = "top_left"
-            plot.add_tools(HoverTool(tooltips=[("node", "@node")]))
-            plots.append(plot)
+            lines = plot.multi_line("xs", "ys", source=self.series[key], line_color="colour", line_width=2)
+            plot.line("time", "value", source=self.cluster[key], line_color="black", line_dash="dashed", line_width=2)
+            plot.add_tools(HoverTool(renderers=[lines], tooltips=[("node", "@node"), ("address", "@address")]))
+            self.plots[key] = plot
+        self.legend = Div(text="", name="rqml-nodes-legend")
+        self.no_gpu = Div(text=f"<b>GPU memory</b>: {NO_GPU}", name="rqml-nodes-no-gpu", visible=False)
         self.drawn = Div(text="", name="rqml-nodes-drawn")
-        columns = ("node", "link", "reliability", "state")
+        columns = {"node": "node", "link": "link", "reliability": "reliability", "state": "state"}
         self.table = ColumnDataSource({c: [] for c in columns}, name="rqml-nodes-now")
-        table = DataTable(source=self.table, columns=[TableColumn(field=c, title=c) for c in columns], height=180,
-                          sizing_mode="stretch_width", index_position=None)
-        self.root = column(table, self.drawn, *plots, sizing_mode="stretch_width")
+        table = fitted_table(self.table, columns, {"node": 320, "state": 420}, height=180)
+        shown = [item for key, plot in self.plots.items() for item in ((plot, self.no_gpu) if key == "device_memory_fraction" else (plot,))]
+        self.root = column(table, self.drawn, self.legend, *shown, sizing_mode="stretch_width")
 
     def update(self) -> None:
         plugin = plugin_of(self.scheduler)
@@ -409,14 +504,21 @@ class NodesPage:
         reliability = {address: plugin.nodes[address].history.latest("reliability") for address in nodes}
         drawn = sorted(nodes, key=lambda a: (1.0 if reliability[a] is None else reliability[a], a))[:NODES_DRAWN]
         colours = [Category10_10[i % 10] for i in range(len(drawn))]
+        names = {address: str(ws.name) for address, ws in self.scheduler.workers.items()}
+        drawn_names = [names.get(address, address) for address in drawn]
         for key in NODE_SERIES:
             lines = [_series(plugin.nodes[address].history, key) for address in drawn]
-            self.series[key].data = {"xs": [x for x, _ in lines], "ys": [y for _, y in lines], "node": drawn, "colour": colours}
+            self.series[key].data = {"xs": [x for x, _ in lines], "ys": [y for _, y in lines], "node": drawn_names,
+                                     "address": drawn, "colour": colours}
             times, values = _series(plugin.history, key)
             self.cluster[key].data = {"time": times, "value": values}
+        gpu = bool(plugin.table.gpu.any())
+        self.plots["device_memory_fraction"].visible, self.no_gpu.visible = gpu, not gpu
+        self.legend.text = "Lines: " + " ".join(
+            f"<span style='color:{colour};white-space:nowrap' title='{html.escape(address)}'>&#9644; {html.escape(name)}</span>"
+            for name, address, colour in zip(drawn_names, drawn, colours)) + " <span style='white-space:nowrap'>- - - cluster mean</span>"
         self.drawn.text = (f"{len(drawn)} of {len(nodes)} nodes drawn, the least reliable first, beside the cluster's mean"
                            if len(drawn) < len(nodes) else "")
-        names = {address: str(ws.name) for address, ws in self.scheduler.workers.items()}
         rows: dict[str, list] = {"node": [], "link": [], "reliability": [], "state": []}
         for node in nodes:
             record = plugin.nodes[node]
@@ -440,10 +542,9 @@ class EventsPage:
         self.topic = Select(title="topic", value=ALL_BUT_HEARTBEATS, options=["all", ALL_BUT_HEARTBEATS, *events.TOPICS],
                             name="rqml-events-topic", width=260)
         self.kind = TextInput(title="kind contains", value="", name="rqml-events-kind", width=220)
-        columns = ("time", "topic", "kind", "about", "detail")
+        columns = {c: c for c in ("time", "topic", "kind", "about", "detail")}
         self.source = ColumnDataSource({c: [] for c in columns}, name="rqml-events")
-        table = DataTable(source=self.source, columns=[TableColumn(field=c, title=c) for c in columns], height=600,
-                          sizing_mode="stretch_width", index_position=None)
+        table = fitted_table(self.source, columns, {"topic": 140, "kind": 160, "about": 200, "detail": 900}, height=600)
         self.root = column(row(self.topic, self.kind), table, sizing_mode="stretch_width")
 
     def update(self) -> None:

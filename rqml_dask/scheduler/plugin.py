@@ -75,7 +75,7 @@ from rqml_dask import events
 from rqml_dask.compat import fail_task, restrict_strictly
 from rqml_dask.config import SchedulerSettings, result_settings, scheduler_settings, session_settings
 from rqml_dask.messages import (
-    DECISION, POLICY, POLICY_OP, TASK_REPORTS, InvalidHeartbeat, NoCapableNode, NodeLink, NodePolicy, TaskProgress, TaskReport,
+    DECISION, POLICY, POLICY_OP, PROGRESS, TASK_REPORTS, InvalidHeartbeat, NoCapableNode, NodeLink, NodePolicy, TaskProgress, TaskReport,
     TaskTraits, dask_key, delivered_as, read_heartbeat, read_policy, task_name,
 )
 from rqml_dask.key_guard import refusing_rqml_keys
@@ -364,6 +364,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             record = self.tasks.get(msg.get("key")) or self.finished.get(msg.get("key"))
             if record is not None and record.worker == msg.get("worker"):  # Dask sets "worker" from the connection
                 record.result_state = msg.get("state")
+                record.reused = msg.get("kind") == "reused"
+                self._record_result(record, msg.get("progress"))
             return
         if topic != events.SUPERVISION or not isinstance(msg, dict):
             return
@@ -679,6 +681,22 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             if record.trace is None:
                 record.trace = Trace()
             record.trace.add(reported)
+
+    def _record_result(self, record: TaskRecord, raw: Any) -> None:
+        """Keep the figures its node sent with ``record``'s result (its iteration, model and
+        convergence checks, those of the run that computed it where it was reused), checked
+        as a heartbeat's progress is; figures that do not pass are left out."""
+        try:
+            progress = PROGRESS.validate_python(raw)
+        except ValidationError:
+            logger.warning("the result of %s came with invalid figures, not shown: %.200s", record.traits.task_id, raw)
+            return
+        self.runs.set_iteration(record, max(record.iteration, progress.iteration))
+        if progress.trace:
+            record.model = progress.trace[-1][1]
+            if record.trace is None:
+                record.trace = Trace()
+            record.trace.add(progress)
 
     # -- handlers --------------------------------------------------------------------------
 

@@ -113,6 +113,9 @@ class TaskRecord:
     submitted_at: float = field(default_factory=time.time)
     result_state: str | None = None
     """The terminal state its node reported with the result (``rqml-task_results``), if any."""
+    reused: bool = False
+    """Its node reported the result as reused: recorded by an earlier run, nothing computed now
+    (its iteration, model and trace are then that run's)."""
     verified_by: str | None = None
     """The node whose signed result for this submission (:attr:`dask_key`) last passed
     :class:`ResultCheck` (``pqtls://``): a result of it from another node is unproven."""
@@ -198,6 +201,15 @@ class Run:
     def counts(self) -> dict[str, int]:
         """How many of its tasks are in each state."""
         return {state: len(records) for state, records in self.by_state.items() if records}
+
+    def refining_by_layer(self) -> dict[tuple[int, int], int]:
+        """How many of its tiles refine now (bound, past their first iteration), by layer;
+        only layers that have some. Reads its bound records only."""
+        found: dict[tuple[int, int], int] = {}
+        for record in self.by_state.get("bound", {}).values():
+            if record.iteration > 0 and (group := self._group(record)) is not None and group[0] is self.layers:
+                found[group[1]] = found.get(group[1], 0) + 1
+        return found
 
     def _group(self, record: TaskRecord) -> tuple[dict[Any, dict[str, TaskRecord]], Any] | None:
         """Where ``record`` is filed besides ``records``: (``voters``, the task id it votes on),
