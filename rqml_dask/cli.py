@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from rqml_dask.events import TOPICS
+
 FORESEEABLE = (
     ("rqml_dask.config", "ConfigError"),
     ("rqml_dask.volumes", "InputError"),
@@ -92,6 +94,20 @@ class _Commands(click.Group):
             if ctx.parent is not None or ctx.meta.get("rqml.debug") or (line := _one_line(exc)) is None:
                 raise
             raise click.ClickException(line) from None
+
+
+class _Topic(click.Choice):
+    """An RQML event topic, by the name the help shows (``alerts``) or its full name
+    (``rqml-alerts``); converted to the full name, the one Dask's event log knows."""
+
+    def __init__(self) -> None:
+        super().__init__([topic.removeprefix(_TOPIC_PREFIX) for topic in TOPICS])
+
+    def convert(self, value, param, ctx) -> str:
+        return _TOPIC_PREFIX + super().convert(str(value).removeprefix(_TOPIC_PREFIX), param, ctx)
+
+
+_TOPIC_PREFIX = "rqml-"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -272,31 +288,39 @@ def report(result: Path, output: Path | None) -> None:
 
 @main.command()
 @_scheduler_options(required=True, help="The Dask scheduler running the RQML plugin.")
+@click.option("--all", "every_run", is_flag=True, help="Count the tasks of every run the scheduler knows, not the latest run's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-def status(scheduler: str, connect_timeout: float, as_json: bool) -> None:
-    """Nodes (weights, reliability, queues, warm models, the policy each enforces) and tasks (state, node, model)."""
+def status(scheduler: str, connect_timeout: float, every_run: bool, as_json: bool) -> None:
+    """Nodes, by name (weights, reliability, queues, warm models, the policy each enforces;
+    done and fail count since the scheduler started) and the latest run's tasks (state,
+    node, model), or every run's with --all."""
     import json
 
     from rqml_dask.exposure import exposed, insecure_warning
 
     with _client(scheduler, connect_timeout) as client:
         state = client.sync(client.scheduler.rqml_status)  # Dask answers None for a handler it does not have
-        insecure = exposed({client.scheduler.address, client.scheduler_info()["address"]})  # rqml.trust.allow-insecure
-    if state is None:
-        raise click.ClickException(f"{scheduler} does not run the RQML scheduler plugin (dask scheduler --preload rqml_dask.scheduler)")
+        if state is None:
+            raise click.ClickException(f"{scheduler} does not run the RQML scheduler plugin (dask scheduler --preload rqml_dask.scheduler)")
+        runs = list(state["runs"])  # the latest submitted last
+        if runs and not every_run:
+            state = client.sync(client.scheduler.rqml_status, run=runs[-1])
+        info = client.scheduler_info()
+        insecure = exposed({client.scheduler.address, info["address"]})  # rqml.trust.allow-insecure
+    names = {address: str(worker.get("name", address)) for address, worker in info["workers"].items()}
     if as_json:
         click.echo(json.dumps(state, indent=2, default=str))
         return
     if insecure:
         click.secho(insecure_warning(insecure), fg="red", bold=True)
     click.echo(f"{'node':<28}{'room':>5}{'speed':>7}{'reliab':>8}{'bound':>6}{'done':>6}{'fail':>5}{'it/s':>8}  queues i/r/o  link{'':<13}warm models")
-    for address, n in sorted(state["nodes"].items()):
+    for address, n in sorted(state["nodes"].items(), key=lambda item: names.get(item[0], item[0])):
         q = n["queues"]
         flag = " (backoff)" if n["in_backoff"] else ""
         link = n.get("link") or {}
         lost = f"lost {link.get('scheduler_losses', 0)}x {link.get('degraded_seconds_total', 0.0):.0f}s" if link.get("scheduler_losses") else "ok"
         click.echo(
-            f"{address:<28}{n['room']:>5.0f}{n['speed']:>7.2f}{n['reliability']:>8.2f}{n['bound']:>6}{n['completed']:>6}"
+            f"{names.get(address, address):<28}{n['room']:>5.0f}{n['speed']:>7.2f}{n['reliability']:>8.2f}{n['bound']:>6}{n['completed']:>6}"
             f"{n['failed']:>5}{n['iterations_per_second']:>8.1f}  {q['inbound']}/{q['refining']}/{q['outbound']:<9} {lost:<16} {', '.join(n['warm_models'])}{flag}"
         )
         click.echo(f"  {policy_line(n.get('policy_version'), state['policy']['version'])}")
@@ -308,13 +332,14 @@ def status(scheduler: str, connect_timeout: float, as_json: bool) -> None:
         click.echo(f"quarantined  {name}: {reason}")
     policy = state["policy"]
     click.echo(f"policy version {policy['version']} (the scheduler's, {'signed by ' + policy['signed_by'] if policy.get('signed_by') else 'unsigned'})")
-    counts = state["counts"]  # of every task; `tasks` details the open ones first, a bounded number
-    click.echo(f"tasks: {', '.join(f'{n} {s}' for s, n in sorted(counts.items())) or 'none'}")
+    counts = state["counts"]  # of the run(s) shown; `tasks` details the open ones first, a bounded number
+    which = f" of every run ({len(runs)})" if every_run else f" of run {runs[-1]} (the latest of {len(runs)}; --all for every run)" if runs else ""
+    click.echo(f"tasks{which}: {', '.join(f'{n} {s}' for s, n in sorted(counts.items())) or 'none'}")
     listed = 0
     for key, t in sorted(state["tasks"].items()):  # the key, for `rqml_decide`
         if t["state"] in ("pending", "bound"):
             listed += 1
-            click.echo(f"  {key:<40} {t['state']:<6} {t['node'] or '-':<28} {t['model']}  iteration {t.get('iteration', 0)}"
+            click.echo(f"  {key:<40} {t['state']:<6} {names.get(t['node'], t['node']) or '-':<28} {t['model']}  iteration {t.get('iteration', 0)}"
                        f"  attempts {t['attempts']}")
     if (unlisted := counts.get("pending", 0) + counts.get("bound", 0) - listed) > 0:
         click.echo(f"  ... and {unlisted} more open tasks, not listed")
@@ -330,16 +355,15 @@ def policy_line(enforced: int | None, current: int) -> str:
 
 @main.command("events")
 @_scheduler_options(required=True, help="The Dask scheduler running the RQML plugin.")
-@click.option("--topic", "topics", multiple=True, help="Topics to follow (default: every RQML topic).")
+@click.option("--topic", "topics", type=_Topic(), multiple=True, help="A topic to follow (repeatable; default: every RQML topic).")
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: until interrupted).")
 def events_command(scheduler: str, connect_timeout: float, topics: tuple[str, ...], seconds: float | None) -> None:
-    """Print RQML events live, one JSON line each: task_inbound, task_results, metrics,
-    heartbeats, alerts, supervision_events. Stops on Ctrl-C or SIGTERM (exit status 0).
+    """Print RQML events live, one JSON line each, of every topic or those given: task_inbound,
+    task_results, metrics, heartbeats, alerts, supervision_events (Dask's topic names are
+    these with rqml- before them). Stops on Ctrl-C or SIGTERM (exit status 0).
     A lost scheduler is said on stderr; once one answers at the address again (within
     Dask's client reconnection timeout) the events are followed again, else it exits 1."""
     import signal
-
-    from rqml_dask import events
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -349,7 +373,7 @@ def events_command(scheduler: str, connect_timeout: float, topics: tuple[str, ..
     with _client(scheduler, connect_timeout) as client:
 
         def follow() -> None:  # a scheduler started anew knows no subscriptions
-            for topic in topics or events.TOPICS:
+            for topic in topics or TOPICS:
                 client.subscribe_topic(topic, _event_printer(topic))
 
         follow()
@@ -389,8 +413,8 @@ def data() -> None:
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("store", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--array", default="observed", show_default=True, help="The array to write in STORE.")
-@click.option("--chunks", type=_ints, help="Chunk shape, z,y,x (default: 32,256,256, capped by the image).")
-@click.option("--voxel-size", type=_floats, help="z,y,x voxel size in --unit (default: the file's ImageJ metadata).")
+@click.option("--chunks", type=_ints, metavar="Z,Y,X", help="Chunk shape, z,y,x (default: 32,256,256, capped by the image).")
+@click.option("--voxel-size", type=_floats, metavar="Z,Y,X", help="z,y,x voxel size in --unit (default: the file's ImageJ metadata).")
 @click.option("--unit", default="micrometer", show_default=True, help="The unit of --voxel-size (an OME-NGFF unit name).")
 @click.option("--overwrite", is_flag=True, help="Replace ARRAY if STORE holds it.")
 def import_(source: Path, store: Path, array: str, chunks, voxel_size, unit: str, overwrite: bool) -> None:
@@ -411,13 +435,13 @@ def import_(source: Path, store: Path, array: str, chunks, voxel_size, unit: str
 @click.argument("store", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--kind", type=click.Choice(["beads", "cells", "systems"]), default="cells", show_default=True,
               help="A volume to deconvolve, or a batch of linear systems (linear_solve).")
-@click.option("--shape", type=_ints, default="64,128,128", show_default=True, help="Volume shape, z,y,x.")
+@click.option("--shape", type=_ints, metavar="Z,Y,X", default="64,128,128", show_default=True, help="Volume shape, z,y,x.")
 @click.option("--psf", type=click.Choice(["gaussian", "widefield"]), default="gaussian", show_default=True,
               help="Gaussian, or a scalar widefield model with spherical aberration (out-of-focus rings).")
-@click.option("--psf-sigma", type=_floats, default="2.0,1.2,1.2", show_default=True, help="Gaussian PSF sigma per axis (voxels).")
+@click.option("--psf-sigma", type=_floats, metavar="Z,Y,X", default="2.0,1.2,1.2", show_default=True, help="Gaussian PSF sigma per axis (voxels).")
 @click.option("--photons", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Counts per unit intensity (Poisson noise); 20 is a dim sample.")
-@click.option("--grid", type=_ints, default="64,64", show_default=True, help="systems: the grid of each system.")
+@click.option("--grid", type=_ints, metavar="[Z,]Y,X", default="64,64", show_default=True, help="systems: the grid of each system.")
 @click.option("--count", type=click.IntRange(min=1), default=8, show_default=True, help="systems: how many.")
 @click.option("--contrast", type=click.FloatRange(min=1), default=100.0, show_default=True,
               help="systems: max/min diffusivity in each system (larger: worse conditioned).")
@@ -478,6 +502,7 @@ def models(scheduler: str | None, connect_timeout: float, pipeline_file: Path | 
             found = dict(zip(asked, client.gather(list(asked.values()))))
     for where, names in sorted(found.items()):
         click.echo(where)
+        click.echo(f"  {'model':40s} {'task class':15s} family")
         for name, about in names.items():
             click.echo(f"  {name:40s} {about['task_class']:15s} {about['family']}")
 

@@ -239,7 +239,7 @@ def test_a_node_cut_off_while_its_tasks_move_elsewhere_reconnects_and_duplicates
             )
             status = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "status", "--scheduler", address],
                                     capture_output=True, text=True, timeout=bound(60))
-            lines = {names[a]: line for line in status.stdout.splitlines() for a in names if line.startswith(a)}
+            lines = {n: line for line in status.stdout.splitlines() for n in names.values() if line.startswith(f"{n} ")}  # by --name
             assert "lost 1x" in lines[far] and " ok " in lines[near], status.stdout
             if request.node.get_closest_marker("browser"):
                 check_dashboard(request.getfixturevalue("browser"), client, far, near, len(far_tasks), tmp_path / "rqml-page.png")

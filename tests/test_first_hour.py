@@ -177,3 +177,40 @@ def test_secure_runs_keep_one_ca_per_user_and_the_second_reuses_every_result_qui
         assert len(done.stderr.strip().splitlines()) <= 5, done.stderr  # halo, secure, dashboard, rqml pages
     verbose, _ = rqml("run", quickstart, "--secure", "--no-progress", "-v", env=env, cwd=tmp_path)
     assert verbose.returncode == 0 and "distributed.scheduler - INFO - " in verbose.stderr, verbose.stderr
+
+
+def test_rqml_events_follows_a_topic_by_the_name_its_help_prints(tmp_path):
+    from distributed import Client
+
+    from rqml_dask import events
+
+    def followed(dask_scheduler, client_id: str) -> bool:
+        topic = dask_scheduler._broker._topics.get(events.ALERTS)  # what Broker.publish sends to (distributed/broker.py)
+        return bool(topic and topic.subscribers - {client_id})
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with dask_scheduler(port, tmp_path / "scheduler.log"):
+        follow = subprocess.Popen([sys.executable, "-m", "rqml_dask.cli", "events", "--scheduler", address, "--topic", "alerts",
+                                   "--connect-timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            with Client(address, timeout=bound(60)) as client:
+                wait_for(lambda: client.run_on_scheduler(followed, client_id=client.id), what="rqml events following alerts")
+                client.log_event(events.ALERTS, {"kind": "a-test-alert"})
+                client.log_event(events.METRICS, {"kind": "not-followed"})
+            line = follow.stdout.readline()
+        finally:
+            follow.terminate()
+            follow.wait(bound(30))
+    assert '"topic": "rqml-alerts"' in line and "a-test-alert" in line, line
+    assert "not-followed" not in follow.stdout.read()
+    unknown, _ = rqml("events", "--scheduler", address, "--topic", "nope")
+    assert unknown.returncode == 2 and "'nope' is not one of 'task_inbound', 'task_results', 'metrics', 'heartbeats', 'alerts'" in unknown.stderr
+
+
+def test_help_shows_types_as_users_write_them_and_models_has_headers():
+    synth, _ = rqml("data", "synth", "--help")
+    assert "--shape Z,Y,X" in synth.stdout and "--grid [Z,]Y,X" in synth.stdout and "_INTS" not in synth.stdout
+    assert "_FLOATS" not in rqml("data", "import", "--help")[0].stdout
+    models, _ = rqml("models")
+    assert models.stdout.splitlines()[:2] == ["this host", f"  {'model':40s} {'task class':15s} family"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,9 +161,11 @@ def test_rqml_status_and_rqml_events_show_the_cluster(tmp_path, small_volume):
                      what="rqml events subscribed")
             pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=10, delay=0.01, name="watched")
             pipeline.run(client, progress=False)
-            status = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "status", "--scheduler", cluster.scheduler_address],
-                                    capture_output=True, text=True, timeout=bound(60))
-            finished = lambda: [l for l in lines if l["topic"] == "rqml-task_results" and l["kind"] == "finished"]  # noqa: E731
+            sleepy_pipeline(small_volume, tmp_path / "again.zarr", [24, 48, 48], iterations=5, delay=0.01, name="again").run(client, progress=False)
+            status, every_run = (subprocess.run([sys.executable, "-m", "rqml_dask.cli", "status", "--scheduler", cluster.scheduler_address, *more],
+                                                capture_output=True, text=True, timeout=bound(60)) for more in ([], ["--all"]))
+            finished = lambda: [l for l in lines if l["topic"] == "rqml-task_results" and l["kind"] == "finished"  # noqa: E731
+                                and l["task_id"].startswith("watched/")]
             wait_for(lambda: len(finished()) == 27, what="27 finished events printed by rqml events")
             follow.terminate()  # SIGTERM: it stops as on Ctrl-C
             follow.wait(bound(30))
@@ -173,11 +176,16 @@ def test_rqml_status_and_rqml_events_show_the_cluster(tmp_path, small_volume):
                 os.killpg(follow.pid, signal.SIGKILL)
                 follow.wait()
     assert follow.returncode == 0, err
-    assert status.returncode == 0, status.stderr
-    assert "tasks: 27 done" in status.stdout and status.stdout.count("tcp://127.0.0.1:") == 2
+    assert status.returncode == 0 and every_run.returncode == 0, status.stderr + every_run.stderr
+    # nodes by their --name; the tasks of the latest run, unless --all
+    assert [line.split()[0] for line in status.stdout.splitlines() if line.startswith("worker-")] == ["worker-0-x1", "worker-1-x1"]
+    assert "tcp://127.0.0.1:" not in status.stdout
+    latest = re.search(r"^tasks of run again \(the latest of 2; --all for every run\): (\d+) done$", status.stdout, re.M)
+    assert latest, status.stdout
+    assert f"tasks of every run (2): {27 + int(latest[1])} done" in every_run.stdout, every_run.stdout
     topics = {line["topic"] for line in lines}
     assert {"rqml-task_inbound", "rqml-task_results", "rqml-heartbeats", "rqml-metrics"} <= topics, topics
-    assert len(finished()) == 27 and all(line["task_id"].startswith("watched/") for line in finished())
+    assert len(finished()) == 27
 
 
 def subscribed_to_every_topic(dask_scheduler, client_id: str) -> bool:
