@@ -55,7 +55,7 @@ def run_once(scheme: str, directory: Path, work: Path, run: int) -> float:
                         "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.scheduler"], trust(directory, "scheduler") if secure else {})]
     for i in range(2):
         processes.append(start(["worker", address, "--nthreads", "1", "--name", f"node-{i}", "--dashboard-address", "127.0.0.1:0",
-                                "--preload", "rqml_dask.node"], trust(directory, f"node-{i}") if secure else {}))
+                                "--preload", "rqml_dask.node", "--preload-nanny", "rqml_dask.node"], trust(directory, f"node-{i}") if secure else {}))
     config = load_pipeline_config(ROOT / "pipelines" / "quickstart.yaml")
     config = config.model_copy(update={
         "input": config.input.model_copy(update={"store": work / "quickstart.zarr"}),

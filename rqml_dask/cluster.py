@@ -102,7 +102,7 @@ def secure_embedded_cluster(spec: ClusterSpec) -> Iterator[Cluster]:
         def trust(name: str) -> dict[str, str]:
             return {"ca": str(directory / "ca.pem"), "cert": str(issued[name].cert), "key": str(issued[name].key)}
 
-        worker = {"nthreads": spec.threads_per_worker, "host": "127.0.0.1", "preload": PRELOADS,
+        worker = {"nthreads": spec.threads_per_worker, "host": "127.0.0.1", "preload": PRELOADS, "preload_nanny": PRELOADS,
                   "memory_limit": spec.memory_limit, "dashboard_address": "127.0.0.1:0"}
         with dask.config.set({"rqml.trust": trust("client"), **_worker_config()}):
             # what the scheduler's listener presents; it holds the CA to renew the nodes' certificates, and

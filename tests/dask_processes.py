@@ -68,9 +68,11 @@ def dask_scheduler(port: int, log: Path) -> DaskProcess:
 
 def rqml_worker(scheduler: str, name: str, http_port: int, directory: Path, env: dict[str, str] | None = None,
                 preloads: tuple[str, ...] = ()) -> DaskProcess:
-    """``dask worker`` (with its Nanny) of class RQMLWorker, the node preload (and ``preloads``), one thread."""
+    """``dask worker`` of class RQMLWorker, the node preload (and ``preloads``), one thread, with
+    its Nanny (with the node preload too: its doors on a pqtls cluster)."""
     return DaskProcess(
         ["worker", scheduler, "--worker-class", "rqml_dask.node.RQMLWorker", "--preload", "rqml_dask.node",
+         "--preload-nanny", "rqml_dask.node",
          *(arg for preload in preloads for arg in ("--preload", preload)),
          "--name", name, "--nthreads", "1", "--host", "127.0.0.1", "--dashboard-address", f"127.0.0.1:{http_port}",
          "--local-directory", str(directory)],
@@ -78,10 +80,13 @@ def rqml_worker(scheduler: str, name: str, http_port: int, directory: Path, env:
     )
 
 
-def node_worker(scheduler: str, name: str, log: Path, env: dict[str, str] | None = None) -> DaskProcess:
-    """``dask worker`` with the node preload, one thread and no Nanny: killed, it stays dead."""
+def node_worker(scheduler: str, name: str, log: Path, env: dict[str, str] | None = None,
+                nanny: tuple[str, ...] | None = None) -> DaskProcess:
+    """``dask worker`` with the node preload and one thread; with no Nanny (killed, it stays
+    dead) unless ``nanny`` is given: then a Nanny with those preloads (``--preload-nanny``)."""
+    supervision = ["--no-nanny"] if nanny is None else [arg for preload in nanny for arg in ("--preload-nanny", preload)]
     return DaskProcess(
-        ["worker", scheduler, "--no-nanny", "--preload", "rqml_dask.node", "--name", name, "--nthreads", "1",
+        ["worker", scheduler, *supervision, "--preload", "rqml_dask.node", "--name", name, "--nthreads", "1",
          "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"],
         log, env,
     )

@@ -44,7 +44,8 @@ def authority(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(authority, tmp_path_factory):
-    """``(address, scheduler process, its log)``: the scheduler, with ``root`` as its admin, and node-a."""
+    """``(address, scheduler process, its log)``: the scheduler, with ``root`` as its admin, and
+    node-a under a nanny with the node preload (its doors)."""
     logs = tmp_path_factory.mktemp("doors-logs")
     port = free_port()
     address = f"pqtls://127.0.0.1:{port}"
@@ -52,7 +53,7 @@ def cluster(authority, tmp_path_factory):
     scheduler = DaskProcess(["scheduler", "--protocol", "pqtls", "--host", "127.0.0.1", "--port", str(port),
                              "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.scheduler"],
                             logs / "scheduler.log", {**trust_env(authority, "scheduler"), **settings}).start()
-    node = node_worker(address, "node-a", logs / "node-a.log", trust_env(authority, "node-a")).start()
+    node = node_worker(address, "node-a", logs / "node-a.log", trust_env(authority, "node-a"), nanny=("rqml_dask.node",)).start()
     try:
         with as_peer(authority, "root", address) as root:
             root.wait_for_workers(1, timeout=bound(60))
@@ -125,11 +126,21 @@ def test_only_an_admin_certificate_runs_code_on_the_scheduler_and_the_workers(au
             alice.register_plugin(Marker(), name="marker")
         with pytest.raises(PermissionError, match="restart: the certificate of alice"):
             alice.restart()
-        [worker] = alice.scheduler_info()["workers"]  # nor straight at a worker: there only the scheduler may
+        [(worker, info)] = alice.scheduler_info()["workers"].items()  # nor straight at a worker: there only the scheduler may
         with pytest.raises(PermissionError, match="run: the certificate of alice has role client; only the scheduler may call it"):
             alice.sync(alice.rpc(worker).run, function=dumps(os.getpid))
         with pytest.raises(PermissionError, match="plugin-add: the certificate of alice has role client"):
             alice.sync(getattr(alice.rpc(worker), "plugin-add"), plugin=dumps(Marker()), name="marker")
+        for handler in ("benchmark_disk", "profile", "get_logs", "rqml_progress"):  # an allow-list: minutes of disk, logs
+            with pytest.raises(PermissionError, match=f"{handler}: the certificate of alice has role client"):
+                alice.sync(getattr(alice.rpc(worker), handler))
+        # nor at its nanny, which would run the code in the node's own process group
+        for handler, message in (("run", {"function": dumps(os.getpid)}), ("plugin_add", {"plugin": dumps(Marker()), "name": "m"}),
+                                 ("restart", {}), ("kill", {})):
+            with pytest.raises(PermissionError, match=f"nanny {handler}: the certificate of alice has role client; only the scheduler"):
+                alice.sync(getattr(alice.rpc(info["nanny"]), handler), **message)
+        direct = alice.submit(lambda: 5, pure=False)  # what a client needs of a worker directly: its data
+        assert alice.gather(direct, direct=True) == 5
         with pytest.raises(PermissionError, match="only the scheduler and its nodes' streams write the rqml event topics"):
             alice.log_event(events.ALERTS, {"kind": "node-quarantined", "node_name": "node-a"})
         plugin = tmp_path / "door_models.py"
@@ -141,7 +152,24 @@ def test_only_an_admin_certificate_runs_code_on_the_scheduler_and_the_workers(au
         assert root.run_on_scheduler(os.getpid) == scheduler.pid
         [pid] = root.run(os.getpid).values()
         assert pid not in (os.getpid(), scheduler.pid)
+        [nanny_pid] = root.run(os.getpid, nanny=True).values()  # through the scheduler, an admin reaches the nanny
+        assert nanny_pid not in (os.getpid(), scheduler.pid, pid)
         assert not [e for _, e in root.get_events(events.ALERTS) if e.get("node_name") == "node-a"]  # nothing forged got in
+
+
+@pytest.mark.slow
+def test_a_node_whose_nanny_has_open_doors_does_not_start(authority, cluster, tmp_path):
+    """A nanny started without the node preload answers any certificate of the CA (``run``:
+    code in the node's processes), so its worker refuses to start and the node stops, saying
+    how to launch it."""
+    address, _, _ = cluster
+    ca.issue(authority, "node-open", "node")
+    log = tmp_path / "node-open.log"
+    with node_worker(address, "node-open", log, trust_env(authority, "node-open"), nanny=()) as node:
+        wait_for(lambda: node.process.poll() is not None, timeout=60, what="the node (its nanny too) to stop")
+        with as_peer(authority, "root", address) as root:
+            assert "node-open" not in {w["name"] for w in root.scheduler_info()["workers"].values()}
+    assert "runs without the node's doors, so any certificate of the CA could run code in it" in log.read_text()
 
 
 @pytest.mark.slow

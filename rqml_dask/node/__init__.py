@@ -31,26 +31,40 @@ if TYPE_CHECKING:
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
-async def dask_setup(worker) -> None:
-    """Preload hook: move the worker's HTTP endpoints to loopback unless
-    ``rqml.trust.expose-http`` (:func:`~rqml_dask.exposure.confine_http`) and log where they
-    listen; start the node plugin on this worker. A bad ``rqml.node`` or ``rqml.trust`` value
-    stops the worker, naming its key (Dask only logs an exception a preload raises)."""
+async def dask_setup(server) -> None:
+    """Preload hook, for a worker (``--preload rqml_dask.node``) and for its nanny
+    (``--preload-nanny rqml_dask.node``).
+
+    On a nanny: put its doors behind the scheduler's certificate
+    (:func:`~rqml_dask.node.doors.guard_nanny`). On a worker: move its HTTP endpoints to
+    loopback unless ``rqml.trust.expose-http`` (:func:`~rqml_dask.exposure.confine_http`) and
+    log where they listen; start the node plugin. A bad ``rqml.node`` or ``rqml.trust`` value,
+    or on ``pqtls://`` a nanny without its doors, stops the worker, naming why (Dask only logs
+    an exception a preload raises)."""
     import logging
+
+    from distributed import Nanny
 
     from rqml_dask.config import ConfigError, exposure_settings, node_settings
     from rqml_dask.exposure import confine_http
+    from rqml_dask.node.doors import OpenNanny, guard_nanny
     from rqml_dask.node.plugin import NodePlugin
 
+    if isinstance(server, Nanny):
+        guard_nanny(server)
+        return
     try:
         node_settings()
         exposure = exposure_settings()
     except ConfigError as exc:
         raise SystemExit(f"rqml node: {exc}") from None
-    if worker.http_server is not None:
-        door = confine_http(worker.http_server, exposure)
-        logging.getLogger(__name__).log(door.level, door.describe(f"node {worker.name}'s HTTP server (/health, /metrics, ...)"))
-    await worker.plugin_add(NodePlugin(), catch_errors=False)
+    if server.http_server is not None:
+        door = confine_http(server.http_server, exposure)
+        logging.getLogger(__name__).log(door.level, door.describe(f"node {server.name}'s HTTP server (/health, /metrics, ...)"))
+    try:
+        await server.plugin_add(NodePlugin(), catch_errors=False)
+    except OpenNanny as exc:
+        raise SystemExit(f"rqml node: {exc}") from None
 
 
 __all__ = ["PLUGIN_NAME", "NodePlugin", "RQMLWorker", "SchedulerLost", "current_node", "dask_setup"]

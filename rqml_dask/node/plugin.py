@@ -49,7 +49,8 @@ from rqml_dask.key_guard import refusing_rqml_keys
 from rqml_dask.node.kept_plugins import restore_plugins
 from rqml_dask.messages import DECISION, OUTCOME, POLICY_OP, Decision, NodePolicy, TaskOutcome, delivered_as, thin
 from rqml_dask.node.checkpointer import Checkpointer, Resume
-from rqml_dask.node.doors import guard as guard_code_doors
+from rqml_dask.node.doors import check_nanny
+from rqml_dask.node.doors import guard as guard_doors
 from rqml_dask.node.http import add_routes, register_collector
 from rqml_dask.node.orchestrator import PROGRESS_POINTS, NodeOrchestrator, PushedBack
 from rqml_dask.node.policy import PolicyGate
@@ -162,6 +163,9 @@ class NodePlugin(WorkerPlugin):
     def setup(self, worker: Worker) -> None:
         self.settings = node_settings()  # checked at start: a bad value stops the worker, naming its key
         self.worker = worker
+        secure = str(worker.scheduler.address).startswith("pqtls://")
+        if secure:
+            check_nanny(worker)  # a nanny with open doors would run any certificate's code
         # An RQMLWorker has a node directory that outlives the process; a stock worker does not.
         node_directory = getattr(worker, "node_directory", None)
         state_dir = node_directory or Path(worker.local_directory) / "rqml"
@@ -182,10 +186,10 @@ class NodePlugin(WorkerPlugin):
         worker.handlers["rqml_progress"] = self._handle_progress
         worker.handlers["rqml_quarantined"] = self._handle_quarantined
         worker.handlers["update_data"] = refusing_rqml_keys(worker.handlers["update_data"], "update_data", lambda kw: kw.get("data") or {})
-        guard_code_doors(worker)  # run, plugins, close: the scheduler's certificate only
+        guard_doors(worker)  # all but data, actors and shuffles: the scheduler's certificate only
         add_routes(worker)
         register_collector(worker)
-        if str(worker.scheduler.address).startswith("pqtls://"):
+        if secure:
             self.seal = self._seal()
             self._renew_certificates(worker)
 
@@ -659,23 +663,13 @@ class NodePlugin(WorkerPlugin):
             "written": sum(s["written"] for s in summaries),
         }
 
-    @staticmethod
-    def _from_scheduler(comm: Any, handler: str) -> None:
-        """Over ``pqtls://`` only the scheduler's certificate may supervise a node (any
-        authenticated peer can open a connection to a worker)."""
-        peer = peer_identity(comm)
-        if peer is not None and peer["role"] != "scheduler":
-            raise PermissionError(f"{handler}: the certificate of {peer['name']} has role {peer['role']}; only the scheduler may call it")
-
     @log_errors
-    def _handle_decision(self, comm: Any = None, decision: dict | None = None) -> dict:
-        self._from_scheduler(comm, "rqml_decide")
+    def _handle_decision(self, decision: dict | None = None) -> dict:
         self.orchestrator.decide(DECISION.validate_python(decision))
         return {"status": "OK"}
 
-    def _handle_quarantined(self, comm: Any = None, quarantined: dict | None = None) -> dict:
+    def _handle_quarantined(self, quarantined: dict | None = None) -> dict:
         """``rqml_quarantined``: the scheduler's quarantine (name -> reason), in full."""
-        self._from_scheduler(comm, "rqml_quarantined")
         names = {str(name): str(reason) for name, reason in (quarantined or {}).items()}
         self.quarantined.clear()  # in place: the seals hold this dict
         self.quarantined.update(names)
