@@ -383,7 +383,8 @@ TERMINAL_STATES = {
     "stalled": "add or change models of the ladder, or relax convergence.min_progress",
     "max_iterations": "raise convergence.max_iterations, or set convergence.accept_max_iterations",
     "terminated": "see the reason; the next run tries it again",
-    "rejected": "see the validation failures",
+    "rejected": "the failures in brackets name each check the result failed, with its figures: fix what they name "
+                "(the input data, the model ladder, or the pipeline's validation rules)",
     "failed": "fix the model; the next run tries it again",
 }
 """Every task ends in one of these states, each with what to do about it. Only ``accepted``

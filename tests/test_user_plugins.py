@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,53 +14,11 @@ from rqml_dask import Pipeline
 from rqml_dask.pipeline import PipelineConfigError, PipelineError
 from rqml_dask.pipeline.plugins import available_models
 
-from conftest import local_cluster, pipeline_dict, write_yaml
+from conftest import TESTS, local_cluster, pipeline_dict, write_yaml
 from timing import bound, wait_for
 
-FAMILY = '''
-"""Damped Van Cittert deconvolution: x <- max(0, x + beta (image - psf * x))."""
-import time
-
-from rqml_dask.models import RefinementModel
-
-
-class VanCittert(RefinementModel):
-    task_class = "deconvolution"
-    family = "van_cittert"
-    immutable_state = True  # step() replaces the estimate, never writes into it
-
-    def __init__(self, problem, backend, *, beta=1.0, delay=0.0):
-        super().__init__(problem, backend)
-        xp = self.xp
-        self.image = xp.astype(problem["image"], xp.float32)
-        self.shape = tuple(self.image.shape)
-        psf = xp.astype(problem["psf"], xp.float32)
-        padded = xp.zeros(self.shape, dtype=xp.float32)
-        padded[tuple(slice(0, n) for n in psf.shape)] = psf / xp.sum(psf)
-        centred = xp.roll(padded, tuple(-(n // 2) for n in psf.shape), axis=tuple(range(psf.ndim)))
-        self.otf = backend.rfftn(centred, self.shape)
-        self.beta, self.delay = beta, delay
-        self.start()
-
-    def blur(self, x):
-        return self.xp.astype(self.backend.irfftn(self.backend.rfftn(x, self.shape) * self.otf, self.shape), self.xp.float32)
-
-    def start(self, estimate=None):
-        self._x = self.xp.astype(self.image if estimate is None else estimate, self.xp.float32, copy=True)
-
-    def step(self):
-        time.sleep(self.delay)
-        self._x = self.xp.maximum(self._x + self.beta * (self.image - self.blur(self._x)), 0.0)
-
-    @property
-    def estimate(self):
-        return self._x
-
-    def misfit(self):
-        xp = self.xp
-        residual = xp.astype(self.blur(self._x) - self.image, xp.float64)
-        return float(xp.sqrt(xp.sum(residual**2)) / xp.sqrt(xp.sum(xp.astype(self.image, xp.float64) ** 2)))
-'''
+FAMILY = (TESTS.parent / "pipelines" / "my_models.py").read_text()
+"""The README's model family ("Writing a model family"), the file pipelines/van_cittert.yaml ships."""
 
 MODEL = "my_models:VanCittert"
 FIXED = {"max_iterations": 20, "check_every": 5, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 1000,
@@ -161,10 +118,7 @@ def test_changed_family_code_is_computed_again_and_rqml_models_lists_the_cluster
 
 def test_the_readme_family_is_this_one():
     """The README's "Writing a model family" example is the family these tests run."""
-    from pathlib import Path
-
-    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
-    assert textwrap.dedent(FAMILY).strip() in readme
+    assert FAMILY in (TESTS.parent / "README.md").read_text()
 
 
 @pytest.mark.slow
