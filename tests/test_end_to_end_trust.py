@@ -222,3 +222,39 @@ def test_lost_vote_streaks_count_per_run_and_tolerance_and_an_old_streak_quarant
         assert list(quarantined) == ["honest"] and "4 cross-node votes in a row in run a" in quarantined["honest"]
 
     asyncio.run(asyncio.wait_for(test(), bound(60)))
+
+
+def test_a_node_that_presented_its_signed_result_is_not_quarantined_when_dask_gives_the_task_back_to_it():
+    """The real scheduler plugin (in-process, a simulated node): Dask takes a task back from
+    the node that runs it after the node presented its signed result (here a ``reschedule``;
+    in the field a stalled scheduler loop), and gives it back to the same node, which then
+    delivers that result: it is taken, and the node stays. A result whose node presented
+    nothing still quarantines it (the check is live)."""
+    import asyncio
+
+    from simulated_nodes import figures, rqml_graph
+    from test_scheduler_scale import cluster, until
+
+    async def test():
+        async with cluster() as (scheduler, plugin, nodes, client):
+            solo = await nodes.add("solo", figures(concurrency_limit=2))
+            plugin.result_check = object()  # as over pqtls: a result counts only once its node presented it signed
+            graph, [presented, unpresented] = rqml_graph("run", [((0, 16),), ((16, 32),)])
+            futures = client.get(graph, [presented, unpresented], sync=False)
+            await until(lambda: presented in solo.running and unpresented in solo.running, "both tasks sent to solo")
+            record = plugin.tasks[presented[1]]
+            record.verified_by = solo.address  # what handle_result records once the signed outcome checks out
+            first_run = solo.running.pop(presented)
+            await solo.stream.write([{"op": "reschedule", "key": presented, "stimulus_id": "taken-back"}])
+            await until(lambda: solo.running.get(presented, first_run) != first_run, "the task given back to solo")
+            await nodes.finish(solo, presented)
+            await until(lambda: record.state == "done", "the presented result taken")
+            await asyncio.sleep(0.2)  # a quarantine is carried out on the event loop
+            assert plugin.gatekeeper.quarantined == {}
+            assert plugin.ledger.accepted[presented[1]] == solo.address
+            await nodes.finish(solo, unpresented)
+            await until(lambda: plugin.gatekeeper.quarantined, "the node that delivered what it never presented shut out")
+            assert "without presenting it signed" in plugin.gatekeeper.quarantined["solo"]
+            del futures
+
+    asyncio.run(asyncio.wait_for(test(), bound(60)))
