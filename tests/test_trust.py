@@ -206,7 +206,7 @@ def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq
     address, _ = pq_scheduler
     ca.issue(authority, "node-b", "node")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--preload-nanny", "rqml_dask.node", "--name", "node-b",
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-b",
          "--dashboard-address", "127.0.0.1:0", "--no-nanny"],
         env={**os.environ, **trust_env(authority, "node-b")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
@@ -467,7 +467,7 @@ def test_a_node_whose_certificate_expires_unrenewed_is_quarantined(authority, pq
     credential = ca.issue(authority, "node-e", "node", hours=15 / 3600)
     expires = x509.load_pem_x509_certificates(credential.cert.read_bytes())[0].not_valid_after_utc
     worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--preload-nanny", "rqml_dask.node", "--name", "node-e",
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-e",
          "--dashboard-address", "127.0.0.1:0", "--no-nanny"],
         env={**os.environ, **trust_env(authority, "node-e"), "DASK_RQML__TRUST__SESSION__CHECK_INTERVAL": "1s"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -511,7 +511,7 @@ def lying_node(authority: Path, address: str, name: str, attack: str, **env: str
     ca.issue(authority, name, "node")
     tests = str(Path(__file__).parent)
     return subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--preload-nanny", "rqml_dask.node", "--name", name,
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", name,
          "--dashboard-address", "127.0.0.1:0", "--no-nanny", "--preload", "lying_node"],
         env={**os.environ, **trust_env(authority, name), "RQML_ATTACK": attack, **env,
              "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
