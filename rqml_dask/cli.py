@@ -87,6 +87,18 @@ class _Commands(click.Group):
             cmd.params.extend(_shared_options())
         super().add_command(cmd, name)
 
+    def main(self, *args, **kwargs):
+        """The command, its logging setting (:data:`_LOG_LEVEL`) put back as it was at the
+        end: in-process callers (tests, notebooks) keep theirs."""
+        before = os.environ.get(_LOG_LEVEL)
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop(_LOG_LEVEL, None)
+            else:
+                os.environ[_LOG_LEVEL] = before
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -204,11 +204,14 @@ def test_status_of_many_tasks_is_counts_and_a_bounded_list_of_tasks_open_ones_fi
                 r.traits.key for r in plugin.tasks.values() if r.state == "done"}
             many = plugin.status(limit=0, run="many")
             assert many["tasks"] == {} and many["counts"] == {"pending": 3000} and many["total"] == 3000  # the earlier run is first
-            # `rqml status` prints every task's count and lists the open ones it was given
-            result = await asyncio.to_thread(CliRunner().invoke, cli, ["status", "--scheduler", scheduler.address])
-            assert result.exit_code == 0, result.output
-            assert "tasks: 6 bound, 6 done, 3038 pending" in result.output
-            assert "... and 2044 more open tasks, not listed" in result.output  # 1,000 detailed, all of them open
+            # `rqml status` prints the latest run's count of tasks (--all: every run's) and lists the open ones it was given
+            latest, every = [await asyncio.to_thread(CliRunner().invoke, cli, ["status", "--scheduler", scheduler.address, *more])
+                             for more in ([], ["--all"])]
+            assert latest.exit_code == 0 and every.exit_code == 0, latest.output + every.output
+            assert "tasks of run many (the latest of 2; --all for every run): 3000 pending" in latest.output
+            assert "... and 2000 more open tasks, not listed" in latest.output  # 1,000 detailed, all of them open
+            assert "tasks of every run (2): 6 bound, 6 done, 3038 pending" in every.output
+            assert "... and 2044 more open tasks, not listed" in every.output
             del earlier, futures
 
     run(test)
