@@ -1,12 +1,14 @@
 """Safe by default: which doors of a scheduler or a node other hosts may reach.
 
-* A Dask scheduler with the RQML preload listens beyond loopback (127.0.0.0/8, ``::1``) only
-  over ``pqtls://``, or where ``rqml.trust.allow-insecure`` is true: over ``tcp://`` anyone who
-  reaches the port runs code on the scheduler and every worker, sets the supervision policy
-  and forges results. :func:`check_listeners` refuses such an address (:class:`ExposureError`)
+* A Dask scheduler with the RQML preload, and a node, listen beyond loopback (127.0.0.0/8,
+  ``::1``) only over ``pqtls://``, or where ``rqml.trust.allow-insecure`` is true: over
+  ``tcp://`` anyone who reaches the scheduler's port runs code on the scheduler and every
+  worker, sets the supervision policy and forges results, and anyone who reaches a node's,
+  runs code there and replaces its results. :func:`check_listeners` refuses such an address (:class:`ExposureError`)
   and says loudly when one is allowed (:func:`insecure_warning`). ``dask scheduler`` is
   checked before it listens (:func:`dask_scheduler_command_addresses`, read while the preload
-  is imported); a scheduler built in Python, after (its preload's ``dask_setup`` then fails it).
+  is imported); a scheduler built in Python, after (its preload's ``dask_setup`` then fails it);
+  a node as its preload starts, after it listens and before it registers.
 * Dashboards and node HTTP endpoints (plain HTTP, no identity) listen on 127.0.0.1 unless
   ``rqml.trust.expose-http`` is true: :func:`confine_http` moves a server Dask bound beyond
   loopback there, at the same port, and says where it really listens (:class:`HTTPDoor`).
@@ -34,7 +36,7 @@ and in-process queues (no socket)."""
 
 
 class ExposureError(ConfigError):
-    """A scheduler about to listen beyond loopback without ``pqtls://`` or
+    """A scheduler or a node about to listen (or listening) beyond loopback without ``pqtls://`` or
     ``rqml.trust.allow-insecure``; the message names the addresses and the ways out."""
 
 
@@ -71,27 +73,34 @@ def exposed(addresses: Iterable[str]) -> list[str]:
     return found
 
 
-def check_listeners(addresses: Iterable[str], settings: ExposureSettings) -> list[str]:
+RISKS = {
+    "scheduler": "runs code on the scheduler and every worker, sets the supervision policy and forges results",
+    "node": "runs code on this node, reads its results and replaces them",
+}
+"""What anyone who reaches a server's port over ``tcp://`` can do, by the server's kind."""
+
+
+def check_listeners(addresses: Iterable[str], settings: ExposureSettings, kind: str = "scheduler") -> list[str]:
     """The addresses of ``addresses`` reachable beyond loopback without ``pqtls://`` (none
     but where ``settings.allow_insecure``: the insecure mode in use); raises
-    :class:`ExposureError` for them otherwise."""
+    :class:`ExposureError` for them otherwise, saying what that would let anyone do to a
+    server of ``kind`` (:data:`RISKS`)."""
     found = exposed(addresses)
     if found and not settings.allow_insecure:
         raise ExposureError(
-            f"rqml scheduler: refusing to listen on {', '.join(found)} without pqtls://: anyone who reaches that port "
-            f"runs code on the scheduler and every worker, sets the supervision policy and forges results. Listen on "
-            f"loopback (--host 127.0.0.1), use the cluster's CA (--protocol pqtls, README: Trust between nodes), or, on "
-            f"a network you trust, set rqml.trust.allow-insecure: true (DASK_RQML__TRUST__ALLOW_INSECURE=true)"
+            f"rqml {kind}: refusing to listen on {', '.join(found)} without pqtls://: anyone who reaches that port "
+            f"{RISKS[kind]}. Listen on loopback (--host 127.0.0.1), use the cluster's CA (pqtls://, README: Trust "
+            f"between nodes), or, on a network you trust, set rqml.trust.allow-insecure: true "
+            f"(DASK_RQML__TRUST__ALLOW_INSECURE=true)"
         )
     return found
 
 
-def insecure_warning(addresses: Iterable[str]) -> str:
-    """The loud line a scheduler logs (and ``rqml status`` prints) while it listens on
-    ``addresses`` beyond loopback without ``pqtls://``."""
-    return (f"INSECURE: the RQML scheduler listens on {', '.join(addresses)} without pqtls:// "
-            f"(rqml.trust.allow-insecure: true): anyone who reaches it runs code on the cluster, "
-            f"sets its policy and forges results")
+def insecure_warning(addresses: Iterable[str], kind: str = "scheduler") -> str:
+    """The loud line a scheduler (or a node, ``kind``) logs, and ``rqml status`` prints for a
+    scheduler, while it listens on ``addresses`` beyond loopback without ``pqtls://``."""
+    return (f"INSECURE: the RQML {kind} listens on {', '.join(addresses)} without pqtls:// "
+            f"(rqml.trust.allow-insecure: true): anyone who reaches it {RISKS[kind]}")
 
 
 def dask_scheduler_command_addresses() -> list[str] | None:

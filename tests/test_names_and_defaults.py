@@ -122,6 +122,37 @@ def test_dask_scheduler_with_the_preload_starts_on_a_loopback_address_without_an
         process.wait(bound(30))
 
 
+NETNS_NODE = """
+ip link set lo up
+{python} -m dask scheduler --host 127.0.0.1 --port {port} --dashboard-address 127.0.0.1:0 --preload rqml_dask.scheduler \
+    > scheduler.log 2>&1 &
+for allow in false true; do
+    DASK_RQML__TRUST__ALLOW_INSECURE=$allow timeout 40 {python} -m dask worker tcp://127.0.0.1:{port} --no-nanny \
+        --preload rqml_dask.node --name open --host 0.0.0.0 --dashboard-address 127.0.0.1:0 > worker-$allow.log 2>&1
+    echo "$allow exit $?"
+done
+kill %1
+"""
+
+
+@pytest.mark.slow
+def test_a_node_refuses_to_listen_beyond_loopback_without_pqtls_unless_allowed(tmp_path):
+    """A real ``dask worker --host 0.0.0.0 --preload rqml_dask.node`` over tcp, in a network
+    namespace of its own (nothing beyond loopback is reachable here): it stops before it
+    registers, saying why and the ways out; with ``rqml.trust.allow-insecure`` it runs, and
+    says so loudly."""
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a network namespace here (unshare -n), where a listener beyond loopback is allowed")
+    done = subprocess.run(["unshare", "-n", "sh", "-c", NETNS_NODE.format(python=sys.executable, port=8786)], cwd=tmp_path, env=_environ(),
+                          capture_output=True, text=True, timeout=bound(150))
+    refused, allowed = (tmp_path / "worker-false.log").read_text(), (tmp_path / "worker-true.log").read_text()
+    assert "false exit 1" in done.stdout, (done.stdout, refused[-2000:])
+    assert "rqml node: refusing to listen on tcp://0.0.0.0:" in refused and "(every interface) without pqtls://" in refused
+    assert "runs code on this node" in refused and "Registered to" not in refused
+    assert "true exit 124" in done.stdout, (done.stdout, allowed[-2000:])  # ran until the timeout ended it
+    assert "INSECURE: the RQML node listens on tcp://0.0.0.0:" in allowed and "Registered to" in allowed
+
+
 def test_dashboards_and_node_endpoints_are_moved_to_loopback_and_the_log_says_where(monkeypatch, caplog):
     """127.0.0.2 stands for an address beyond loopback here (only 127.0.0.1 counts as
     loopback): the scheduler's dashboard and a node's HTTP endpoints, bound there by Dask,

@@ -36,31 +36,37 @@ async def dask_setup(server) -> None:
     (``--preload-nanny rqml_dask.node``).
 
     On a nanny: put its doors behind the scheduler's certificate
-    (:func:`~rqml_dask.node.doors.guard_nanny`). On a worker: move its HTTP endpoints to
-    loopback unless ``rqml.trust.expose-http`` (:func:`~rqml_dask.exposure.confine_http`) and
-    log where they listen; start the node plugin. A bad ``rqml.node`` or ``rqml.trust`` value,
-    or on ``pqtls://`` a nanny without its doors, stops the worker, naming why (Dask only logs
-    an exception a preload raises)."""
+    (:func:`~rqml_dask.node.doors.guard_nanny`). On a worker: refuse listeners beyond loopback
+    without ``pqtls://`` unless ``rqml.trust.allow-insecure`` (:func:`~rqml_dask.exposure.check_listeners`);
+    move its HTTP endpoints to loopback unless ``rqml.trust.expose-http``
+    (:func:`~rqml_dask.exposure.confine_http`) and log where they listen; start the node
+    plugin. A bad ``rqml.node`` or ``rqml.trust`` value, a refused listener, or on ``pqtls://``
+    a nanny without its doors, stops the worker, naming why (Dask only logs an exception a
+    preload raises)."""
     import logging
 
     from distributed import Nanny
 
     from rqml_dask.config import ConfigError, exposure_settings, node_settings
-    from rqml_dask.exposure import confine_http
+    from rqml_dask.exposure import ExposureError, check_listeners, confine_http, insecure_warning
     from rqml_dask.node.doors import OpenNanny, guard_nanny
     from rqml_dask.node.plugin import NodePlugin
 
     if isinstance(server, Nanny):
         guard_nanny(server)
         return
+    logger = logging.getLogger(__name__)
     try:
         node_settings()
         exposure = exposure_settings()
+        insecure = check_listeners([listener.listen_address for listener in server.listeners], exposure, kind="node")
     except ConfigError as exc:
-        raise SystemExit(f"rqml node: {exc}") from None
+        raise SystemExit(f"rqml node: {exc}" if not isinstance(exc, ExposureError) else str(exc)) from None
+    if insecure:
+        logger.warning("rqml: %s", insecure_warning(insecure, kind="node"))
     if server.http_server is not None:
         door = confine_http(server.http_server, exposure)
-        logging.getLogger(__name__).log(door.level, door.describe(f"node {server.name}'s HTTP server (/health, /metrics, ...)"))
+        logger.log(door.level, door.describe(f"node {server.name}'s HTTP server (/health, /metrics, ...)"))
     try:
         await server.plugin_add(NodePlugin(), catch_errors=False)
     except OpenNanny as exc:
