@@ -24,11 +24,11 @@ FORESEEABLE = (
     ("rqml_dask.trust.transport", "TrustConfigError"),
     ("rqml_dask.run_lock", "OutputBusy"),
 )
-"""The project's own errors (module, class; and :class:`SchedulerUnreachable`) that say what is wrong and how to fix it: any
-command that raises one (or an error it caused, e.g. Dask's ``Cluster failed to start``)
-ends with its message as one line on stderr and exit status 1; ``--debug`` shows the
-traceback instead. Only modules already imported are looked at: ``rqml --help`` and a
-refused pipeline file never import Dask."""
+"""The project's own errors (module, class), with :class:`SchedulerUnreachable`, that say
+what is wrong and how to fix it: a command that raises one (or an error it caused, e.g.
+Dask's ``Cluster failed to start``) ends with its message as one line on stderr and exit
+status 1; ``--debug`` shows the traceback instead. Only modules already imported are looked
+at: ``rqml --help`` and a refused pipeline file never import Dask."""
 
 _LOG_LEVEL = "DASK_LOGGING__DISTRIBUTED"
 """Dask's logging level for its ``distributed`` loggers, in this process and the cluster
@@ -47,17 +47,19 @@ def _one_line(exc: BaseException) -> str | None:
                                      if module in sys.modules and hasattr(sys.modules[module], name)))
     while exc is not None:
         if isinstance(exc, kinds):
-            return " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())
+            return " ".join(str(exc).split())
         exc = exc.__cause__
     return None
 
 
 def _debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``--debug``: the root group lets errors through, with their traceback."""
     if value:
         ctx.find_root().meta["rqml.debug"] = True
 
 
 def _verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``-v``: Dask's INFO logs, here and in the cluster processes started from here."""
     if value:
         os.environ[_LOG_LEVEL] = "info"
 
@@ -108,6 +110,10 @@ class _Commands(click.Group):
             raise click.ClickException(line) from None
 
 
+_TOPIC_PREFIX = "rqml-"
+"""What the RQML topics' names in Dask's event log start with (:data:`~rqml_dask.events.TOPICS`)."""
+
+
 class _Topic(click.Choice):
     """An RQML event topic, by the name the help shows (``alerts``) or its full name
     (``rqml-alerts``); converted to the full name, the one Dask's event log knows."""
@@ -117,9 +123,6 @@ class _Topic(click.Choice):
 
     def convert(self, value, param, ctx) -> str:
         return _TOPIC_PREFIX + super().convert(str(value).removeprefix(_TOPIC_PREFIX), param, ctx)
-
-
-_TOPIC_PREFIX = "rqml-"
 
 
 def _ints(text: str) -> tuple[int, ...]:
