@@ -312,14 +312,16 @@ def test_rqml_run_secure_runs_the_embedded_cluster_over_pqtls_with_the_same_resu
         config["checkpoint"] = {"artifacts": str(tmp_path / f"{mode}-checkpoints"), "every_iterations": 10, "retention": "keep"}
         done = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "run", str(write_yaml(tmp_path / f"{mode}.yaml", config)),
                                "--no-progress", *(["--secure"] if mode == "secure" else [])],
-                              capture_output=True, text=True, timeout=bound(300), cwd=tmp_path)
+                              capture_output=True, text=True, timeout=bound(300), cwd=tmp_path,
+                              env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")})  # --secure keeps its CA there
         assert done.returncode == 0, done.stderr[-3000:]
         group = zarr.open_group(tmp_path / f"{mode}.zarr", mode="r")
         assert group.attrs["rqml"]["status"] == "complete"
         outputs[mode] = group["deconvolved"][...]
     assert "certificate scheduler, key exchange X25519MLKEM768" in done.stderr
     np.testing.assert_array_equal(outputs["secure"], outputs["plain"])
-    assert not list(Path(tempfile.gettempdir()).glob("rqml-secure-*"))  # the throw-away CA is gone
+    assert not list(Path(tempfile.gettempdir()).glob("rqml-secure-*"))  # the run's certificates are gone, its CA kept
+    assert (tmp_path / "config" / "rqml" / "secure-ca" / "ca.pem").exists()
     from rqml_dask.checkpoint import TaskCheckpoint
     from rqml_dask.stores.base import decode_slot
     from rqml_dask.stores.lmdb_store import LMDBStore
