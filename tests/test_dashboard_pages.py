@@ -136,7 +136,7 @@ def busiest_layers(dask_scheduler) -> tuple[list, dict]:
 
 
 def test_live_pages_follow_a_running_pipeline_and_a_clicked_tile_shows_its_convergence(tmp_path, small_volume, browser):
-    pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=120, delay=0.03, name="live")
+    pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=120, delay=0.04, name="live")
     with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
         client.wait_for_workers(2, timeout=bound(60))
         base = client.dashboard_link.replace("/status", "")
@@ -210,7 +210,7 @@ def test_live_pages_follow_a_running_pipeline_and_a_clicked_tile_shows_its_conve
 
         # tiles again, once the first layer has no tile refining: the page opens on the layer with the most
         wait_for(lambda: (found := client.run_on_scheduler(busiest_layers))[1] and found[0][0] not in found[1],
-                 timeout=120, what="the first layer done while others refine")
+                 timeout=120, what="no tile of the first layer refining while others do")
         browser.get(f"{base}/rqml-tiles")
         sources(browser)
 

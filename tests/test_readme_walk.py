@@ -101,8 +101,8 @@ class Walk:
     def run(self, example: Example) -> subprocess.CompletedProcess:
         """``example``'s result, after the earlier examples of its block (each run once)."""
         for earlier in EXAMPLES[: EXAMPLES.index(example)]:
-            if earlier.block == example.block and not earlier.skipped and earlier not in self.done:
-                before = self._run(earlier)
+            if earlier.block == example.block and not earlier.skipped:
+                before = self.done.get(earlier) or self._run(earlier)
                 assert before.returncode == 0, f"README line {earlier.line}, before this one, failed: {earlier.command}\n{before.stderr}"
         return self.done.get(example) or self._run(example)
 
