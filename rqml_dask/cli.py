@@ -512,8 +512,10 @@ def models(scheduler: str | None, connect_timeout: float, pipeline_file: Path | 
         with _client(scheduler, connect_timeout) as client:
             ship_plugins(client, plugins)
             # a task on each worker, not Client.run: only an admin certificate runs code outside tasks
-            asked = {worker: client.submit(available_models, workers=[worker], allow_other_workers=False, pure=False)
-                     for worker in client.scheduler_info()["workers"]}
+            workers = client.scheduler_info()["workers"]
+            asked = {f"{info.get('name', worker)} ({worker})": client.submit(available_models, workers=[worker],
+                                                                            allow_other_workers=False, pure=False)
+                     for worker, info in workers.items()}  # each node by its --name, and where it is
             found = dict(zip(asked, client.gather(list(asked.values()))))
     for where, names in sorted(found.items()):
         click.echo(where)
