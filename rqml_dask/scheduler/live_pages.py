@@ -544,7 +544,7 @@ class EventsPage:
         self.kind = TextInput(title="kind contains", value="", name="rqml-events-kind", width=220)
         columns = {c: c for c in ("time", "topic", "kind", "about", "detail")}
         self.source = ColumnDataSource({c: [] for c in columns}, name="rqml-events")
-        table = fitted_table(self.source, columns, {"topic": 140, "kind": 160, "about": 200, "detail": 900}, height=600)
+        table = fitted_table(self.source, columns, {"time": 80, "topic": 140, "kind": 160, "about": 200, "detail": 900}, height=600)
         self.root = column(row(self.topic, self.kind), table, sizing_mode="stretch_width")
 
     def update(self) -> None:
