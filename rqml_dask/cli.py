@@ -220,7 +220,6 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, prog
     from rqml_dask.cluster import embedded_cluster, secure_embedded_cluster
     from rqml_dask.config import check_all
     from rqml_dask.pipeline.pipeline import Pipeline, PipelineError
-
     from rqml_dask.run_lock import writing
 
     if not scheduler:
