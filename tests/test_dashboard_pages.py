@@ -234,6 +234,7 @@ def test_live_pages_follow_a_running_pipeline_and_a_clicked_tile_shows_its_conve
         tiles = wait_for(lambda: set((t := sources(browser)["rqml-tiles"])["state"]) == {"reused"} and t, timeout=30,
                          what="every tile reused")
         assert set(tiles["iteration"]) == {120} and all(tiles["misfit"]), tiles
+        assert set(tiles["node"]) <= {"worker-0-x1", "worker-1-x1"}, tiles["node"]  # nodes by their --name
         assert "reused" in browser.execute_script(SHOWN_TEXT)  # the colour key names it
         x, y, task = tile_centre(browser, 0)
         actions = ActionBuilder(browser)

@@ -260,7 +260,10 @@ class TilesPage:
         current = layers[self.layer.value] if layers else None
         tiles = list(run.layers.get(current, {}).values())
         states = [tile_state(record, run.voters.get(record.traits.task_id)) for record in tiles]
-        data = self._tiles(tiles, states) if len(tiles) <= TILES_DRAWN else self._blocks(tiles, states)
+        if len(tiles) <= TILES_DRAWN:
+            data = self._tiles(tiles, states, {address: str(ws.name) for address, ws in self.scheduler.workers.items()})
+        else:
+            data = self._blocks(tiles, states)
         if data["task"] != list(self.tiles.data["task"]):
             self.tiles.selected.indices = []
         self.tiles.data = data
@@ -278,8 +281,8 @@ class TilesPage:
         self._draw_selected()
 
     @staticmethod
-    def _tiles(tiles: list[TaskRecord], states: list[str]) -> dict[str, list]:
-        """One rectangle per tile."""
+    def _tiles(tiles: list[TaskRecord], states: list[str], names: dict[str, str]) -> dict[str, list]:
+        """One rectangle per tile; its node by name (``names``: address -> the node's ``--name``)."""
         data: dict[str, list] = {f: [] for f in ("x", "y", "w", "h", "colour", "task", "key", "state", "node", "model", "iteration", *FIGURES)}
         for record, state in zip(tiles, states):
             (y0, y1), (x0, x1) = record.traits.core[-2:]
@@ -291,7 +294,7 @@ class TilesPage:
             data["task"].append(record.traits.task_id)
             data["key"].append(record.traits.key)
             data["state"].append(state)
-            data["node"].append(record.worker or "")
+            data["node"].append(names.get(record.worker, record.worker) if record.worker else "")
             data["model"].append(record.model or record.traits.model)
             data["iteration"].append(record.iteration)
             latest = record.trace.latest() if record.trace is not None else dict.fromkeys(FIGURES)
