@@ -54,7 +54,7 @@ def run_once(scheme: str, directory: Path, work: Path, run: int) -> float:
     processes = [start(["scheduler", "--protocol", scheme, "--host", "127.0.0.1", "--port", str(port),
                         "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.scheduler"], trust(directory, "scheduler") if secure else {})]
     for i in range(2):
-        processes.append(start(["worker", address, "--nthreads", "1", "--name", f"node-{i}", "--dashboard-address", "127.0.0.1:0",
+        processes.append(start(["worker", address, "--nthreads", "1", "--name", f"node-{i}", "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0",
                                 "--preload", "rqml_dask.node", "--preload-nanny", "rqml_dask.node"], trust(directory, f"node-{i}") if secure else {}))
     config = load_pipeline_config(ROOT / "pipelines" / "quickstart.yaml")
     config = config.model_copy(update={

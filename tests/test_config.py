@@ -85,7 +85,7 @@ def test_an_environment_variable_sets_a_key():
         ("DASK_RQML__SCHEDULER__QUEUED_PER_NODE", "rqml.scheduler.queued-per-node",
          ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--preload", "rqml_dask.scheduler"]),
         ("DASK_RQML__NODE__RECONNECT_PAUSE", "rqml.node.reconnect-pause",  # before it looks for a scheduler
-         ["distributed.cli.dask_worker", "tcp://127.0.0.1:9", "--no-nanny", "--preload", "rqml_dask.node"]),
+         ["distributed.cli.dask_worker", "tcp://127.0.0.1:9", "--host", "127.0.0.1", "--no-nanny", "--preload", "rqml_dask.node"]),
     ],
 )
 def test_a_bad_value_stops_the_scheduler_or_worker_at_start_naming_its_key(variable, key, command):

@@ -98,7 +98,7 @@ def pq_scheduler(authority, tmp_path_factory):
     logs = tmp_path_factory.mktemp("pq-logs")
     address, scheduler = start_pq_scheduler(authority, logs)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--preload-nanny", "rqml_dask.node",
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--preload-nanny", "rqml_dask.node",
          "--name", "node-a", "--dashboard-address", "127.0.0.1:0", "--preload", "rqml_dask.node"],
         env={**os.environ, **trust_env(authority, "node-a")}, stdout=subprocess.DEVNULL, stderr=open(logs / "node-a.log", "wb"),
     )
@@ -153,7 +153,7 @@ def test_a_revoked_certificate_is_refused_without_restarting_the_scheduler(autho
 def test_a_client_certificate_cannot_register_a_worker(authority, pq_scheduler):
     address, _ = pq_scheduler
     worker = subprocess.run(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-nanny",
          "--dashboard-address", "127.0.0.1:0", "--death-timeout", "20"],
         env={**os.environ, **trust_env(authority, "alice")}, capture_output=True, text=True, timeout=bound(60),
     )
@@ -206,7 +206,7 @@ def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq
     address, _ = pq_scheduler
     ca.issue(authority, "node-b", "node")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-b",
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--name", "node-b",
          "--dashboard-address", "127.0.0.1:0", "--no-nanny"],
         env={**os.environ, **trust_env(authority, "node-b")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
@@ -259,7 +259,7 @@ def test_a_node_revoked_while_it_runs_is_quarantined_and_stays_out(authority, pq
 def test_a_node_whose_certificate_names_another_node_cannot_register(authority, pq_scheduler):
     address, _ = pq_scheduler
     worker = subprocess.run(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny", "--name", "impostor",
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-nanny", "--name", "impostor",
          "--dashboard-address", "127.0.0.1:0", "--death-timeout", "20"],
         env={**os.environ, **trust_env(authority, "node-a")}, capture_output=True, text=True, timeout=bound(60),
     )
@@ -398,7 +398,7 @@ def test_short_lived_certificates_are_renewed_through_the_scheduler_without_inte
     node_env = {"DASK_RQML__TRUST__CA": str(directory / "ca.pem"), "DASK_RQML__TRUST__CERT": str(node.cert),
                 "DASK_RQML__TRUST__KEY": str(node.key), "PYTHONPATH": str(Path(__file__).parent)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--preload-nanny", "rqml_dask.node", "--name", "node-s",
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--preload-nanny", "rqml_dask.node", "--name", "node-s",
          "--dashboard-address", "127.0.0.1:0"],
         env={**os.environ, **node_env, **session}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -469,7 +469,7 @@ def test_a_node_whose_certificate_expires_unrenewed_is_quarantined(authority, pq
     credential = ca.issue(authority, "node-e", "node", hours=15 / 3600)
     expires = x509.load_pem_x509_certificates(credential.cert.read_bytes())[0].not_valid_after_utc
     worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", "node-e",
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--name", "node-e",
          "--dashboard-address", "127.0.0.1:0", "--no-nanny"],
         env={**os.environ, **trust_env(authority, "node-e"), "DASK_RQML__TRUST__SESSION__CHECK_INTERVAL": "1s"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -513,7 +513,7 @@ def lying_node(authority: Path, address: str, name: str, attack: str, **env: str
     ca.issue(authority, name, "node")
     tests = str(Path(__file__).parent)
     return subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", name,
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--name", name,
          "--dashboard-address", "127.0.0.1:0", "--no-nanny", "--preload", "lying_node"],
         env={**os.environ, **trust_env(authority, name), "RQML_ATTACK": attack, **env,
              "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
