@@ -8,6 +8,7 @@ for another submission or by a node in quarantine.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -31,7 +32,8 @@ from rqml_dask.trust.signing import Seal, SignatureError, Verifier
 
 from conftest import local_cluster, pipeline_dict, write_yaml
 from test_scheduler_plugin import run_or_explain
-from test_trust import authority, honest_output, lying_node, pq_scheduler, start_pq_scheduler, trust_config, trust_env  # noqa: F401  (fixtures)
+from test_trust import (authority, honest_output, lying_node, pq_scheduler, run_against, start_pq_scheduler,  # noqa: F401  (fixtures)
+                        trust_config, trust_env)
 from timing import bound, wait_for
 
 pytestmark = pytest.mark.slow
@@ -180,6 +182,33 @@ def test_a_tally_counts_a_voter_on_the_results_own_node_as_no_vote(small_volume,
     assert tally_vote(task, outcome, "node-a", [(verdict, "node-b")]).accepted
     elsewhere = dataclasses.replace(verdict, vote={**verdict.vote, "of": "other/0@0"})
     assert "voted on 'other/0@0'" in tally_vote(task, outcome, "node-a", [(elsewhere, "node-b")]).validation_failures[-1]
+
+
+@pytest.mark.slow
+def test_votes_every_node_loses_quarantine_nobody_then_or_in_a_later_run(tmp_path, authority, pq_scheduler, small_volume):
+    """Real processes on pqtls://, two honest nodes (node-a and node-v), the same pipeline run
+    twice. First with a vote tolerance no result meets (Landweber voters on RL results, 1e-9):
+    every vote is lost, by both nodes, more than ``rqml.scheduler.lost-votes`` in a row; that is
+    the tolerance's fault, so no task is accepted and nobody is quarantined. Then with one every
+    honest result meets: every task is accepted, and the first run's streaks quarantine nobody."""
+    address, _ = pq_scheduler
+    node_v = lying_node(authority, address, "node-v", "")  # honest: no attack
+    try:
+        runs = {}
+        for tolerance in (1e-9, 0.5):
+            config = pipeline_dict(small_volume, tmp_path / f"out-{tolerance}.zarr",
+                                   validation={"vote_models": ["landweber"], "vote_tolerance": tolerance})
+            runs[tolerance] = run_against(authority, address, "node-v", config, tmp_path, f"votes-{tolerance}")
+    finally:
+        node_v.kill()
+    (strict, strict_names, _, strict_quarantine), (loose, loose_names, _, loose_quarantine) = runs[1e-9], runs[0.5]
+    assert not any(o.accepted for o in strict.outcomes) and len(strict.outcomes) == 8
+    assert all("vote" in o.validation_failures[-1] for o in strict.outcomes), strict.outcomes[0].validation_failures
+    lost = collections.Counter(strict_names[o.node] for o in strict.outcomes)
+    assert set(lost) == {"node-a", "node-v"} and max(lost.values()) >= 3, lost  # both lost votes, one a streak of 3 or more
+    assert strict_quarantine == {}
+    assert all(o.accepted for o in loose.outcomes) and len(loose.outcomes) == 8
+    assert loose_quarantine == {}
 
 
 def test_lost_vote_streaks_count_per_run_and_tolerance_and_an_old_streak_quarantines_nobody():
