@@ -116,6 +116,27 @@ def test_changed_family_code_is_computed_again_and_rqml_models_lists_the_cluster
         assert lines["richardson_lucy"] == ["deconvolution", "richardson_lucy"]
 
 
+def test_rqml_run_says_which_models_the_held_out_rule_cannot_check(tmp_path, small_volume, client):
+    """A family without ``prediction()`` in a ladder, on photon counts: ``rqml run`` says the
+    held-out rule and the guard do not check it; for the README family, which has it, nothing."""
+    blind = FAMILY.replace("    def prediction(self):", "    def _no_prediction(self):")
+    assert blind != FAMILY
+    said = {}
+    for name, family in (("readme", FAMILY), ("blind", blind)):
+        (tmp_path / name).mkdir()
+        config = family_pipeline(tmp_path / name, small_volume, family)
+        config["convergence"]["held_out_fraction"] = 0.2  # photon counts held out: the rule is on
+        done = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "run", str(write_yaml(tmp_path / name / "p.yaml", config)),
+                               "--scheduler", client.scheduler.address, "--no-progress"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=bound(300))
+        assert any(line.startswith("halo ") for line in done.stderr.splitlines()), done.stderr[-2000:]  # the notes were printed
+        said[name] = [line for line in done.stderr.splitlines() if line.startswith("held-out")]
+    assert said["readme"] == []
+    assert said["blind"] == ["held-out     not for my_models:VanCittert: without prediction() (the data its estimate predicts) "
+                             "neither the held-out stopping rule nor the guard against results worse than the input checks it "
+                             "(README: Writing a model family)"]
+
+
 def test_the_readme_family_is_this_one():
     """The README's "Writing a model family" example is the family these tests run."""
     assert FAMILY in (TESTS.parent / "README.md").read_text()

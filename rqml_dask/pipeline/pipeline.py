@@ -41,7 +41,7 @@ from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits, dask_ke
 from rqml_dask.node.handover import run_task, run_vote
 from rqml_dask.camera import OFFSET_FLOOR, Camera, CameraEstimateError, estimate_camera, offset_floor, sample_chunks
 from rqml_dask.held_out import estimate_counts_per_unit
-from rqml_dask.models import TaskClass, load_task_class
+from rqml_dask.models import RefinementModel, TaskClass, load_model, load_task_class
 from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
 from rqml_dask.pipeline.plugins import plugin_digest, ship_plugins
 from rqml_dask.pipeline.verification import OutcomeCheck, unverified
@@ -159,6 +159,9 @@ class Pipeline:
         """How :meth:`tasks` reads the image as camera data, for ``rqml run``'s summary; ``None``: not."""
         self.halo_note: str | None = None
         """The halo the tasks read and the one their operator needs (set by :meth:`tasks`)."""
+        self.held_out_note: str | None = None
+        """Which of the ladder's models the held-out rule cannot check, where it is on (set by
+        :meth:`tasks`); ``None``: it checks every one, or it is off."""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Pipeline:
@@ -302,6 +305,10 @@ class Pipeline:
         models = self.config.models
         checkpoint = self.checkpoint_settings
         refs = replace(refs, counts_per_unit=self._counts_per_unit(image), camera=self._camera(image))
+        blind = [name for name in models.ladder if load_model(name).prediction is RefinementModel.prediction]
+        self.held_out_note = None if refs.counts_per_unit is None or not blind else (
+            f"not for {', '.join(blind)}: without prediction() (the data its estimate predicts) neither the held-out "
+            "stopping rule nor the guard against results worse than the input checks it (README: Writing a model family)")
         width = len(str(len(regions) - 1))
         return [
             RQMLTask(

@@ -126,7 +126,10 @@ class Credentials:
         crl = Path(os.path.expanduser(str(crl)))
         for key, path in paths.items():
             if not path.is_file():
-                raise TrustConfigError(f"Dask config rqml.trust.{key}: {path} is not a file")
+                made = {"ca": "`rqml ca init CA_DIR` makes CA_DIR/ca.pem",
+                        "cert": "`rqml ca issue CA_DIR NAME --role node|scheduler|client` makes CA_DIR/issued/NAME.pem",
+                        "key": "`rqml ca issue CA_DIR NAME ...` makes CA_DIR/issued/NAME-key.pem"}[key]
+                raise TrustConfigError(f"Dask config rqml.trust.{key}: {path} is not a file ({made}; set rqml.trust.{key} to it)")
         return cls(paths["ca"], paths["cert"], paths["key"], crl if crl.is_file() else None)
 
 
