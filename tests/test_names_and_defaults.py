@@ -126,12 +126,13 @@ NETNS_NODE = """
 ip link set lo up
 {python} -m dask scheduler --host 127.0.0.1 --port {port} --dashboard-address 127.0.0.1:0 --preload rqml_dask.scheduler \
     > scheduler.log 2>&1 &
+scheduler=$!
+trap 'kill -9 $scheduler' EXIT
 for allow in false true; do
     DASK_RQML__TRUST__ALLOW_INSECURE=$allow timeout 40 {python} -m dask worker tcp://127.0.0.1:{port} --no-nanny \
         --preload rqml_dask.node --name open --host 0.0.0.0 --dashboard-address 127.0.0.1:0 > worker-$allow.log 2>&1
     echo "$allow exit $?"
 done
-kill %1
 """
 
 
