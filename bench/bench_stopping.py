@@ -9,6 +9,7 @@ input against the truth, a *false acceptance* one accepted whose core does not.
 
     .venv/bin/python bench/bench_stopping.py [--shape 48,96,96] [--tile 24,48,48] [--kinds cells,beads]
         [--camera 100,2,2]   # uint16 camera data: offset (ADU), gain (ADU/photon), read noise (ADU)
+        [--ladder richardson_lucy_accelerated,richardson_lucy_tv]   # another ladder than the quickstart's
 """
 
 from __future__ import annotations
@@ -57,11 +58,17 @@ def main() -> None:
     parser.add_argument("--psfs", default="gaussian,widefield")
     parser.add_argument("--camera", default=None, help="OFFSET,GAIN[,READ_NOISE]: uint16 camera data (ADU), read with input.camera given")
     parser.add_argument("--oracle-iterations", type=int, default=150)
+    parser.add_argument("--ladder", default=None, help="models, comma-separated (default: the quickstart file's ladder)")
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     tile = tuple(int(v) for v in args.tile.split(","))
     root = Path(tempfile.mkdtemp(prefix="rqml-stopping-"))
     quickstart = load_pipeline_config("pipelines/quickstart.yaml")
+    if args.ladder is not None:
+        ladder = args.ladder.split(",")
+        quickstart = quickstart.model_copy(update={"models": quickstart.models.model_copy(update={
+            "ladder": ladder, "params": {m: p for m, p in quickstart.models.params.items() if m in ladder}})})
+    print(f"ladder: {', '.join(quickstart.models.ladder)}")
     print("| object | PSF | photons | observed error | pipeline error | oracle best (iteration) | pipeline / oracle "
           "| iterations: pipeline / oracle | states | false rejections | false acceptances |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

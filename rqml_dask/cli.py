@@ -233,6 +233,7 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, prog
         if pipeline.camera_note is not None:
             click.echo(f"camera       {pipeline.camera_note}", err=True)
         click.echo(f"halo         {pipeline.halo_note}", err=True)
+        click.echo(f"transform    {pipeline.transform_note}", err=True)
         if pipeline.held_out_note is not None:
             click.secho(f"held-out     {pipeline.held_out_note}", err=True, fg="yellow")
         if secure:

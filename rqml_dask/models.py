@@ -97,6 +97,12 @@ class TaskClass(abc.ABC):
     def image_axes(self, ndim: int) -> tuple[str, ...] | None:
         return None
 
+    def transform_shape(self, operator: np.ndarray, window_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape a task of this class with a window of ``window_shape`` computes on (its
+        FFTs' shape, for a class that transforms); ``rqml run`` prints how much larger than
+        a tile's core that is. By default the window itself."""
+        return tuple(window_shape)
+
 
 class RefinementModel(abc.ABC):
     """One model refining one task, written once for every array backend.

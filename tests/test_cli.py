@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 
@@ -37,6 +38,11 @@ def test_synth_then_run_prints_summary_with_both_errors(tmp_path):
     # the halo it reads, and that it is what the PSF needs (pipeline_dict's halo: auto)
     assert re.search(r"^halo\s+\(\d+, \d+, \d+\) voxels per side \(auto: what this psf needs for up to \d+ iterations\)$",
                      done.stderr, re.M), done.stderr
+    # what a tile computes on (its FFTs' shape), and how many times its core's 10x20x20 voxels
+    transform = re.search(r"^transform\s+a tile computes on \((\d+), (\d+), (\d+)\): ([\d.]+)x its core's voxels$", done.stderr, re.M)
+    assert transform, done.stderr
+    shape = [int(v) for v in transform.groups()[:3]]
+    assert all(n > t for n, t in zip(shape, (10, 20, 20))) and float(transform[4]) == round(np.prod(shape) / (10 * 20 * 20), 2)
     assert re.search(r"^tasks\s+8 \(", done.stdout, re.M)
     errors = re.search(r"error vs truth \(relative RMSE\): input ([\d.]+) -> output ([\d.]+)", done.stdout)
     assert errors and float(errors[2]) < float(errors[1])

@@ -45,6 +45,11 @@ class Deconvolution(TaskClass):
 
         return halo_for(operator, iterations)
 
+    def transform_shape(self, operator: np.ndarray, window_shape: tuple[int, ...]) -> tuple[int, ...]:
+        from rqml_plugins.deconvolution._convolution import transform_shape
+
+        return transform_shape(window_shape, tuple(operator.shape))
+
     def probe_problem(self, backend: ArrayBackend) -> dict[str, Array]:
         grid = np.indices((8, 12, 12), dtype=np.float32)
         image = 1.0 + np.exp(-(((grid - np.array([4, 6, 6], np.float32)[:, None, None, None]) ** 2).sum(0)) / 4)

@@ -43,8 +43,6 @@ class Convolver:
     """
 
     def __init__(self, psf: Array, image_shape: tuple[int, ...], backend: ArrayBackend, background: float = 0.0) -> None:
-        from scipy.fft import next_fast_len
-
         if psf.ndim != len(image_shape) or any(p > n for p, n in zip(psf.shape, image_shape, strict=True)):
             raise ValueError(
                 f"psf of shape {psf.shape} does not fit images of shape {image_shape}: "
@@ -59,9 +57,9 @@ class Convolver:
         """Where the image's voxels sit in the object domain."""
         self._predicted_for: Array | None = None
         self._predicted: Array | None = None
-        # A circular convolution of length L >= the object's size wraps the full result's tail
-        # only onto indices before the valid part, and the adjoint's full result fits in L.
-        self.fft_shape = tuple(next_fast_len(m, True) for m in self.object_shape)
+        self._image_norm: tuple[Array, float] | None = None
+        """The last image :meth:`residual_norm` was given, and its squared norm."""
+        self.fft_shape = transform_shape(self.image_shape, tuple(psf.shape))
         self._valid = tuple(slice(p - 1, p - 1 + n) for n, p in zip(image_shape, psf.shape, strict=True))
         self._whole = tuple(slice(0, m) for m in self.object_shape)
         total = float(xp.sum(xp.astype(psf, xp.float64)))
@@ -111,8 +109,8 @@ class Convolver:
 
     def prediction(self, estimate: Array) -> Array:
         """What ``estimate`` predicts the data to be, :meth:`forward` plus ``background``,
-        kept for the last estimate given, so a check's misfit and its held-out score share
-        one convolution. For estimates that are never modified in place (``immutable_state``
+        kept for the last estimate given, so a check's misfit, its held-out score and the next
+        Richardson-Lucy step share one convolution. For estimates that are never modified in place (``immutable_state``
         models); callers must not modify the result."""
         if self._predicted_for is not estimate:
             predicted = self.forward(estimate)
@@ -124,16 +122,28 @@ class Convolver:
     def residual_norm(self, estimate: Array, image: Array) -> float:
         """``||prediction(estimate) - image||_2 / ||image||_2``, summed in float64.
 
-        The convolution is recomputed here (:meth:`prediction`), apart from any iteration's own
-        arithmetic; in float32, whose rounding (~1e-7 relative) is far below any convergence
+        The convolution is :meth:`prediction`'s (the next step reuses it); in float32, whose rounding (~1e-7 relative) is far below any convergence
         tolerance, so a check costs half an iteration rather than the two of a float64
         convolution. A zero ``||image||`` is not divided by.
         """
         xp = self.backend.xp
         residual = self.prediction(estimate) - image
-        image_sq = float(xp.sum(image * image, dtype=xp.float64))
+        if self._image_norm is None or self._image_norm[0] is not image:  # a task's image does not change
+            self._image_norm = (image, float(xp.sum(image * image, dtype=xp.float64)))
+        image_sq = self._image_norm[1]
         residual_sq = float(xp.sum(residual * residual, dtype=xp.float64))
         return (residual_sq / (image_sq if image_sq > 0.0 else 1.0)) ** 0.5
+
+
+def transform_shape(image_shape: tuple[int, ...], psf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a :class:`Convolver` of images of ``image_shape`` and a PSF of ``psf_shape``
+    transforms at: per axis the object domain's length ``n + p - 1`` rounded up to a length
+    the FFT is fast at. (A circular convolution of length ``L`` >= the object's wraps the full
+    result's tail only onto indices before the valid part, and the adjoint's full result
+    fits in ``L``.)"""
+    from scipy.fft import next_fast_len
+
+    return tuple(next_fast_len(n + p - 1, True) for n, p in zip(image_shape, psf_shape, strict=True))
 
 
 def halo_for(psf: np.ndarray, iterations: int, tolerance: float = 0.02) -> tuple[int, ...]:

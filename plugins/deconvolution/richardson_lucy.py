@@ -61,10 +61,11 @@ class RichardsonLucy(RefinementModel):
         self._object = self.convolver.extend(estimate)
 
     def _correction(self, x: Array) -> Array:
-        """The Richardson-Lucy factor ``adjoint(image / (forward(x) + 1e-12)) / adjoint(ones)``
-        (a fresh array)."""
-        blurred = self.convolver.forward(x)
-        blurred += self.convolver.background + EPSILON
+        """The Richardson-Lucy factor ``adjoint(image / (forward(x) + background + 1e-12)) /
+        adjoint(ones)`` (a fresh array). ``forward(x) + background`` is the convolver's
+        :meth:`~Convolver.prediction`: a convergence check of ``x`` just made it, and the
+        step after the check takes it from there instead of blurring ``x`` again."""
+        blurred = self.convolver.prediction(x) + EPSILON
         correction = self.convolver.adjoint(self.image / blurred)
         correction *= self.convolver.normalisation
         return correction

@@ -159,6 +159,9 @@ class Pipeline:
         """How :meth:`tasks` reads the image as camera data, for ``rqml run``'s summary; ``None``: not."""
         self.halo_note: str | None = None
         """The halo the tasks read and the one their operator needs (set by :meth:`tasks`)."""
+        self.transform_note: str | None = None
+        """What the largest window computes on (its FFTs' shape, for deconvolution) and how many
+        times its core's voxels that is (set by :meth:`tasks`)."""
         self.held_out_note: str | None = None
         """Which of the ladder's models the held-out rule cannot check, where it is on (set by
         :meth:`tasks`); ``None``: it checks every one, or it is off."""
@@ -302,6 +305,10 @@ class Pipeline:
                           + f"what this {self.task_class.operator_key} needs for up to {iterations} iterations"
                           + (")" if all(h >= n for h, n in zip(halo, needed)) else "): tiles may differ from an untiled run"))
         regions = plan_regions(image.shape, tiling.tile, halo)
+        largest = max(regions, key=lambda r: math.prod(b - a for a, b in r.window))
+        transform = self.task_class.transform_shape(operator, tuple(b - a for a, b in largest.window))
+        self.transform_note = (f"a tile computes on {transform}: {math.prod(transform) / math.prod(b - a for a, b in largest.core):.2f}x "
+                               "its core's voxels")
         models = self.config.models
         checkpoint = self.checkpoint_settings
         refs = replace(refs, counts_per_unit=self._counts_per_unit(image), camera=self._camera(image))
