@@ -122,7 +122,11 @@ class _Topic(click.Choice):
         super().__init__([topic.removeprefix(_TOPIC_PREFIX) for topic in TOPICS])
 
     def convert(self, value, param, ctx) -> str:
-        return _TOPIC_PREFIX + super().convert(str(value).removeprefix(_TOPIC_PREFIX), param, ctx)
+        """The full name; an unknown topic is one line naming the known ones (exit status 1)."""
+        try:
+            return _TOPIC_PREFIX + super().convert(str(value).removeprefix(_TOPIC_PREFIX), param, ctx)
+        except click.BadParameter as exc:
+            raise click.ClickException(f"--topic: {exc.message}") from None
 
 
 def _ints(text: str) -> tuple[int, ...]:
