@@ -25,7 +25,7 @@ from distributed import Client
 
 from rqml_dask import Pipeline
 from rqml_dask.arrays import numpy_backend
-from rqml_dask.cluster import embedded_cluster
+from rqml_dask.deploy.local import embedded_cluster
 from rqml_dask.node.checkpointer import Checkpointer
 from rqml_dask.node.orchestrator import NodeOrchestrator
 from rqml_dask.messages import NodePolicy

@@ -31,7 +31,7 @@ from distributed import Client, LocalCluster, wait
 
 from bench_pipeline import baseline_tile
 from rqml_dask import Pipeline
-from rqml_dask.cluster import PRELOADS, SCHEDULER_PRELOADS
+from rqml_dask.deploy.local import PRELOADS, SCHEDULER_PRELOADS
 from rqml_dask.pipeline import load_pipeline_config
 from rqml_dask.synthetic import SynthSpec, write_synthetic
 

@@ -23,7 +23,7 @@ import numpy as np
 from distributed import Client
 
 from rqml_dask.arrays import numpy_backend
-from rqml_dask.cluster import embedded_cluster
+from rqml_dask.deploy.local import embedded_cluster
 from rqml_dask.pipeline import Pipeline, load_pipeline_config
 from rqml_dask.pipeline.config import CameraSpec, ClusterSpec
 from rqml_dask.synthetic import SynthSpec, write_synthetic

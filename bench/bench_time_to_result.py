@@ -35,7 +35,7 @@ import zarr
 from distributed import Client
 
 from rqml_dask import Pipeline
-from rqml_dask.cluster import embedded_cluster
+from rqml_dask.deploy.local import embedded_cluster
 from rqml_dask.pipeline import load_pipeline_config
 from rqml_dask.pipeline.config import ClusterSpec
 from rqml_dask.synthetic import SynthSpec, write_synthetic

@@ -34,7 +34,7 @@ import psutil
 from distributed import Client
 
 from rqml_dask import Pipeline
-from rqml_dask.cluster import embedded_cluster
+from rqml_dask.deploy.local import embedded_cluster
 from rqml_dask.pipeline import load_pipeline_config
 from rqml_dask.pipeline.config import ClusterSpec, PipelineConfig
 from rqml_dask.synthetic import SynthSpec, write_synthetic

@@ -221,7 +221,7 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, prog
     config = load_pipeline_config(pipeline_file)  # a bad file is refused before Dask is even imported
     from distributed import Client
 
-    from rqml_dask.cluster import embedded_cluster, secure_embedded_cluster
+    from rqml_dask.deploy.local import embedded_cluster, secure_embedded_cluster
     from rqml_dask.config import check_all
     from rqml_dask.pipeline.pipeline import Pipeline, PipelineError
     from rqml_dask.run_lock import writing

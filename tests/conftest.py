@@ -10,7 +10,7 @@ import pytest
 import yaml
 from distributed import Client
 
-from rqml_dask.cluster import embedded_cluster
+from rqml_dask.deploy.local import embedded_cluster
 from rqml_dask.pipeline.config import ClusterSpec
 from rqml_dask.synthetic import SynthSpec, SystemsSpec, write_synthetic, write_systems
 

@@ -61,7 +61,7 @@ def test_the_embedded_cluster_is_dask_cuda_and_nodes_advertise_their_gpu(tmp_pat
     from distributed import Client
 
     from rqml_dask import Pipeline
-    from rqml_dask.cluster import embedded_cluster
+    from rqml_dask.deploy.local import embedded_cluster
     from rqml_dask.pipeline.config import ClusterSpec
 
     from conftest import pipeline_dict, write_yaml

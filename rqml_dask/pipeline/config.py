@@ -158,13 +158,98 @@ class CheckpointSpec(_Strict):
     retention: Literal["delete", "keep"] = "delete"
 
 
-class ClusterSpec(_Strict):
-    """The embedded cluster ``rqml run`` starts when no ``--scheduler`` is given."""
+class AdaptSpec(_Strict):
+    """Dask's adaptive scaling (``cluster.adapt(minimum=, maximum=)``) of a batch or
+    Kubernetes cluster: between ``minimum`` and ``maximum`` nodes by the work waiting. A node
+    is never retired while it holds a refining task (:mod:`rqml_dask.deploy.retiring`)."""
 
+    minimum: int = Field(default=0, ge=0)
+    maximum: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AdaptSpec":
+        if self.minimum > self.maximum:
+            raise ValueError(f"adapt.minimum ({self.minimum}) is more than adapt.maximum ({self.maximum})")
+        return self
+
+
+class JobQueueSpec(_Strict):
+    """Nodes as batch jobs (dask-jobqueue's ``SLURMCluster`` / ``PBSCluster``), one node per
+    job, with the scheduler in the ``rqml run`` process (the login node). Names: ``node-0``,
+    ``node-1``, ...; a job that ends while the cluster still wants its node is submitted
+    again under the same name, and resumes that node's checkpoints."""
+
+    jobs: int = Field(default=2, gt=0)
+    """Nodes to start (without ``adapt``)."""
+    adapt: AdaptSpec | None = None
+    cores: int = Field(default=1, gt=0)
+    """CPU cores per job; the node runs that many threads."""
+    memory: str = "4GiB"
+    """Memory per job (what the job asks for and the node's memory limit)."""
+    walltime: str = "01:00:00"
+    queue: str | None = None
+    """The partition (Slurm) or queue (PBS)."""
+    account: str | None = None
+    job_extra_directives: list[str] = []
+    """More ``#SBATCH`` / ``#PBS`` lines, e.g. ``["--gres=gpu:1"]``."""
+    job_script_prologue: list[str] = []
+    """Shell lines each job runs before its node starts (``module load ...``, activating an environment)."""
+    python: str | None = None
+    """The Python that runs the node on the compute hosts (default: this one's)."""
+    interface: str | None = None
+    """The network interface the scheduler and nodes bind (``ib0``, ``eth0``; ``lo`` on one host)."""
+    local_directory: str | None = None
+    """Each job's local directory (node-local disk, e.g. ``$TMPDIR``): the node's LMDB and spill."""
+    log_directory: str | None = None
+    """Where the jobs' output files go (default: the batch system's)."""
+    gpu: bool = False
+    """Start ``dask cuda worker`` (one node per GPU of the job) instead of ``dask worker``."""
+
+
+class KubernetesSpec(_Strict):
+    """Nodes as pods of a ``DaskCluster`` of the Dask Kubernetes operator
+    (:mod:`rqml_dask.deploy.kubernetes`)."""
+
+    image: str = "ghcr.io/rqml-dask/rqml-dask:0.1.0"
+    n_workers: int = Field(default=2, gt=0)
+    adapt: AdaptSpec | None = None
+    namespace: str | None = None
+    cpu: str = "1"
+    memory: str = "4Gi"
+    gpu: bool = False
+    """GPU nodes: ``dask cuda worker`` on pods that ask for one ``nvidia.com/gpu`` each."""
+    trust_secret: str | None = None
+    """A Secret holding ``ca.pem``, ``cert.pem`` and ``key.pem`` (pqtls:// credentials)."""
+
+
+ClusterKind = Literal["local", "slurm", "pbs", "kubernetes", "address"]
+
+
+class ClusterSpec(_Strict):
+    """Where ``rqml run`` runs the pipeline (``kind``; ``rqml run --cluster KIND`` overrides
+    it, ``--scheduler ADDRESS`` is ``kind: address``):
+
+    - ``local`` (default): the embedded cluster, set by the fields at this level;
+    - ``slurm`` / ``pbs``: nodes as batch jobs, set by the ``slurm`` / ``pbs`` section;
+    - ``kubernetes``: a Dask operator cluster, set by the ``kubernetes`` section;
+    - ``address``: the running scheduler at ``address``.
+    """
+
+    kind: ClusterKind = "local"
     n_workers: int | None = Field(default=None, gt=0)
     threads_per_worker: int = Field(default=1, gt=0)
     memory_limit: str = "auto"
     dashboard_address: str = "127.0.0.1:8787"
+    slurm: JobQueueSpec = JobQueueSpec()
+    pbs: JobQueueSpec = JobQueueSpec()
+    kubernetes: KubernetesSpec = KubernetesSpec()
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _address_given(self) -> "ClusterSpec":
+        if self.kind == "address" and not self.address:
+            raise ValueError("kind 'address' needs the scheduler's address (address: tcp://HOST:PORT)")
+        return self
 
 
 class TaskDefaults(_Strict):
