@@ -207,27 +207,38 @@ def main() -> None:
 @_scheduler_options(required=False, help="Use this Dask scheduler instead of an embedded cluster.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar while tasks run.")
 @click.option("--overwrite", is_flag=True, help="Replace an output another pipeline configuration wrote.")
+@click.option("--cluster", "cluster_kind", type=click.Choice(["local", "slurm", "pbs", "kubernetes"]),
+              help="Where to run (overrides the pipeline's cluster.kind): the embedded cluster, Slurm or PBS jobs, "
+                   "or Kubernetes pods, set by the pipeline's cluster section of that name.")
 @click.option("--secure", is_flag=True,
               help="Run the embedded cluster over pqtls:// (post-quantum TLS), with throw-away certificates.")
-def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, progress: bool, overwrite: bool, secure: bool) -> None:
+def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, cluster_kind: str | None, progress: bool,
+        overwrite: bool, secure: bool) -> None:
     """Run every task of PIPELINE_FILE and write its output Zarr."""
     from rqml_dask.pipeline.config import load_pipeline_config
     from rqml_dask.volumes import InputError
 
-    if secure and scheduler:
-        raise click.ClickException("--secure starts an embedded cluster; for a cluster of your own, "
-                                   "give --scheduler pqtls://... and this host's rqml.trust credentials")
-
+    if scheduler and cluster_kind:
+        raise click.ClickException("give --scheduler (a running cluster) or --cluster (one to start), not both")
     config = load_pipeline_config(pipeline_file)  # a bad file is refused before Dask is even imported
+    if cluster_kind:
+        config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"kind": cluster_kind})})
+    if config.cluster.kind == "address" and not scheduler:
+        scheduler = config.cluster.address
+    kind = "address" if scheduler else config.cluster.kind
+    if secure and kind != "local":
+        raise click.ClickException("--secure starts the embedded cluster over pqtls://; for a cluster of your own, "
+                                   "give --scheduler pqtls://... and this host's rqml.trust credentials")
     from distributed import Client
 
-    from rqml_dask.deploy.local import embedded_cluster, secure_embedded_cluster
     from rqml_dask.config import check_all
+    from rqml_dask.deploy import start_cluster
+    from rqml_dask.deploy.local import secure_embedded_cluster
     from rqml_dask.pipeline.pipeline import Pipeline, PipelineError
     from rqml_dask.run_lock import writing
 
-    if not scheduler:
-        check_all()  # the embedded cluster's settings: refused here, not by each of its processes
+    if kind != "address":
+        check_all()  # the started cluster's settings: refused here, not by each of its processes
     with contextlib.ExitStack() as stack:
         if scheduler:  # reached before the input is read (or generated)
             client = stack.enter_context(_client(scheduler, connect_timeout))
@@ -246,8 +257,11 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, prog
             peer = client.scheduler_comm.comm.extra_info()
             click.echo(f"secure       {client.scheduler.address}: certificate {peer['peer_name']}, key exchange {peer['group']}", err=True)
         elif not scheduler:
-            cluster = stack.enter_context(embedded_cluster(pipeline.config.cluster))
+            cluster = stack.enter_context(start_cluster(pipeline.config.cluster))
             client = stack.enter_context(Client(cluster))
+            if kind != "local":
+                nodes = ", ".join(map(str, getattr(cluster, "worker_spec", ()))) or "as the work asks (adapt)"
+                click.echo(f"cluster      {kind} at {cluster.scheduler_address}: nodes {nodes}; tasks wait for them", err=True)
         click.echo(f"dashboard    {client.dashboard_link}", err=True)
         rqml_pages = client.dashboard_link.replace("/status", "/rqml")
         click.echo(f"rqml pages   {rqml_pages} (tiles, convergence, nodes, events: {rqml_pages}-tiles, ...)", err=True)

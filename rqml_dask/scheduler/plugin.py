@@ -65,7 +65,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from distributed.comm import CommClosedError
 from distributed.core import normalize_address
-from distributed.scheduler import TaskState
+from distributed.scheduler import TaskState, WorkerState
 from distributed.utils import log_errors
 from tornado.ioloop import PeriodicCallback
 from pydantic import ValidationError
@@ -358,6 +358,12 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.ledger.node_left(worker)
         if node is not None and node.bound:
             logger.info("node %s lost with %d RQML tasks", worker, len(node.bound))
+
+    def valid_workers_downscaling(self, scheduler: Scheduler, workers: list[WorkerState]) -> list[WorkerState]:
+        """Which of ``workers`` Dask may retire when it scales down (``cluster.adapt``,
+        ``workers_to_close``): none that holds a refining RQML task. A node retired when idle
+        stops as every node does, its checkpoint writers flushed first."""
+        return [ws for ws in workers if not ((node := self.nodes.get(ws.address)) is not None and node.bound)]
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic == events.TASK_RESULTS and isinstance(msg, dict):

@@ -1,0 +1,102 @@
+"""Nodes as batch jobs: Slurm or PBS through dask-jobqueue (``cluster.kind: slurm | pbs``).
+
+The scheduler runs in the ``rqml run`` process (the login node) with the RQML scheduler
+plugin preloaded; each job runs one node (``dask worker --worker-class
+rqml_dask.node.RQMLWorker --preload rqml_dask.node``, or ``dask cuda worker`` with ``gpu``)
+with the embedded cluster's worker settings (:data:`~rqml_dask.deploy.local.WORKER_ENVIRON`,
+:data:`~rqml_dask.deploy.local.WORKER_CONFIG`) exported by the job script.
+
+Nodes are named ``node-0``, ``node-1``, ...: a job that ends while the cluster still wants
+its node (cancelled, pre-empted, out of walltime, its host lost) is submitted again under the
+same name once Dask gives the worker up (``distributed.deploy.lost-worker-timeout``), and the
+new job's node takes up that node's checkpoints (:class:`~rqml_dask.node.RQMLWorker`'s node
+directory, under the job's ``local_directory``). Meanwhile its tasks resume on the other
+nodes from the shared checkpoints (``checkpoint.artifacts`` on the shared filesystem, or
+etcd / Consul). With ``adapt``, Dask's adaptive scaling retires only nodes that hold no
+refining task (the scheduler plugin's ``valid_workers_downscaling``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+from typing import Literal
+
+import dask
+from dask.utils import parse_timedelta
+from distributed.core import Status
+from distributed.deploy import Cluster
+
+from rqml_dask.deploy.local import PRELOADS, SCHEDULER_PRELOADS, WORKER_CONFIG, WORKER_ENVIRON
+from rqml_dask.pipeline.config import ClusterSpec, JobQueueSpec
+
+logger = logging.getLogger(__name__)
+
+NODE_ARGUMENTS = ["--worker-class", "rqml_dask.node.RQMLWorker", *(a for p in PRELOADS for a in ("--preload", p))]
+"""What each job's ``dask worker`` / ``dask cuda worker`` is given besides dask-jobqueue's own."""
+JOB_NAME = "rqml-node"
+"""The batch system's name of every job (``squeue``, ``qstat``)."""
+
+
+def job_environment() -> list[str]:
+    """The job script's ``export`` lines: the worker settings of the embedded cluster."""
+    config = {f"DASK_{k.upper().replace('.', '__').replace('-', '_')}": str(v) for k, v in WORKER_CONFIG.items()}
+    return [f"export {name}={shlex.quote(value)}" for name, value in {**WORKER_ENVIRON, **config}.items()]
+
+
+class _StableNodes:
+    """A dask-jobqueue cluster whose nodes keep their names: ``node-I``, and a lost job's
+    node submitted again under its name."""
+
+    def _new_worker_name(self, worker_number: int) -> str:
+        return f"node-{worker_number}"
+
+    def _update_worker_status(self, op: str, msg: object) -> None:
+        name = self.scheduler_info["workers"].get(msg, {}).get("name") if op == "remove" else None  # type: ignore[attr-defined]
+        super()._update_worker_status(op, msg)  # type: ignore[misc]
+        if name is not None:  # after Dask drops the lost job (the same delay, so later)
+            delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+            asyncio.get_running_loop().call_later(delay, self._submit_again, name)
+
+    def _submit_again(self, name: str) -> None:
+        if self.status == Status.running and name in self.worker_spec and name not in self.workers:  # type: ignore[attr-defined]
+            logger.warning("node %s: its job ended while the cluster still wants it; submitting a new job under its name", name)
+            self._correct_state()  # type: ignore[attr-defined]
+
+
+def start(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Cluster:
+    """A dask-jobqueue cluster of ``kind`` set by ``spec``'s section of that name, scaled to
+    its ``jobs`` (or adaptive between its ``adapt`` bounds). Raises ``ImportError`` naming the
+    extra when dask-jobqueue is not installed."""
+    try:
+        from dask_jobqueue import PBSCluster, SLURMCluster
+    except ImportError as exc:
+        raise ImportError(f"cluster kind '{kind}' needs dask-jobqueue: pip install 'rqml-dask[cluster]'") from exc
+    jobs: JobQueueSpec = getattr(spec, kind)
+    base = SLURMCluster if kind == "slurm" else PBSCluster
+    cls = type(f"RQML{base.__name__}", (_StableNodes, base), {})
+    options = {"account": jobs.account} if jobs.account else {}
+    cluster = cls(
+        cores=jobs.cores,
+        processes=1,  # one node per job: its name is the job's
+        memory=jobs.memory,
+        walltime=jobs.walltime,
+        queue=jobs.queue,
+        job_name=JOB_NAME,
+        job_extra_directives=jobs.job_extra_directives,
+        job_script_prologue=[*job_environment(), *jobs.job_script_prologue],
+        python=jobs.python,
+        interface=jobs.interface,
+        local_directory=jobs.local_directory,
+        log_directory=jobs.log_directory,
+        worker_command="dask_cuda.cli worker" if jobs.gpu else "distributed.cli.dask_worker",
+        worker_extra_args=NODE_ARGUMENTS,
+        scheduler_options={"preload": SCHEDULER_PRELOADS, "dashboard_address": spec.dashboard_address},
+        **options,
+    )
+    if jobs.adapt is not None:
+        cluster.adapt(minimum_jobs=jobs.adapt.minimum, maximum_jobs=jobs.adapt.maximum)
+    else:
+        cluster.scale(jobs=jobs.jobs)
+    return cluster
