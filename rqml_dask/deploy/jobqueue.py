@@ -65,36 +65,46 @@ class _StableNodes:
             self._correct_state()  # type: ignore[attr-defined]
 
 
-def start(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Cluster:
-    """A dask-jobqueue cluster of ``kind`` set by ``spec``'s section of that name, scaled to
-    its ``jobs`` (or adaptive between its ``adapt`` bounds). Raises ``ImportError`` naming the
-    extra when dask-jobqueue is not installed."""
+def cluster_class(kind: Literal["slurm", "pbs"]) -> type[Cluster]:
+    """dask-jobqueue's ``SLURMCluster`` or ``PBSCluster`` with stable node names. Raises
+    ``ImportError`` naming the extra when dask-jobqueue is not installed."""
     try:
         from dask_jobqueue import PBSCluster, SLURMCluster
     except ImportError as exc:
         raise ImportError(f"cluster kind '{kind}' needs dask-jobqueue: pip install 'rqml-dask[cluster]'") from exc
-    jobs: JobQueueSpec = getattr(spec, kind)
     base = SLURMCluster if kind == "slurm" else PBSCluster
-    cls = type(f"RQML{base.__name__}", (_StableNodes, base), {})
-    options = {"account": jobs.account} if jobs.account else {}
-    cluster = cls(
-        cores=jobs.cores,
-        processes=1,  # one node per job: its name is the job's
-        memory=jobs.memory,
-        walltime=jobs.walltime,
-        queue=jobs.queue,
-        job_name=JOB_NAME,
-        job_extra_directives=jobs.job_extra_directives,
-        job_script_prologue=[*job_environment(), *jobs.job_script_prologue],
-        python=jobs.python,
-        interface=jobs.interface,
-        local_directory=jobs.local_directory,
-        log_directory=jobs.log_directory,
-        worker_command="dask_cuda.cli worker" if jobs.gpu else "distributed.cli.dask_worker",
-        worker_extra_args=NODE_ARGUMENTS,
-        scheduler_options={"preload": SCHEDULER_PRELOADS, "dashboard_address": spec.dashboard_address},
-        **options,
-    )
+    return type(f"RQML{base.__name__}", (_StableNodes, base), {})
+
+
+def cluster_options(jobs: JobQueueSpec, dashboard_address: str) -> dict[str, object]:
+    """The keyword arguments of :func:`cluster_class` for ``jobs``: one node per job, started
+    with :data:`NODE_ARGUMENTS` and :func:`job_environment`, and the scheduler with the RQML
+    scheduler plugin."""
+    return {
+        "cores": jobs.cores,
+        "processes": 1,  # one node per job: its name is the job's
+        "memory": jobs.memory,
+        "walltime": jobs.walltime,
+        "queue": jobs.queue,
+        **({"account": jobs.account} if jobs.account else {}),
+        "job_name": JOB_NAME,
+        "job_extra_directives": jobs.job_extra_directives,
+        "job_script_prologue": [*job_environment(), *jobs.job_script_prologue],
+        "python": jobs.python,
+        "interface": jobs.interface,
+        "local_directory": jobs.local_directory,
+        "log_directory": jobs.log_directory,
+        "worker_command": "dask_cuda.cli worker" if jobs.gpu else "distributed.cli.dask_worker",
+        "worker_extra_args": NODE_ARGUMENTS,
+        "scheduler_options": {"preload": SCHEDULER_PRELOADS, "dashboard_address": dashboard_address},
+    }
+
+
+def start(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Cluster:
+    """A cluster of ``kind``'s jobs set by ``spec``'s section of that name, scaled to its
+    ``jobs`` (or adaptive between its ``adapt`` bounds)."""
+    jobs: JobQueueSpec = getattr(spec, kind)
+    cluster = cluster_class(kind)(**cluster_options(jobs, spec.dashboard_address))
     if jobs.adapt is not None:
         cluster.adapt(minimum_jobs=jobs.adapt.minimum, maximum_jobs=jobs.adapt.maximum)
     else:
