@@ -259,9 +259,8 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
         elif not scheduler:
             cluster = stack.enter_context(start_cluster(pipeline.config.cluster))
             client = stack.enter_context(Client(cluster))
-            if kind != "local":
-                nodes = ", ".join(map(str, getattr(cluster, "worker_spec", ()))) or "as the work asks (adapt)"
-                click.echo(f"cluster      {kind} at {cluster.scheduler_address}: nodes {nodes}; tasks wait for them", err=True)
+        if not scheduler:
+            click.echo(f"cluster      {kind} at {client.scheduler.address}: {_nodes_of(cluster, kind)}", err=True)
         click.echo(f"dashboard    {client.dashboard_link}", err=True)
         rqml_pages = client.dashboard_link.replace("/status", "/rqml")
         click.echo(f"rqml pages   {rqml_pages} (tiles, convergence, nodes, events: {rqml_pages}-tiles, ...)", err=True)
@@ -275,6 +274,16 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
         click.echo(f"{len(report.rejected)} of {len(report.outcomes)} task(s) not accepted "
                    f"(listed above): output marked 'rejected'", err=True)
         sys.exit(1)
+
+
+def _nodes_of(cluster, kind: str) -> str:
+    """The nodes a started cluster asked for, as ``rqml run`` prints them."""
+    if kind == "kubernetes":
+        return "pods of the Dask operator; tasks wait for them"
+    names = ", ".join(map(str, cluster.worker_spec))
+    if kind == "local":
+        return f"nodes {names}"
+    return f"nodes {names} (batch jobs); tasks wait for them" if names else "none yet: jobs are submitted as the work asks (adapt)"
 
 
 def _pictures(store: Path) -> None:

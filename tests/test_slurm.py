@@ -90,6 +90,6 @@ def test_an_adaptive_slurm_cluster_starts_from_no_job_and_ends_with_every_task_a
     done = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "run", str(write_yaml(tmp_path / "p.yaml", config)),
                            "--no-progress", "--cluster", "slurm"], capture_output=True, text=True, env=slurm.environ, timeout=bound(300))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "nodes as the work asks (adapt)" in done.stderr, done.stderr
+    assert "none yet: jobs are submitted as the work asks (adapt)" in done.stderr, done.stderr
     assert re.search(r"^tasks\s+8 \(8 accepted\)", done.stdout, re.M), done.stdout
     assert 1 <= len(list((tmp_path / "logs").glob("rqml-node-*.err"))) <= 2  # jobs submitted as work waited, at most the maximum
