@@ -9,13 +9,15 @@ rqml_dask.node.RQMLWorker --preload rqml_dask.node`` (``dask cuda worker`` with 
 name by the operator (``$(DASK_SCHEDULER_ADDRESS)``, ``$(DASK_WORKER_NAME)``, which it sets
 in every worker container). Every container reads the image's ``configs/``
 (:data:`CONFIG_DIR`: the workers' malloc and profiler settings of ``configs/dask.yaml``).
-The dashboards stay on the pod's loopback (``kubectl port-forward`` reaches them); the
-scheduler's probes ask its ``/health`` from inside the pod.
+The nodes' HTTP endpoints stay on their pod's loopback (``kubectl port-forward`` reaches them).
 
 Without ``trust_secret`` the cluster speaks plain ``tcp://`` and every process sets
 ``rqml.trust.allow-insecure`` (a pod listens beyond loopback, which the scheduler and node
 preloads refuse over ``tcp://`` otherwise): anyone who reaches the pods' network runs code
 on them, so only in a namespace where every pod and user that can reach them is trusted.
+Its scheduler sets ``rqml.trust.expose-http`` too: the operator's probes, and its scaling
+down and autoscaling, ask the scheduler's dashboard at the pod's address (a refused
+connection there fails the operator's handler, it does not fall back to the Dask RPC).
 With ``trust_secret: S`` it speaks ``pqtls://``: the scheduler and the node each hold their
 own certificate of the cluster's CA, in Secrets of ``ca.pem``, ``cert.pem``, ``key.pem``
 (and optionally the CA's ``crl.pem``): ``S-scheduler`` (a ``scheduler`` certificate) and
@@ -23,7 +25,9 @@ own certificate of the cluster's CA, in Secrets of ``ca.pem``, ``cert.pem``, ``k
 :data:`TRUST_DIR` in its pods, with ``rqml.trust.{ca,cert,key,crl}`` pointing there. A node
 registers only under its certificate's name and Dask takes one worker per name, so a secure
 worker group is one node (its ``--name`` is its certificate's); more nodes are more worker
-groups with Secrets of their own (``deploy/kubernetes/rqml-secure-cluster.yaml``).
+groups with Secrets of their own (``deploy/kubernetes/rqml-secure-cluster.yaml``). Its
+dashboard stays on loopback (its probes ask ``/health`` from inside the pod), so the
+operator can neither scale nor autoscale it: a node leaves with its worker group.
 
 :func:`start` runs the resource with dask-kubernetes' ``KubeCluster`` (plain ``tcp://``
 only: ``KubeCluster`` reaches its scheduler at a ``tcp://`` address).
@@ -51,7 +55,7 @@ NODE_HTTP_PORT = 8788
 NODE_ARGUMENTS = ["--worker-class", "rqml_dask.node.RQMLWorker", *(a for p in PRELOADS for a in ("--preload", p))]
 HEALTH_PROBE = ["python", "-c",
                 f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{DASHBOARD_PORT}/health', timeout=5)"]
-"""The scheduler's probe, run inside its pod: its dashboard listens on loopback only."""
+"""The pqtls:// scheduler's probe, run inside its pod: its dashboard listens on loopback only."""
 
 
 def cluster_resource(spec: KubernetesSpec, name: str) -> dict[str, Any]:
@@ -69,12 +73,13 @@ def cluster_resource(spec: KubernetesSpec, name: str) -> dict[str, Any]:
 
     [scheduler] = resource["spec"]["scheduler"]["spec"]["containers"]
     scheduler["args"] = ["dask", "scheduler", "--host", "0.0.0.0", "--port", str(SCHEDULER_PORT),
-                         "--dashboard-address", f"127.0.0.1:{DASHBOARD_PORT}",
+                         "--dashboard-address", f"127.0.0.1:{DASHBOARD_PORT}" if secure else f":{DASHBOARD_PORT}",
                          *(a for p in SCHEDULER_PRELOADS for a in ("--preload", p)),
                          *(["--protocol", "pqtls"] if secure else [])]
-    scheduler["readinessProbe"] = {"exec": {"command": list(HEALTH_PROBE)}, "periodSeconds": 5, "timeoutSeconds": 10}
-    scheduler["livenessProbe"] = {"exec": {"command": list(HEALTH_PROBE)}, "initialDelaySeconds": 15, "periodSeconds": 20,
-                                  "timeoutSeconds": 10}
+    if secure:  # the dashboard stays on loopback: the probes ask it from inside the pod
+        scheduler["readinessProbe"] = {"exec": {"command": list(HEALTH_PROBE)}, "periodSeconds": 5, "timeoutSeconds": 10}
+        scheduler["livenessProbe"] = {"exec": {"command": list(HEALTH_PROBE)}, "initialDelaySeconds": 15,
+                                      "periodSeconds": 20, "timeoutSeconds": 10}
 
     [worker] = resource["spec"]["worker"]["spec"]["containers"]
     command = ["dask", "cuda", "worker"] if spec.gpu else ["dask", "worker"]
@@ -102,6 +107,8 @@ def cluster_resource(spec: KubernetesSpec, name: str) -> dict[str, Any]:
     else:
         for container in (scheduler, worker):
             container["env"].append({"name": "DASK_RQML__TRUST__ALLOW_INSECURE", "value": "true"})
+        # the operator's probes, scaling down and autoscaling ask the dashboard at the pod's address
+        scheduler["env"].append({"name": "DASK_RQML__TRUST__EXPOSE_HTTP", "value": "true"})
     return resource
 
 
