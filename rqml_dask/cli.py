@@ -226,14 +226,14 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
     if config.cluster.kind == "address" and not scheduler:
         scheduler = config.cluster.address
     kind = "address" if scheduler else config.cluster.kind
-    if secure and kind != "local":
-        raise click.ClickException("--secure starts the embedded cluster over pqtls://; for a cluster of your own, "
-                                   "give --scheduler pqtls://... and this host's rqml.trust credentials")
+    if secure and kind not in ("local", "slurm", "pbs"):
+        raise click.ClickException("--secure starts a cluster over pqtls:// (local, slurm or pbs); for a cluster of your "
+                                   "own, give --scheduler pqtls://... and this host's rqml.trust credentials; Kubernetes "
+                                   "pods take theirs from a Secret (cluster.kubernetes.trust_secret)")
     from distributed import Client
 
     from rqml_dask.config import check_all
-    from rqml_dask.deploy import start_cluster
-    from rqml_dask.deploy.local import secure_embedded_cluster
+    from rqml_dask.deploy import started_cluster
     from rqml_dask.pipeline.pipeline import Pipeline, PipelineError
     from rqml_dask.run_lock import writing
 
@@ -251,14 +251,12 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
         click.echo(f"transform    {pipeline.transform_note}", err=True)
         if pipeline.held_out_note is not None:
             click.secho(f"held-out     {pipeline.held_out_note}", err=True, fg="yellow")
-        if secure:
-            cluster = stack.enter_context(secure_embedded_cluster(pipeline.config.cluster))
+        if not scheduler:
+            cluster = stack.enter_context(started_cluster(pipeline.config.cluster, secure))
             client = stack.enter_context(Client(cluster))
+        if secure:
             peer = client.scheduler_comm.comm.extra_info()
             click.echo(f"secure       {client.scheduler.address}: certificate {peer['peer_name']}, key exchange {peer['group']}", err=True)
-        elif not scheduler:
-            cluster = stack.enter_context(start_cluster(pipeline.config.cluster))
-            client = stack.enter_context(Client(cluster))
         if not scheduler:
             click.echo(f"cluster      {kind} at {client.scheduler.address}: {_nodes_of(cluster, kind)}", err=True)
         click.echo(f"dashboard    {client.dashboard_link}", err=True)

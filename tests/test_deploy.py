@@ -27,11 +27,11 @@ def test_cluster_kinds_are_checked_with_the_key_that_is_wrong(tmp_path):
     assert "cluster.pbs.cores: Input should be greater than 0" in refused(tmp_path, {**base, "cluster": {"pbs": {"cores": 0}}})
 
 
-def test_run_refuses_a_scheduler_with_a_cluster_to_start_and_secure_batch_jobs_in_one_line(tmp_path):
+def test_run_refuses_a_scheduler_with_a_cluster_to_start_and_secure_kubernetes_in_one_line(tmp_path):
     both = rqml("run", "pipelines/quickstart.yaml", "--scheduler", "tcp://127.0.0.1:1", "--cluster", "slurm")
     assert both.returncode == 1 and both.stderr.strip() == "Error: give --scheduler (a running cluster) or --cluster (one to start), not both", both.stderr
-    secure = rqml("run", "pipelines/quickstart.yaml", "--cluster", "pbs", "--secure")
-    assert secure.returncode == 1 and "--secure starts the embedded cluster over pqtls://" in secure.stderr, secure.stderr
+    secure = rqml("run", "pipelines/quickstart.yaml", "--cluster", "kubernetes", "--secure")
+    assert secure.returncode == 1 and "Kubernetes pods take theirs from a Secret (cluster.kubernetes.trust_secret)" in secure.stderr, secure.stderr
     unknown = rqml("run", "pipelines/quickstart.yaml", "--cluster", "lsf")
     assert unknown.returncode != 0 and "'lsf' is not one of 'local', 'slurm', 'pbs', 'kubernetes'" in unknown.stderr, unknown.stderr
 

@@ -93,3 +93,21 @@ def test_an_adaptive_slurm_cluster_starts_from_no_job_and_ends_with_every_task_a
     assert "none yet: jobs are submitted as the work asks (adapt)" in done.stderr, done.stderr
     assert re.search(r"^tasks\s+8 \(8 accepted\)", done.stdout, re.M), done.stdout
     assert 1 <= len(list((tmp_path / "logs").glob("rqml-node-*.err"))) <= 2  # jobs submitted as work waited, at most the maximum
+
+
+def test_secure_slurm_jobs_each_present_their_own_node_certificate_and_every_result_is_signed(tmp_path, slurm, small_volume):
+    case = EngineCase("deconvolution", small_volume, "deconvolved", "sleepy_model:SleepyModel")
+    config = case.pipeline(tmp_path / "out.zarr", tasks=8, iterations=20, delay=0.0)
+    credentials = tmp_path / "credentials"
+    config["cluster"] = {**config["cluster"], "slurm": slurm_section(tmp_path, jobs=2, credentials_directory=str(credentials))}
+    env = {**slurm.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}  # the user's Central Authority, made on first use
+    done = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "run", str(write_yaml(tmp_path / "p.yaml", config)),
+                           "--no-progress", "--cluster", "slurm", "--secure"], capture_output=True, text=True, env=env, timeout=bound(300))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^secure\s+pqtls://127\.0\.0\.1:\d+: certificate scheduler, key exchange X25519MLKEM768$", done.stderr, re.M), done.stderr
+    assert re.search(r"^tasks\s+8 \(8 accepted\)", done.stdout, re.M), done.stdout  # the client verified each signature
+    scripts = list(credentials.glob("run-*"))
+    assert scripts == [], scripts  # the run's credentials are gone with it
+    logs = tmp_path / "logs"
+    names = sorted(filter(None, (node_of_job(logs, p.name.split("-")[-1].split(".")[0]) for p in logs.glob("rqml-node-*.err"))))
+    assert names == ["node-0", "node-1"], names

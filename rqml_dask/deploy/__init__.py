@@ -11,24 +11,37 @@ file, or ``rqml run --cluster KIND``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from distributed.deploy import Cluster
 
 from rqml_dask.pipeline.config import ClusterSpec
 
 
-def start_cluster(spec: ClusterSpec) -> Cluster:
+@contextlib.contextmanager
+def started_cluster(spec: ClusterSpec, secure: bool = False) -> Iterator[Cluster]:
     """The cluster of ``spec.kind`` (``local``, ``slurm``, ``pbs`` or ``kubernetes``; not
-    ``address``, which is joined, not started), started; the caller closes it."""
+    ``address``, which is joined, not started), open while the context is; ``secure``: over
+    ``pqtls://`` with certificates issued for the run (``local``, ``slurm``, ``pbs``; a
+    Kubernetes cluster takes its credentials from a Secret, ``kubernetes.trust_secret``)."""
+    if spec.kind == "address":
+        raise ValueError("cluster kind 'address' is joined (its address), not started")
+    if secure and spec.kind == "kubernetes":
+        raise ValueError("--secure issues certificates to processes it starts; Kubernetes pods take theirs from a Secret "
+                         "(cluster.kubernetes.trust_secret)")
     if spec.kind == "local":
-        from rqml_dask.deploy.local import embedded_cluster
+        from rqml_dask.deploy.local import embedded_cluster, secure_embedded_cluster
 
-        return embedded_cluster(spec)
-    if spec.kind in ("slurm", "pbs"):
-        from rqml_dask.deploy.jobqueue import start
+        with secure_embedded_cluster(spec) if secure else embedded_cluster(spec) as cluster:
+            yield cluster
+    elif spec.kind in ("slurm", "pbs"):
+        from rqml_dask.deploy.jobqueue import secure_jobs, start
 
-        return start(spec.kind, spec)
-    if spec.kind == "kubernetes":
+        with secure_jobs(spec.kind, spec) if secure else start(spec.kind, spec) as cluster:
+            yield cluster
+    else:
         from rqml_dask.deploy.kubernetes import start as start_kubernetes
 
-        return start_kubernetes(spec.kubernetes, name="rqml")
-    raise ValueError(f"cluster kind {spec.kind!r} is joined (its address), not started")
+        with start_kubernetes(spec.kubernetes, name="rqml") as cluster:
+            yield cluster

@@ -14,13 +14,25 @@ directory, under the job's ``local_directory``). Meanwhile its tasks resume on t
 nodes from the shared checkpoints (``checkpoint.artifacts`` on the shared filesystem, or
 etcd / Consul). With ``adapt``, Dask's adaptive scaling retires only nodes that hold no
 refining task (the scheduler plugin's ``valid_workers_downscaling``).
+
+Over ``pqtls://`` (``rqml run --cluster slurm --secure``, :func:`secure_jobs`) the user's
+Central Authority issues the scheduler, this process (a client, the cluster's admin) and
+each job's node a certificate of its own, the node's under its name, into a directory the
+jobs read (``credentials_directory``: on a filesystem the compute hosts share), deleted when
+the run ends; each job script exports its node's as ``DASK_RQML__TRUST__*``, and the nanny
+gets the node's doors (``--preload-nanny rqml_dask.node``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import dask
@@ -28,13 +40,11 @@ from dask.utils import parse_timedelta
 from distributed.core import Status
 from distributed.deploy import Cluster
 
-from rqml_dask.deploy.local import PRELOADS, SCHEDULER_PRELOADS, WORKER_CONFIG, WORKER_ENVIRON
+from rqml_dask.deploy.local import NODE_ARGUMENTS, PRELOADS, SCHEDULER_PRELOADS, WORKER_CONFIG, WORKER_ENVIRON, secure_authority
 from rqml_dask.pipeline.config import ClusterSpec, JobQueueSpec
 
 logger = logging.getLogger(__name__)
 
-NODE_ARGUMENTS = ["--worker-class", "rqml_dask.node.RQMLWorker", *(a for p in PRELOADS for a in ("--preload", p))]
-"""What each job's ``dask worker`` / ``dask cuda worker`` is given besides dask-jobqueue's own."""
 JOB_NAME = "rqml-node"
 """The batch system's name of every job (``squeue``, ``qstat``)."""
 
@@ -97,6 +107,7 @@ def cluster_options(jobs: JobQueueSpec, dashboard_address: str) -> dict[str, obj
         "worker_command": "dask_cuda.cli worker" if jobs.gpu else "distributed.cli.dask_worker",
         "worker_extra_args": NODE_ARGUMENTS,
         "scheduler_options": {"preload": SCHEDULER_PRELOADS, "dashboard_address": dashboard_address},
+        "protocol": None if jobs.protocol == "tcp" else jobs.protocol,
     }
 
 
@@ -104,7 +115,56 @@ def start(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Cluster:
     """A cluster of ``kind``'s jobs set by ``spec``'s section of that name, scaled to its
     ``jobs`` (or adaptive between its ``adapt`` bounds)."""
     jobs: JobQueueSpec = getattr(spec, kind)
-    cluster = cluster_class(kind)(**cluster_options(jobs, spec.dashboard_address))
+    return _scaled(cluster_class(kind)(**cluster_options(jobs, spec.dashboard_address)), jobs)
+
+
+@contextlib.contextmanager
+def secure_jobs(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Iterator[Cluster]:
+    """:func:`start` over ``pqtls://`` with certificates of the user's Central Authority
+    (:func:`~rqml_dask.deploy.local.secure_authority`), issued for this run (see the module
+    docstring). While the context is open this process presents the client's."""
+    from rqml_dask.trust import ca
+
+    jobs: JobQueueSpec = getattr(spec, kind)
+    if jobs.protocol != "tcp":
+        raise ValueError(f"cluster.{kind}.protocol {jobs.protocol!r} cannot be secure: pqtls:// runs over TCP")
+    authority = secure_authority()
+    shared = Path(jobs.credentials_directory).expanduser() if jobs.credentials_directory else authority.parent / "jobs"
+    shared.mkdir(mode=0o700, parents=True, exist_ok=True)
+    issued = Path(tempfile.mkdtemp(prefix="run-", dir=shared))
+    try:
+        def trust(name: str, role: str) -> dict[str, str]:
+            credential = ca.issue(authority, name, role, out=issued)  # type: ignore[arg-type]
+            return {"ca": str(authority / "ca.pem"), "cert": str(credential.cert), "key": str(credential.key)}
+
+        base = cluster_class(kind)
+        options = cluster_options(jobs, spec.dashboard_address)
+        options["worker_extra_args"] = [*NODE_ARGUMENTS, *(a for p in PRELOADS for a in ("--preload-nanny", p))]
+        options["protocol"] = "pqtls"
+        with dask.config.set({"rqml.trust": trust("client", "client")}):
+            scheduler = {**trust("scheduler", "scheduler"), "session": {"authority": str(authority)}, "admin-names": ["client"]}
+            with dask.config.set({"rqml.trust": scheduler}):  # what the scheduler's listener presents
+                cluster = base(job_cls=_trusted_job(base.job_cls, trust), **options)
+            with _scaled(cluster, jobs):
+                yield cluster
+    finally:
+        shutil.rmtree(issued, ignore_errors=True)
+
+
+def _trusted_job(job_cls: type, trust) -> type:
+    """``job_cls`` whose script exports its node's own credentials, issued by ``trust(name, role)``."""
+
+    class TrustedJob(job_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, name: str | None = None, job_script_prologue: list[str] | None = None, **kwargs) -> None:
+            prologue = list(job_script_prologue or [])
+            if name is not None and name != "dummy-name":  # dask-jobqueue's sample job (job_script()) gets none
+                prologue += [f"export DASK_RQML__TRUST__{k.upper()}={shlex.quote(v)}" for k, v in trust(str(name), "node").items()]
+            super().__init__(*args, name=name, job_script_prologue=prologue, **kwargs)
+
+    return TrustedJob
+
+
+def _scaled(cluster: Cluster, jobs: JobQueueSpec) -> Cluster:
     if jobs.adapt is not None:
         cluster.adapt(minimum_jobs=jobs.adapt.minimum, maximum_jobs=jobs.adapt.maximum)
     else:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rqml_dask.deploy.local import PRELOADS, SCHEDULER_PRELOADS
+from rqml_dask.deploy.local import NODE_ARGUMENTS, PRELOADS, SCHEDULER_PRELOADS
 from rqml_dask.pipeline.config import KubernetesSpec
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ DASHBOARD_PORT = 8787
 NODE_HTTP_PORT = 8788
 """The node's HTTP endpoints (``/health``, ``/metrics``, ...), on the worker pod's loopback."""
 
-NODE_ARGUMENTS = ["--worker-class", "rqml_dask.node.RQMLWorker", *(a for p in PRELOADS for a in ("--preload", p))]
 HEALTH_PROBE = ["python", "-c",
                 f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{DASHBOARD_PORT}/health', timeout=5)"]
 """The pqtls:// scheduler's probe, run inside its pod: its dashboard listens on loopback only."""

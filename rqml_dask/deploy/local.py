@@ -45,6 +45,9 @@ PRELOADS = ["rqml_dask.node"]
 over ``pqtls://``, its nanny, as ``--preload-nanny`` would: the nanny's doors)."""
 SCHEDULER_PRELOADS = ["rqml_dask.scheduler"]
 """What its scheduler loads, as ``dask scheduler --preload`` would."""
+NODE_ARGUMENTS = ["--worker-class", "rqml_dask.node.RQMLWorker", *(a for p in PRELOADS for a in ("--preload", p))]
+"""What a node started by command line (a batch job's, a pod's ``dask worker`` / ``dask cuda
+worker``) is given: the worker class that outlives its scheduler, and the node preload."""
 
 WORKER_ENVIRON = {"MALLOC_TOP_PAD_": str(256 * 2**20), "MALLOC_ARENA_MAX": "1"}
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}

@@ -204,6 +204,13 @@ class JobQueueSpec(_Strict):
     """Where the jobs' output files go (default: the batch system's)."""
     gpu: bool = False
     """Start ``dask cuda worker`` (one node per GPU of the job) instead of ``dask worker``."""
+    protocol: Literal["tcp", "ucx"] = "tcp"
+    """Dask's transport between scheduler and nodes: ``ucx`` (dask-cuda's UCX: NVLink,
+    InfiniBand) needs ``distributed-ucxx`` on every host and cannot be ``--secure``
+    (``pqtls://`` is TCP); either beyond one host needs ``rqml.trust.allow-insecure``."""
+    credentials_directory: str | None = None
+    """Where ``--secure`` issues each job's certificate (a directory the compute hosts read;
+    default ``~/.config/rqml/jobs``, deleted per run)."""
 
 
 class KubernetesSpec(_Strict):
@@ -219,7 +226,10 @@ class KubernetesSpec(_Strict):
     gpu: bool = False
     """GPU nodes: ``dask cuda worker`` on pods that ask for one ``nvidia.com/gpu`` each."""
     trust_secret: str | None = None
-    """A Secret holding ``ca.pem``, ``cert.pem`` and ``key.pem`` (pqtls:// credentials)."""
+    """``pqtls://`` with credentials from two Secrets, ``NAME-scheduler`` and ``NAME-node``
+    (each ``ca.pem``, ``cert.pem``, ``key.pem``, optionally ``crl.pem``); the node runs as
+    ``NAME-node``, its certificate's name, so a secure worker group is one node
+    (``n_workers: 1``, no ``adapt``)."""
 
 
 ClusterKind = Literal["local", "slurm", "pbs", "kubernetes", "address"]
