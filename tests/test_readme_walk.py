@@ -37,6 +37,8 @@ from timing import bound
 README = TESTS.parent / "README.md"
 SKIPPED = {
     r"--scheduler (?!(tcp|pqtls)://127\.)": "talks to the cluster the README launches on 10.0.0.5; a test reaches loopback only",
+    r"--scheduler \S+://127\.0\.0\.1:8786": "the Kubernetes scheduler behind kubectl port-forward; there is no Kubernetes here",
+    r"--cluster (slurm|pbs|kubernetes)|pipelines/slurm\.yaml": "starts batch jobs or pods: tests/test_slurm.py runs pipelines on a one-host Slurm",
 }
 """Pattern of an example's command -> why it is not run here."""
 
