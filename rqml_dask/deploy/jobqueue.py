@@ -19,8 +19,9 @@ Over ``pqtls://`` (``rqml run --cluster slurm --secure``, :func:`secure_jobs`) t
 Central Authority issues the scheduler, this process (a client, the cluster's admin) and
 each job's node a certificate of its own, the node's under its name, into a directory the
 jobs read (``credentials_directory``: on a filesystem the compute hosts share), deleted when
-the run ends; each job script exports its node's as ``DASK_RQML__TRUST__*``, and the nanny
-gets the node's doors (``--preload-nanny rqml_dask.node``).
+the run ends; each job script exports its node's as ``DASK_RQML__TRUST__*``, and gives the
+nanny the node's doors (``dask worker --preload-nanny rqml_dask.node``; for ``dask cuda
+worker``, which has no such option, ``distributed.nanny.preload`` exported).
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ def secure_jobs(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Iterator[Cl
 
         base = cluster_class(kind)
         options = cluster_options(jobs, spec.dashboard_address)
-        options["worker_extra_args"] = [*NODE_ARGUMENTS, *(a for p in PRELOADS for a in ("--preload-nanny", p))]
+        if jobs.gpu:  # dask cuda worker has no --preload-nanny; its nanny reads Dask's config (as configs/pqtls.yaml sets it)
+            options["job_script_prologue"] = [*options["job_script_prologue"], f"export DASK_DISTRIBUTED__NANNY__PRELOAD={shlex.quote(repr(PRELOADS))}"]
+        else:  # dask worker passes its (empty) --preload-nanny, which overrides the config
+            options["worker_extra_args"] = [*NODE_ARGUMENTS, *(a for p in PRELOADS for a in ("--preload-nanny", p))]
         options["protocol"] = "pqtls"
         with dask.config.set({"rqml.trust": trust("client", "client")}):
             scheduler = {**trust("scheduler", "scheduler"), "session": {"authority": str(authority)}, "admin-names": ["client"]}
