@@ -111,3 +111,18 @@ def test_secure_slurm_jobs_each_present_their_own_node_certificate_and_every_res
     logs = tmp_path / "logs"
     names = sorted(filter(None, (node_of_job(logs, p.name.split("-")[-1].split(".")[0]) for p in logs.glob("rqml-node-*.err"))))
     assert names == ["node-0", "node-1"], names
+
+
+def test_jobs_whose_node_cannot_start_fail_the_run_naming_the_job_output_instead_of_waiting_for_ever(tmp_path, slurm, small_volume):
+    case = EngineCase("deconvolution", small_volume, "deconvolved", "sleepy_model:SleepyModel")
+    config = case.pipeline(tmp_path / "out.zarr", tasks=8, iterations=20, delay=0.0)
+    config["cluster"] = {**config["cluster"], "slurm": slurm_section(tmp_path, jobs=2, python=str(tmp_path / "no-such-python"))}
+    done = subprocess.run([sys.executable, "-m", "rqml_dask.cli", "run", str(write_yaml(tmp_path / "p.yaml", config)),
+                           "--no-progress", "--cluster", "slurm"], capture_output=True, text=True, env=slurm.environ, timeout=bound(300))
+    assert done.returncode == 1, done.stdout + done.stderr
+    said = re.search(r"^Error: task \S+ failed: (\d+) slurm jobs in a row ended before their node started; the latest, "
+                     r"job (\d+) of node (node-\d), says why in (\S+\.err) \(output left marked incomplete", done.stderr, re.M)
+    assert said and int(said[1]) >= 3, done.stderr
+    assert "no-such-python" in Path(said[4]).read_text()  # the file named holds the reason
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "incomplete"
+    assert slurm.jobs() == []

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import logging
 import shlex
 import shutil
@@ -40,9 +41,11 @@ import dask
 from dask.utils import parse_timedelta
 from distributed.core import Status
 from distributed.deploy import Cluster
+from tornado.ioloop import PeriodicCallback
 
 from rqml_dask.deploy.local import NODE_ARGUMENTS, PRELOADS, SCHEDULER_PRELOADS, WORKER_CONFIG, WORKER_ENVIRON, secure_authority
 from rqml_dask.pipeline.config import ClusterSpec, JobQueueSpec
+from rqml_dask.scheduler.plugin import PLUGIN_NAME as SCHEDULER_PLUGIN
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +59,19 @@ def job_environment() -> list[str]:
     return [f"export {name}={shlex.quote(value)}" for name, value in {**WORKER_ENVIRON, **config}.items()]
 
 
+JOB_CHECK_SECONDS = 5.0
+"""How often the cluster asks the batch system which of its jobs still run."""
+FAILED_STARTS = 3
+"""Jobs in a row that end before their node registers, after which the run's waiting tasks fail."""
+
+
 class _StableNodes:
-    """A dask-jobqueue cluster whose nodes keep their names: ``node-I``, and a lost job's
-    node submitted again under its name."""
+    """A dask-jobqueue cluster whose nodes keep their names (``node-I``, a lost job's node
+    submitted again under its name) and that notices jobs ending before their node starts."""
+
+    _job_watch: PeriodicCallback | None = None
+    _failed_starts: int = 0
+    _registered_jobs: set[str]
 
     def _new_worker_name(self, worker_number: int) -> str:
         return f"node-{worker_number}"
@@ -66,6 +79,11 @@ class _StableNodes:
     def _update_worker_status(self, op: str, msg: object) -> None:
         name = self.scheduler_info["workers"].get(msg, {}).get("name") if op == "remove" else None  # type: ignore[attr-defined]
         super()._update_worker_status(op, msg)  # type: ignore[misc]
+        if op == "add":
+            self._failed_starts = 0  # a node came up: the jobs can start one
+            for info in msg.get("workers", {}).values():  # type: ignore[union-attr]
+                if (job := self.workers.get(info.get("name"))) is not None:  # type: ignore[attr-defined]
+                    self._registered_jobs.add(job.job_id)
         if name is not None:  # after Dask drops the lost job (the same delay, so later)
             delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
             asyncio.get_running_loop().call_later(delay, self._submit_again, name)
@@ -74,6 +92,66 @@ class _StableNodes:
         if self.status == Status.running and name in self.worker_spec and name not in self.workers:  # type: ignore[attr-defined]
             logger.warning("node %s: its job ended while the cluster still wants it; submitting a new job under its name", name)
             self._correct_state()  # type: ignore[attr-defined]
+
+    def watch_jobs(self, kind: Literal["slurm", "pbs"]) -> None:
+        """Every :data:`JOB_CHECK_SECONDS`, find the jobs that ended before their node
+        registered: each is submitted again under its name; after :data:`FAILED_STARTS` in a
+        row (no node registered meanwhile) the tasks still waiting fail, naming the job's
+        output, and no more are submitted."""
+        async def check() -> None:
+            alive = await _alive_jobs(kind)
+            if alive is None or self.status != Status.running:  # type: ignore[attr-defined]
+                return
+            registered = {w.get("name") for w in self.scheduler_info["workers"].values()}  # type: ignore[attr-defined]
+            for name, job in list(self.workers.items()):  # type: ignore[attr-defined]
+                if job.job_id is None or job.job_id in alive or job.job_id in self._registered_jobs or name in registered:
+                    continue  # queued or running, or its node started (a lost node is submitted again by _submit_again)
+                self._failed_starts += 1
+                where = f"{job.log_directory}/{job.job_name}-{job.job_id}.err" if job.log_directory else f"the output of job {job.job_id}"
+                logger.warning("node %s: job %s ended before the node started (%d in a row); see %s", name, job.job_id,
+                               self._failed_starts, where)
+                del self.workers[name]  # type: ignore[attr-defined]
+                if self._failed_starts >= FAILED_STARTS:
+                    self._give_up(f"{self._failed_starts} {kind} jobs in a row ended before their node started; "
+                                  f"the latest, job {job.job_id} of node {name}, says why in {where}")
+                    return
+            self._correct_state()  # type: ignore[attr-defined]
+
+        def start() -> None:  # on the cluster's event loop
+            self._job_watch = PeriodicCallback(check, JOB_CHECK_SECONDS * 1000)
+            self._job_watch.start()
+
+        self._registered_jobs = set()
+        self.loop.add_callback(start)  # type: ignore[attr-defined]
+
+    def _give_up(self, reason: str) -> None:
+        logger.error("%s", reason)
+        if self._job_watch is not None:
+            self._job_watch.stop()
+        self.worker_spec.clear()  # type: ignore[attr-defined]  # submit no more jobs
+        plugin = self.scheduler.plugins.get(SCHEDULER_PLUGIN)  # type: ignore[attr-defined]
+        if plugin is not None:
+            plugin.fail_waiting(reason)
+
+    async def _close(self) -> None:
+        if self._job_watch is not None:
+            self._job_watch.stop()
+        await super()._close()  # type: ignore[misc]
+
+
+async def _alive_jobs(kind: Literal["slurm", "pbs"]) -> set[str] | None:
+    """The ids of this user's jobs the batch system still holds (queued or running), or
+    ``None`` where it did not answer."""
+    user = getpass.getuser()
+    command = ["squeue", "-h", "-o", "%i", "-u", user] if kind == "slurm" else ["qselect", "-u", user]
+    try:
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(process.communicate(), JOB_CHECK_SECONDS)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    if process.returncode != 0:
+        return None
+    return {line.split(".")[0] for line in out.decode().split()}
 
 
 def cluster_class(kind: Literal["slurm", "pbs"]) -> type[Cluster]:
@@ -116,7 +194,7 @@ def start(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Cluster:
     """A cluster of ``kind``'s jobs set by ``spec``'s section of that name, scaled to its
     ``jobs`` (or adaptive between its ``adapt`` bounds)."""
     jobs: JobQueueSpec = getattr(spec, kind)
-    return _scaled(cluster_class(kind)(**cluster_options(jobs, spec.dashboard_address)), jobs)
+    return _scaled(cluster_class(kind)(**cluster_options(jobs, spec.dashboard_address)), jobs, kind)
 
 
 @contextlib.contextmanager
@@ -149,7 +227,7 @@ def secure_jobs(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Iterator[Cl
             scheduler = {**trust("scheduler", "scheduler"), "session": {"authority": str(authority)}, "admin-names": ["client"]}
             with dask.config.set({"rqml.trust": scheduler}):  # what the scheduler's listener presents
                 cluster = base(job_cls=_trusted_job(base.job_cls, trust), **options)
-            with _scaled(cluster, jobs):
+            with _scaled(cluster, jobs, kind):
                 yield cluster
     finally:
         shutil.rmtree(issued, ignore_errors=True)
@@ -168,7 +246,8 @@ def _trusted_job(job_cls: type, trust) -> type:
     return TrustedJob
 
 
-def _scaled(cluster: Cluster, jobs: JobQueueSpec) -> Cluster:
+def _scaled(cluster: Cluster, jobs: JobQueueSpec, kind: Literal["slurm", "pbs"]) -> Cluster:
+    cluster.watch_jobs(kind)  # type: ignore[attr-defined]
     if jobs.adapt is not None:
         cluster.adapt(minimum_jobs=jobs.adapt.minimum, maximum_jobs=jobs.adapt.maximum)
     else:

@@ -359,6 +359,24 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         if node is not None and node.bound:
             logger.info("node %s lost with %d RQML tasks", worker, len(node.bound))
 
+    def fail_waiting(self, reason: str) -> int:
+        """End every RQML task still waiting for a node (pending) as erred with
+        :class:`~rqml_dask.messages.NoCapableNode` (``reason``): what the process that started
+        the cluster does when its nodes cannot start (a batch job that ends before its node
+        registers, again and again), so that the run fails saying why instead of waiting for
+        ever. Tasks bound to a node go on. Returns how many were ended."""
+        ended = 0
+        for record in [r for r in self.tasks.values() if r.state == "pending"]:
+            ts = self.scheduler.tasks.get(record.dask_key)
+            if ts is None or ts.state != "no-worker":
+                continue
+            self.runs.set_state(record, "erred")
+            fail_task(self.scheduler, ts.key, NoCapableNode(reason), f"rqml-nodes-cannot-start-{time.time()}")
+            ended += 1
+        if ended:
+            events.publish(self.scheduler, events.ALERTS, "nodes-cannot-start", reason=reason, tasks=ended)
+        return ended
+
     def valid_workers_downscaling(self, scheduler: Scheduler, workers: list[WorkerState]) -> list[WorkerState]:
         """Which of ``workers`` Dask may retire when it scales down (``cluster.adapt``,
         ``workers_to_close``): none that holds a refining RQML task. A node retired when idle
