@@ -16,6 +16,7 @@ import zarr
 from conftest import EngineCase, write_yaml
 from slurm_server import OneHostSlurm, unavailable
 from test_checkpoint_recovery import lmdb_entries
+from test_degraded_mode import checkpointed
 from timing import bound, wait_for
 
 pytestmark = pytest.mark.slow
@@ -38,9 +39,19 @@ def slurm_section(tmp_path: Path, **extra) -> dict:
 
 def node_of_job(logs: Path, job: str) -> str | None:
     """The node a job ran, from what its node wrote to the job's stderr."""
-    err = logs / f"rqml-node-{job}.err"
-    found = re.search(r"rqml: node (\S+)'s HTTP server", err.read_text()) if err.exists() else None
+    found = _said(logs, job)
     return found[1] if found else None
+
+
+def http_port_of_job(logs: Path, job: str) -> int | None:
+    """The port of the HTTP server (``/checkpoint_state``, ...) of the node a job runs."""
+    found = _said(logs, job)
+    return int(found[2]) if found else None
+
+
+def _said(logs: Path, job: str) -> re.Match | None:
+    err = logs / f"rqml-node-{job}.err"
+    return re.search(r"rqml: node (\S+)'s HTTP server \(.*\) listens on 127\.0\.0\.1:(\d+)", err.read_text()) if err.exists() else None
 
 
 def test_a_cancelled_slurm_job_is_submitted_again_under_its_name_and_the_result_is_bit_identical_to_a_local_run(tmp_path, slurm, small_volume):
@@ -52,13 +63,23 @@ def test_a_cancelled_slurm_job_is_submitted_again_under_its_name_and_the_result_
     run = subprocess.Popen([sys.executable, "-m", "rqml_dask.cli", "run", str(write_yaml(tmp_path / "p.yaml", config)), "--no-progress"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        wait_for(lambda: len(slurm.jobs()) == 2 and lmdb_entries(node_db, b"slots") >= 2 and lmdb_entries(node_db, b"done") >= 1,
-                 timeout=bound(120), interval=0.1, what="two node jobs running, one task done and two checkpointed")
-        cancelled = slurm.jobs()[0]
+        wait_for(lambda: len(slurm.jobs()) == 2 and lmdb_entries(node_db, b"done") >= 1, timeout=bound(120), interval=0.1,
+                 what="two node jobs running and one task done")
+
+        def refining_with_a_checkpoint() -> str | None:
+            """A job whose node holds a task checkpointed at least 20 iterations before its end."""
+            for job in slurm.jobs():
+                port = http_port_of_job(tmp_path / "logs", job)
+                if port is not None and any(10 <= i <= 80 for i in checkpointed(port).values()):
+                    return job
+            return None
+
+        cancelled = wait_for(refining_with_a_checkpoint, timeout=bound(60), interval=0.05, what="a node refining a checkpointed task")
         slurm.cancel(cancelled)
         out, err = run.communicate(timeout=bound(300))
     finally:
         run.kill()
+    print(out)  # the summary: pytest -s shows its counts
     assert run.returncode == 0, out + err
     recovered = re.search(r"recovered\s+(\d+) resumed from checkpoints", out)
     assert recovered and int(recovered[1]) >= 1, out  # the cancelled node's task went on from its checkpoint
