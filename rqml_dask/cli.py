@@ -23,6 +23,7 @@ FORESEEABLE = (
     ("rqml_dask.trust.ca", "CAError"),
     ("rqml_dask.trust.transport", "TrustConfigError"),
     ("rqml_dask.run_lock", "OutputBusy"),
+    ("rqml_dask.deploy", "ClusterStartError"),
 )
 """The project's own errors (module, class), with :class:`SchedulerUnreachable`, that say
 what is wrong and how to fix it: a command that raises one (or an error it caused, e.g.

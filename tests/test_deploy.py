@@ -82,3 +82,10 @@ def test_scaling_down_spares_every_node_holding_a_refining_task(tmp_path, small_
         gather(client, futures, timeout=120)
         idle = wait_for(lambda: (r := client.run_on_scheduler(retirable)) and not r[1] and r, what="the nodes idle")
         assert len(idle[0]) == 2  # once idle, both may
+
+
+def test_a_kubernetes_cluster_that_cannot_start_as_asked_is_one_line():
+    done = rqml("run", "pipelines/quickstart.yaml", "--cluster", "kubernetes")  # n_workers 2 is fine; no Kubernetes here
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: the Dask operator did not start cluster 'rqml': "), done.stderr
+    assert "Kubernetes credentials" in done.stderr

@@ -26,7 +26,7 @@ import yaml
 import dask_kubernetes
 import rqml_dask.scheduler  # noqa: F401  (its import checks a dask scheduler command: here, outside one)
 from rqml_dask.config import exposure_settings
-from rqml_dask.deploy import kubernetes
+from rqml_dask.deploy import ClusterStartError, kubernetes
 from rqml_dask.deploy.kubernetes import CONFIG_DIR, TRUST_DIR, cluster_resource
 from rqml_dask.exposure import ExposureError, check_listeners, dask_scheduler_command_addresses
 from rqml_dask.pipeline.config import AdaptSpec, KubernetesSpec
@@ -345,9 +345,9 @@ def test_a_secure_gpu_node_gets_its_nanny_preload_from_the_image_config():
 
 
 def test_a_secure_worker_group_is_one_node_more_are_refused():
-    with pytest.raises(ValueError, match="one node"):
+    with pytest.raises(ClusterStartError, match="one node"):
         cluster_resource(KubernetesSpec(trust_secret="lab"), "rqml")  # n_workers: 2 by default
-    with pytest.raises(ValueError, match="one node"):
+    with pytest.raises(ClusterStartError, match="one node"):
         cluster_resource(KubernetesSpec(trust_secret="lab", n_workers=1, adapt=AdaptSpec(maximum=4)), "rqml")
 
 
@@ -412,7 +412,7 @@ def test_start_refuses_trust_secret_kubecluster_speaks_tcp_only(monkeypatch):
     import dask_kubernetes.operator
 
     monkeypatch.setattr(dask_kubernetes.operator, "KubeCluster", _FakeKubeCluster)
-    with pytest.raises(ValueError, match="tcp://"):
+    with pytest.raises(ClusterStartError, match="tcp://"):
         kubernetes.start(KubernetesSpec(trust_secret="lab", n_workers=1), "rqml")
 
 

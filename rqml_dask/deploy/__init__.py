@@ -19,6 +19,10 @@ from distributed.deploy import Cluster
 from rqml_dask.pipeline.config import ClusterSpec
 
 
+class ClusterStartError(RuntimeError):
+    """A cluster that cannot be started as asked; the message says what and the fix."""
+
+
 @contextlib.contextmanager
 def started_cluster(spec: ClusterSpec, secure: bool = False) -> Iterator[Cluster]:
     """The cluster of ``spec.kind`` (``local``, ``slurm``, ``pbs`` or ``kubernetes``; not
@@ -26,9 +30,9 @@ def started_cluster(spec: ClusterSpec, secure: bool = False) -> Iterator[Cluster
     ``pqtls://`` with certificates issued for the run (``local``, ``slurm``, ``pbs``; a
     Kubernetes cluster takes its credentials from a Secret, ``kubernetes.trust_secret``)."""
     if spec.kind == "address":
-        raise ValueError("cluster kind 'address' is joined (its address), not started")
+        raise ClusterStartError("cluster kind 'address' is joined (its address), not started")
     if secure and spec.kind == "kubernetes":
-        raise ValueError("--secure issues certificates to processes it starts; Kubernetes pods take theirs from a Secret "
+        raise ClusterStartError("--secure issues certificates to processes it starts; Kubernetes pods take theirs from a Secret "
                          "(cluster.kubernetes.trust_secret)")
     if spec.kind == "local":
         from rqml_dask.deploy.local import embedded_cluster, secure_embedded_cluster

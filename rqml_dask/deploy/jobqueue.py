@@ -43,6 +43,7 @@ from distributed.core import Status
 from distributed.deploy import Cluster
 from tornado.ioloop import PeriodicCallback
 
+from rqml_dask.deploy import ClusterStartError
 from rqml_dask.deploy.local import NODE_ARGUMENTS, PRELOADS, SCHEDULER_PRELOADS, WORKER_CONFIG, WORKER_ENVIRON, secure_authority
 from rqml_dask.pipeline.config import ClusterSpec, JobQueueSpec
 from rqml_dask.scheduler.plugin import PLUGIN_NAME as SCHEDULER_PLUGIN
@@ -156,11 +157,11 @@ async def _alive_jobs(kind: Literal["slurm", "pbs"]) -> set[str] | None:
 
 def cluster_class(kind: Literal["slurm", "pbs"]) -> type[Cluster]:
     """dask-jobqueue's ``SLURMCluster`` or ``PBSCluster`` with stable node names. Raises
-    ``ImportError`` naming the extra when dask-jobqueue is not installed."""
+    :class:`~rqml_dask.deploy.ClusterStartError` naming the extra when dask-jobqueue is not installed."""
     try:
         from dask_jobqueue import PBSCluster, SLURMCluster
     except ImportError as exc:
-        raise ImportError(f"cluster kind '{kind}' needs dask-jobqueue: pip install 'rqml-dask[cluster]'") from exc
+        raise ClusterStartError(f"cluster kind '{kind}' needs dask-jobqueue: pip install 'rqml-dask[cluster]'") from exc
     base = SLURMCluster if kind == "slurm" else PBSCluster
     return type(f"RQML{base.__name__}", (_StableNodes, base), {})
 
@@ -206,7 +207,7 @@ def secure_jobs(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Iterator[Cl
 
     jobs: JobQueueSpec = getattr(spec, kind)
     if jobs.protocol != "tcp":
-        raise ValueError(f"cluster.{kind}.protocol {jobs.protocol!r} cannot be secure: pqtls:// runs over TCP")
+        raise ClusterStartError(f"cluster.{kind}.protocol {jobs.protocol!r} cannot be --secure: pqtls:// runs over TCP")
     authority = secure_authority()
     shared = Path(jobs.credentials_directory).expanduser() if jobs.credentials_directory else authority.parent / "jobs"
     shared.mkdir(mode=0o700, parents=True, exist_ok=True)

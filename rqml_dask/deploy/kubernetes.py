@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rqml_dask.deploy import ClusterStartError
 from rqml_dask.deploy.local import NODE_ARGUMENTS, PRELOADS, SCHEDULER_PRELOADS
 from rqml_dask.pipeline.config import KubernetesSpec
 
@@ -63,7 +64,7 @@ def cluster_resource(spec: KubernetesSpec, name: str) -> dict[str, Any]:
 
     secure = spec.trust_secret is not None
     if secure and (spec.n_workers != 1 or spec.adapt is not None):
-        raise ValueError("kubernetes.trust_secret: a pqtls:// node registers under its certificate's name and Dask "
+        raise ClusterStartError("kubernetes.trust_secret: a pqtls:// node registers under its certificate's name and Dask "
                          "takes one worker per name, so the Secret's worker group is one node (n_workers: 1, no adapt); "
                          "add nodes as DaskWorkerGroups with Secrets of their own (deploy/kubernetes/rqml-secure-cluster.yaml)")
     resource = make_cluster_spec(name=name, image=spec.image, n_workers=spec.n_workers)
@@ -127,12 +128,24 @@ def _mount_trust(pod: dict[str, Any], container: dict[str, Any], secret: str) ->
 def start(spec: KubernetesSpec, name: str) -> KubeCluster:
     """``spec``'s cluster, started by the Dask operator (``kubectl`` access to a cluster that
     runs it); with ``spec.adapt``, adaptive between its bounds. Not with ``trust_secret``."""
-    from dask_kubernetes.operator import KubeCluster
-
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError as exc:
+        raise ClusterStartError("cluster kind 'kubernetes' needs dask-kubernetes: pip install 'rqml-dask[cluster]'") from exc
     if spec.trust_secret is not None:
-        raise ValueError("kubernetes.trust_secret: KubeCluster reaches its scheduler over tcp:// only; apply "
+        raise ClusterStartError("kubernetes.trust_secret: KubeCluster reaches its scheduler over tcp:// only; apply "
                          "deploy/kubernetes/rqml-secure-cluster.yaml and run with --scheduler pqtls://ADDRESS")
-    cluster = KubeCluster(custom_cluster_spec=cluster_resource(spec, name), namespace=spec.namespace)
+    resource = cluster_resource(spec, name)
+    try:
+        cluster = KubeCluster(custom_cluster_spec=resource, namespace=spec.namespace)
+    except Exception as exc:  # dask-kubernetes and kr8s raise what the API or its absence gives
+        from distributed.core import Status
+
+        for never_started in [c for c in KubeCluster._instances if c.status == Status.created]:
+            KubeCluster._instances.discard(never_started)  # nothing to delete at exit (its reaper would fail the same way)
+        raise ClusterStartError(f"the Dask operator did not start cluster {name!r}: {type(exc).__name__}: {exc} (it needs "
+                                "Kubernetes credentials, ~/.kube/config or a pod's service account, and the Dask operator "
+                                "installed: README, Running on a cluster)") from exc
     if spec.adapt is not None:
         cluster.adapt(minimum=spec.adapt.minimum, maximum=spec.adapt.maximum)
     return cluster
