@@ -255,11 +255,11 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
         if not scheduler:
             cluster = stack.enter_context(started_cluster(pipeline.config.cluster, secure))
             client = stack.enter_context(Client(cluster))
+        if not scheduler:
+            click.echo(f"cluster      {kind} at {client.scheduler.address}: {_nodes_of(cluster, kind)}", err=True)
         if secure:
             peer = client.scheduler_comm.comm.extra_info()
             click.echo(f"secure       {client.scheduler.address}: certificate {peer['peer_name']}, key exchange {peer['group']}", err=True)
-        if not scheduler:
-            click.echo(f"cluster      {kind} at {client.scheduler.address}: {_nodes_of(cluster, kind)}", err=True)
         click.echo(f"dashboard    {client.dashboard_link}", err=True)
         rqml_pages = client.dashboard_link.replace("/status", "/rqml")
         click.echo(f"rqml pages   {rqml_pages} (tiles, convergence, nodes, events: {rqml_pages}-tiles, ...)", err=True)

@@ -174,7 +174,7 @@ def test_secure_runs_keep_one_ca_per_user_and_the_second_reuses_every_result_qui
     assert re.search(r"^recovered .* 8 reused from an earlier run$", second.stdout, re.M), second.stdout
     for done in (first, second):
         assert " - INFO - " not in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) <= 5, done.stderr  # halo, secure, dashboard, rqml pages
+        assert len(done.stderr.strip().splitlines()) <= 6, done.stderr  # halo, transform, cluster, secure, dashboard, rqml pages
     verbose, _ = rqml("run", quickstart, "--secure", "--no-progress", "-v", env=env, cwd=tmp_path)
     assert verbose.returncode == 0 and "distributed.scheduler - INFO - " in verbose.stderr, verbose.stderr
 
