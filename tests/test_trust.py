@@ -659,3 +659,35 @@ def test_a_node_whose_results_keep_losing_cross_node_votes_is_quarantined(tmp_pa
     assert honest and all(o.accepted and o.vote["agreed"] for o in honest), [(o.task_id, names[o.node], o.validation_failures, o.vote) for o in honest if not o.accepted]
     assert all(not o.accepted and o.validation_failures[-1].startswith("vote: richardson_lucy differs by 0.333")
                for o in outcomes if names[o.node] == liar)
+
+
+@pytest.mark.slow
+def test_the_secure_embedded_scheduler_presents_and_signs_as_itself_while_its_process_holds_the_client(tmp_path, monkeypatch):
+    """``rqml run --secure`` holds the scheduler and a client in one process, with the client's
+    credentials in ``rqml.trust`` during the run: the scheduler still calls its nodes as the
+    scheduler (they answer only its certificate) and signs a policy set during the run with
+    its own key (nodes enforce only one their scheduler signed)."""
+    from rqml_dask.deploy.local import secure_embedded_cluster
+    from rqml_dask.pipeline.config import ClusterSpec
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+    async def call_nodes(dask_scheduler):
+        answers = {}
+        for address in dask_scheduler.workers:
+            try:
+                answers[address] = await dask_scheduler.rpc(address).rqml_progress(keys=[])
+            except Exception as exc:
+                answers[address] = f"{type(exc).__name__}: {exc}"
+        return answers
+
+    with secure_embedded_cluster(ClusterSpec(n_workers=2, dashboard_address="127.0.0.1:0")) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=bound(60))
+        assert client.scheduler_comm.comm.extra_info()["peer_name"] == "scheduler"
+        assert client.run_on_scheduler(call_nodes) == {address: {} for address in client.scheduler_info()["workers"]}
+        adopted = client.sync(client.scheduler.rqml_policy, policy={"max_inbound": 7})
+        version = adopted["version"]
+        status = wait_for(lambda: (s := client.sync(client.scheduler.rqml_status, limit=0))
+                          and all(n["policy_version"] == version for n in s["nodes"].values()) and s,
+                          what="both nodes enforcing the policy set during the run")
+        assert len(status["nodes"]) == 2

@@ -90,7 +90,7 @@ from rqml_dask.scheduler.result_check import ResultCheck, read_outcome
 from rqml_dask.trust.ca import Authority
 from rqml_dask.trust.session import SessionRenewer, leaf_certificate
 from rqml_dask.trust.signing import SignatureError, Verifier
-from rqml_dask.trust.transport import Credentials
+from rqml_dask.trust.transport import Credentials, present_own
 from rqml_dask.trust.transport import peer_identity as identity
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         self.settings: SchedulerSettings = scheduler_settings()
         self.policy = policy or NodePolicy()
         """The policy every node is sent; numbered (and signed) when the plugin starts."""
-        self._signs_policies = False
+        self.credentials: Credentials | None = None
+        """This scheduler's own (``pqtls://``): what it presents, signs policies and renews with,
+        taken when it starts (later, ``rqml.trust`` may be a client's of the same process)."""
         """Whether this scheduler signs the policies it sends (``pqtls://``)."""
         self._policy_sent = False
         """Whether nodes are sent the policy yet (once every worker gets the node plugin)."""
@@ -187,15 +189,17 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             callback = PeriodicCallback(tick, interval * 1000)
             scheduler.periodic_callbacks[name] = callback
             callback.start()
-        if self.session.authority is not None:
-            self._start_authority(scheduler)
         secure = any(address.startswith("pqtls://") for address in scheduler.listen_address.split(","))
         if secure:
-            credentials, results = Credentials.from_config(), result_settings()
+            self.credentials = credentials = Credentials.from_config()
+            present_own(scheduler, credentials)
+        if self.session.authority is not None:
+            self._start_authority(scheduler)
+        if secure:
+            results = result_settings()
             verifier = Verifier.load(credentials.ca, credentials.crl, self.gatekeeper.quarantined)  # the quarantine, shared
             self.result_check = ResultCheck(verifier, results.max_skew, results.remembered)
-        self._signs_policies = secure
-        self.policy = policies.issue(self.policy, None, sign=self._signs_policies)
+        self.policy = policies.issue(self.policy, None, sign=self.credentials)
         if secure:  # over tcp:// there is no identity to check: Dask's handlers stay as they are
             self.gatekeeper.guard_doors(scheduler)  # Dask's own handlers too, once every wrapper above is in place
         # every worker, now and later, becomes a node (a bare `dask worker` included)
@@ -207,9 +211,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         """Hold the CA to issue session certificates, and renew this scheduler's own from it
         (over ``pqtls://``)."""
         self.authority = Authority.load(Path(self.session.authority), os.environ.get("RQML_CA_PASSPHRASE"))
-        if not any(address.startswith("pqtls://") for address in scheduler.listen_address.split(",")):
+        if self.credentials is None:  # not over pqtls://
             return
-        credentials = Credentials.from_config()
+        credentials = self.credentials
 
         async def issue_own(request: str) -> str:
             return self.authority.session(x509.load_pem_x509_csr(request.encode()), leaf_certificate(credentials),
@@ -910,7 +914,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             gpu_nodes = sum(node.figures.gpu_count > 0 for node in self.nodes.values())
             if (refused := policies.refusal(proposed, len(self.nodes), gpu_nodes)) is not None:
                 raise refused
-            self.policy = policies.issue(proposed, self.policy, sign=self._signs_policies)
+            self.policy = policies.issue(proposed, self.policy, sign=self.credentials)
             logger.info("policy version %d adopted", self.policy.version)
             self._send_policy(list(self.nodes))
         return policies.summary(self.policy)

@@ -359,6 +359,20 @@ def _address(sock_address: tuple) -> str:
     return PREFIX + unparse_host_port(*sock_address[:2])
 
 
+PRESENTED = "pqtls_credentials"
+"""A ``connection_args`` key: the :class:`Credentials` a connection presents, where they are
+not the process's ``rqml.trust`` read at the time of connecting. A scheduler sets its own
+there (:func:`present_own`): in a process that also holds a client (``rqml run --secure``),
+``rqml.trust`` is the client's while the run goes on."""
+
+
+def present_own(server: Any, credentials: Credentials) -> None:
+    """Make ``server``'s outgoing connections (its ``rpc`` pool, and Dask's ``rpc(...,
+    connection_args=server.connection_args)``) present ``credentials``."""
+    server.connection_args[PRESENTED] = credentials
+    server.rpc.connection_args[PRESENTED] = credentials  # the same dict, unless Dask copied it
+
+
 class PQTLSConnector(Connector):
     async def connect(self, address: str, deserialize: bool = True, **connection_args: Any) -> PQTLS:
         host, port = parse_host_port(address)
@@ -366,7 +380,7 @@ class PQTLSConnector(Connector):
             reader, writer = await asyncio.open_connection(host, port, limit=_BUFFER)
         except OSError as exc:
             raise CommClosedError(f"pqtls connect to {address}: {exc}") from None
-        connection = SSL.Connection(context(Credentials.from_config()), None)
+        connection = SSL.Connection(context(connection_args.get(PRESENTED) or Credentials.from_config()), None)
         connection.set_connect_state()
         channel = _Channel(connection, reader, writer)
         try:
