@@ -89,3 +89,11 @@ def test_a_kubernetes_cluster_that_cannot_start_as_asked_is_one_line():
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("Error: the Dask operator did not start cluster 'rqml': "), done.stderr
     assert "Kubernetes credentials" in done.stderr
+
+
+@pytest.mark.parametrize("walltime, hours", [("01:00:00", 1.0), ("00:30:00", 0.5), ("2-12:00:00", 60.0), ("90", 1.5),
+                                             ("10:30", 0.175), ("1-06", 30.0), ("nonsense", 24.0)])
+def test_a_secure_job_node_certificate_lasts_its_walltime_read_in_slurm_and_pbs_forms(walltime, hours):
+    from rqml_dask.deploy.jobqueue import _hours
+
+    assert _hours(walltime) == pytest.approx(hours)

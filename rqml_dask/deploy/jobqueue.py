@@ -211,10 +211,13 @@ def secure_jobs(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Iterator[Cl
     authority = secure_authority()
     shared = Path(jobs.credentials_directory).expanduser() if jobs.credentials_directory else authority.parent / "jobs"
     shared.mkdir(mode=0o700, parents=True, exist_ok=True)
-    issued = Path(tempfile.mkdtemp(prefix="run-", dir=shared))
+    issued = Path(tempfile.mkdtemp(prefix="run-", dir=shared))  # the nodes'
+    own = Path(tempfile.mkdtemp(prefix="rqml-run-"))  # the scheduler's and the client's: never leave this host
+    node_hours = _hours(jobs.walltime) + 1.0  # a job's life (its node renews a session certificate meanwhile)
     try:
         def trust(name: str, role: str) -> dict[str, str]:
-            credential = ca.issue(authority, name, role, out=issued)  # type: ignore[arg-type]
+            out, hours = (issued, node_hours) if role == "node" else (own, 24.0 * 365)
+            credential = ca.issue(authority, name, role, out=out, hours=hours)  # type: ignore[arg-type]
             return {"ca": str(authority / "ca.pem"), "cert": str(credential.cert), "key": str(credential.key)}
 
         base = cluster_class(kind)
@@ -232,6 +235,22 @@ def secure_jobs(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Iterator[Cl
                 yield cluster
     finally:
         shutil.rmtree(issued, ignore_errors=True)
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def _hours(walltime: str) -> float:
+    """A batch walltime (``[D-]HH:MM:SS``, ``HH:MM``, ``MM``; Slurm's and PBS's forms) in
+    hours; 24 where it is not one of those."""
+    days, _, clock = walltime.rpartition("-")
+    try:
+        parts = [float(v) for v in clock.split(":")]
+        whole_days = float(days) if days else 0.0
+    except ValueError:
+        return 24.0
+    if len(parts) == 1 and not days:  # minutes
+        return parts[0] / 60
+    hours = sum(v / 60**i for i, v in enumerate(parts)) if days or len(parts) == 3 else parts[0] / 60 + parts[1] / 3600
+    return whole_days * 24 + hours
 
 
 def _trusted_job(job_cls: type, trust) -> type:
