@@ -4,6 +4,8 @@ The Slurm runs themselves are in tests/test_slurm.py, Kubernetes in tests/test_k
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from distributed import Client
 
@@ -97,3 +99,12 @@ def test_a_secure_job_node_certificate_lasts_its_walltime_read_in_slurm_and_pbs_
     from rqml_dask.deploy.jobqueue import _hours
 
     assert _hours(walltime) == pytest.approx(hours)
+
+
+def test_a_job_the_batch_system_cannot_take_fails_the_run_saying_why(tmp_path, small_volume):
+    case = EngineCase("deconvolution", small_volume, "deconvolved", "sleepy_model:SleepyModel")
+    config = case.pipeline(tmp_path / "out.zarr", tasks=4, iterations=10, delay=0.0)
+    config["cluster"] = {**config["cluster"], "pbs": {"jobs": 2, "interface": "lo", "log_directory": str(tmp_path / "logs")}}
+    done = rqml("run", str(write_yaml(tmp_path / "p.yaml", config)), "--no-progress", "--cluster", "pbs")  # no qsub here
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"^Error: task \S+ failed: could not submit a job for the run's nodes: FileNotFoundError: .*'qsub'", done.stderr, re.M), done.stderr

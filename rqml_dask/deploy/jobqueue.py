@@ -72,6 +72,8 @@ class _StableNodes:
 
     _job_watch: PeriodicCallback | None = None
     _failed_starts: int = 0
+    _failure: str | None = None
+    """Why the cluster gave up on starting nodes: every task waiting for one fails with it."""
     _registered_jobs: set[str]
 
     def _new_worker_name(self, worker_number: int) -> str:
@@ -94,12 +96,21 @@ class _StableNodes:
             logger.warning("node %s: its job ended while the cluster still wants it; submitting a new job under its name", name)
             self._correct_state()  # type: ignore[attr-defined]
 
+    async def _correct_state_internal(self) -> None:
+        try:
+            await super()._correct_state_internal()  # type: ignore[misc]
+        except Exception as exc:  # a job that could not be submitted (no sbatch/qsub, refused by the batch system)
+            self._give_up(f"could not submit a job for the run's nodes: {type(exc).__name__}: {' '.join(str(exc).split())}")
+
     def watch_jobs(self, kind: Literal["slurm", "pbs"]) -> None:
         """Every :data:`JOB_CHECK_SECONDS`, find the jobs that ended before their node
         registered: each is submitted again under its name; after :data:`FAILED_STARTS` in a
-        row (no node registered meanwhile) the tasks still waiting fail, naming the job's
-        output, and no more are submitted."""
+        row (no node registered meanwhile), or a job that could not be submitted, no more are
+        submitted and every task waiting for a node fails, saying why (naming the job's output)."""
         async def check() -> None:
+            if self._failure is not None:  # tasks submitted after it gave up fail too
+                self._fail_waiting()
+                return
             alive = await _alive_jobs(kind)
             if alive is None or self.status != Status.running:  # type: ignore[attr-defined]
                 return
@@ -126,13 +137,16 @@ class _StableNodes:
         self.loop.add_callback(start)  # type: ignore[attr-defined]
 
     def _give_up(self, reason: str) -> None:
-        logger.error("%s", reason)
-        if self._job_watch is not None:
-            self._job_watch.stop()
+        if self._failure is None:
+            logger.error("%s", reason)
+            self._failure = reason
         self.worker_spec.clear()  # type: ignore[attr-defined]  # submit no more jobs
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
         plugin = self.scheduler.plugins.get(SCHEDULER_PLUGIN)  # type: ignore[attr-defined]
-        if plugin is not None:
-            plugin.fail_waiting(reason)
+        if plugin is not None and self._failure is not None:
+            plugin.fail_waiting(self._failure)
 
     async def _close(self) -> None:
         if self._job_watch is not None:
