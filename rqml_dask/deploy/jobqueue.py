@@ -81,12 +81,12 @@ class _StableNodes:
 
     def _update_worker_status(self, op: str, msg: object) -> None:
         name = self.scheduler_info["workers"].get(msg, {}).get("name") if op == "remove" else None  # type: ignore[attr-defined]
-        super()._update_worker_status(op, msg)  # type: ignore[misc]
-        if op == "add":
+        if op == "add":  # before Dask's handler, which pops the workers out of the message
             self._failed_starts = 0  # a node came up: the jobs can start one
             for info in msg.get("workers", {}).values():  # type: ignore[union-attr]
                 if (job := self.workers.get(info.get("name"))) is not None:  # type: ignore[attr-defined]
                     self._registered_jobs.add(job.job_id)
+        super()._update_worker_status(op, msg)  # type: ignore[misc]
         if name is not None:  # after Dask drops the lost job (the same delay, so later)
             delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
             asyncio.get_running_loop().call_later(delay, self._submit_again, name)
