@@ -255,7 +255,6 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
         if not scheduler:
             cluster = stack.enter_context(started_cluster(pipeline.config.cluster, secure))
             client = stack.enter_context(Client(cluster))
-        if not scheduler:
             click.echo(f"cluster      {kind} at {client.scheduler.address}: {_nodes_of(cluster, kind)}", err=True)
         if secure:
             peer = client.scheduler_comm.comm.extra_info()

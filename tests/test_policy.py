@@ -54,11 +54,11 @@ def test_a_policy_out_of_its_bounds_is_refused_naming_the_field(fields, error):
 def test_the_scheduler_numbers_policies_and_a_callers_version_and_signature_are_ignored():
     proposed = read_policy({"version": 2**62, "signature": {"signer": "mallory"}, "max_task_seconds": 60})
     assert proposed.version == 0 and proposed.signature is None and proposed.max_task_seconds == 60
-    first = policies.issue(proposed, None, sign=None)
+    first = policies.issue(proposed, None, credentials=None)
     assert first.version >= time.time_ns() // 1_000_000 - 60_000  # above any of an earlier run of the scheduler
     later = [first]
     for _ in range(3):
-        later.append(policies.issue(proposed, later[-1], sign=None))
+        later.append(policies.issue(proposed, later[-1], credentials=None))
     assert [p.version for p in later] == sorted({p.version for p in later})  # strictly rising
     assert policies.summary(first) == {"version": first.version, "class_order": ["deconvolution"], "min_concurrency": 1,
                                        "max_concurrency": 8, "on_validation_failure": "escalate", "max_task_seconds": 60.0,

@@ -199,7 +199,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             results = result_settings()
             verifier = Verifier.load(credentials.ca, credentials.crl, self.gatekeeper.quarantined)  # the quarantine, shared
             self.result_check = ResultCheck(verifier, results.max_skew, results.remembered)
-        self.policy = policies.issue(self.policy, None, sign=self.credentials)
+        self.policy = policies.issue(self.policy, None, credentials=self.credentials)
         if secure:  # over tcp:// there is no identity to check: Dask's handlers stay as they are
             self.gatekeeper.guard_doors(scheduler)  # Dask's own handlers too, once every wrapper above is in place
         # every worker, now and later, becomes a node (a bare `dask worker` included)
@@ -914,7 +914,7 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
             gpu_nodes = sum(node.figures.gpu_count > 0 for node in self.nodes.values())
             if (refused := policies.refusal(proposed, len(self.nodes), gpu_nodes)) is not None:
                 raise refused
-            self.policy = policies.issue(proposed, self.policy, sign=self.credentials)
+            self.policy = policies.issue(proposed, self.policy, credentials=self.credentials)
             logger.info("policy version %d adopted", self.policy.version)
             self._send_policy(list(self.nodes))
         return policies.summary(self.policy)

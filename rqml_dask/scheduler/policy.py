@@ -24,15 +24,14 @@ from rqml_dask.trust.policy import PolicySeal
 from rqml_dask.trust.transport import Credentials
 
 
-def issue(proposed: NodePolicy, previous: NodePolicy | None, sign: Credentials | None) -> NodePolicy:
+def issue(proposed: NodePolicy, previous: NodePolicy | None, credentials: Credentials | None) -> NodePolicy:
     """``proposed`` as the scheduler adopts it after ``previous``: numbered above it (see
-    the module docstring) and, with ``sign``, signed with those credentials (the scheduler's,
+    the module docstring) and, with ``credentials``, signed with those credentials (the scheduler's,
     their files read now: a renewed certificate signs from its renewal on)."""
     version = max((previous.version if previous is not None else 0) + 1, time.time_ns() // 1_000_000)
     policy = replace(proposed, version=version, signature=None)
-    if sign is None:
+    if credentials is None:
         return policy
-    credentials = sign
     return PolicySeal.load(credentials.ca, credentials.cert, credentials.key, credentials.crl).sign_policy(policy)
 
 
