@@ -44,7 +44,7 @@ from distributed.deploy import Cluster
 from tornado.ioloop import PeriodicCallback
 
 from rqml_dask.deploy import ClusterStartError
-from rqml_dask.deploy.local import NODE_ARGUMENTS, PRELOADS, SCHEDULER_PRELOADS, WORKER_CONFIG, WORKER_ENVIRON, secure_authority
+from rqml_dask.deploy.local import NODE_ARGUMENTS, PRELOADS, SCHEDULER_PRELOADS, WORKER_CONFIG, WORKER_ENVIRON, own_scheduler_trust, secure_authority
 from rqml_dask.pipeline.config import ClusterSpec, JobQueueSpec
 from rqml_dask.scheduler.plugin import PLUGIN_NAME as SCHEDULER_PLUGIN
 
@@ -115,6 +115,7 @@ class _StableNodes:
             if alive is None or self.status != Status.running:  # type: ignore[attr-defined]
                 return
             registered = {w.get("name") for w in self.scheduler_info["workers"].values()}  # type: ignore[attr-defined]
+            dropped = False
             for name, job in list(self.workers.items()):  # type: ignore[attr-defined]
                 if job.job_id is None or job.job_id in alive or job.job_id in self._registered_jobs or name in registered:
                     continue  # queued or running, or its node started (a lost node is submitted again by _submit_again)
@@ -123,11 +124,13 @@ class _StableNodes:
                 logger.warning("node %s: job %s ended before the node started (%d in a row); see %s", name, job.job_id,
                                self._failed_starts, where)
                 del self.workers[name]  # type: ignore[attr-defined]
+                dropped = True
                 if self._failed_starts >= FAILED_STARTS:
                     self._give_up(f"{self._failed_starts} {kind} jobs in a row ended before their node started; "
                                   f"the latest, job {job.job_id} of node {name}, says why in {where}")
                     return
-            self._correct_state()  # type: ignore[attr-defined]
+            if dropped:
+                self._correct_state()  # type: ignore[attr-defined]
 
         def start() -> None:  # on the cluster's event loop
             self._job_watch = PeriodicCallback(check, JOB_CHECK_SECONDS * 1000)
@@ -242,8 +245,7 @@ def secure_jobs(kind: Literal["slurm", "pbs"], spec: ClusterSpec) -> Iterator[Cl
             options["worker_extra_args"] = [*NODE_ARGUMENTS, *(a for p in PRELOADS for a in ("--preload-nanny", p))]
         options["protocol"] = "pqtls"
         with dask.config.set({"rqml.trust": trust("client", "client")}):
-            scheduler = {**trust("scheduler", "scheduler"), "session": {"authority": str(authority)}, "admin-names": ["client"]}
-            with dask.config.set({"rqml.trust": scheduler}):  # what the scheduler's listener presents
+            with dask.config.set(own_scheduler_trust(trust("scheduler", "scheduler"), authority)):
                 cluster = base(job_cls=_trusted_job(base.job_cls, trust), **options)
             with _scaled(cluster, jobs, kind):
                 yield cluster

@@ -84,6 +84,14 @@ def secure_authority() -> Path:
     return directory
 
 
+def own_scheduler_trust(credentials: dict[str, str], authority: Path) -> dict[str, dict[str, object]]:
+    """The ``rqml.trust`` config a run's own scheduler starts under: its listener presents
+    ``credentials``, it holds the CA at ``authority`` to renew the nodes' certificates, and
+    this process's client is its admin (the cluster is this process's own: it closes it at
+    the end)."""
+    return {"rqml.trust": {**credentials, "session": {"authority": str(authority)}, "admin-names": ["client"]}}
+
+
 @contextlib.contextmanager
 def secure_embedded_cluster(spec: ClusterSpec) -> Iterator[Cluster]:
     """The embedded cluster over ``pqtls://`` (``rqml run --secure``): the user's Central
@@ -108,9 +116,7 @@ def secure_embedded_cluster(spec: ClusterSpec) -> Iterator[Cluster]:
         worker = {"nthreads": spec.threads_per_worker, "host": "127.0.0.1", "preload": PRELOADS, "preload_nanny": PRELOADS,
                   "memory_limit": spec.memory_limit, "dashboard_address": "127.0.0.1:0"}
         with dask.config.set({"rqml.trust": trust("client"), **_worker_config()}):
-            # what the scheduler's listener presents; it holds the CA to renew the nodes' certificates, and
-            # this process's client is its admin (the cluster is this process's own: it closes it at the end)
-            with dask.config.set({"rqml.trust": {**trust("scheduler"), "session": {"authority": str(directory)}, "admin-names": ["client"]}}):
+            with dask.config.set(own_scheduler_trust(trust("scheduler"), directory)):
                 cluster = SpecCluster(
                     scheduler={"cls": Scheduler, "options": {"protocol": "pqtls", "host": "127.0.0.1",
                                                              "dashboard_address": spec.dashboard_address,
