@@ -50,6 +50,13 @@ class ArrayBackend:
             return self._scipy_fft.irfftn(x, s=s, axes=axes, workers=self.fft_workers)
         return self.xp.fft.irfftn(x, s=s, axes=axes)
 
+    def conjugate(self, x: Array) -> Array:
+        """The complex conjugate of ``x``: ``x`` itself, conjugated in place, on NumPy and CuPy;
+        a new array on namespaces without ``out=`` (the array API's ``conj``)."""
+        if self.name in ("numpy", "cupy"):
+            return self.xp.conjugate(x, out=x)
+        return self.xp.conj(x)
+
     def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
         """Move a host (NumPy) array onto this backend."""
         out = self.xp.asarray(host)

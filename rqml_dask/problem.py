@@ -21,9 +21,14 @@ from rqml_dask.models import TaskClass, load_task_class
 from rqml_dask.task import ArrayRef, Region, RQMLTask
 from rqml_dask.volumes import InputError, open_array, read_core, read_window
 
-RESULT_FORMAT = b"rqml-result-4"
+RESULT_FORMAT = b"rqml-result-5"
 """Part of every input digest: a release that computes or records results differently bumps
 it, and no result or checkpoint of an older one is used."""
+
+SPLIT_SALT = b"rqml-result-4"
+"""Salts the digest of a window's data that seeds its held-out split: it stays when
+:data:`RESULT_FORMAT` moves, so a task splits its counts the same way in every release
+(a release that only rounds differently does not redraw every task's noise)."""
 
 
 def read_operator(kind: TaskClass, ref: ArrayRef, core: Region | None, image_ref: ArrayRef) -> np.ndarray:
@@ -46,8 +51,8 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
     ``observed`` (the window), the operator under the class's ``operator_key``, and
     ``image``, what the models refine against: the window, or, with the held-out stopping
     rule, the part of its counts not held out (rescaled), the held-out counts being
-    ``held_out`` (:func:`rqml_dask.held_out.thin`, seeded by the digest, so a task splits
-    its data the same way on every node and every run). Camera data (``task.input.camera``)
+    ``held_out`` (:func:`rqml_dask.held_out.thin`, seeded by the data's digest, so a task
+    splits its data the same way on every node, every run and every release: :data:`SPLIT_SALT`). Camera data (``task.input.camera``)
     are read as shifted-Poisson counts, and ``background`` (a float, in the image's units)
     is the pedestal the models add to their prediction (:class:`rqml_dask.camera.Camera`)."""
     kind = load_task_class(task.task_class)
@@ -55,18 +60,18 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
                         accept_saturated=task.input.accept_saturated)
     image = image if task.input.camera is None else task.input.camera.photons(image, image.dtype)  # ADU to photons
     operator = read_operator(kind, task.input.operator, task.region, task.input.image)
-    digest = hashlib.blake2b(RESULT_FORMAT, digest_size=16)
+    data = hashlib.blake2b(SPLIT_SALT, digest_size=16)
     for array in (image, operator):
-        digest.update(repr((array.shape, array.dtype.str)).encode())
-        digest.update(np.ascontiguousarray(array).data)
-    task = replace(task, input_digest=digest.hexdigest())
+        data.update(repr((array.shape, array.dtype.str)).encode())
+        data.update(np.ascontiguousarray(array).data)
+    task = replace(task, input_digest=hashlib.blake2b(RESULT_FORMAT + data.digest(), digest_size=16).hexdigest())
     observed = backend.asarray(image)
     problem = {"observed": observed, "image": observed, kind.operator_key: backend.asarray(operator)}
     if task.input.camera is not None:
         problem["background"] = task.input.camera.pedestal
     fraction, counts_per_unit = task.convergence.held_out_fraction, task.input.counts_per_unit
     if fraction > 0 and counts_per_unit is not None:
-        train, held = thin(image, counts_per_unit, fraction, seed=int(task.input_digest[:16], 16))
+        train, held = thin(image, counts_per_unit, fraction, seed=int(data.hexdigest()[:16], 16))
         problem["image"], problem["held_out"] = backend.asarray(train), backend.asarray(held)
     return task, problem
 

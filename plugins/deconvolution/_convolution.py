@@ -39,7 +39,11 @@ class Convolver:
 
     Both take and return float32 arrays (leading axes beyond the image's are a batch,
     convolved one by one in a single call), each a fresh view into its own FFT buffer that
-    callers may modify in place. Transfer functions are computed once here.
+    callers may modify in place. The one transfer function is computed here; the adjoint
+    multiplies by its conjugate, with the image-shaped array placed where :meth:`forward`'s
+    valid part sits in the transform (a circular correlation of length at least the object
+    domain's wraps nothing into it). :meth:`richardson_lucy_factor` and :meth:`gradient`
+    take the prediction a check of the same estimate just made and work in its buffer.
     """
 
     def __init__(self, psf: Array, image_shape: tuple[int, ...], backend: ArrayBackend, background: float = 0.0) -> None:
@@ -56,7 +60,8 @@ class Convolver:
         self.window = tuple(slice(p // 2, p // 2 + n) for n, p in zip(image_shape, psf.shape, strict=True))
         """Where the image's voxels sit in the object domain."""
         self._predicted_for: Array | None = None
-        self._predicted: Array | None = None
+        self._blurred: Array | None = None
+        """The transform-shaped buffer whose valid part is :meth:`prediction` of ``_predicted_for``."""
         self._image_norm: tuple[Array, float] | None = None
         """The last image :meth:`residual_norm` was given, and its squared norm."""
         self.fft_shape = transform_shape(self.image_shape, tuple(psf.shape))
@@ -70,25 +75,79 @@ class Convolver:
         self.psf_digest = hashlib.sha256(np.ascontiguousarray(backend.to_numpy(psf32)).data).hexdigest()
         """Equal digests (and image shapes) mean equal transfer functions: batchable."""
         self._otf = backend.rfftn(psf32, self.fft_shape)
-        self._otf_flipped = backend.rfftn(xp.flip(psf32), self.fft_shape)
         weight = self.adjoint(xp.ones(self.image_shape, dtype=xp.float32))
         observed = weight >= UNOBSERVED_WEIGHT
-        self.observed = observed
-        """Where the object domain is estimated (its weight in the window is not negligible)."""
         self.normalisation = xp.astype(xp.where(observed, 1.0 / xp.where(observed, weight, 1.0), 0.0), xp.float32)
+        """``1 / adjoint(ones)`` where the object domain is estimated (its weight in the window is
+        not negligible), 0 elsewhere."""
 
-    def _apply(self, x: Array, otf: Array, crop: tuple[slice, ...]) -> Array:
+    def _blur(self, x: Array) -> Array:
+        """``x`` blurred circularly at the transform's shape (a fresh buffer): its
+        ``_valid`` part is :meth:`forward`, the rest is wrapped-around partial sums."""
         spectrum = self.backend.rfftn(x, self.fft_shape)
-        spectrum *= otf
-        return self.backend.irfftn(spectrum, self.fft_shape)[(..., *crop)]
+        spectrum *= self._otf
+        return self.backend.irfftn(spectrum, self.fft_shape)
+
+    def _back_project(self, placed: Array) -> Array:
+        """The adjoint of an image-shaped array already placed in the ``_valid`` part of an
+        otherwise zero transform-shaped ``placed`` (object-shaped)."""
+        spectrum = self.backend.rfftn(placed, self.fft_shape)
+        spectrum = self.backend.conjugate(spectrum)  # spectrum * conj(otf), without a conjugated copy of the otf
+        spectrum *= self._otf
+        spectrum = self.backend.conjugate(spectrum)
+        return self.backend.irfftn(spectrum, self.fft_shape)[(..., *self._whole)]
+
+    def _zero_outside_valid(self, buffer: Array) -> None:
+        """Zero a transform-shaped ``buffer`` everywhere but its ``_valid`` part."""
+        batch = buffer.ndim - len(self.fft_shape)
+        for axis, valid in enumerate(self._valid):
+            buffer[_along(batch + axis, slice(0, valid.start))] = 0.0
+            buffer[_along(batch + axis, slice(valid.stop, None))] = 0.0
 
     def forward(self, x: Array) -> Array:
         """The object ``x`` blurred by the PSF, on the window (image-shaped)."""
-        return self._apply(x, self._otf, self._valid)
+        return self._blur(x)[(..., *self._valid)]
 
     def adjoint(self, r: Array) -> Array:
         """The adjoint of :meth:`forward` applied to the image-shaped ``r`` (object-shaped)."""
-        return self._apply(r, self._otf_flipped, self._whole)
+        xp = self.backend.xp
+        placed = xp.zeros((*r.shape[: r.ndim - len(self.image_shape)], *self.fft_shape), dtype=xp.float32)
+        placed[(..., *self._valid)] = r
+        return self._back_project(placed)
+
+    def _taken_prediction(self, estimate: Array) -> tuple[Array, Array]:
+        """The transform-shaped buffer holding :meth:`prediction` of ``estimate`` in its valid
+        part, and that part, for the caller to overwrite: the cached one (then forgotten) or
+        a fresh one."""
+        if self._predicted_for is estimate and self._blurred is not None:
+            blurred = self._blurred
+            self._predicted_for = self._blurred = None
+        else:
+            blurred = self._blur(estimate)
+            if self.background:
+                blurred[(..., *self._valid)] += self.background
+        return blurred, blurred[(..., *self._valid)]
+
+    def richardson_lucy_factor(self, estimate: Array, image: Array, epsilon: float) -> Array:
+        """``adjoint(image / (prediction(estimate) + epsilon)) * normalisation``, object-shaped
+        (a fresh array; leading axes of both a batch). The ratio is formed in the
+        prediction's own buffer, which is then back-projected: one forward and one adjoint
+        transform."""
+        blurred, ratio = self._taken_prediction(estimate)
+        ratio += epsilon
+        ratio[...] = image / ratio
+        self._zero_outside_valid(blurred)
+        correction = self._back_project(blurred)
+        correction *= self.normalisation
+        return correction
+
+    def gradient(self, estimate: Array, image: Array) -> Array:
+        """``adjoint(prediction(estimate) - image)`` (object-shaped, a fresh array): the
+        least-squares gradient, formed in the prediction's own buffer."""
+        blurred, residual = self._taken_prediction(estimate)
+        residual -= image
+        self._zero_outside_valid(blurred)
+        return self._back_project(blurred)
 
     def extend(self, estimate: Array) -> Array:
         """An estimate as an object-domain float32 array (a copy): one of the object domain as
@@ -112,12 +171,13 @@ class Convolver:
         kept for the last estimate given, so a check's misfit, its held-out score and the next
         Richardson-Lucy step share one convolution. For estimates that are never modified in place (``immutable_state``
         models); callers must not modify the result."""
-        if self._predicted_for is not estimate:
-            predicted = self.forward(estimate)
+        if self._predicted_for is not estimate or self._blurred is None:
+            self._predicted_for, self._blurred = None, None  # the previous one's buffer goes first
+            blurred = self._blur(estimate)
             if self.background:
-                predicted += self.background
-            self._predicted_for, self._predicted = estimate, predicted
-        return self._predicted
+                blurred[(..., *self._valid)] += self.background
+            self._predicted_for, self._blurred = estimate, blurred
+        return self._blurred[(..., *self._valid)]
 
     def residual_norm(self, estimate: Array, image: Array) -> float:
         """``||prediction(estimate) - image||_2 / ||image||_2``, summed in float64.

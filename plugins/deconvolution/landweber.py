@@ -47,8 +47,7 @@ class Landweber(RefinementModel):
         self._object = self.convolver.extend(xp.maximum(self.image, 0.0) if estimate is None else estimate)
 
     def step(self) -> None:
-        residual = self.convolver.prediction(self._object) - self.image
-        update = self.convolver.adjoint(residual)
+        update = self.convolver.gradient(self._object, self.image)
         update *= -self.step_size
         update += self._object
         self._object = self.xp.maximum(update, 0.0)

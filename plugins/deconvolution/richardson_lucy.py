@@ -55,7 +55,7 @@ class RichardsonLucy(RefinementModel):
         xp = self.xp
         if estimate is None:
             level = max(float(xp.sum(self.image, dtype=xp.float64)) / max(self.image.size, 1) - self.convolver.background, 1e-6)
-            self._object = xp.where(self.convolver.observed, xp.asarray(level, dtype=xp.float32),
+            self._object = xp.where(self.convolver.normalisation > 0.0, xp.asarray(level, dtype=xp.float32),
                                     xp.asarray(0.0, dtype=xp.float32))
             return
         self._object = self.convolver.extend(estimate)
@@ -65,10 +65,7 @@ class RichardsonLucy(RefinementModel):
         adjoint(ones)`` (a fresh array). ``forward(x) + background`` is the convolver's
         :meth:`~Convolver.prediction`: a convergence check of ``x`` just made it, and the
         step after the check takes it from there instead of blurring ``x`` again."""
-        blurred = self.convolver.prediction(x) + EPSILON
-        correction = self.convolver.adjoint(self.image / blurred)
-        correction *= self.convolver.normalisation
-        return correction
+        return self.convolver.richardson_lucy_factor(x, self.image, EPSILON)
 
     def step(self) -> None:
         correction = self._correction(self._object)
@@ -89,13 +86,10 @@ class RichardsonLucy(RefinementModel):
             return super().step_batch(models)
         first = models[0]
         xp, convolver = first.xp, first.convolver
-        blurred = convolver.forward(xp.stack([m._object for m in models]))
-        blurred += convolver.background + EPSILON
-        ratio = xp.stack([m.image for m in models])
-        ratio /= blurred
-        correction = convolver.adjoint(ratio)
-        correction *= convolver.normalisation
-        correction *= xp.stack([m._object for m in models])
+        objects = xp.stack([m._object for m in models])
+        correction = convolver.richardson_lucy_factor(objects, xp.stack([m.image for m in models]), EPSILON)
+        correction *= objects
+        del objects
         for i, model in enumerate(models):
             model._object = correction[i, ...]
 

@@ -19,7 +19,10 @@ the model and the error in its reason; the thread goes on with the others. Model
 built outside the lock, so a large tile does not stall the worker's event loop. Supervision decisions
 (:class:`~rqml_dask.messages.Decision`) are applied between rounds. The size of the
 refinement queue adapts to throughput and memory pressure
-(:class:`~rqml_dask.node.concurrency.AdaptiveConcurrency`).
+(:class:`~rqml_dask.node.concurrency.AdaptiveConcurrency`) where tasks batch; where they do
+not (a CPU with one FFT thread) it stays at the policy's minimum: interleaving tasks on one
+thread cannot raise throughput, and each task refining holds its working set (about a dozen
+window-sized arrays: ``bench/bench_task_memory.py``).
 
 The orchestrator lives in the worker process, started by :class:`~rqml_dask.node.NodePlugin`;
 it knows nothing of the scheduler, so it runs on unchanged when the scheduler is lost
@@ -262,7 +265,7 @@ class NodeOrchestrator:
                 batch = list(self.refining)
                 if not batch and not decisions:
                     self._cond.wait(self.window_seconds)
-                saturated = saturated and len(batch) >= self.concurrency.limit
+                saturated = saturated and self.batching and len(batch) >= self.concurrency.limit  # no probe where nothing batches
             for decision in decisions:
                 self._apply(decision, batch)
             started = time.perf_counter()
