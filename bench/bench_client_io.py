@@ -17,7 +17,7 @@ tasks at 512 MiB), ``--iterations`` RL iterations each. Reported per size:
   from ``prepare`` on (``VmHWM``, reset after the input is written: writing it is the
   bench's, not the run's) and each worker's against a task window's bytes.
 
-Usage: python bench/bench_client_io.py [--sizes 64,512,2048] [--iterations 2] [--workers 2]
+Usage: python bench/bench_client_io.py [--sizes 64,512,2048] [--iterations 2] [--workers 2] [--check-every 5]
 """
 
 from __future__ import annotations
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="64,512,2048", help="input sizes in MiB")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--check-every", type=int, default=5, help="iterations between convergence checks (the quickstart's 5)")
     args = parser.parse_args(argv)
     quickstart = load_pipeline_config("pipelines/quickstart.yaml")
-    fixed = {"max_iterations": args.iterations, "check_every": 1, "stability_tol": 0.0, "consistency_tol": 0.0,
+    fixed = {"max_iterations": args.iterations, "check_every": args.check_every, "stability_tol": 0.0, "consistency_tol": 0.0,
              "novelty_window": 10**6, "held_out_fraction": 0.0, "accept_max_iterations": True}
     tmp = Path(tempfile.mkdtemp(prefix="rqml-client-io-"))
     rows = []

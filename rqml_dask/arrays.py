@@ -44,10 +44,11 @@ class ArrayBackend:
         return self.xp.fft.rfftn(x, s=s, axes=axes)
 
     def irfftn(self, x: Array, s: tuple[int, ...]) -> Array:
-        """Inverse of :meth:`rfftn`: real output of shape ``s`` over the last ``len(s)`` axes."""
+        """Inverse of :meth:`rfftn`: real output of shape ``s`` over the last ``len(s)`` axes.
+        ``x`` is overwritten (on NumPy: SciPy transforms it in place rather than in a copy)."""
         axes = tuple(range(-len(s), 0))
         if self._scipy_fft is not None:
-            return self._scipy_fft.irfftn(x, s=s, axes=axes, workers=self.fft_workers)
+            return self._scipy_fft.irfftn(x, s=s, axes=axes, workers=self.fft_workers, overwrite_x=True)
         return self.xp.fft.irfftn(x, s=s, axes=axes)
 
     def conjugate(self, x: Array) -> Array:

@@ -13,7 +13,9 @@ enough away (:func:`halo_for`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 
 import numpy as np
 
@@ -39,7 +41,10 @@ class Convolver:
 
     Both take and return float32 arrays (leading axes beyond the image's are a batch,
     convolved one by one in a single call), each a fresh view into its own FFT buffer that
-    callers may modify in place. The one transfer function is computed here; the adjoint
+    callers may modify in place. The models keep their objects *transform-shaped*
+    (:attr:`fft_shape`, zero past the object domain at :attr:`domain`: :meth:`extend`), so a
+    forward transform pads nothing; :meth:`forward` and :meth:`prediction` take either
+    shape. The one transfer function is computed here; the adjoint
     multiplies by its conjugate, with the image-shaped array placed where :meth:`forward`'s
     valid part sits in the transform (a circular correlation of length at least the object
     domain's wraps nothing into it). :meth:`richardson_lucy_factor` and :meth:`gradient`
@@ -66,7 +71,8 @@ class Convolver:
         """The last image :meth:`residual_norm` was given, and its squared norm."""
         self.fft_shape = transform_shape(self.image_shape, tuple(psf.shape))
         self._valid = tuple(slice(p - 1, p - 1 + n) for n, p in zip(image_shape, psf.shape, strict=True))
-        self._whole = tuple(slice(0, m) for m in self.object_shape)
+        self.domain = tuple(slice(0, m) for m in self.object_shape)
+        """Where the object domain sits in a transform-shaped array."""
         total = float(xp.sum(xp.astype(psf, xp.float64)))
         if not 0.0 < total < float("inf"):
             raise ValueError(f"psf must have a positive, finite sum, not {total}")
@@ -75,11 +81,12 @@ class Convolver:
         self.psf_digest = hashlib.sha256(np.ascontiguousarray(backend.to_numpy(psf32)).data).hexdigest()
         """Equal digests (and image shapes) mean equal transfer functions: batchable."""
         self._otf = backend.rfftn(psf32, self.fft_shape)
-        weight = self.adjoint(xp.ones(self.image_shape, dtype=xp.float32))
+        weight = self._back_project(backend.rfftn(self._placed(xp.ones(self.image_shape, dtype=xp.float32)), self.fft_shape))
+        self._zero_outside(weight, self.domain)
         observed = weight >= UNOBSERVED_WEIGHT
         self.normalisation = xp.astype(xp.where(observed, 1.0 / xp.where(observed, weight, 1.0), 0.0), xp.float32)
-        """``1 / adjoint(ones)`` where the object domain is estimated (its weight in the window is
-        not negligible), 0 elsewhere."""
+        """Transform-shaped: ``1 / adjoint(ones)`` where the object domain is estimated (its
+        weight in the window is not negligible), 0 elsewhere and past the object domain."""
 
     def _blur(self, x: Array) -> Array:
         """``x`` blurred circularly at the transform's shape (a fresh buffer): its
@@ -88,32 +95,38 @@ class Convolver:
         spectrum *= self._otf
         return self.backend.irfftn(spectrum, self.fft_shape)
 
-    def _back_project(self, placed: Array) -> Array:
-        """The adjoint of an image-shaped array already placed in the ``_valid`` part of an
-        otherwise zero transform-shaped ``placed`` (object-shaped)."""
-        spectrum = self.backend.rfftn(placed, self.fft_shape)
+    def _back_project(self, spectrum: Array) -> Array:
+        """The adjoint of an image-shaped array from the ``spectrum`` (overwritten) of it
+        placed in the ``_valid`` part of an otherwise zero transform-shaped array:
+        transform-shaped, the adjoint at :attr:`domain`, wrapped-around partial sums past it.
+        Callers drop the placed array before this runs: it is not needed any more."""
         spectrum = self.backend.conjugate(spectrum)  # spectrum * conj(otf), without a conjugated copy of the otf
         spectrum *= self._otf
         spectrum = self.backend.conjugate(spectrum)
-        return self.backend.irfftn(spectrum, self.fft_shape)[(..., *self._whole)]
+        return self.backend.irfftn(spectrum, self.fft_shape)
 
-    def _zero_outside_valid(self, buffer: Array) -> None:
-        """Zero a transform-shaped ``buffer`` everywhere but its ``_valid`` part."""
+    def _zero_outside(self, buffer: Array, region: tuple[slice, ...]) -> None:
+        """Zero a transform-shaped ``buffer`` everywhere but ``region``."""
         batch = buffer.ndim - len(self.fft_shape)
-        for axis, valid in enumerate(self._valid):
-            buffer[_along(batch + axis, slice(0, valid.start))] = 0.0
-            buffer[_along(batch + axis, slice(valid.stop, None))] = 0.0
+        for axis, kept in enumerate(region):
+            buffer[_along(batch + axis, slice(0, kept.start))] = 0.0
+            buffer[_along(batch + axis, slice(kept.stop, None))] = 0.0
+
+    def _placed(self, r: Array) -> Array:
+        """The image-shaped ``r`` in the ``_valid`` part of a zero transform-shaped array."""
+        xp = self.backend.xp
+        placed = xp.zeros((*r.shape[: r.ndim - len(self.image_shape)], *self.fft_shape), dtype=xp.float32)
+        placed[(..., *self._valid)] = r
+        return placed
 
     def forward(self, x: Array) -> Array:
-        """The object ``x`` blurred by the PSF, on the window (image-shaped)."""
+        """The object ``x`` (object- or transform-shaped) blurred by the PSF, on the window
+        (image-shaped)."""
         return self._blur(x)[(..., *self._valid)]
 
     def adjoint(self, r: Array) -> Array:
         """The adjoint of :meth:`forward` applied to the image-shaped ``r`` (object-shaped)."""
-        xp = self.backend.xp
-        placed = xp.zeros((*r.shape[: r.ndim - len(self.image_shape)], *self.fft_shape), dtype=xp.float32)
-        placed[(..., *self._valid)] = r
-        return self._back_project(placed)
+        return self._back_project(self.backend.rfftn(self._placed(r), self.fft_shape))[(..., *self.domain)]
 
     def _taken_prediction(self, estimate: Array) -> tuple[Array, Array]:
         """The transform-shaped buffer holding :meth:`prediction` of ``estimate`` in its valid
@@ -129,42 +142,50 @@ class Convolver:
         return blurred, blurred[(..., *self._valid)]
 
     def richardson_lucy_factor(self, estimate: Array, image: Array, epsilon: float) -> Array:
-        """``adjoint(image / (prediction(estimate) + epsilon)) * normalisation``, object-shaped
-        (a fresh array; leading axes of both a batch). The ratio is formed in the
+        """``adjoint(image / (prediction(estimate) + epsilon)) * normalisation``, transform-shaped
+        and zero past the object domain (a fresh array; leading axes of both a batch). The ratio is formed in the
         prediction's own buffer, which is then back-projected: one forward and one adjoint
         transform."""
         blurred, ratio = self._taken_prediction(estimate)
         ratio += epsilon
         ratio[...] = image / ratio
-        self._zero_outside_valid(blurred)
-        correction = self._back_project(blurred)
+        self._zero_outside(blurred, self._valid)
+        spectrum = self.backend.rfftn(blurred, self.fft_shape)
+        del blurred, ratio
+        correction = self._back_project(spectrum)
         correction *= self.normalisation
         return correction
 
     def gradient(self, estimate: Array, image: Array) -> Array:
-        """``adjoint(prediction(estimate) - image)`` (object-shaped, a fresh array): the
-        least-squares gradient, formed in the prediction's own buffer."""
+        """``adjoint(prediction(estimate) - image)``, transform-shaped and zero past the object
+        domain (a fresh array): the least-squares gradient, formed in the prediction's own buffer."""
         blurred, residual = self._taken_prediction(estimate)
         residual -= image
-        self._zero_outside_valid(blurred)
-        return self._back_project(blurred)
+        self._zero_outside(blurred, self._valid)
+        spectrum = self.backend.rfftn(blurred, self.fft_shape)
+        del blurred, residual
+        gradient = self._back_project(spectrum)
+        self._zero_outside(gradient, self.domain)
+        return gradient
 
     def extend(self, estimate: Array) -> Array:
-        """An estimate as an object-domain float32 array (a copy): one of the object domain as
-        it is, one of the window's shape extended by repeating its edge voxels."""
+        """An estimate as a transform-shaped float32 array, zero past the object domain (a
+        copy): one of the object domain as it is, one of the window's shape extended by
+        repeating its edge voxels."""
         xp = self.backend.xp
         shape = tuple(estimate.shape)
-        if shape == self.object_shape:
-            return xp.astype(estimate, xp.float32, copy=True)
-        if shape != self.image_shape:
+        if shape not in (self.object_shape, self.image_shape):
             raise ValueError(f"estimate shape {shape} is neither the image's {self.image_shape} "
                              f"nor the object domain's {self.object_shape}")
-        extended = xp.astype(estimate, xp.float32, copy=True)
-        for axis, (w, m) in enumerate(zip(self.window, self.object_shape)):
-            before = _repeat_edge(xp, extended, axis, slice(0, 1), w.start)
-            after = _repeat_edge(xp, extended, axis, slice(-1, None), m - w.stop)
-            extended = _concat(xp)([*before, extended, *after], axis=axis)
-        return extended
+        extended = xp.astype(estimate, xp.float32, copy=False)
+        if shape == self.image_shape:
+            for axis, (w, m) in enumerate(zip(self.window, self.object_shape)):
+                before = _repeat_edge(xp, extended, axis, slice(0, 1), w.start)
+                after = _repeat_edge(xp, extended, axis, slice(-1, None), m - w.stop)
+                extended = _concat(xp)([*before, extended, *after], axis=axis)
+        embedded = xp.zeros(self.fft_shape, dtype=xp.float32)
+        embedded[self.domain] = extended
+        return embedded
 
     def prediction(self, estimate: Array) -> Array:
         """What ``estimate`` predicts the data to be, :meth:`forward` plus ``background``,
@@ -191,19 +212,62 @@ class Convolver:
         if self._image_norm is None or self._image_norm[0] is not image:  # a task's image does not change
             self._image_norm = (image, float(xp.sum(image * image, dtype=xp.float64)))
         image_sq = self._image_norm[1]
-        residual_sq = float(xp.sum(residual * residual, dtype=xp.float64))
+        residual *= residual
+        residual_sq = float(xp.sum(residual, dtype=xp.float64))
         return (residual_sq / (image_sq if image_sq > 0.0 else 1.0)) ** 0.5
+
+
+PASS_COST = {4: 1.0, 2: 0.9, 3: 1.2, 5: 2.0, 7: 3.1}
+"""Relative cost per element of one pass of SciPy's FFT (pocketfft) of each radix (it
+factors a length into 4s first, then 2, 3, 5, 7), and :data:`AXIS_COST` that of moving the
+data along an axis at all: fitted to 1-D single-precision transforms of every 7-smooth
+length from 16 to 700 on this project's machine (``bench/bench_fft_sizes.py`` checks the
+shapes they pick). A constant table keeps the transform shape, and so the rounding of every
+result, the same on every node."""
+
+AXIS_COST = 6.3
+
+LONGEST_PADDING = 1.25
+"""A transform axis is at most this many times the object domain's length (rounded up)."""
 
 
 def transform_shape(image_shape: tuple[int, ...], psf_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape a :class:`Convolver` of images of ``image_shape`` and a PSF of ``psf_shape``
-    transforms at: per axis the object domain's length ``n + p - 1`` rounded up to a length
-    the FFT is fast at. (A circular convolution of length ``L`` >= the object's wraps the full
-    result's tail only onto indices before the valid part, and the adjoint's full result
-    fits in ``L``.)"""
-    from scipy.fft import next_fast_len
+    transforms at: per axis a 7-smooth length at least the object domain's ``n + p - 1``
+    and at most :data:`LONGEST_PADDING` times it, the combination that costs least by
+    :data:`PASS_COST` (a multi-dimensional transform costs its size times the sum of its
+    axes' per-element costs: :func:`_per_element`). A circular convolution of length ``L`` >= the object's wraps
+    the full result's tail only onto indices before the valid part, and the adjoint's full
+    result fits in ``L``; any such length gives the same result up to rounding."""
+    import itertools
 
-    return tuple(next_fast_len(n + p - 1, True) for n, p in zip(image_shape, psf_shape, strict=True))
+    domain = [n + p - 1 for n, p in zip(image_shape, psf_shape, strict=True)]
+    candidates = [_smooth_lengths(m, math.ceil(m * LONGEST_PADDING)) for m in domain]
+    return min(itertools.product(*candidates), key=lambda shape: (math.prod(shape) * sum(map(_per_element, shape)), shape))
+
+
+@functools.lru_cache(maxsize=4096)
+def _per_element(length: int) -> float:
+    """The relative cost per element of a 1-D transform of ``length`` (7-smooth), by
+    :data:`AXIS_COST` and :data:`PASS_COST`."""
+    cost, rest = AXIS_COST, length
+    for radix in (4, 2, 3, 5, 7):
+        while rest % radix == 0:
+            cost += PASS_COST[radix]
+            rest //= radix
+    return cost
+
+
+@functools.lru_cache(maxsize=1024)
+def _smooth_lengths(low: int, high: int) -> tuple[int, ...]:
+    """The 7-smooth lengths in ``[low, high]`` (there is one in ``[m, 1.25 m]`` for every ``m``)."""
+    def smooth(n: int) -> bool:
+        for radix in (2, 3, 5, 7):
+            while n % radix == 0:
+                n //= radix
+        return n == 1
+
+    return tuple(n for n in range(low, high + 1) if smooth(n))
 
 
 def halo_for(psf: np.ndarray, iterations: int, tolerance: float = 0.02) -> tuple[int, ...]:

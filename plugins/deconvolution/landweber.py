@@ -57,7 +57,7 @@ class Landweber(RefinementModel):
         return self._object[self.convolver.window]
 
     def state(self) -> dict[str, Array]:
-        return {"estimate": self._object}
+        return {"estimate": self._object[self.convolver.domain]}
 
     def misfit(self) -> float:
         return self.convolver.residual_norm(self._object, self.image)

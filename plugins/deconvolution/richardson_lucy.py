@@ -8,6 +8,7 @@ refines the object on the domain one PSF larger than the window, predicting only
 observed voxels (:class:`~rqml_plugins.deconvolution._convolution.Convolver`); ``estimate``
 is the object at the window (float32, the image's shape), ``state()["estimate"]`` the whole
 object domain, and ``start()`` takes either (a window-shaped one extended by its edges).
+The models hold the object transform-shaped, zero past the domain (``Convolver.extend``).
 :meth:`RichardsonLucy.misfit` is ``||forward(object) - image||_2 / ||image||_2``, recomputed
 and summed in float64.
 """
@@ -98,7 +99,7 @@ class RichardsonLucy(RefinementModel):
         return self._object[self.convolver.window]
 
     def state(self) -> dict[str, Array]:
-        return {"estimate": self._object}
+        return {"estimate": self._object[self.convolver.domain]}
 
     def misfit(self) -> float:
         return self.convolver.residual_norm(self._object, self.image)
@@ -146,20 +147,21 @@ class AcceleratedRichardsonLucy(RichardsonLucy):
         self._previous, self._object, self._change = x, updated, change
 
     def state(self) -> dict[str, Array]:
-        state = {"estimate": self._object, "alpha": self._alpha}
+        domain = self.convolver.domain
+        state = {"estimate": self._object[domain], "alpha": self._alpha}
         if self._previous is not None:
-            state["previous"] = self._previous
+            state["previous"] = self._previous[domain]
         if self._change is not None:
-            state["change"] = self._change
+            state["change"] = self._change[domain]
         return state
 
     def restore(self, state: Mapping[str, Array]) -> None:
         xp = self.xp
         self.start(state["estimate"])
         if "previous" in state:
-            self._previous = xp.astype(state["previous"], xp.float32, copy=True)
+            self._previous = self.convolver.extend(state["previous"])
         if "change" in state:
-            self._change = xp.astype(state["change"], xp.float32, copy=True)
+            self._change = self.convolver.extend(state["change"])
         if "alpha" in state:
             self._alpha = xp.astype(state["alpha"], xp.float32, copy=True)
 
@@ -191,7 +193,7 @@ class TotalVariationRichardsonLucy(RichardsonLucy):
 
     def step(self) -> None:
         xp = self.xp
-        x = self._object
+        x = self._object[self.convolver.domain]  # the object domain: no gradient into the zeros past it
         gradients = [_forward_difference(xp, x, axis) for axis in range(x.ndim)]
         magnitude = xp.full(x.shape, TV_GRADIENT_EPSILON**2, dtype=xp.float32)
         for gradient in gradients:
@@ -204,9 +206,9 @@ class TotalVariationRichardsonLucy(RichardsonLucy):
             denominator[_along(axis, slice(1, None))] -= gradient[_along(axis, slice(None, -1))]
         denominator *= -self.regularization
         denominator += 1.0
-        correction = self._correction(x)
-        correction /= xp.maximum(denominator, TV_DENOMINATOR_FLOOR)
-        correction *= x
+        correction = self._correction(self._object)
+        correction[self.convolver.domain] /= xp.maximum(denominator, TV_DENOMINATOR_FLOOR)
+        correction *= self._object
         self._object = correction
 
 
