@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import array_api_strict
 import numpy as np
 import pytest
+import scipy.fft
 import scipy.signal
 
 from rqml_dask.arrays import ArrayBackend, numpy_backend
 from rqml_dask.models import load_model, registered_models
-from rqml_plugins.deconvolution._convolution import Convolver, halo_for
+from rqml_plugins.deconvolution._convolution import Convolver, _per_element, halo_for, transform_shape
 from rqml_plugins.deconvolution.landweber import Landweber
 from rqml_plugins.deconvolution.richardson_lucy import (
     AcceleratedRichardsonLucy,
@@ -72,6 +75,27 @@ def test_convolver_is_scipy_valid_convolution_and_its_exact_adjoint(image_shape,
     lhs = np.vdot(forward.astype(np.float64), y)
     rhs = np.vdot(x, convolver.adjoint(y).astype(np.float64))
     assert abs(lhs - rhs) <= 1e-6 * abs(lhs)
+
+
+@pytest.mark.parametrize(
+    ("image_shape", "psf_shape"),
+    [((70, 86, 86), (13, 9, 9)), ((40, 264, 520), (7, 7, 7)), ((128, 128, 128), (21, 25, 25)), ((5, 300), (5, 41)), ((1, 7), (1, 5))],
+)
+def test_transforms_run_at_a_fast_shape_covering_the_object_domain_and_never_dearer_than_next_fast_len(image_shape, psf_shape):
+    def smooth(n: int) -> bool:
+        for radix in (2, 3, 5, 7):
+            while n % radix == 0:
+                n //= radix
+        return n == 1
+
+    def cost(shape: tuple[int, ...]) -> float:
+        return math.prod(shape) * sum(map(_per_element, shape))
+
+    domain = [n + p - 1 for n, p in zip(image_shape, psf_shape)]
+    shape = transform_shape(image_shape, psf_shape)
+    assert all(m <= n <= math.ceil(1.25 * m) and smooth(n) for n, m in zip(shape, domain)), (shape, domain)
+    assert cost(shape) <= cost(tuple(scipy.fft.next_fast_len(m, True) for m in domain))
+    assert Convolver(gaussian_psf(psf_shape), image_shape, numpy_backend()).fft_shape == shape
 
 
 @pytest.mark.parametrize(
