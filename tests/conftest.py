@@ -135,6 +135,17 @@ def pipeline_dict(store: Path, out: Path, **overrides) -> dict:
     return _with(config, out, overrides)
 
 
+def paced_pipeline_dict(store: Path, out: Path, iterations: int) -> dict:
+    """:func:`pipeline_dict` of tiles [24, 48, 48] refined by ``tests/sleepy_model.py`` at
+    0.05 s an iteration, exactly ``iterations`` each, checked every 10: a run that takes a
+    known while."""
+    paced = {"max_iterations": iterations, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6,
+             "accept_max_iterations": True}
+    return pipeline_dict(store, out, tiling={"tile": [24, 48, 48], "halo": "auto"}, convergence=paced,
+                         models={"ladder": ["sleepy_model:SleepyModel"], "params": {"sleepy_model:SleepyModel": {"delay": 0.05}}},
+                         plugins=[str(TESTS / "sleepy_model.py")])
+
+
 def _with(config: dict, out: Path, overrides: dict) -> dict:
     """``config`` with ``overrides``, its checkpoints beside ``out`` and no held-out counts, unless given."""
     config.update(overrides)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import TESTS, pipeline_dict, write_yaml
+from conftest import TESTS, paced_pipeline_dict, pipeline_dict, write_yaml
 from timing import bound
 
 pytestmark = pytest.mark.slow
@@ -79,11 +79,7 @@ def test_help_version_and_a_bad_pipeline_file_answer_without_loading_dask(tmp_pa
 
 
 def test_the_progress_bar_shows_iterations_before_the_first_task_finishes(tmp_path, small_volume):
-    paced = {"max_iterations": 120, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6,
-             "accept_max_iterations": True}
-    config = pipeline_dict(small_volume, tmp_path / "out.zarr", tiling={"tile": [24, 48, 48], "halo": "auto"}, convergence=paced,
-                           models={"ladder": ["sleepy_model:SleepyModel"], "params": {"sleepy_model:SleepyModel": {"delay": 0.05}}},
-                           plugins=[str(TESTS / "sleepy_model.py")])
+    config = paced_pipeline_dict(small_volume, tmp_path / "out.zarr", iterations=120)
     done = rqml("run", str(write_yaml(tmp_path / "p.yaml", config)), "--progress")
     assert done.returncode == 0, done.stderr
     before_the_end = [int(n) for n in re.findall(r"0/1 \[[^\]]*iterations=(\d+)", done.stderr)]

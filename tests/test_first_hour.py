@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from conftest import TESTS, pipeline_dict, write_yaml
+from conftest import TESTS, paced_pipeline_dict, pipeline_dict, write_yaml
 from dask_processes import DaskProcess, dask_scheduler
 from etcd_server import free_port
 from test_trust import trust_env
@@ -128,11 +128,7 @@ def test_certificate_problems_on_a_pqtls_cluster_are_one_line_naming_the_file_an
 
 @pytest.mark.slow
 def test_a_second_run_of_an_output_being_written_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, small_volume):
-    paced = {"max_iterations": 2000, "check_every": 10, "stability_tol": 0, "consistency_tol": 0, "novelty_window": 10**6,
-             "accept_max_iterations": True}
-    slow = pipeline_dict(small_volume, tmp_path / "out.zarr", tiling={"tile": [24, 48, 48], "halo": "auto"}, convergence=paced,
-                         models={"ladder": ["sleepy_model:SleepyModel"], "params": {"sleepy_model:SleepyModel": {"delay": 0.05}}},
-                         plugins=[str(TESTS / "sleepy_model.py")])
+    slow = paced_pipeline_dict(small_volume, tmp_path / "out.zarr", iterations=2000)
     config = write_yaml(tmp_path / "p.yaml", slow)
     lock = tmp_path / "out.zarr.lock"
     first = subprocess.Popen([sys.executable, "-m", "rqml_dask.cli", "run", str(config), "--no-progress"],
@@ -150,7 +146,7 @@ def test_a_second_run_of_an_output_being_written_is_refused_and_a_dead_runs_lock
         os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock: its file stays
         first.wait(bound(30))
     assert lock.exists()
-    quick = write_yaml(tmp_path / "p.yaml", {**slow, "convergence": {**paced, "max_iterations": 20}})
+    quick = write_yaml(tmp_path / "p.yaml", {**slow, "convergence": {**slow["convergence"], "max_iterations": 20}})
     done, _ = rqml("run", str(quick), "--no-progress", "--overwrite")  # of a shorter budget: another configuration
     assert done.returncode == 0, done.stderr
     assert not lock.exists()
