@@ -50,8 +50,12 @@ class ArtifactRef:
 
     @staticmethod
     def digest_of(array: np.ndarray) -> str:
-        """SHA-256 of an array's C-order bytes (the digest every ``ArtifactRef`` records)."""
-        return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+        """SHA-256 of an array's C-order bytes (the digest every ``ArtifactRef`` records), read
+        plane by plane where the array is not contiguous (no copy of the whole)."""
+        digest = hashlib.sha256()
+        for part in (array,) if array.ndim < 2 or array.flags.c_contiguous else array:
+            digest.update(np.ascontiguousarray(part).data)
+        return digest.hexdigest()
 
     def check(self, array: np.ndarray) -> None:
         """Raise :class:`CheckpointError` unless ``array`` is exactly the recorded artifact."""

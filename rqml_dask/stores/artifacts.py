@@ -3,7 +3,9 @@
 Artifacts live under a root directory that every worker can reach (by default next to the
 pipeline's output store, which every worker writes anyway), at
 ``ROOT/TASK_KEY/ITERATION-NODE/NAME``. They are written uncompressed: they are transient, and
-a checkpoint's cost is the time the node's writer spends on it. A reader checks each array
+a checkpoint's cost is the time the node's writer spends on it. They are chunked along their
+first axis (about :data:`CHUNK_BYTES` a chunk) and written and digested chunk by chunk, so a
+writer holds no copy of a whole array (a model's state is often a view into a larger buffer). A reader checks each array
 against the SHA-256 its checkpoint record holds (:meth:`ArtifactRef.check`).
 
 Every path is checked to resolve under the root (``..`` and symbolic links followed,
@@ -25,6 +27,18 @@ import zarr
 
 from rqml_dask.checkpoint import ArtifactRef, CheckpointError
 from rqml_dask.names import UnsafeName, check_task_id, inside
+
+
+CHUNK_BYTES = 4 * 2**20
+"""About the bytes of one chunk of an artifact."""
+
+
+def _chunks(array: np.ndarray) -> tuple[int, ...]:
+    """Whole along every axis but the first, which is cut to about :data:`CHUNK_BYTES` a chunk."""
+    if array.ndim == 0:
+        return ()
+    plane = array.dtype.itemsize * int(np.prod(array.shape[1:]))
+    return (max(1, min(array.shape[0], CHUNK_BYTES // max(plane, 1))), *array.shape[1:])
 
 
 def _safe(part: str) -> str:
@@ -49,11 +63,9 @@ class ArtifactStore:
         directory = self.task_dir(task_key) / f"{iteration:09d}-{_safe(node)}"
         refs = []
         for name, array in arrays.items():
-            array = np.asarray(array, order="C")
+            array = np.asarray(array)
             path = self._inside(directory / _safe(name), f"artifact {name!r} of task {task_key!r}")
-            zarr.create_array(
-                store=str(path), data=array, chunks=array.shape or (), compressors=None, overwrite=True
-            )
+            zarr.create_array(store=str(path), data=array, chunks=_chunks(array), compressors=None, overwrite=True)
             refs.append(ArtifactRef(name, str(path), tuple(array.shape), str(array.dtype), ArtifactRef.digest_of(array)))
         return tuple(refs)
 
