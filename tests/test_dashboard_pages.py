@@ -139,6 +139,8 @@ def test_live_pages_follow_a_running_pipeline_and_a_clicked_tile_shows_its_conve
     pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", [8, 16, 16], iterations=120, delay=0.04, name="live")
     with heterogeneous_cluster([1.0, 1.0]) as cluster, Client(cluster) as client:
         client.wait_for_workers(2, timeout=bound(60))
+        # four tiles refining on each node at once (a CPU node with one FFT thread keeps the policy's minimum): curves to overlay
+        client.sync(client.scheduler.rqml_policy, policy={"version": 2, "min_concurrency": 4})
         base = client.dashboard_link.replace("/status", "")
         reports: list = []
         run = threading.Thread(target=lambda: reports.append(pipeline.run(client, progress=False)), daemon=True)
