@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 
 import numpy as np
@@ -136,10 +137,15 @@ class Convolver:
             blurred = self._blurred
             self._predicted_for = self._blurred = None
         else:
-            blurred = self._blur(estimate)
-            if self.background:
-                blurred[(..., *self._valid)] += self.background
+            blurred = self._predicted_buffer(estimate)
         return blurred, blurred[(..., *self._valid)]
+
+    def _predicted_buffer(self, estimate: Array) -> Array:
+        """:meth:`_blur` of ``estimate`` with ``background`` added to its valid part (:meth:`prediction`)."""
+        blurred = self._blur(estimate)
+        if self.background:
+            blurred[(..., *self._valid)] += self.background
+        return blurred
 
     def richardson_lucy_factor(self, estimate: Array, image: Array, epsilon: float) -> Array:
         """``adjoint(image / (prediction(estimate) + epsilon)) * normalisation``, transform-shaped
@@ -194,10 +200,8 @@ class Convolver:
         models); callers must not modify the result."""
         if self._predicted_for is not estimate or self._blurred is None:
             self._predicted_for, self._blurred = None, None  # the previous one's buffer goes first
-            blurred = self._blur(estimate)
-            if self.background:
-                blurred[(..., *self._valid)] += self.background
-            self._predicted_for, self._blurred = estimate, blurred
+            self._blurred = self._predicted_buffer(estimate)
+            self._predicted_for = estimate
         return self._blurred[(..., *self._valid)]
 
     def residual_norm(self, estimate: Array, image: Array) -> float:
@@ -239,8 +243,6 @@ def transform_shape(image_shape: tuple[int, ...], psf_shape: tuple[int, ...]) ->
     axes' per-element costs: :func:`_per_element`). A circular convolution of length ``L`` >= the object's wraps
     the full result's tail only onto indices before the valid part, and the adjoint's full
     result fits in ``L``; any such length gives the same result up to rounding."""
-    import itertools
-
     domain = [n + p - 1 for n, p in zip(image_shape, psf_shape, strict=True)]
     candidates = [_smooth_lengths(m, math.ceil(m * LONGEST_PADDING)) for m in domain]
     return min(itertools.product(*candidates), key=lambda shape: (math.prod(shape) * sum(map(_per_element, shape)), shape))
