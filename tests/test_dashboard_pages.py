@@ -246,3 +246,22 @@ def test_live_pages_follow_a_running_pipeline_and_a_clicked_tile_shows_its_conve
         title = browser.execute_script("return Bokeh.documents[0].get_model_by_name('rqml-selected-plot').title.text")
         assert title.startswith(f"Selected task {task}:") and "reused" in title, title
         browser.save_screenshot(str(SCREENSHOTS / "rqml-tiles-reused.png"))
+
+
+def test_log_axis_ticks_label_every_range_with_two_to_five_distinct_labels(browser):
+    """The convergence pages' log-axis ticker and labels, run in the browser over the ranges a
+    curve takes: a flat curve within a few per cent, within a factor of a few, over many decades."""
+    from rqml_dask.scheduler.live_pages import LOG_TICKS as TICKER, SHORTEST_LABEL
+
+    ranges = [(0.041, 0.059), (0.0499, 0.0501), (0.8, 1.5), (0.3, 7.0), (2e-3, 0.9), (1e-6, 1e3), (1e-30, 1.0),
+              (133.0, 134.0), (9.99, 10.01), (123456.0, 123457.0)]
+    found = browser.execute_script("""
+        const ticker = new Function('cb_data', 'most', arguments[0]), label = new Function('tick', 'ticks', arguments[1]);
+        return arguments[2].map(([lo, hi]) => {
+            const ticks = ticker({start: lo, end: hi}, 5);
+            return [ticks, ticks.map((t) => label(t, ticks))];
+        });""", TICKER, SHORTEST_LABEL, ranges)
+    for (lo, hi), (ticks, labels) in zip(ranges, found):
+        assert 2 <= len(ticks) <= 5, (lo, hi, ticks)
+        assert all(lo <= t <= hi * (1 + 1e-9) for t in ticks) and ticks == sorted(ticks), (lo, hi, ticks)
+        assert len(set(labels)) == len(labels), (lo, hi, labels)

@@ -143,16 +143,16 @@ if (decades.length > most) {
     const every = Math.ceil(decades.length / most);
     return decades.filter((_, i) => i % every == 0);
 }
-const rough = (hi - lo) / 3, unit = 10 ** Math.floor(Math.log10(rough));
-const step = [1, 2, 5, 10].map((m) => m * unit).find((s) => s >= rough);
+const half = (hi - lo) / 2, unit = 10 ** Math.floor(Math.log10(half));
+const step = [5, 2, 1].map((m) => m * unit).find((s) => s <= half);
 const ticks = [];
-for (let k = Math.ceil(lo / step); k * step <= hi; k++) ticks.push(k * step);
+for (let k = Math.ceil(lo / step); k * step <= hi * (1 + 1e-12); k++) ticks.push(k * step);
 return ticks;
 """
 """Major ticks of a log axis that never crowd: at most ``most`` of 1-2-5, 1-3 or 1 per
-decade (every n-th decade over many), or three evenly spaced where the range is within a
-factor of a few (a flat curve), where a log axis would label a linear ladder of ticks
-bunched at its top."""
+decade (every n-th decade over many), or, where the range is within a factor of a few (a
+flat curve), two to five evenly spaced at the largest 1-2-5 step that fits twice into the
+range, where a log axis would label a linear ladder of ticks bunched at its top."""
 SHORTEST_LABEL = """
 for (let digits = 1; digits < 12; digits++) {
     const labels = ticks.map((t) => Number(t.toPrecision(digits)));
