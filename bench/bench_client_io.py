@@ -16,7 +16,9 @@ tasks at 512 MiB), ``--iterations`` RL iterations each. Reported per size:
   of one RL iteration on the largest window, measured on every worker at once after the
   run, as they share the machine during it) / workers``; the client's peak RSS
   from ``prepare`` on (``VmHWM``, reset after the input is written: writing it is the
-  bench's, not the run's) and each worker's against a task window's bytes.
+  bench's, not the run's) and each worker's against a task window's bytes; the CPU seconds
+  this process (client and scheduler) and the workers (from their start) spent, against the
+  kernel's (where the run's time beyond the kernel goes).
 
 Usage: python bench/bench_client_io.py [--sizes 64,512,2048] [--iterations 2] [--workers 2] [--check-every 5]
 """
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         }))
         first: list[float] = []
         reset_peak_rss()
-        read_before, started = rchar(), time.perf_counter()
+        read_before, started, cpu_before = rchar(), time.perf_counter(), time.process_time()
         tasks = pipeline.prepare()
         with embedded_cluster(pipeline.config.cluster) as cluster, Client(cluster) as client:
             client.subscribe_topic(events.TASK_INBOUND, lambda event: event[1].get("kind") == "queued" and not first
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             report = pipeline.run(client, progress=False, tasks=tasks)
             write_report(Path(pipeline.config.output.store), slices=write_slices(Path(pipeline.config.output.store)).read_bytes())
             wall = time.perf_counter() - started
-            read = rchar() - read_before
+            read, client_cpu = rchar() - read_before, time.process_time() - cpu_before
+            workers_cpu = sum(client.run(time.process_time).values())
             workers = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
             # the kernel as the run's workers see it: every worker iterating at once, sharing the machine
             largest = max(tasks, key=lambda t: math.prod(b - a for a, b in t.region.window))
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((mib, len(tasks), read, nbytes, first[0] if first else float("nan"), wall, peak))
         print(f"{mib:>6} MiB {len(tasks):>4} tasks: client read {read / 2**20:8.1f} MiB = {read / nbytes:6.2%} of the input; "
               f"first task refining after {rows[-1][4]:6.2f} s; run {wall:6.1f} s = {wall / ideal:.2f} x the kernel's "
-              f"{ideal:.1f} s ({report.iterations} iterations x {kernel * 1000:.0f} ms / {args.workers} workers); client peak "
+              f"{ideal:.1f} s ({report.iterations} iterations x {kernel * 1000:.0f} ms / {args.workers} workers; CPU s: this process "
+              f"{client_cpu:.1f}, workers {workers_cpu:.1f} against the kernel's {report.iterations * kernel:.1f}); client peak "
               f"RSS {peak:.0f} MiB; worker peak RSS {max(workers.values()) / 2**20:.0f} MiB = 4 x window "
               f"({window / 2**20:.0f} MiB) + {(max(workers.values()) - 4 * window) / 2**20:.0f} MiB", flush=True)
     base = rows[0][4]

@@ -77,6 +77,30 @@ def test_convolver_is_scipy_valid_convolution_and_its_exact_adjoint(image_shape,
     assert abs(lhs - rhs) <= 1e-6 * abs(lhs)
 
 
+def test_convolvers_of_one_psf_and_image_shape_share_their_operators_and_no_other_convolver_does():
+    """A node's tasks of one tile shape reuse the transfer function and normalisation; a PSF
+    of other values, or of the same values in another shape, or another image shape, gets
+    its own, and each is still the exact valid convolution and normalisation."""
+    rng = np.random.default_rng(2)
+    flat = rng.random(24).astype(np.float32)
+    psfs = {"a": flat.reshape(2, 3, 4), "same bytes, other shape": flat.reshape(4, 3, 2), "b": flat[::-1].reshape(2, 3, 4)}
+    built = []
+    for name, image_shape in [("a", (9, 10, 11)), ("same bytes, other shape", (9, 10, 11)), ("b", (9, 10, 11)),
+                              ("a", (9, 10, 12)), ("a", (9, 10, 11)), ("a", (9, 10, 11))]:
+        psf = psfs[name] / psfs[name].sum()
+        convolver = Convolver(psf, image_shape, numpy_backend())
+        x = rng.random(convolver.object_shape).astype(np.float32)
+        expected = scipy.signal.convolve(x.astype(np.float64), psf.astype(np.float64), mode="valid")
+        np.testing.assert_allclose(convolver.forward(x), expected, rtol=0, atol=1e-6 * expected.max())
+        weight = scipy.signal.convolve(np.ones(image_shape), psf[::-1, ::-1, ::-1].astype(np.float64), mode="full")
+        np.testing.assert_allclose(convolver.normalisation[convolver.domain], 1.0 / weight, rtol=1e-5)
+        built.append(convolver)
+    assert built[5]._otf is built[4]._otf and built[5].normalisation is built[4].normalisation
+    assert len({id(c._otf) for c in built[:5]}) == 5
+    with pytest.raises(ValueError, match="read-only"):
+        built[5].normalisation *= 2.0
+
+
 @pytest.mark.parametrize(
     ("image_shape", "psf_shape"),
     [((70, 86, 86), (13, 9, 9)), ((40, 264, 520), (7, 7, 7)), ((128, 128, 128), (21, 25, 25)), ((5, 300), (5, 41)), ((1, 7), (1, 5))],

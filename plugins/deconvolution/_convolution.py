@@ -17,6 +17,7 @@ import functools
 import hashlib
 import itertools
 import math
+import threading
 
 import numpy as np
 
@@ -25,6 +26,27 @@ from rqml_dask.models import Array, ArrayBackend
 UNOBSERVED_WEIGHT = 1e-3
 """Object voxels whose weight in the window (``adjoint(ones)``, at most 1) is below this are
 not estimated: they stay 0 (Richardson-Lucy's normalisation would divide by almost nothing)."""
+
+
+_OPERATORS: dict[tuple, tuple[Array, Array]] = {}
+"""The transfer function and normalisation of the last :class:`Convolver` built in this
+process, by backend, device, PSF digest and shape, and image shape: a node's next task of the
+same tile shape (most of a run's) reuses them instead of three transforms of its own. One
+entry, so a process keeps no operator of a shape it has moved on from."""
+
+_OPERATORS_LOCK = threading.Lock()
+
+
+def _device(backend: ArrayBackend) -> int | None:
+    """The GPU ``backend``'s arrays are made on now (None on the host)."""
+    return int(backend.xp.cuda.Device().id) if backend.is_gpu else None
+
+
+def _read_only(*arrays: Array) -> None:
+    """Mark host arrays read-only (a shared operator modified in place fails loudly)."""
+    for array in arrays:
+        if isinstance(array, np.ndarray):
+            array.flags.writeable = False
 
 
 class Convolver:
@@ -81,13 +103,28 @@ class Convolver:
         psf32 /= total
         self.psf_digest = hashlib.sha256(np.ascontiguousarray(backend.to_numpy(psf32)).data).hexdigest()
         """Equal digests (and image shapes) mean equal transfer functions: batchable."""
-        self._otf = backend.rfftn(psf32, self.fft_shape)
-        weight = self._back_project(backend.rfftn(self._placed(xp.ones(self.image_shape, dtype=xp.float32)), self.fft_shape))
-        self._zero_outside(weight, self.domain)
-        observed = weight >= UNOBSERVED_WEIGHT
-        self.normalisation = xp.astype(xp.where(observed, 1.0 / xp.where(observed, weight, 1.0), 0.0), xp.float32)
+        key = (backend.name, _device(backend), self.psf_digest, tuple(psf.shape), self.image_shape)
+        with _OPERATORS_LOCK:
+            cached = _OPERATORS.get(key)
+            if cached is None:
+                _OPERATORS.clear()  # the last task's arrays go before this one's are made
+        if cached is None:
+            self._otf = backend.rfftn(psf32, self.fft_shape)
+            weight = self._back_project(backend.rfftn(self._placed(xp.ones(self.image_shape, dtype=xp.float32)), self.fft_shape))
+            self._zero_outside(weight, self.domain)
+            observed = weight >= UNOBSERVED_WEIGHT
+            self.normalisation = xp.astype(xp.where(observed, 1.0 / xp.where(observed, weight, 1.0), 0.0), xp.float32)
+            del weight, observed
+            _read_only(self._otf, self.normalisation)
+            with _OPERATORS_LOCK:
+                _OPERATORS.clear()
+                _OPERATORS[key] = (self._otf, self.normalisation)
+        else:
+            self._otf, self.normalisation = cached
         """Transform-shaped: ``1 / adjoint(ones)`` where the object domain is estimated (its
-        weight in the window is not negligible), 0 elsewhere and past the object domain."""
+        weight in the window is not negligible), 0 elsewhere and past the object domain.
+        Shared, with the transfer function, by every convolver of the process with the same
+        PSF and image shape (:data:`_OPERATORS`): never modified."""
 
     def _blur(self, x: Array) -> Array:
         """``x`` blurred circularly at the transform's shape (a fresh buffer): its
