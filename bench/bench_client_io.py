@@ -13,8 +13,9 @@ tasks at 512 MiB), ``--iterations`` RL iterations each. Reported per size:
 - ``first``: seconds from ``prepare`` to the first task refining on a node (its ``queued``
   event on ``rqml-task_inbound``), and its ratio to the smallest size's;
 - ``wall``: the whole run against the kernel's share of it, ``(total iterations x the time
-  of one RL iteration on the largest window, measured on every worker at once after the
-  run, as they share the machine during it) / workers``; the client's peak RSS
+  of one RL iteration on the largest window, measured on every worker at once, as they
+  share the machine during the run, before the run and after it: the mean) / workers``
+  (the time measuring before the run takes is not the run's); the client's peak RSS
   from ``prepare`` on (``VmHWM``, reset after the input is written: writing it is the
   bench's, not the run's) and each worker's against a task window's bytes; the CPU seconds
   this process (client and scheduler) and the workers (from their start) spent, against the
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
 import tempfile
 import time
 from dataclasses import replace
@@ -62,19 +62,22 @@ def write_input(store: Path, planes: int) -> int:
 
 def iteration_seconds(task) -> float:
     """The median time of one Richardson-Lucy iteration on ``task``'s window, here, with the
-    node's backend (NumPy, one FFT thread)."""
+    node's backend (NumPy, one FFT thread), over 9 iterations. The model's operators are not
+    left in the process's cache (the run's first task builds its own, as without the bench)."""
     from rqml_dask.arrays import numpy_backend
     from rqml_dask.problem import load_problem
+    from rqml_plugins.deconvolution import _convolution
     from rqml_plugins.deconvolution.richardson_lucy import RichardsonLucy
 
     _, problem = load_problem(task, numpy_backend())
     model = RichardsonLucy(problem, numpy_backend())
     times = []
-    for _ in range(5):
+    for _ in range(9):
         start = time.perf_counter()
         model.step()
         times.append(time.perf_counter() - start)
-    return sorted(times)[2]
+    _convolution._OPERATORS.clear()
+    return sorted(times)[4]
 
 
 def rchar() -> int:
@@ -82,8 +85,8 @@ def rchar() -> int:
 
 
 def reset_peak_rss() -> None:
-    """Start this process's peak RSS (``VmHWM``) afresh: what writing the input cost is the
-    bench's, not the run's."""
+    """Start this process's peak RSS (``VmHWM``) afresh: what writing the input (here) or
+    measuring the kernel (on a worker) cost is the bench's, not the run's."""
     Path("/proc/self/clear_refs").write_text("5")
 
 
@@ -123,26 +126,33 @@ def main(argv: list[str] | None = None) -> int:
         read_before, started, cpu_before = rchar(), time.perf_counter(), time.process_time()
         tasks = pipeline.prepare()
         with embedded_cluster(pipeline.config.cluster) as cluster, Client(cluster) as client:
+            # the kernel as the run's workers see it, before and after the run (this shared
+            # machine's speed drifts over a long run): every worker iterating at once
+            largest = max(tasks, key=lambda t: math.prod(b - a for a, b in t.region.window))
+            measuring = time.perf_counter()
+            kernels_before = client.run(iteration_seconds, largest)
+            client.run(reset_peak_rss)  # the workers' peaks are the run's
+            measured = time.perf_counter() - measuring  # not the run's: taken off its wall time
             client.subscribe_topic(events.TASK_INBOUND, lambda event: event[1].get("kind") == "queued" and not first
-                                   and first.append(time.perf_counter() - started))
+                                   and first.append(time.perf_counter() - started - measured))
             report = pipeline.run(client, progress=False, tasks=tasks)
             write_report(Path(pipeline.config.output.store), slices=write_slices(Path(pipeline.config.output.store)).read_bytes())
-            wall = time.perf_counter() - started
+            wall = time.perf_counter() - started - measured
             read, client_cpu = rchar() - read_before, time.process_time() - cpu_before
             workers_cpu = sum(client.run(time.process_time).values())
-            workers = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            # the kernel as the run's workers see it: every worker iterating at once, sharing the machine
-            largest = max(tasks, key=lambda t: math.prod(b - a for a, b in t.region.window))
-            kernels = client.run(iteration_seconds, largest)
+            workers = client.run(peak_rss)
+            kernels_after = client.run(iteration_seconds, largest)
         assert not report.rejected, report.summary()
         peak = peak_rss() / 2**20
         window = max(math.prod(b - a for a, b in t.region.window) for t in tasks) * 4
-        kernel = sum(kernels.values()) / len(kernels)
+        before, after = (sum(k.values()) / len(k) for k in (kernels_before, kernels_after))
+        kernel = (before + after) / 2
         ideal = report.iterations * kernel / args.workers
         rows.append((mib, len(tasks), read, nbytes, first[0] if first else float("nan"), wall, peak))
         print(f"{mib:>6} MiB {len(tasks):>4} tasks: client read {read / 2**20:8.1f} MiB = {read / nbytes:6.2%} of the input; "
               f"first task refining after {rows[-1][4]:6.2f} s; run {wall:6.1f} s = {wall / ideal:.2f} x the kernel's "
-              f"{ideal:.1f} s ({report.iterations} iterations x {kernel * 1000:.0f} ms / {args.workers} workers; CPU s: this process "
+              f"{ideal:.1f} s ({report.iterations} iterations x {kernel * 1000:.0f} ms, the mean of {before * 1000:.0f} before the run "
+              f"and {after * 1000:.0f} after, / {args.workers} workers; CPU s: this process "
               f"{client_cpu:.1f}, workers {workers_cpu:.1f} against the kernel's {report.iterations * kernel:.1f}); client peak "
               f"RSS {peak:.0f} MiB; worker peak RSS {max(workers.values()) / 2**20:.0f} MiB = 4 x window "
               f"({window / 2**20:.0f} MiB) + {(max(workers.values()) - 4 * window) / 2**20:.0f} MiB", flush=True)

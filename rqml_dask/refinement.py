@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, astuple, dataclass, field
 from typing import Any, Literal
 
-from rqml_dask.arrays import Array, ArrayBackend
+from rqml_dask.arrays import Array, ArrayBackend, sum_of_squares
 from rqml_dask.checkpoint import CheckpointError, ModelConfig, TaskCheckpoint
 from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
 from rqml_dask.held_out import HeldOutFigures, HeldOutScore
@@ -496,11 +496,10 @@ def _figure(value: float | None) -> str:
 
 
 def _relative_change(xp, current: Array, previous: Array) -> float:
-    diff = current - previous
-    diff *= diff
-    denominator = float(xp.sum(previous * previous))
+    """``||current - previous|| / ||previous||`` (float64 sums, no whole-array temporary)."""
+    change, denominator = sum_of_squares(xp, current, previous), sum_of_squares(xp, previous)
     if denominator > 0:
-        return (float(xp.sum(diff)) / denominator) ** 0.5
+        return (change / denominator) ** 0.5
     # zero staying zero (an all-zero region) is settled; leaving zero (a solver's zero start) is a whole change,
     # not the divergence a non-finite figure means
-    return 0.0 if float(xp.sum(diff)) == 0 else 1.0
+    return 0.0 if change == 0 else 1.0

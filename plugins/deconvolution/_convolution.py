@@ -21,6 +21,7 @@ import threading
 
 import numpy as np
 
+from rqml_dask.arrays import sum_of_squares
 from rqml_dask.models import Array, ArrayBackend
 
 UNOBSERVED_WEIGHT = 1e-3
@@ -191,7 +192,7 @@ class Convolver:
         transform."""
         blurred, ratio = self._taken_prediction(estimate)
         ratio += epsilon
-        ratio[...] = image / ratio
+        self.backend.divide_into(image, ratio)
         self._zero_outside(blurred, self._valid)
         spectrum = self.backend.rfftn(blurred, self.fft_shape)
         del blurred, ratio
@@ -249,12 +250,10 @@ class Convolver:
         convolution. A zero ``||image||`` is not divided by.
         """
         xp = self.backend.xp
-        residual = self.prediction(estimate) - image
         if self._image_norm is None or self._image_norm[0] is not image:  # a task's image does not change
-            self._image_norm = (image, float(xp.sum(image * image, dtype=xp.float64)))
+            self._image_norm = (image, sum_of_squares(xp, image))
         image_sq = self._image_norm[1]
-        residual *= residual
-        residual_sq = float(xp.sum(residual, dtype=xp.float64))
+        residual_sq = sum_of_squares(xp, self.prediction(estimate), image)
         return (residual_sq / (image_sq if image_sq > 0.0 else 1.0)) ** 0.5
 
 
