@@ -83,19 +83,26 @@ class ArrayBackend:
 
 
 SLABS = 8
-""":func:`sum_of_squares` works through an array in this many slabs of its first axis."""
+"""Figures over a whole array (:func:`sum_of_squares`, the held-out score) are summed over
+this many slabs of its first axis: their temporaries are an eighth of the array, not whole
+copies, at a check, where a task's memory peaks."""
+
+
+def slabs(length: int) -> list[tuple[slice, ...]]:
+    """Indices of the :data:`SLABS` (or fewer) consecutive slabs of an axis of ``length``
+    (a first axis: each index is ``(slice, ...)``)."""
+    step = max(1, -(-length // SLABS))
+    return [(slice(start, start + step), ...) for start in range(0, length, step)]
 
 
 def sum_of_squares(xp: ModuleType, a: Array, b: Array | None = None) -> float:
-    """``sum((a - b) ** 2)`` (``sum(a ** 2)`` without ``b``) in float64, a slab of the first
-    axis at a time: its temporaries are an eighth of ``a``, not a whole copy (a check's
-    figures at a task's memory peak)."""
+    """``sum((a - b) ** 2)`` (``sum(a ** 2)`` without ``b``) in float64, slab by slab
+    (:func:`slabs`)."""
     if a.ndim == 0:
         a, b = xp.reshape(a, (1,)), None if b is None else xp.reshape(b, (1,))
-    total, step = 0.0, max(1, -(-a.shape[0] // SLABS))
-    for start in range(0, a.shape[0], step):
-        part = a[start:start + step, ...]
-        part = part * part if b is None else part - b[start:start + step, ...]
+    total = 0.0
+    for slab in slabs(a.shape[0]):
+        part = a[slab] * a[slab] if b is None else a[slab] - b[slab]
         if b is not None:
             part *= part
         total += float(xp.sum(part, dtype=xp.float64))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rqml_dask.arrays import Array, ArrayBackend
+from rqml_dask.arrays import Array, ArrayBackend, slabs
 
 
 SIGNIFICANCE = 2.0
@@ -89,39 +89,54 @@ class HeldOutScore:
         xp = backend.xp
         self.xp = xp
         self.core = core
-        self.held = xp.astype(held[core], xp.float64)
+        self.held = xp.astype(held[core], xp.float32)  # counts: exact in float32 (below 2**24)
         self.scale = counts_per_unit * fraction
         self.fraction = fraction
-        safe = xp.where(self.held > 0, self.held, 1.0)
-        self._held_log_held = xp.where(self.held > 0, self.held * xp.log(safe), 0.0)
+        safe = xp.where(self.held > 0, self.held, xp.asarray(1.0, dtype=xp.float32))
+        self._held_log_held = xp.where(self.held > 0, self.held * xp.log(safe), xp.asarray(0.0, dtype=xp.float32))
+        """``h log h``, in float32: a constant of every deviance, the same bits each time, so
+        it cancels exactly between the iterates and baselines a task compares."""
 
-    def terms(self, prediction: Array) -> Array:
-        """Per-voxel Poisson deviance ``2 (mu - h - h log mu + h log h)`` over the core of the
-        held-out counts ``h`` under the predicted means ``mu`` (``prediction``: the window's),
-        in float64."""
+    def _terms(self, prediction: Array, slab: tuple[slice, ...]) -> Array:
+        """Per-voxel Poisson deviance ``2 (mu - h - h log mu + h log h)`` of the held-out
+        counts ``h`` under the predicted means ``mu`` (``prediction``: the window's) over
+        ``slab`` of the core (:func:`~rqml_dask.arrays.slabs`), in float64."""
         xp = self.xp
-        mu = xp.maximum(xp.astype(prediction[self.core], xp.float64) * self.scale, 1e-12)
-        return 2.0 * (mu - self.held - self.held * xp.log(mu) + self._held_log_held)
+        held = xp.astype(self.held[slab], xp.float64)
+        mu = xp.maximum(xp.astype(prediction[self.core][slab], xp.float64) * self.scale, 1e-12)
+        terms = mu - held
+        terms -= held * xp.log(mu)
+        terms += xp.astype(self._held_log_held[slab], xp.float64)
+        terms *= 2.0
+        return terms
+
+    def _slabs(self) -> list[tuple[slice, ...]]:
+        return slabs(self.held.shape[0]) if self.held.ndim else [(...,)]
 
     def deviance(self, prediction: Array) -> float:
-        """The mean of :meth:`terms`."""
-        return float(self.xp.mean(self.terms(prediction)))
+        """The mean per-voxel deviance over the core, summed slab by slab."""
+        total = sum(float(self.xp.sum(self._terms(prediction, slab))) for slab in self._slabs())
+        return total / max(self.held.size, 1)
 
     def significance(self, result: Array, baseline: Array) -> float:
-        """The paired z-score of :meth:`terms` of the prediction ``result`` minus those of
-        ``baseline`` (negative: ``result`` fits the held-out counts better)."""
-        xp = self.xp
-        difference = self.terms(result) - self.terms(baseline)
-        spread = float(xp.std(difference))
-        mean = float(xp.mean(difference))
-        return mean / (spread / difference.size**0.5) if spread > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+        """The paired z-score of the per-voxel deviances of the prediction ``result`` minus
+        those of ``baseline`` (negative: ``result`` fits the held-out counts better); two
+        passes over the slabs (the mean, then the spread about it)."""
+        xp, count = self.xp, max(self.held.size, 1)
+
+        def difference(slab):
+            return self._terms(result, slab) - self._terms(baseline, slab)
+
+        mean = sum(float(xp.sum(difference(slab))) for slab in self._slabs()) / count
+        spread = (sum(float(xp.sum((difference(slab) - mean) ** 2)) for slab in self._slabs()) / count) ** 0.5
+        return mean / (spread / count**0.5) if spread > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
 
     def departure(self, estimate: Array, observed: Array, background: float = 0.0) -> float:
         """How far the window's ``estimate`` (plus the known ``background`` the data hold)
         lies from the blurred object over the core, as a fraction of the noise energy of the
         window's ``observed`` image (:class:`HeldOutFigures`)."""
         xp = self.xp
-        scaled = self.held / self.scale
+        scaled = xp.astype(self.held, xp.float64) / self.scale
         estimate = xp.astype(estimate[self.core], xp.float64) + background
         distance = float(xp.sum((estimate - scaled) ** 2)) - float(xp.sum(scaled)) / self.scale
         noise = float(xp.sum(xp.astype(observed[self.core], xp.float64))) / (self.scale / self.fraction)

@@ -31,7 +31,7 @@ not estimated: they stay 0 (Richardson-Lucy's normalisation would divide by almo
 
 _OPERATORS: dict[tuple, tuple[Array, Array]] = {}
 """The transfer function and normalisation of the last :class:`Convolver` built in this
-process, by backend, device, PSF digest and shape, and image shape: a node's next task of the
+process, by backend, device, PSF digest and shape, image shape and transform shape: a node's next task of the
 same tile shape (most of a run's) reuses them instead of three transforms of its own. One
 entry, so a process keeps no operator of a shape it has moved on from."""
 
@@ -104,7 +104,7 @@ class Convolver:
         psf32 /= total
         self.psf_digest = hashlib.sha256(np.ascontiguousarray(backend.to_numpy(psf32)).data).hexdigest()
         """Equal digests (and image shapes) mean equal transfer functions: batchable."""
-        key = (backend.name, _device(backend), self.psf_digest, tuple(psf.shape), self.image_shape)
+        key = (backend.name, _device(backend), self.psf_digest, tuple(psf.shape), self.image_shape, self.fft_shape)
         with _OPERATORS_LOCK:
             cached = _OPERATORS.get(key)
             if cached is None:
