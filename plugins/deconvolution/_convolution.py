@@ -21,8 +21,7 @@ import threading
 
 import numpy as np
 
-from rqml_dask.arrays import sum_of_squares
-from rqml_dask.models import Array, ArrayBackend
+from rqml_dask.models import Array, ArrayBackend, sum_of_squares
 
 UNOBSERVED_WEIGHT = 1e-3
 """Object voxels whose weight in the window (``adjoint(ones)``, at most 1) is below this are
