@@ -160,3 +160,35 @@ def test_a_family_in_a_package_directory_is_shipped_zipped_and_runs(tmp_path, sm
     assert len(report.outcomes) == 2 and not report.rejected
     assert all(o.models[0].model == "my_pkg:VanCittert" for o in report.outcomes)
     assert all(".zip" in where for where in shipped.values())  # imported from the uploaded archive
+
+
+def test_a_worker_that_dies_while_a_plugin_is_shipped_to_it_does_not_fail_the_shipping(tmp_path, caplog):
+    """The scheduler hands a plugin to each worker; one that dies in the middle of it (here:
+    stopped, then killed) breaks the client's call (the scheduler drops the client's
+    connection on a worker's closed one). The plugin is shipped again, to the worker left."""
+    import logging
+    import os
+    import signal
+    import threading
+
+    from rqml_dask.pipeline.plugins import ship_plugins
+
+    from dask_processes import dask_scheduler, node_worker
+    from etcd_server import free_port
+
+    (tmp_path / "my_models.py").write_text(FAMILY)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with (dask_scheduler(port, tmp_path / "scheduler.log"),
+          node_worker(address, "alive", tmp_path / "alive.log"),
+          node_worker(address, "dying", tmp_path / "dying.log") as dying,
+          Client(address, timeout=bound(60)) as client):
+        client.wait_for_workers(2, timeout=bound(60))
+        os.kill(dying.process.pid, signal.SIGSTOP)  # still registered, answers nothing
+        threading.Timer(1.0, os.kill, (dying.process.pid, signal.SIGKILL)).start()
+        with caplog.at_level(logging.WARNING, logger="rqml_dask.pipeline.plugins"):
+            ship_plugins(client, [tmp_path / "my_models.py"])
+        assert "shipping the plugin" in caplog.text and "again" in caplog.text  # the first call did break
+        names = {info["name"] for info in client.scheduler_info()["workers"].values()}
+        loaded = client.run(lambda: "my_models" in sys.modules)
+    assert names == {"alive"} and list(loaded.values()) == [True]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import logging
 import sys
 import tempfile
 import zipfile
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rqml_dask.models import RefinementModel, allow_plugin_module, is_plugin_module, load_model, registered_models
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # Dask is imported where plugins are shipped: reading a pipeline file needs none
     from distributed import Client
@@ -99,11 +102,23 @@ def _upload(path: Path) -> PluginUpload:
         return PluginUpload(str(zipped), name)
 
 
-def ship_plugins(client: Client, paths: list[Path]) -> None:
+def ship_plugins(client: Client, paths: list[Path], attempts: int = 3) -> None:
     """Upload every plugin to the cluster of ``client``: to each worker now, and, kept by the
-    scheduler, to each worker that joins later. Shipping one again replaces it."""
+    scheduler, to each worker that joins later. Shipping one again replaces it.
+
+    A worker that leaves while the scheduler hands it a plugin (a node quarantined at a
+    reconnection, a node killed) breaks that call: the scheduler has kept the plugin, and it
+    is shipped again, up to ``attempts`` times in all, to the workers there are then."""
     for path in paths:
-        client.register_plugin(_upload(path), name=f"rqml-plugin-{_check(path)}")
+        upload, name = _upload(path), f"rqml-plugin-{_check(path)}"
+        for attempt in range(1, attempts + 1):
+            try:
+                client.register_plugin(upload, name=name)
+                break
+            except OSError as exc:  # distributed's CommClosedError is one
+                if attempt == attempts:
+                    raise
+                logger.warning("shipping the plugin %s again: a worker left while it was shipped (%s)", path, exc)
 
 
 def available_models() -> dict[str, dict[str, str]]:
