@@ -132,6 +132,10 @@ class RefinementModel(abc.ABC):
     * A family that sets ``regularizes = True`` holds the estimate to a prior (smoothness,
       sparsity) rather than only fitting the data; where the held-out rule finds that every
       model fitted the noise, the engine climbs to such a model next, skipping the rest.
+    * A family whose step is itself a whole solve (a refinement step of hundreds of inner
+      iterations) sets ``check_every``: the engine checks it after that many of its steps,
+      whatever the pipeline's ``convergence.check_every`` (which the rest follow), so a task
+      does not run steps past its tolerance waiting for a check.
     """
 
     task_class: ClassVar[str]
@@ -139,6 +143,7 @@ class RefinementModel(abc.ABC):
     size: ClassVar[int] = 1
     immutable_state: ClassVar[bool] = False
     regularizes: ClassVar[bool] = False
+    check_every: ClassVar[int | None] = None
 
     def __init__(self, problem: Mapping[str, Array], backend: ArrayBackend, **params: Any) -> None:
         self.problem = problem

@@ -21,7 +21,7 @@ from rqml_dask.models import TaskClass, load_task_class
 from rqml_dask.task import ArrayRef, Region, RQMLTask
 from rqml_dask.volumes import InputError, open_array, read_core, read_window
 
-RESULT_FORMAT = b"rqml-result-6"
+RESULT_FORMAT = b"rqml-result-7"
 """Part of every input digest: a release that computes or records results differently bumps
 it, and no result or checkpoint of an older one is used."""
 

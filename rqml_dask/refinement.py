@@ -171,7 +171,7 @@ class Refinement:
         call it, advance ``self.model`` by one iteration, then :meth:`after_step` with its
         result. Returns a copy of the estimate when this iteration ends with a check."""
         assert self.model is not None and not self.done
-        check = (self.runs[-1].iterations + 1) % self.task.convergence.check_every == 0
+        check = (self.runs[-1].iterations + 1) % (self.model.check_every or self.task.convergence.check_every) == 0
         return self._keep(self.model.estimate) if check else None
 
     def _keep(self, array: Array) -> Array:

@@ -127,6 +127,25 @@ def test_a_solve_checked_after_every_step_from_its_zero_start_converges(small_sy
     assert refinement.runs[0].misfit <= 1e-10 and not refinement.validate()
 
 
+def test_a_refinement_step_is_checked_at_once_whatever_the_pipelines_check_every(small_systems, tmp_path):
+    """A mixed-precision step is a whole inner solve: with the pipeline's ``check_every: 5``
+    the task still stops at the first step whose residual meets the tolerance, not up to
+    four solves later at the next multiple of 5."""
+    from rqml_dask.problem import load_problem
+    from rqml_dask.refinement import Refinement
+
+    config = systems_dict(small_systems, tmp_path / "out.zarr", models={"ladder": ["mixed_precision"]})
+    assert config["convergence"]["check_every"] == 5
+    task = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config)).tasks()[0]
+    task, problem = load_problem(task, numpy_backend())
+    alone = MixedPrecisionRefinement(problem, numpy_backend())
+    needed = next(n for n in range(1, 20) if (alone.step(), alone.misfit())[1] <= 1e-10)
+    refinement = Refinement.start(task, problem, numpy_backend())
+    refinement.run_to_end()
+    assert refinement.status == "converged" and refinement.iteration == needed < 5
+    assert len(refinement.trace) == needed  # one check per step
+
+
 @pytest.mark.parametrize("name", ["jacobi", "conjugate_gradient", "mixed_precision"])
 def test_each_rung_runs_under_the_strict_array_api_and_resumes_exactly(name, small_systems):
     """What would break on CuPy (NumPy-only calls, implicit casts) breaks here, without a GPU."""

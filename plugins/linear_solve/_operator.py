@@ -26,22 +26,24 @@ class DiffusionOperator:
             inner = 2 * left * right / (left + right)
             first, last = self._take(cells, axis, 0, 1), self._take(cells, axis, -1, None)
             self.faces.append(_concat(xp)([first, inner, last], axis=axis + 1))
-        self.faces32 = [xp.astype(f, xp.float32) for f in self.faces]
+        self.inner = [self._take(f, axis, 1, -1) for axis, f in enumerate(self.faces)]  # faces between two cells
+        self.inner32 = [xp.astype(f, xp.float32) for f in self.inner]
         self.diagonal = sum(self._take(f, axis, 0, -1) + self._take(f, axis, 1, None) for axis, f in enumerate(self.faces))
         self.diagonal32 = xp.astype(self.diagonal, xp.float32)
 
     def _take(self, x: Array, axis: int, start: int | None, stop: int | None) -> Array:
-        return x[(slice(None),) * (axis + 1) + (slice(start, stop), ...)]
+        return x[_along(axis, start, stop)]
 
     def apply(self, x: Array) -> Array:
-        """``A x`` in ``x``'s dtype (float32 or float64)."""
+        """``A x`` in ``x``'s dtype (float32 or float64): the diagonal's term, less each
+        axis's coupling through its inner faces (a zero Dirichlet boundary has none)."""
         xp = self.xp
-        faces = self.faces32 if x.dtype == xp.float32 else self.faces
-        out = xp.zeros_like(x)
-        for axis, k in enumerate(faces):
-            padded = _pad(xp, x, axis + 1)
-            flux = k * (self._take(padded, axis, 1, None) - self._take(padded, axis, 0, -1))
-            out += self._take(flux, axis, 0, -1) - self._take(flux, axis, 1, None)
+        inner = self.inner32 if x.dtype == xp.float32 else self.inner
+        out = (self.diagonal32 if x.dtype == xp.float32 else self.diagonal) * x
+        for axis, k in enumerate(inner):
+            first, rest = _along(axis, None, -1), _along(axis, 1, None)
+            out[first] -= k * x[rest]
+            out[rest] -= k * x[first]
         return out
 
     def norms(self, x: Array) -> Array:
@@ -59,16 +61,13 @@ class DiffusionOperator:
         return float(xp.max(residual / xp.where(scale > 0, scale, 1.0)))
 
 
+def _along(axis: int, start: int | None, stop: int | None) -> tuple:
+    """The index of ``start:stop`` along grid axis ``axis`` of a (count, *grid) array."""
+    return (slice(None),) * (axis + 1) + (slice(start, stop), ...)
+
+
 def _concat(xp):
     return getattr(xp, "concat", None) or xp.concatenate
-
-
-def _pad(xp, x: Array, axis: int) -> Array:
-    """``x`` with one zero on each side of ``axis``."""
-    shape = list(x.shape)
-    shape[axis] = 1
-    zero = xp.zeros(tuple(shape), dtype=x.dtype)
-    return _concat(xp)([zero, x, zero], axis=axis)
 
 
 def dot(xp, a: Array, b: Array) -> Array:
