@@ -5,13 +5,13 @@ listens) checks the ``rqml.scheduler`` configuration (a bad value raises, and th
 does not start: Dask only logs a failing ``dask_setup``), refuses a ``dask scheduler``
 command that would listen beyond loopback without ``pqtls://`` (:mod:`rqml_dask.exposure`:
 the process exits with the reason before it listens), and adds the ``/rqml`` dashboard page
-(:mod:`rqml_dask.scheduler.dashboard`).
+(:mod:`rqml_dask.scheduler.dashboard`, registered by :mod:`rqml_dask.scheduler.page_routes`).
 """
 
 from rqml_dask.compat import add_navigation_link
 from rqml_dask.config import exposure_settings, scheduler_settings, session_settings
 from rqml_dask.exposure import ExposureError, check_listeners, dask_scheduler_command_addresses
-from rqml_dask.scheduler import dashboard
+from rqml_dask.scheduler import page_routes
 from rqml_dask.scheduler.exposure_guard import GUARD_NAME, ExposureGuard
 from rqml_dask.scheduler.plugin import PENDING, PLUGIN_NAME, RQMLSchedulerPlugin
 
@@ -23,7 +23,7 @@ if (planned := dask_scheduler_command_addresses()) is not None:
         check_listeners(planned, exposure)
     except ExposureError as exc:
         raise SystemExit(str(exc)) from None
-dashboard.register()
+page_routes.register()
 
 
 def dask_setup(scheduler) -> None:
@@ -35,5 +35,5 @@ def dask_setup(scheduler) -> None:
         scheduler.add_plugin(ExposureGuard())
     if PLUGIN_NAME not in scheduler.plugins:
         scheduler.add_plugin(RQMLSchedulerPlugin())
-    add_navigation_link(scheduler, dashboard.PATH.lstrip("/"))
+    add_navigation_link(scheduler, page_routes.PATH.lstrip("/"))
 

@@ -3,7 +3,8 @@ with links to the live pages (:mod:`rqml_dask.scheduler.live_pages`).
 
 Registered by the scheduler preload (``dask scheduler --preload rqml_dask.scheduler``) in
 ``distributed.dashboard.scheduler.applications``, which the scheduler reads when it starts its
-dashboard, so the page is served at ``http://<scheduler>:8787/rqml`` and linked ("Rqml") from
+dashboard (:mod:`rqml_dask.scheduler.page_routes`: this module is imported when a page is
+first opened), so the page is served at ``http://<scheduler>:8787/rqml`` and linked ("Rqml") from
 the navigation bar of every dashboard page (:func:`rqml_dask.compat.add_navigation_link`).
 Every page has Dask's own template and theme.
 
@@ -29,10 +30,9 @@ from distributed import Scheduler
 from distributed.dashboard.components import add_periodic_callback
 
 from rqml_dask import events
-from rqml_dask.compat import add_dashboard_page, use_dask_look
+from rqml_dask.compat import use_dask_look
 from rqml_dask.scheduler.live_pages import PAGES, fitted_table
 
-PATH = "/rqml"
 ALERTS_SHOWN = 50
 
 NODE_COLUMNS = {
@@ -148,10 +148,3 @@ def page_doc(component: type, title: str):
         use_dask_look(doc, extra)
 
     return make_doc
-
-
-def register() -> None:
-    """Add the pages to the dashboards of schedulers made from now on (idempotent)."""
-    add_dashboard_page(PATH, page_doc(RQMLPage, "RQML"))
-    for path, (title, component) in PAGES.items():
-        add_dashboard_page(path, page_doc(component, f"RQML {title}"))

@@ -50,6 +50,7 @@ from bokeh.plotting import figure
 from distributed import Scheduler
 
 from rqml_dask import events
+from rqml_dask.scheduler.page_routes import TITLES
 from rqml_dask.scheduler.records import FIGURES, NODE_SERIES, NodeHistory, Run, TaskRecord
 
 TILE_COLOURS = {"failed": "#9467bd", "rejected": "#d62728", "stalled": "#8c564b", "escalated": "#ff7f0e",
@@ -570,6 +571,7 @@ class EventsPage:
         self.source.data = rows
 
 
-PAGES = {"/rqml-tiles": ("Tiles", TilesPage), "/rqml-convergence": ("Convergence", ConvergencePage),
-         "/rqml-nodes": ("Nodes over time", NodesPage), "/rqml-events": ("Events", EventsPage)}
-"""Path -> (title, component) of every live page."""
+PAGES = {path: (TITLES[path], component) for path, component in {
+    "/rqml-tiles": TilesPage, "/rqml-convergence": ConvergencePage, "/rqml-nodes": NodesPage, "/rqml-events": EventsPage,
+}.items()}
+"""Path -> (title, component) of every live page (served where :mod:`~rqml_dask.scheduler.page_routes` says)."""
