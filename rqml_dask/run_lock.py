@@ -1,10 +1,14 @@
-"""One live ``rqml run`` per output store.
+"""One live run per output store.
 
-``rqml run`` holds ``STORE.lock`` (beside the output store) for as long as it runs: an
+A run (``rqml run``, and :meth:`Pipeline.run <rqml_dask.pipeline.Pipeline.run>` from a
+Python session) holds ``STORE.lock`` (beside the output store) for as long as it runs: an
 exclusive ``flock`` on it, which the kernel releases when the process ends however it ends,
 so a lock left by a run that died is taken over by the next run with no clean-up. The file
-says who holds it (pid, host, since when) for the message a second run is refused with. The
-lock is advisory: it keeps ``rqml run`` from ``rqml run``, not other writers.
+says who holds it (pid, host, since when) for the message a second run is refused with,
+whether it comes from another process or another thread of this one; the thread that holds
+it may take it again (``rqml run`` holds it from before it reads its input, and its
+pipeline's ``run`` takes it inside). The lock is advisory: it keeps runs from runs, not
+other writers.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +33,20 @@ def lock_path(store: Path) -> Path:
     return store.with_name(store.name + ".lock")
 
 
+_HELD: dict[Path, int] = {}
+"""The locks this process holds: path -> the holding thread's identifier."""
+
+
 @contextlib.contextmanager
 def writing(store: Path) -> Iterator[None]:
     """Hold the lock of output ``store`` while the context is open (its file is removed at
-    the end); :class:`OutputBusy`, naming the holder, if another live process holds it."""
-    path = lock_path(store)
+    the end); :class:`OutputBusy`, naming the holder, if another live process or another
+    thread of this one holds it. Within the thread that holds it, a nested ``writing`` of
+    the same store holds nothing more."""
+    path = lock_path(Path(os.path.abspath(store)))
+    if _HELD.get(path) == threading.get_ident():
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -46,11 +60,13 @@ def writing(store: Path) -> Iterator[None]:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break  # else the holder removed the file as we opened it: try again on the new one
         os.close(fd)
+    _HELD[path] = threading.get_ident()
     try:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
         yield
     finally:
+        del _HELD[path]
         os.unlink(path)  # while still held: a waiting opener sees another inode and tries again
         os.close(fd)
 

@@ -50,6 +50,36 @@ def test_a_run_again_reuses_every_result_but_one_whose_output_was_damaged(tmp_pa
     assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "complete"
 
 
+def test_a_python_run_of_an_output_another_process_is_writing_is_refused_and_changes_nothing(tmp_path, small_volume, client):
+    """From a Python session too, one live run per output: while another process holds the
+    output's lock, ``Pipeline.run`` is refused naming it, and the finished output stays as
+    it was; once that process is gone, the run goes on (reusing every result)."""
+    import subprocess
+    import sys
+
+    from rqml_dask.run_lock import OutputBusy
+
+    pipeline = make_pipeline(tmp_path, small_volume)
+    pipeline.run(client, progress=False)
+    group = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    before, attrs = group["deconvolved"][...], dict(group.attrs)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rqml_dask.run_lock import writing\n"
+                               f"with writing({str(tmp_path / 'out.zarr')!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputBusy, match=rf"being written by another rqml run \(pid {holder.pid} on "):
+            pipeline.run(client, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    group = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    np.testing.assert_array_equal(group["deconvolved"][...], before)
+    assert dict(group.attrs) == attrs
+    report = pipeline.run(client, progress=False)  # the holder died: its lock is taken over
+    assert all(o.reused for o in report.outcomes) and not (tmp_path / "out.zarr.lock").exists()
+
+
 def test_submit_returns_one_future_per_task_with_its_outcome(tmp_path, small_volume, client):
     pipeline = make_pipeline(tmp_path, small_volume)
     futures = pipeline.submit(client)

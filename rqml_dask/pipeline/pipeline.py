@@ -47,6 +47,7 @@ from rqml_dask.pipeline.plugins import plugin_digest, ship_plugins
 from rqml_dask.pipeline.verification import OutcomeCheck, unverified
 from rqml_dask.pipeline.voting import NO_INDEPENDENT_VOTER, tally_vote, vote_array, voter_tasks
 from rqml_dask.problem import read_operator
+from rqml_dask.run_lock import writing
 from rqml_dask.synthetic import SystemsSpec, write_synthetic, write_systems
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import plan_regions
@@ -460,7 +461,16 @@ class Pipeline:
         The loss and the return are logged as warnings (``rqml run`` prints them). The run
         polls the address itself and goes on through a client of its own as soon as it
         answers (``client``'s own reconnection backs off exponentially: after an outage of a
-        few seconds it may take as long again); ``reconnect_timeout`` bounds the wait."""
+        few seconds it may take as long again); ``reconnect_timeout`` bounds the wait.
+
+        One live run per output store (:mod:`rqml_dask.run_lock`): a run of the same output
+        by another process or thread is refused with :class:`~rqml_dask.run_lock.OutputBusy`
+        before anything is read or written."""
+        with writing(Path(self.config.output.store)):
+            return self._run(client, progress, reconnect_timeout, overwrite, tasks)
+
+    def _run(self, client: Client, progress: bool, reconnect_timeout: float, overwrite: bool,
+             tasks: list[RQMLTask] | None) -> RunReport:
         started = time.perf_counter()
         tasks = self.prepare(overwrite) if tasks is None else tasks
         self.create_output(tasks)
