@@ -397,6 +397,7 @@ class Refinement:
             "iteration": self.iteration,
             "runs": [asdict(run) for run in self.runs],
             "monitor": [list(point) for point in self.monitor.history],
+            "monitor_held_out": list(self.monitor.held_out) if self.monitor.held_out is not None else None,
             "held_out_input": self.held_out_input,
             "held_out_best": [self.best_held_out, self.best_iteration] if self.best_estimate is not None else None,
             "segments": [list(segment) for segment in self.segments],
@@ -450,6 +451,8 @@ class Refinement:
         refinement.guard = HeldOutFigures(**state["guard"]) if state["guard"] is not None else None
         refinement.refitted = bool(state["refitted"])
         refinement.monitor.history.extend((int(i), float(m)) for i, m in state["monitor"])
+        if (held := state.get("monitor_held_out")) is not None:  # the score settling is judged against
+            refinement.monitor.held_out = (int(held[0]), float(held[1]))
         refinement.held_out_input = state.get("held_out_input")
         refinement.last_figures = ConvergenceFigures(**state["last_figures"]) if state["last_figures"] else None
         refinement.trace = [TracePoint(*point) for point in state.get("trace", [])]

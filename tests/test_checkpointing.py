@@ -103,6 +103,40 @@ def test_a_resumed_refinement_under_the_held_out_rule_returns_what_an_uninterrup
     np.testing.assert_array_equal(resumed.estimate, uninterrupted.estimate)
 
 
+def test_a_refinement_resumed_between_two_held_out_checks_settles_where_an_uninterrupted_one_does(tmp_path, checkpointer):
+    """Settling is judged on the held-out score's change since the previous check: a
+    checkpoint taken between the two keeps that score, so a resumed task climbs the ladder
+    at the same check as an uninterrupted one, not one check later."""
+    from rqml_dask.held_out import thin
+    from rqml_dask.task import TaskInput
+
+    settings = ConvergenceSettings(max_iterations=40, check_every=5, stability_tol=1.0, consistency_tol=1.0,
+                                   novelty_window=10**6, held_out_fraction=0.2, held_out_patience=100)
+    task = task_with_checkpoints(tmp_path, ladder=("richardson_lucy", "richardson_lucy_accelerated"), every_iterations=5)
+    task = dataclasses.replace(task, convergence=settings, input=TaskInput(task.input.image, task.input.operator, counts_per_unit=50.0))
+    observed = make_problem(7)["image"]
+    train, held = thin(np.clip(observed, 0, None), 50.0, 0.2, seed=3)
+
+    def problem():
+        return {"observed": observed, "image": train, "held_out": held, "psf": make_problem(7)["psf"]}
+
+    uninterrupted = Refinement.start(task, problem(), numpy_backend())
+    uninterrupted.run_to_end()
+    assert [(r.model, r.iterations) for r in uninterrupted.runs][0] == ("richardson_lucy", 10)  # settled at its 2nd check
+    refinement = Refinement.start(task, problem(), numpy_backend())
+    while refinement.iteration < 7:  # a checkpoint at the first check (5), then a "crash"
+        refinement.step()
+        if reason := refinement.checkpoint_due():
+            checkpointer.submit(refinement.snapshot(reason))
+            assert checkpointer.flush()
+    resume = checkpointer.latest(task)
+    assert resume.checkpoint.iteration == 5
+    resumed = Refinement.resume(task, problem(), numpy_backend(), resume.checkpoint, resume.arrays)
+    resumed.run_to_end()
+    assert [dataclasses.astuple(r) for r in resumed.runs] == [dataclasses.astuple(r) for r in uninterrupted.runs]
+    np.testing.assert_array_equal(resumed.estimate, uninterrupted.estimate)
+
+
 def test_a_final_checkpoint_resumes_finished_without_another_iteration(tmp_path, checkpointer):
     task = task_with_checkpoints(tmp_path, every_iterations=10)
     finished = Refinement.start(task, make_problem(7), numpy_backend())
