@@ -203,6 +203,16 @@ def test_avoided_node_is_used_when_no_other_has_room():
     assert set(draws(nodes, 600, avoid=frozenset({"a", "b", "c"}))) == {"a", "b", "c"}
 
 
+def test_a_node_avoided_and_the_only_one_not_excluded_takes_the_task():
+    """A vote must not go to the node holding its result (``exclude``); when it was handed
+    back by the only other node (``avoid``), it goes back there rather than waiting for ever."""
+    nodes = table("holder", "voter", room=1.0)
+    assert draws(nodes, 200, avoid=frozenset({"voter"}), exclude=frozenset({"holder"})) == Counter({"voter": 200})
+    nodes.add("third")
+    nodes.room[:] = 1.0  # another node not excluded: the avoided one is passed over for it
+    assert draws(nodes, 200, avoid=frozenset({"voter"}), exclude=frozenset({"holder"})) == Counter({"third": 200})
+
+
 def test_avoid_respects_gpu_only_and_unknown_addresses():
     nodes = table("cpu", "gpu", room=1.0)
     nodes.gpu[1] = True

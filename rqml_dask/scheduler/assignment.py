@@ -83,14 +83,19 @@ class NodeTable:
         if busy.any():
             self.speed = np.where(busy, np.clip(self.rate / self.rate[busy].mean(), *self.speed_bounds), 1.0)
 
-    def weights(self, task: TaskTraits, gpu_only: bool = False, avoid: frozenset[str] = frozenset()) -> np.ndarray:
-        """Each node's weight for ``task``. Nodes in ``avoid`` get none unless no other node
-        has room; then warm first (see the module docstring)."""
+    def weights(self, task: TaskTraits, gpu_only: bool = False, avoid: frozenset[str] = frozenset(),
+                exclude: frozenset[str] = frozenset()) -> np.ndarray:
+        """Each node's weight for ``task``. Nodes in ``exclude`` get none while the cluster
+        has any other node; of the rest, nodes in ``avoid`` get none unless no other node has
+        room; then warm first (see the module docstring)."""
         weights = self.room.clip(min=0) * self.speed * self.reliability
         if gpu_only:
             weights = np.where(self.gpu, weights, 0.0)
         elif task.wants_gpu and self.gpu.any():
             weights = np.where(self.gpu, weights * self.gpu_preference, weights)
+        if exclude and any(a not in exclude for a in self.addresses):
+            weights = weights.copy()
+            weights[[self.index[a] for a in exclude if a in self.index]] = 0.0
         if avoid:
             others = weights.copy()
             others[[self.index[a] for a in avoid if a in self.index]] = 0.0
@@ -112,12 +117,11 @@ class NodeTable:
         exclude: frozenset[str] = frozenset(),
     ) -> str | None:
         """A node drawn in proportion to its weight for ``task``; ``None`` if none has room.
-        Nodes in ``avoid`` are passed over unless no other node has room; nodes in
-        ``exclude`` never get it while the cluster has any other node (the task waits)."""
-        weights = self.weights(task, gpu_only, avoid)
-        if exclude and any(a not in exclude for a in self.addresses):
-            weights = weights.copy()
-            weights[[self.index[a] for a in exclude if a in self.index]] = 0.0
+        Nodes in ``exclude`` never get it while the cluster has any other node (the task
+        waits); nodes in ``avoid`` are passed over unless no node left has room (an avoided
+        node takes it rather than an excluded one: a vote handed back by the only node not
+        holding its result goes back there)."""
+        weights = self.weights(task, gpu_only, avoid, exclude)
         total = weights.sum()
         if total <= 0:
             return None
