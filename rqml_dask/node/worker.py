@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 class RQMLWorker(Worker):
     """A Dask worker that survives the loss of its scheduler (see the module docstring)."""
 
+    _without_scheduler = False
+    """True from the loss of the scheduler until the worker is registered again."""
+
     @property
     def node_directory(self) -> Path:
         """Where this node keeps what outlives its process; stable across restarts when the
@@ -78,8 +81,21 @@ class RQMLWorker(Worker):
             else:  # closing on request: as a stock worker
                 await self.close(reason="worker-handle-scheduler-connection-broken")
 
+    async def close(self, timeout: float = 30, executor_wait: bool = True, nanny: bool = True,
+                    reason: str = "worker-close") -> str | None:
+        """As Dask's, except for a heartbeat answered "missing" once the scheduler is lost: the
+        scheduler removed this worker because their link broke, and a heartbeat got through
+        before or after (a flapping link). That is the loss degraded mode handles, not a
+        request to close (a scheduler that means one sends it on the stream): the node goes
+        on and registers again."""
+        if reason == "worker-heartbeat-missing" and self._without_scheduler:
+            logger.info("the scheduler no longer knows this worker: still in degraded mode, registering again when it answers")
+            return None
+        return await super().close(timeout=timeout, executor_wait=executor_wait, nanny=nanny, reason=reason)
+
     async def _degraded(self) -> None:
         """Keep the node working without a scheduler; register again when one answers."""
+        self._without_scheduler = True
         node = await self._node()
         lost_at = time.monotonic()
         limit, pause = node.settings.degraded_limit, node.settings.reconnect_pause
@@ -98,6 +114,7 @@ class RQMLWorker(Worker):
             prepare_registration(self)
             try:
                 await asyncio.wait_for(self._register_with_scheduler(), remaining)
+                self._without_scheduler = False
                 return
             except (ValueError, OSError, asyncio.TimeoutError) as exc:
                 logger.info("not registered again yet: %s", exc)
