@@ -49,7 +49,14 @@ class HeldOutFigures:
     the voxels are), and ``departure``, how far the result lies from the blurred object,
     estimated from the held-out counts alone (``||x - h/s||^2 - sum h/s^2``, unbiased), as a
     fraction of the input's own noise energy (``sum y / counts_per_unit``, a lower bound of
-    the input's squared error against the object)."""
+    the input's squared error against the object).
+
+    ``strength``: the regularisation strength the held-out counts chose (0: none beat the
+    unregularised result), where the task searched for one (:mod:`rqml_dask.strength`); then
+    also ``object_significance``, the guard's third test: how many standard errors the
+    result's held-out object error (:meth:`HeldOutScore.object_significance`) lies below the
+    input's. Regularisation trades the prediction's fit for a better object, so the first two
+    tests, which judge predictions, pass over results that are better where it counts."""
 
     input: float
     result: float
@@ -57,15 +64,21 @@ class HeldOutFigures:
     fraction: float
     significance: float | None = None
     departure: float | None = None
+    strength: float | None = None
+    object_significance: float | None = None
 
     def better_than_input(self) -> bool:
         """Whether the result counts as better than its input: its held-out fit is
         :data:`SIGNIFICANCE` standard errors better (where the blur dominates the input's
         error), or it departs from the blurred object by less than :data:`NOISE_REGIME` of the
-        input's noise (where the noise does: a smoothed input beats it, whatever it predicts).
+        input's noise (where the noise does: a smoothed input beats it, whatever it predicts),
+        or, for a result whose strength was searched for, its object error is
+        :data:`SIGNIFICANCE` standard errors lower.
         Without the two figures, whether the result's deviance is below the input's."""
         if self.significance is None or self.departure is None:
             return self.result <= self.input
+        if self.object_significance is not None and self.object_significance <= -SIGNIFICANCE:
+            return True
         return self.significance <= -SIGNIFICANCE or self.departure < NOISE_REGIME
 
 
@@ -88,6 +101,7 @@ class HeldOutScore:
                  core: tuple[slice, ...] = ()) -> None:
         xp = backend.xp
         self.xp = xp
+        self.backend = backend
         self.core = core
         self.held = xp.astype(held[core], xp.float32)  # counts: exact in float32 (below 2**24)
         self.scale = counts_per_unit * fraction
@@ -130,6 +144,43 @@ class HeldOutScore:
         mean = sum(float(xp.sum(difference(slab))) for slab in self._slabs()) / count
         spread = (sum(float(xp.sum((difference(slab) - mean) ** 2)) for slab in self._slabs()) / count) ** 0.5
         return mean / (spread / count**0.5) if spread > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+
+    def _object_residual(self, prediction: Array, weights: Array) -> Array:
+        """The spectrum of the held-out counts (in the image's units) less ``prediction``
+        over the core (:meth:`object_error`)."""
+        xp = self.xp
+        residual = xp.astype(self.held, xp.float64) / self.scale - xp.astype(prediction[self.core], xp.float64)
+        return self.backend.rfftn(residual, tuple(self.held.shape))
+
+    def object_error(self, prediction: Array, weights: Array) -> float:
+        """The held-out *object* error of a prediction: ``sum w |F(h/s - prediction)|^2``
+        over the core's frequencies, ``w`` the model's ``weights`` for the core's shape (``1 / (|H|^2 + eps)``
+        where its transfer function ``H`` passes signal, 0 elsewhere:
+        :meth:`~rqml_dask.models.RefinementModel.object_weights`). The held-out counts are
+        independent of every estimate made without them, so this is the in-band error of the
+        estimate's object plus a noise term the same for every estimate: it ranks estimates
+        as their object error does where the held-out deviance (which scores the blurred
+        prediction) prefers the least regularised one."""
+        spectrum = self._object_residual(prediction, weights)
+        return float(self.xp.sum(weights * (spectrum.real**2 + spectrum.imag**2)))
+
+    def object_significance(self, result: Array, baseline: Array, weights: Array) -> float:
+        """How many standard errors of the held-out noise :meth:`object_error` of the
+        prediction ``result`` lies below ``baseline``'s (negative: ``result`` is better). The
+        difference is linear in the held-out counts (the predictions do not depend on them);
+        its variance is ``sum_i var(h_i / s) g_i^2``, ``g`` its gradient in the counts and
+        ``var(h_i / s)`` the baseline's prediction over ``s``."""
+        xp = self.xp
+        shape = tuple(self.held.shape)
+        difference = self.object_error(result, weights) - self.object_error(baseline, weights)
+        change = xp.astype(baseline[self.core], xp.float64) - xp.astype(result[self.core], xp.float64)
+        spectrum = self.backend.rfftn(change, shape)
+        spectrum *= weights
+        gradient = self.backend.irfftn(spectrum, shape)
+        gradient *= math.prod(shape)
+        variance = xp.maximum(xp.astype(baseline[self.core], xp.float64), 0.0) / self.scale
+        spread = float(xp.sum(variance * gradient * gradient)) ** 0.5
+        return difference / spread if spread > 0 else (0.0 if difference == 0 else math.copysign(math.inf, difference))
 
     def departure(self, estimate: Array, observed: Array, background: float = 0.0) -> float:
         """How far the window's ``estimate`` (plus the known ``background`` the data hold)

@@ -331,12 +331,14 @@ def read_heartbeat(raw: Any) -> NodeHeartbeat:
 
 @dataclass
 class ModelRun:
-    """One model's stint on a task: how many iterations, why it stopped, misfit at the end."""
+    """One model's stint on a task: how many iterations, why it stopped, misfit at the end;
+    ``strength`` where it was one candidate of a strength search (:mod:`rqml_dask.strength`)."""
 
     model: str
     iterations: int = 0
     stop: str = "running"
     misfit: float | None = None
+    strength: float | None = None
 
 
 Trace = TypeVar("Trace", list, np.ndarray)

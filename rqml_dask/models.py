@@ -132,6 +132,14 @@ class RefinementModel(abc.ABC):
     * A family that sets ``regularizes = True`` holds the estimate to a prior (smoothness,
       sparsity) rather than only fitting the data; where the held-out rule finds that every
       model fitted the noise, the engine climbs to such a model next, skipping the rest.
+    * A regularising family that names ``strength`` (the parameter that sets how strongly
+      it regularises: TV-RL's ``regularization``) lets a pipeline give that parameter as
+      ``auto`` (its ``strength_grid``) or a list of values: the engine then chooses one per
+      task from the held-out counts (:mod:`rqml_dask.strength`), ranking candidates by
+      ``object_weights(shape)``: weights of a data residual's frequencies (``rfftn`` of an
+      array of ``shape``) that make its weighted energy an error of the object
+      (``1 / (|H|^2 + eps)`` where the transfer function ``H`` passes signal, 0 elsewhere),
+      or ``None`` (the default) for a family without a transfer function.
     * A family whose step is itself a whole solve (a refinement step of hundreds of inner
       iterations) sets ``check_every``: the engine checks it after that many of its steps,
       whatever the pipeline's ``convergence.check_every`` (which the rest follow), so a task
@@ -144,6 +152,8 @@ class RefinementModel(abc.ABC):
     immutable_state: ClassVar[bool] = False
     regularizes: ClassVar[bool] = False
     check_every: ClassVar[int | None] = None
+    strength: ClassVar[str | None] = None
+    strength_grid: ClassVar[tuple[float, ...]] = ()
 
     def __init__(self, problem: Mapping[str, Array], backend: ArrayBackend, **params: Any) -> None:
         self.problem = problem
@@ -164,6 +174,9 @@ class RefinementModel(abc.ABC):
     def misfit(self) -> float: ...
 
     def prediction(self) -> Array | None:
+        return None
+
+    def object_weights(self, shape: tuple[int, ...]) -> Array | None:
         return None
 
     def batch_key(self) -> Hashable | None:

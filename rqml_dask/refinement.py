@@ -20,10 +20,15 @@ from rqml_dask.convergence import ConvergenceFigures, ConvergenceMonitor
 from rqml_dask.held_out import HeldOutFigures, HeldOutScore
 from rqml_dask.messages import ModelRun, TracePoint, thin
 from rqml_dask.models import RefinementModel, load_model
+from rqml_dask.strength import SIGNIFICANCE, StrengthSearch, strength_grid
 from rqml_dask.task import RQMLTask
 
 HELD_OUT_BEST = "held_out_best"
 """The checkpoint artifact holding the held-out rule's best iterate (beside the model's state)."""
+
+SEARCH_ORIGIN, SEARCH_BEST = "strength_origin", "strength_best"
+"""The checkpoint artifacts of a strength search (:class:`~rqml_dask.strength.StrengthSearch`):
+the estimate its candidates start from and the best finished candidate's."""
 
 Status = Literal["running", "converged", "stalled", "max_iterations", "terminated", "failed"]
 
@@ -76,9 +81,10 @@ class Refinement:
     best_iteration: int = 0
     best_estimate: Array | None = None
     fitted_noise: bool = False
-    segments: list[tuple[str, int, int]] = field(default_factory=list)
+    segments: list[tuple[str, int, int, float | None]] = field(default_factory=list)
     """Each model run as (model, the iteration its start estimate is at, the iteration it
-    started at): what :meth:`_replay` follows to recompute an iterate on other data."""
+    started at, the strength it was built with where a search chose it, else ``None``):
+    what :meth:`_replay` follows to recompute an iterate on other data."""
     estimate_iteration: int = 0
     """The iteration the model's current estimate is at (behind :attr:`iteration` after a rollback)."""
     guard: HeldOutFigures | None = None
@@ -89,6 +95,9 @@ class Refinement:
     """Every convergence check so far (one per ``check_every`` iterations of each model)."""
     checkpoints: list[int] = field(default_factory=list)
     """The iterations this run took checkpoints at (the live view marks them; bounded)."""
+    search: StrengthSearch | None = None
+    """The search over a regularising rung's strengths (:mod:`rqml_dask.strength`), once begun."""
+    _weights: Array | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.models = self.models or list(self.task.model_ladder)
@@ -114,11 +123,17 @@ class Refinement:
         return self.backend.xp.maximum(image - background, 0.0) if background else image
 
     def _score(self) -> float | None:
-        """The held-out deviance of the model's current prediction, if the rule is on."""
+        """The held-out deviance of the model's current prediction, if the rule is on; for a
+        candidate of a strength search its held-out object error (the iterate and the
+        strength are chosen together, by the criterion that ranks regularised estimates)."""
         if self.held_out is None:
             return None
         prediction = self.model.prediction()
-        return None if prediction is None else self.held_out.deviance(prediction)
+        if prediction is None:
+            return None
+        if self.search is not None and self.search.running:
+            return self.held_out.object_error(prediction, self._object_weights())
+        return self.held_out.deviance(prediction)
 
     def held_out_figures(self) -> HeldOutFigures | None:
         """What the held-out rule saw, for the outcome; once finished, with the guard's
@@ -128,7 +143,7 @@ class Refinement:
             return self.guard
         if self.held_out_input is None or self.best_estimate is None:
             return None
-        significance = departure = None
+        significance = departure = in_object = None
         prediction = self.model.prediction() if self.done else None
         if prediction is not None:
             baseline = self._build(self.model_name, self.problem)
@@ -136,8 +151,10 @@ class Refinement:
             significance = self.held_out.significance(prediction, baseline.prediction())
             departure = self.held_out.departure(self.estimate, self.problem["observed"],
                                                 float(self.problem.get("background", 0.0)))
+            if self.search is not None:
+                in_object = self.held_out.object_significance(prediction, baseline.prediction(), self._object_weights())
         return HeldOutFigures(self.held_out_input, self.best_held_out, self.best_iteration, self.held_out.fraction,
-                              significance, departure)
+                              significance, departure, self.search.chosen if self.search is not None else None, in_object)
 
     @property
     def done(self) -> bool:
@@ -149,7 +166,9 @@ class Refinement:
 
     @property
     def escalations(self) -> int:
-        return len(self.runs) - 1
+        """Model switches (a strength search's candidates count as one rung)."""
+        candidates = sum(run.strength is not None for run in self.runs)
+        return len(self.runs) - 1 - max(candidates - 1, 0)
 
     @property
     def can_escalate(self) -> bool:
@@ -198,23 +217,37 @@ class Refinement:
                 self.trace.append(TracePoint(self.iteration, self.model_name, figures.misfit, figures.stability,
                                              figures.consistency, figures.novelty))
                 self.trace = thin(self.trace)
+            searching = self.search is not None and self.search.running
             if held_out is not None and verdict == "converged":
                 # settling iterates are no sign of the optimum (the held-out counts say where it is), but of slow
                 # progress towards it: on to the next model of the ladder if it is a faster one, else go on
-                if self.can_escalate and not load_model(self.models[self.ladder_position + 1]).regularizes:
+                if not searching and self.can_escalate and not load_model(self.models[self.ladder_position + 1]).regularizes:
                     verdict = "stalled"
                     self.reason = "settled while the held-out fit still improves"
                 else:
                     verdict = "continue"
             if held_out is not None and min(self.iteration - self.best_iteration, run.iterations) >= settings.held_out_patience:
                 verdict = "converged"  # past the held-out optimum (each model gets its patience): the rest would fit noise
+            if searching and verdict != "continue":
+                self._next_candidate(verdict)
+                return
+            if verdict == "converged" and self.held_out is not None and self.search is None \
+                    and (position := self._search_position()) is not None:
+                previous = self.model_name  # past the optimum; a later rung's strength is the data's to choose: now
+                self._close_run("converged")
+                self._switch_model(position, estimate=self.model.estimate)
+                self.record_event("escalated", from_model=previous, to_model=self.model_name, because="strength search")
+                return
             if verdict == "converged":
                 self._finish("converged")
                 return
             if verdict == "stalled":
                 self._escalate_or_finish("stalled")
                 return
-        if self.iteration >= settings.max_iterations:
+        if self.search is not None and self.search.running:  # each candidate gets the iterations a task does
+            if run.iterations >= (settings.max_iterations_per_model or settings.max_iterations):
+                self._next_candidate("max_iterations")
+        elif self.iteration >= settings.max_iterations:
             self._finish("max_iterations")
         elif settings.max_iterations_per_model and run.iterations >= settings.max_iterations_per_model:
             self._escalate_or_finish("max_iterations")
@@ -227,6 +260,9 @@ class Refinement:
         """Move to the next model now (a supervision decision, or a failed validation of a
         finished task, which then runs again); on the last model, finish as ``stalled``."""
         self.reason = reason
+        if self.search is not None and self.search.running:  # a candidate of a strength search: on to the next
+            self._next_candidate("escalated")
+            return
         if self.done and self.can_escalate:
             self.status = "running"
         self._escalate_or_finish("stalled", stop="escalated")
@@ -287,9 +323,11 @@ class Refinement:
         figures = self.held_out_figures()
         self.fitted_noise = figures is not None and not figures.better_than_input()
         if self.fitted_noise:
+            in_object = "" if figures.object_significance is None else \
+                f"; object error {_figure(figures.object_significance)} standard errors"
             failures.append(f"the result is no better than the input by the held-out counts (fit {figures.result:.4g} "
                             f"vs {figures.input:.4g}, {_figure(figures.significance)} standard errors; departure "
-                            f"{_figure(figures.departure)} of the input's noise): every model fitted the noise")
+                            f"{_figure(figures.departure)} of the input's noise{in_object}): every model fitted the noise")
         elif figures is not None and self.done and self.status != "failed":
             self.guard = figures
             if self.task.convergence.refit_all_counts and not self.refitted:
@@ -325,21 +363,128 @@ class Refinement:
         (``estimate``, as :meth:`_switch_model` hands it on)."""
         chain = []
         while target > 0:
-            name, origin, first = next(segment for segment in reversed(self.segments) if segment[2] < target)
-            chain.append((name, target - first))
+            name, origin, first, strength = next(segment for segment in reversed(self.segments) if segment[2] < target)
+            chain.append((name, strength, target - first))
             target = origin
         estimate, model = None, None
-        for name, steps in reversed(chain):
-            model = self._build(name, problem)
+        for name, strength, steps in reversed(chain):
+            model = self._build(name, problem, strength)
             model.start(estimate)
             for _ in range(steps):
                 model.step()
             estimate = self.backend.xp.asarray(model.estimate, copy=True)
         return model
 
-    def _build(self, name: str, problem: dict[str, Array]) -> RefinementModel:
-        """Model ``name`` with the task's parameters for it, on ``problem`` (not started)."""
-        return load_model(name)(problem, self.backend, **self.task.model_params.get(name, {}))
+    def _build(self, name: str, problem: dict[str, Array], strength: float | None = None) -> RefinementModel:
+        """Model ``name`` with the task's parameters for it, on ``problem`` (not started): with
+        its strength parameter at ``strength`` if given, else at the search's (:meth:`_strength`)."""
+        cls = load_model(name)
+        params = dict(self.task.model_params.get(name, {}))
+        strength = self._strength(name) if strength is None else strength
+        if strength is not None:
+            params[cls.strength] = strength
+        return cls(problem, self.backend, **params)
+
+    def _strength(self, name: str) -> float | None:
+        """The strength model ``name`` is built with now where a search chooses it, else ``None``."""
+        return self.search.strength if self.search is not None and self.search.model == name else None
+
+    def _search_position(self) -> int | None:
+        """The first later rung whose strength the data choose (:func:`~rqml_dask.strength.strength_grid`)."""
+        return next((p for p in range(self.ladder_position + 1, len(self.models))
+                     if strength_grid(load_model(self.models[p]), self.task.model_params.get(self.models[p], {}))), None)
+
+    def _object_weights(self) -> Array:
+        if self._weights is None:
+            self._weights = self.model.object_weights(tuple(self.held_out.held.shape))
+            if self._weights is None:
+                raise ValueError(f"model {self.model_name!r} has no object_weights(): its strength cannot be chosen by the data")
+        return self._weights
+
+    def _begin_search(self, position: int, grid: tuple[float, ...], estimate: Array | None) -> None:
+        """Start the search over the strengths ``grid`` of rung ``position``; its origin, the
+        λ = 0 result each candidate must beat, is the held-out optimum so far (else ``estimate``)."""
+        name = self.models[position]
+        if self.held_out is None:
+            raise ValueError(f"model {name!r}: a strength chosen by the data needs held-out counts "
+                             "(photon-count data and convergence.held_out_fraction > 0)")
+        if self.best_estimate is not None:
+            origin, iteration, held_out = self.best_estimate, self.best_iteration, self.best_held_out
+        elif estimate is not None:
+            origin, iteration, held_out = self._keep(estimate), self.estimate_iteration, math.inf
+        else:
+            raise ValueError(f"model {name!r}: a strength chosen by the data needs a rung before it on the ladder "
+                             "(its result is the unregularised one each strength must beat)")
+        self.ladder_position = position
+        self.search = StrengthSearch(name, grid, origin, iteration, held_out)
+        self.record_event("strength_search", model=name, strengths=list(grid), from_iteration=iteration)
+        self._start_candidate()
+
+    def _start_candidate(self) -> None:
+        """Run the search's next candidate from the model's own start (as it would run alone:
+        from the unregularised result, a strong strength must first smooth its noise away),
+        to its own held-out optimum."""
+        search = self.search
+        self.model = self._build(search.model, self.problem)
+        self.model.start(None)
+        self.segments.append((search.model, 0, self.iteration, search.strength))
+        self.monitor = ConvergenceMonitor(self.task.convergence)
+        self.runs.append(ModelRun(search.model, strength=search.strength))
+        self.best_held_out, self.best_iteration, self.best_estimate = math.inf, self.iteration, None
+        self.estimate_iteration = 0
+        self.checkpoint_reason = "model switch"
+
+    def _take_candidate(self, stop: str) -> None:
+        """End the running candidate: its held-out optimum becomes the search's best if it
+        beats the origin by more than :data:`~rqml_dask.strength.SIGNIFICANCE` standard errors of
+        the held-out noise and its object error is the lowest of those that do so far; a
+        candidate whose object error is above the one before it ends the search."""
+        search = self.search
+        self._close_run(stop)
+        following = search.index + 1
+        if self.best_estimate is not None:
+            weights = self._object_weights()
+            candidate = self._build(search.model, self.problem)
+            candidate.start(self.best_estimate)
+            origin = self._build(search.model, self.problem, 0.0)
+            origin.start(search.origin)
+            prediction = candidate.prediction()
+            error = self.best_held_out  # the candidate's iterates were scored by their object error (_score)
+            significance = self.held_out.object_significance(prediction, origin.prediction(), weights)
+            if significance <= -SIGNIFICANCE and error < search.best_error:
+                search.best_strength, search.best_error, search.best_iteration = search.strength, error, self.best_iteration
+                search.best_held_out, search.best_estimate = self.held_out.deviance(prediction), self.best_estimate
+                search.significance = significance
+            if error > search.last_error:  # past the best strength: the stronger ones do worse still
+                following = len(search.strengths)
+            search.last_error = error
+        search.index = following
+
+    def _next_candidate(self, stop: str) -> None:
+        """After a candidate's end (``stop``): the next one, or the choice and the task's end."""
+        self._take_candidate(stop)
+        if self.search.running:
+            self._start_candidate()
+            return
+        self._conclude_search()
+        self._finish("converged")
+
+    def _conclude_search(self) -> None:
+        """Keep the search's best candidate (:meth:`_take_candidate`), else its origin
+        (strength 0): the model then holds that iterate, as after a rollback."""
+        search = self.search
+        search.index = len(search.strengths)
+        if search.best_estimate is not None:
+            search.chosen = search.best_strength
+            self.best_estimate, self.best_iteration, self.best_held_out = search.best_estimate, search.best_iteration, search.best_held_out
+        else:
+            search.chosen = 0.0
+            self.best_estimate, self.best_iteration, self.best_held_out = search.origin, search.origin_iteration, search.origin_held_out
+        self.model = self._build(search.model, self.problem)  # at the chosen strength
+        self.model.start(self.best_estimate)
+        self.estimate_iteration = self.best_iteration
+        self.record_event("strength_chosen", model=search.model, strength=search.chosen, candidate=search.best_strength,
+                          significance=search.significance)
 
     def _escalate_or_finish(self, status: Status, stop: str | None = None) -> None:
         if self.can_escalate:
@@ -377,10 +522,14 @@ class Refinement:
         arrays = {name: self._keep(array) for name, array in self.model.state().items()}
         if self.best_estimate is not None:  # kept already: the held-out rule's best iterate
             arrays[HELD_OUT_BEST] = self.best_estimate
+        if self.search is not None:  # kept already too
+            arrays[SEARCH_ORIGIN] = self.search.origin
+            if self.search.best_estimate is not None:
+                arrays[SEARCH_BEST] = self.search.best_estimate
         return Snapshot(
             task=self.task,
             iteration=self.iteration,
-            model_config=ModelConfig(self.model_name, self.ladder_position, self.task.model_params.get(self.model_name, {})),
+            model_config=ModelConfig(self.model_name, self.ladder_position, self._params()),
             arrays=arrays,
             supervision_state=self.supervision_state(),
             reason=reason,
@@ -401,6 +550,7 @@ class Refinement:
             "held_out_input": self.held_out_input,
             "held_out_best": [self.best_held_out, self.best_iteration] if self.best_estimate is not None else None,
             "segments": [list(segment) for segment in self.segments],
+            "search": self.search.state() if self.search is not None else None,
             "estimate_iteration": self.estimate_iteration,
             "guard": asdict(self.guard) if self.guard is not None else None,
             "refitted": self.refitted,
@@ -438,15 +588,19 @@ class Refinement:
             raise CheckpointError(f"checkpoint at iteration {checkpoint.iteration} was made from other input data")
         refinement = cls(task, problem, backend)
         refinement.models = models
-        refinement._switch_model(position, estimate=None)
         arrays = {name: backend.asarray(array) for name, array in arrays.items()}
         best = arrays.pop(HELD_OUT_BEST, None)
+        origin, search_best = arrays.pop(SEARCH_ORIGIN, None), arrays.pop(SEARCH_BEST, None)
+        if state.get("search") is not None:
+            refinement.search = StrengthSearch.from_state(state["search"], origin, search_best)
+        refinement._switch_model(position, estimate=None)
         refinement.model.restore(arrays)
         if best is not None and state.get("held_out_best") is not None:
             refinement.best_held_out, refinement.best_iteration = float(state["held_out_best"][0]), int(state["held_out_best"][1])
             refinement.best_estimate = best
         refinement.runs = [ModelRun(**run) for run in state["runs"]]
-        refinement.segments = [(str(n), int(o), int(f)) for n, o, f in state["segments"]]
+        refinement.segments = [(str(n), int(o), int(f), None if not s or s[0] is None else float(s[0]))
+                               for n, o, f, *s in state["segments"]]
         refinement.estimate_iteration = int(state["estimate_iteration"])
         refinement.guard = HeldOutFigures(**state["guard"]) if state["guard"] is not None else None
         refinement.refitted = bool(state["refitted"])
@@ -465,9 +619,13 @@ class Refinement:
 
     def _switch_model(self, position: int, estimate: Array | None) -> None:
         name = self.models[position]
+        if self.search is None and (grid := strength_grid(load_model(name), self.task.model_params.get(name, {}))):
+            self._begin_search(position, grid, estimate)
+            return
         model = self._build(name, self.problem)
         model.start(estimate)
-        self.segments.append((name, self.estimate_iteration if estimate is not None else 0, self.iteration))
+        self.segments.append((name, self.estimate_iteration if estimate is not None else 0, self.iteration,
+                              self._strength(name)))
         self.ladder_position = position
         self.model = model
         self.monitor = ConvergenceMonitor(self.task.convergence)
@@ -482,7 +640,17 @@ class Refinement:
         run.stop = stop
         run.misfit = self.last_figures.misfit if self.last_figures else self.model.misfit()
 
+    def _params(self) -> dict:
+        """The running model's parameters (its strength as the search has it)."""
+        params = dict(self.task.model_params.get(self.model_name, {}))
+        if (strength := self._strength(self.model_name)) is not None:
+            params[self.model.strength] = strength
+        return params
+
     def _finish(self, status: Status) -> None:
+        if self.search is not None and self.search.running:  # ended mid-search: choose among what ran
+            self._take_candidate(status)
+            self._conclude_search()
         self._close_run(status)
         self.status = status
         if self.best_estimate is not None and self.best_iteration != self.estimate_iteration:  # the held-out optimum

@@ -28,6 +28,14 @@ UNOBSERVED_WEIGHT = 1e-3
 not estimated: they stay 0 (Richardson-Lucy's normalisation would divide by almost nothing)."""
 
 
+OBJECT_EPSILON = 1e-2
+"""Regularises ``1 / |H|^2`` in :meth:`Convolver.object_weights` (BENCHMARKS: "Choosing a
+TV-RL strength from the held-out counts")."""
+
+PASSBAND = 1e-4
+"""Frequencies where ``|H|^2`` is at most this carry no signal: weight 0 there."""
+
+
 _OPERATORS: dict[tuple, tuple[Array, Array]] = {}
 """The transfer function and normalisation of the last :class:`Convolver` built in this
 process, by backend, device, PSF digest and shape, image shape and transform shape: a node's next task of the
@@ -101,6 +109,7 @@ class Convolver:
             raise ValueError(f"psf must have a positive, finite sum, not {total}")
         psf32 = xp.astype(psf, xp.float32)
         psf32 /= total
+        self._psf = psf32
         self.psf_digest = hashlib.sha256(np.ascontiguousarray(backend.to_numpy(psf32)).data).hexdigest()
         """Equal digests (and image shapes) mean equal transfer functions: batchable."""
         key = (backend.name, _device(backend), self.psf_digest, tuple(psf.shape), self.image_shape, self.fft_shape)
@@ -156,6 +165,16 @@ class Convolver:
         placed = xp.zeros((*r.shape[: r.ndim - len(self.image_shape)], *self.fft_shape), dtype=xp.float32)
         placed[(..., *self._valid)] = r
         return placed
+
+    def object_weights(self, shape: tuple[int, ...], epsilon: float = OBJECT_EPSILON) -> Array:
+        """``1 / (|H|^2 + epsilon)`` over the frequencies of an array of ``shape`` (``rfftn``
+        layout, float64) where ``|H|^2 > PASSBAND``, 0 elsewhere: ``H`` the PSF's transfer
+        function at ``shape`` (the PSF centred on the origin, folded where it is larger)."""
+        psf = self.backend.to_numpy(self._psf)
+        centred = np.zeros(shape)
+        np.add.at(centred, np.ix_(*((np.arange(p) - p // 2) % n for p, n in zip(psf.shape, shape, strict=True))), psf)
+        power = np.abs(np.fft.rfftn(centred)) ** 2
+        return self.backend.asarray(np.where(power > PASSBAND, 1.0 / (power + epsilon), 0.0))
 
     def forward(self, x: Array) -> Array:
         """The object ``x`` (object- or transform-shaped) blurred by the PSF, on the window

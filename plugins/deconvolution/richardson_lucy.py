@@ -107,6 +107,9 @@ class RichardsonLucy(RefinementModel):
     def prediction(self) -> Array:
         return self.convolver.prediction(self._object)
 
+    def object_weights(self, shape: tuple[int, ...]) -> Array:
+        return self.convolver.object_weights(shape)
+
 
 class AcceleratedRichardsonLucy(RichardsonLucy):
     """Richardson-Lucy with Biggs & Andrews (1997) vector extrapolation.
@@ -173,11 +176,15 @@ class TotalVariationRichardsonLucy(RichardsonLucy):
     ``grad`` forward differences (0 at each axis's last index), ``div`` backward differences
     (minus the adjoint of ``grad``) and ``|grad| = sqrt(sum over axes of grad^2 + 1e-12)``.
     ``regularization`` is ``lam >= 0`` (0 gives plain Richardson-Lucy); keeping it below
-    ``1 / (2 * ndim)`` keeps the denominator positive without the floor.
+    ``1 / (2 * ndim)`` keeps the denominator positive without the floor. A pipeline may
+    give it as ``auto`` (:attr:`strength_grid`) or a list, to have each task choose
+    (:mod:`rqml_dask.strength`).
     """
 
     size = 3
     regularizes = True
+    strength = "regularization"
+    strength_grid = (0.002, 0.005, 0.01, 0.02)
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ from rqml_dask.arrays import numpy_backend
 from rqml_dask.models import ModelCheckError, UnknownModelError, check_model, load_model, load_task_class
 from rqml_dask.names import ArrayPath, Name
 from rqml_dask.pipeline.plugins import PluginError, import_plugins
+from rqml_dask.strength import strength_grid
 from rqml_dask.synthetic import SynthSpec, SystemsSpec
 from rqml_dask.task import ConvergenceSettings, ValidationSettings
 
@@ -306,9 +307,29 @@ def check_models(config: PipelineConfig, where: str | Path) -> None:
         except TypeError as exc:
             raise PipelineConfigError(f"{where}: models.params: params for model {name!r}: {exc}") from None
         try:
-            check_model(name, config.task_class, params, numpy_backend())
-        except ModelCheckError as exc:
-            raise PipelineConfigError(f"{where}: {key}: {exc}") from None
+            grid = strength_grid(model, params)
+        except ValueError as exc:
+            raise PipelineConfigError(f"{where}: models.params: params for model {name!r}: {exc}") from None
+        if grid is not None:
+            _check_search(config, key, name, model.strength, where)
+        for strength in grid or (None,):
+            tried = params if strength is None else {**params, model.strength: strength}
+            try:
+                check_model(name, config.task_class, tried, numpy_backend())
+            except ModelCheckError as exc:
+                raise PipelineConfigError(f"{where}: {key}: {exc}") from None
+
+
+def _check_search(config: PipelineConfig, key: str, name: str, strength: str, where: str | Path) -> None:
+    """Refuse a strength the data should choose (:mod:`rqml_dask.strength`) where they cannot."""
+    if key != "models.ladder" or config.models.ladder.index(name) == 0:
+        raise PipelineConfigError(
+            f"{where}: {key}: model {name!r}: a strength chosen by the data ({strength}: auto or a list) "
+            "needs a rung before it on the ladder: that rung's result is the unregularised one each strength must beat")
+    if not config.convergence.held_out_fraction or not load_task_class(config.task_class).photon_counts:
+        raise PipelineConfigError(
+            f"{where}: models.params: model {name!r}: a strength chosen by the data needs held-out counts "
+            "(photon-count data and convergence.held_out_fraction > 0)")
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:

@@ -141,6 +141,12 @@ class RunReport:
                 f"{sum(h.result for h in held) / len(held):.4f} for the result (Poisson deviance per voxel, lower is "
                 f"better), at iteration {sum(h.iteration for h in held) / len(held):.0f} on average"
             )
+        chosen = [h.strength for h in held if h.strength is not None]
+        if chosen:  # a regularising rung whose strength each task chose from its held-out counts
+            counts = {strength: chosen.count(strength) for strength in sorted(set(chosen))}
+            lines.append("strength     chosen by the held-out counts: " +
+                         ", ".join(f"{strength:g} in {n} task{'s' * (n != 1)}" for strength, n in counts.items()) +
+                         " (0: no strength beat the unregularised result)")
         if self.output_error is not None:
             lines.append(
                 f"error vs truth (relative RMSE): input {self.input_error:.4g} -> output {self.output_error:.4g}"
