@@ -145,7 +145,7 @@ class HeldOutScore:
         spread = (sum(float(xp.sum((difference(slab) - mean) ** 2)) for slab in self._slabs()) / count) ** 0.5
         return mean / (spread / count**0.5) if spread > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
 
-    def _object_residual(self, prediction: Array, weights: Array) -> Array:
+    def _object_residual(self, prediction: Array) -> Array:
         """The spectrum of the held-out counts (in the image's units) less ``prediction``
         over the core (:meth:`object_error`)."""
         xp = self.xp
@@ -161,7 +161,7 @@ class HeldOutScore:
         estimate's object plus a noise term the same for every estimate: it ranks estimates
         as their object error does where the held-out deviance (which scores the blurred
         prediction) prefers the least regularised one."""
-        spectrum = self._object_residual(prediction, weights)
+        spectrum = self._object_residual(prediction)
         return float(self.xp.sum(weights * (spectrum.real**2 + spectrum.imag**2)))
 
     def object_significance(self, result: Array, baseline: Array, weights: Array) -> float:

@@ -378,12 +378,7 @@ class Refinement:
     def _build(self, name: str, problem: dict[str, Array], strength: float | None = None) -> RefinementModel:
         """Model ``name`` with the task's parameters for it, on ``problem`` (not started): with
         its strength parameter at ``strength`` if given, else at the search's (:meth:`_strength`)."""
-        cls = load_model(name)
-        params = dict(self.task.model_params.get(name, {}))
-        strength = self._strength(name) if strength is None else strength
-        if strength is not None:
-            params[cls.strength] = strength
-        return cls(problem, self.backend, **params)
+        return load_model(name)(problem, self.backend, **self._params(name, strength))
 
     def _strength(self, name: str) -> float | None:
         """The strength model ``name`` is built with now where a search chooses it, else ``None``."""
@@ -529,7 +524,7 @@ class Refinement:
         return Snapshot(
             task=self.task,
             iteration=self.iteration,
-            model_config=ModelConfig(self.model_name, self.ladder_position, self._params()),
+            model_config=ModelConfig(self.model_name, self.ladder_position, self._params(self.model_name)),
             arrays=arrays,
             supervision_state=self.supervision_state(),
             reason=reason,
@@ -640,11 +635,13 @@ class Refinement:
         run.stop = stop
         run.misfit = self.last_figures.misfit if self.last_figures else self.model.misfit()
 
-    def _params(self) -> dict:
-        """The running model's parameters (its strength as the search has it)."""
-        params = dict(self.task.model_params.get(self.model_name, {}))
-        if (strength := self._strength(self.model_name)) is not None:
-            params[self.model.strength] = strength
+    def _params(self, name: str, strength: float | None = None) -> dict:
+        """The task's parameters for model ``name``, its strength parameter at ``strength``
+        if given, else at the search's (:meth:`_strength`)."""
+        params = dict(self.task.model_params.get(name, {}))
+        strength = self._strength(name) if strength is None else strength
+        if strength is not None:
+            params[load_model(name).strength] = strength
         return params
 
     def _finish(self, status: Status) -> None:

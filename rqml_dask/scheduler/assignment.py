@@ -93,8 +93,7 @@ class NodeTable:
             weights = np.where(self.gpu, weights, 0.0)
         elif task.wants_gpu and self.gpu.any():
             weights = np.where(self.gpu, weights * self.gpu_preference, weights)
-        if exclude and any(a not in exclude for a in self.addresses):
-            weights = weights.copy()
+        if exclude and any(a not in exclude for a in self.addresses):  # weights is this call's own array
             weights[[self.index[a] for a in exclude if a in self.index]] = 0.0
         if avoid:
             others = weights.copy()
