@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from rqml_dask.arrays import Array
@@ -97,9 +97,8 @@ class StrengthSearch:
 
     def state(self) -> dict:
         """Everything but the two arrays, JSON/msgpack-friendly (:meth:`from_state`)."""
-        state = asdict(self)
-        del state["origin"], state["best_estimate"]
-        state["strengths"] = list(self.strengths)
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("origin", "best_estimate")}
+        state["strengths"] = list(self.strengths)  # not asdict(): it would deep-copy both arrays first
         return {name: (None if isinstance(v, float) and math.isinf(v) else v) for name, v in state.items()}
 
     @classmethod
