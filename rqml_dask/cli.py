@@ -217,7 +217,6 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
         overwrite: bool, secure: bool) -> None:
     """Run every task of PIPELINE_FILE and write its output Zarr."""
     from rqml_dask.pipeline.config import load_pipeline_config
-    from rqml_dask.volumes import InputError
 
     if scheduler and cluster_kind:
         raise click.ClickException("give --scheduler (a running cluster) or --cluster (one to start), not both")
@@ -235,7 +234,7 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
 
     from rqml_dask.config import check_all
     from rqml_dask.deploy import started_cluster
-    from rqml_dask.pipeline.pipeline import Pipeline, PipelineError
+    from rqml_dask.pipeline.pipeline import Pipeline
     from rqml_dask.run_lock import writing
 
     if kind != "address":
@@ -252,26 +251,40 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
         click.echo(f"transform    {pipeline.transform_note}", err=True)
         if pipeline.held_out_note is not None:
             click.secho(f"held-out     {pipeline.held_out_note}", err=True, fg="yellow")
-        if not scheduler:
-            cluster = stack.enter_context(started_cluster(pipeline.config.cluster, secure))
-            client = stack.enter_context(Client(cluster))
-            click.echo(f"cluster      {kind} at {client.scheduler.address}: {_nodes_of(cluster, kind)}", err=True)
-        if secure:
-            peer = client.scheduler_comm.comm.extra_info()
-            click.echo(f"secure       {client.scheduler.address}: certificate {peer['peer_name']}, key exchange {peer['group']}", err=True)
-        click.echo(f"dashboard    {client.dashboard_link}", err=True)
-        rqml_pages = client.dashboard_link.replace("/status", "/rqml")
-        click.echo(f"rqml pages   {rqml_pages} (tiles, convergence, nodes, events: {rqml_pages}-tiles, ...)", err=True)
-        try:
-            report = pipeline.run(client, progress=progress, tasks=tasks)
-        except (PipelineError, InputError) as exc:
-            raise click.ClickException(f"{exc} (output left marked incomplete: {pipeline.output_ref})") from None
+        report = None
+        if kind == "local" and not secure:  # a rerun whose every result is recorded here: no cluster
+            report = _finished(lambda: pipeline.run_recorded(tasks), pipeline)
+        if report is not None:
+            click.echo("cluster      none started: every task's result is recorded on this host and valid", err=True)
+        else:
+            if not scheduler:
+                cluster = stack.enter_context(started_cluster(pipeline.config.cluster, secure))
+                client = stack.enter_context(Client(cluster))
+                click.echo(f"cluster      {kind} at {client.scheduler.address}: {_nodes_of(cluster, kind)}", err=True)
+            if secure:
+                peer = client.scheduler_comm.comm.extra_info()
+                click.echo(f"secure       {client.scheduler.address}: certificate {peer['peer_name']}, key exchange {peer['group']}", err=True)
+            click.echo(f"dashboard    {client.dashboard_link}", err=True)
+            rqml_pages = client.dashboard_link.replace("/status", "/rqml")
+            click.echo(f"rqml pages   {rqml_pages} (tiles, convergence, nodes, events: {rqml_pages}-tiles, ...)", err=True)
+            report = _finished(lambda: pipeline.run(client, progress=progress, tasks=tasks), pipeline)
         click.echo(report.summary())
-        _pictures(Path(pipeline.config.output.store))  # while the cluster is there: it reads the planes
+        _pictures(Path(pipeline.config.output.store))  # while a cluster is there: it reads the planes
     if report.rejected:
         click.echo(f"{len(report.rejected)} of {len(report.outcomes)} task(s) not accepted "
                    f"(listed above): output marked 'rejected'", err=True)
         sys.exit(1)
+
+
+def _finished(run, pipeline):
+    """``run()``'s report; a run refused for its input or failed is one line naming the output."""
+    from rqml_dask.pipeline.pipeline import PipelineError
+    from rqml_dask.volumes import InputError
+
+    try:
+        return run()
+    except (PipelineError, InputError) as exc:
+        raise click.ClickException(f"{exc} (output left marked incomplete: {pipeline.output_ref})") from None
 
 
 def _nodes_of(cluster, kind: str) -> str:
@@ -286,11 +299,18 @@ def _nodes_of(cluster, kind: str) -> str:
 
 def _pictures(store: Path) -> None:
     """Write the run's slices and report beside its output (the slices drawn once, for both),
-    and say where they are."""
-    from rqml_dask.report import write_report, write_slices
+    and say where they are; where those beside it show the same results, they stay."""
+    from rqml_dask.report import drawn_pictures, record_pictures, write_report, write_slices
 
+    if (drawn := drawn_pictures(store)) is not None:
+        for what, path in zip(("slices", "report"), drawn):
+            click.echo(f"{what:<13}{path} (as drawn before: the results are the same)")
+        return
+    record_pictures(store, None)
     slices = _drawn("slices", lambda: write_slices(store))
-    _drawn("report", lambda: write_report(store, slices=slices.read_bytes() if slices else None))
+    report = _drawn("report", lambda: write_report(store, slices=slices.read_bytes() if slices else None))
+    if slices is not None and report is not None:
+        record_pictures(store, (slices, report))
 
 
 def _drawn(what: str, write) -> Path | None:

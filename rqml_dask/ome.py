@@ -132,11 +132,15 @@ def write_image(store: str, array: str, axes: tuple[str, ...], voxel: VoxelSize 
     return paths
 
 
+IMAGE_ATTRIBUTES = ("ome", "multiscales")
+"""The group attributes that make a Zarr group an OME image (0.5, and 0.4's place)."""
+
+
 def remove_image(store: str) -> None:
     """Take the OME metadata off ``store`` (its result is being rewritten: no viewer should
     take it for a finished image meanwhile)."""
     group = zarr.open_group(store, mode="r+")
-    for key in ("ome", "multiscales"):
+    for key in IMAGE_ATTRIBUTES:
         if key in group.attrs:
             del group.attrs[key]
 

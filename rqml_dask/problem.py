@@ -1,8 +1,9 @@
 """A task's problem as the models see it, and the digests that tie a result to its input.
 
-:func:`load_problem` reads a task's window and its operator (checked by
+:func:`read_input` reads a task's window and its operator (checked by
 :func:`read_operator`, the same check :meth:`rqml_dask.pipeline.Pipeline.tasks` applies
-before submitting), digests them and splits the counts for the held-out stopping rule;
+before submitting) and digests them; :func:`load_problem` also splits the counts for the
+held-out stopping rule;
 :func:`core_digest` and :func:`holds_result` say whether an output still holds a recorded
 result; :func:`error_figures` scores a core against the ground truth. No Dask here.
 """
@@ -10,7 +11,7 @@ result; :func:`error_figures` scores a core against the ground truth. No Dask he
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -45,16 +46,23 @@ def read_operator(kind: TaskClass, ref: ArrayRef, core: Region | None, image_ref
                          f"{image_shape}: {exc}") from None
 
 
-def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]:
-    """The task with its ``input_digest`` (of the image window, its values checked, and operator as read, and
-    :data:`RESULT_FORMAT`), and its problem on ``backend``, in the task class's dtype:
-    ``observed`` (the window), the operator under the class's ``operator_key``, and
-    ``image``, what the models refine against: the window, or, with the held-out stopping
-    rule, the part of its counts not held out (rescaled), the held-out counts being
-    ``held_out`` (:func:`rqml_dask.held_out.thin`, seeded by the data's digest, so a task
-    splits its data the same way on every node, every run and every release: :data:`SPLIT_SALT`). Camera data (``task.input.camera``)
-    are read as shifted-Poisson counts, and ``background`` (a float, in the image's units)
-    is the pedestal the models add to their prediction (:class:`rqml_dask.camera.Camera`)."""
+@dataclass(frozen=True)
+class TaskInputData:
+    """What a task reads of its input, its values checked: ``image`` (the window, in
+    photons for camera data) and ``operator``, and ``digest``, the BLAKE2b of both that
+    seeds the held-out split (:data:`SPLIT_SALT`); the task with its ``input_digest``."""
+
+    task: RQMLTask
+    image: np.ndarray
+    operator: np.ndarray
+    digest: str
+
+
+def read_input(task: RQMLTask) -> TaskInputData:
+    """Read and check ``task``'s window and operator, in the task class's dtype, and digest
+    them: ``input_digest`` (of both and :data:`RESULT_FORMAT`) is what a recorded result or
+    a checkpoint of the task must match to be used (:func:`load_problem` is this, and the
+    problem built from it)."""
     kind = load_task_class(task.task_class)
     image = read_window(task.input.image, task.region, np.dtype(kind.dtype), nonnegative=kind.photon_counts,
                         accept_saturated=task.input.accept_saturated)
@@ -65,13 +73,28 @@ def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]
         data.update(repr((array.shape, array.dtype.str)).encode())
         data.update(np.ascontiguousarray(array).data)
     task = replace(task, input_digest=hashlib.blake2b(RESULT_FORMAT + data.digest(), digest_size=16).hexdigest())
+    return TaskInputData(task, image, operator, data.hexdigest())
+
+
+def load_problem(task: RQMLTask, backend: ArrayBackend) -> tuple[RQMLTask, dict]:
+    """The task with its ``input_digest`` (:func:`read_input`), and its problem on
+    ``backend``, in the task class's dtype: ``observed`` (the window), the operator under
+    the class's ``operator_key``, and ``image``, what the models refine against: the
+    window, or, with the held-out stopping rule, the part of its counts not held out
+    (rescaled), the held-out counts being ``held_out`` (:func:`rqml_dask.held_out.thin`,
+    seeded by the data's digest, so a task splits its data the same way on every node,
+    every run and every release: :data:`SPLIT_SALT`). Camera data (``task.input.camera``)
+    are read as shifted-Poisson counts, and ``background`` (a float, in the image's units)
+    is the pedestal the models add to their prediction (:class:`rqml_dask.camera.Camera`)."""
+    read = read_input(task)
+    task, image = read.task, read.image
     observed = backend.asarray(image)
-    problem = {"observed": observed, "image": observed, kind.operator_key: backend.asarray(operator)}
+    problem = {"observed": observed, "image": observed, load_task_class(task.task_class).operator_key: backend.asarray(read.operator)}
     if task.input.camera is not None:
         problem["background"] = task.input.camera.pedestal
     fraction, counts_per_unit = task.convergence.held_out_fraction, task.input.counts_per_unit
     if fraction > 0 and counts_per_unit is not None:
-        train, held = thin(image, counts_per_unit, fraction, seed=int(data.hexdigest()[:16], 16))
+        train, held = thin(image, counts_per_unit, fraction, seed=int(read.digest[:16], 16))
         problem["image"], problem["held_out"] = backend.asarray(train), backend.asarray(held)
     return task, problem
 

@@ -209,6 +209,33 @@ def slices_png(run: FinishedRun) -> bytes:
     return png.getvalue()
 
 
+def drawn_pictures(store: Path) -> tuple[Path, Path] | None:
+    """The slices and the report drawn of the results ``store`` holds now (recorded by
+    :func:`record_pictures` with the digest of its results, which :meth:`Pipeline.finalize
+    <rqml_dask.pipeline.pipeline.Pipeline.finalize>` writes), where both files are still
+    there: a run whose results are the same ones has nothing to draw; else ``None``."""
+    rqml = zarr.open_group(store, mode="r").attrs.get("rqml") or {}
+    drawn = rqml.get("drawn")
+    if not isinstance(drawn, dict) or rqml.get("results") is None or drawn.get("results") != rqml["results"]:
+        return None
+    paths = Path(drawn["slices"]), Path(drawn["report"])
+    return paths if all(path.is_file() for path in paths) else None
+
+
+def record_pictures(store: Path, pictures: tuple[Path, Path] | None) -> None:
+    """Record in ``store``'s ``rqml`` attribute that ``pictures`` (slices, report) show its
+    results as they are now (:func:`drawn_pictures`); ``None``: take the record off, before
+    they are drawn anew."""
+    group = zarr.open_group(store, mode="r+")
+    rqml = dict(group.attrs["rqml"])
+    if pictures is None:
+        if rqml.pop("drawn", None) is None:
+            return
+    else:
+        rqml["drawn"] = {"results": rqml.get("results"), "slices": str(pictures[0]), "report": str(pictures[1])}
+    group.attrs["rqml"] = rqml
+
+
 def write_report(store: Path, path: Path | None = None, slices: bytes | None = None) -> Path:
     """Write the run's report, one self-contained HTML file (default: beside the store), and
     return its path. ``slices``: the run's :func:`slices_png` where it is drawn already (else

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import socket
@@ -38,7 +39,9 @@ from distributed.comm import get_address_host_port
 
 from rqml_dask import events, ome
 from rqml_dask.messages import TERMINAL_STATES, TaskOutcome, TaskTraits, dask_key, new_submission
+from rqml_dask.node.checkpointer import Checkpointer
 from rqml_dask.node.handover import run_task, run_vote
+from rqml_dask.node.results import recorded_outcome
 from rqml_dask.camera import OFFSET_FLOOR, Camera, CameraEstimateError, estimate_camera, offset_floor, sample_chunks
 from rqml_dask.held_out import estimate_counts_per_unit
 from rqml_dask.models import RefinementModel, TaskClass, load_model, load_task_class
@@ -46,8 +49,10 @@ from rqml_dask.pipeline.config import PipelineConfig, load_pipeline_config
 from rqml_dask.pipeline.plugins import plugin_digest, ship_plugins
 from rqml_dask.pipeline.verification import OutcomeCheck, unverified
 from rqml_dask.pipeline.voting import NO_INDEPENDENT_VOTER, tally_vote, vote_array, voter_tasks
-from rqml_dask.problem import read_operator
+from rqml_dask.problem import read_input, read_operator
 from rqml_dask.run_lock import writing
+from rqml_dask.stores import open_store
+from rqml_dask.stores.artifacts import ArtifactStore
 from rqml_dask.synthetic import SystemsSpec, write_synthetic, write_systems
 from rqml_dask.task import ArrayRef, CheckpointSettings, RQMLTask, TaskInput
 from rqml_dask.tiling import plan_regions
@@ -64,6 +69,14 @@ class PipelineError(RuntimeError):
 
 SUBMISSIONS = 3
 """How many times a run submits a task whose result does not verify before it gives up on it."""
+RECORDS_CHECKED_HERE = 256 * 2**20
+"""The largest input (bytes of its image) whose recorded results :meth:`Pipeline.recorded_outcomes`
+checks in the client's process (it reads every task's window to digest it): a larger one is
+checked by the nodes, where the data is read anyway."""
+KEPT_FROM_BEFORE = ("pyramid_of", "drawn")
+"""What a run keeps of the output's ``rqml`` attribute from the run before: what the pyramid
+(:meth:`Pipeline.finalize`) and the pictures (:func:`rqml_dask.report.drawn_pictures`) were
+made from, so that a run whose results are the same ones does not make them again."""
 
 
 @dataclass(frozen=True)
@@ -387,6 +400,8 @@ class Pipeline:
         if OUTCOMES_ARRAY in group:  # an earlier run's: not this one's
             del group[OUTCOMES_ARRAY]
         refs = self.input_refs
+        before = group.attrs.get("rqml")
+        kept = {key: before[key] for key in KEPT_FROM_BEFORE if isinstance(before, dict) and key in before}
         group.attrs["rqml"] = {
             "status": "incomplete",
             "pipeline": self.config.name,
@@ -396,6 +411,7 @@ class Pipeline:
             "input": {"image": asdict(refs.image), "truth": asdict(refs.truth) if refs.truth else None},
             "array": self.output_ref.path,
             "started": datetime.now(timezone.utc).isoformat(),
+            **kept,
         }
         ome.remove_image(str(self.config.output.store))  # not an image again until accepted (after: `group` holds the old attributes)
 
@@ -417,6 +433,61 @@ class Pipeline:
         tasks = self.tasks()
         self.check_output(tasks, overwrite)
         return tasks
+
+    def recorded_outcomes(self, tasks: list[RQMLTask]) -> list[TaskOutcome] | None:
+        """Every task's outcome as an earlier run recorded it on this host, checked here as a
+        node of the embedded cluster checks it before reusing it
+        (:func:`~rqml_dask.node.results.recorded_outcome`: the done marker in this host's
+        LMDB, made from the task's input as it reads now, its result in the output or
+        copied there), in task order; ``None`` as soon as one task has none (it needs
+        computing), and at once where the nodes must check them: checkpoints off, votes
+        (a voter's verdict is a computation), an input over :data:`RECORDS_CHECKED_HERE`.
+        Reads each task's window; writes only results copied into the output (create it
+        first). Unsigned records: a ``pqtls://`` cluster's nodes check their signatures."""
+        local = self._records_here(tasks)
+        if local is None:
+            return None
+        store = open_store(local)
+        settings = self.checkpoint_settings
+        shared = open_store(settings.shared) if settings.shared else None
+        checkpointer = Checkpointer(store, shared, ArtifactStore(settings.artifacts), node=socket.gethostname())
+        try:
+            outcomes = []
+            for task in tasks:
+                outcome = recorded_outcome(read_input(task).task, checkpointer)
+                if outcome is None:
+                    return None
+                outcomes.append(outcome)
+            return outcomes
+        finally:
+            checkpointer.stop()
+            store.close()
+
+    def _records_here(self, tasks: list[RQMLTask]) -> str | None:
+        """The URL of this host's LMDB of done markers where :meth:`recorded_outcomes` checks
+        them in this process; ``None`` where it does not (see there), or there is none."""
+        settings = self.checkpoint_settings
+        if (not settings.enabled or any(task.validation.vote_models for task in tasks)
+                or open_array(self.input_refs.image).nbytes > RECORDS_CHECKED_HERE):
+            return None
+        local = settings.local.replace("{host}", socket.gethostname())
+        return local if Path(local.removeprefix("lmdb://")).exists() else None
+
+    def run_recorded(self, tasks: list[RQMLTask]) -> RunReport | None:
+        """The run answered from this host's records, with no cluster: where every task's
+        result is recorded and valid (:meth:`recorded_outcomes`), the output is finalized
+        with those outcomes (all ``reused``) as :meth:`run` would, and the report returned;
+        else ``None`` (results copied into the output on the way stay there, and a run on a
+        cluster reuses them). ``tasks`` is what :meth:`prepare` returned."""
+        if self._records_here(tasks) is None:
+            return None
+        with writing(Path(self.config.output.store)):
+            started = time.perf_counter()
+            self.create_output(tasks)
+            outcomes = self.recorded_outcomes(tasks)
+            if outcomes is None:
+                return None
+            return self.finalize(sorted(outcomes, key=lambda o: o.task_id), time.perf_counter() - started, tasks)
 
     def submit(self, client: Client, overwrite: bool = False, tasks: list[RQMLTask] | None = None) -> list[Future]:
         """Create the output and submit one Dask task per RQML task (and its voters, if it
@@ -638,12 +709,42 @@ class Pipeline:
             output_error=report.output_error,
             outcomes=write_outcome_records(self.config.output.store, [_outcome_record(o, cores.get(o.task_id)) for o in outcomes]),
         )
+        attrs["results"] = results_digest(outcomes)
         axes = self.task_class.image_axes(group[self.output_ref.path].ndim)
         if not report.rejected and axes is not None:
-            attrs["pyramid"] = ome.write_image(str(self.config.output.store), self.output_ref.path, axes, self.voxel_size,
-                                               self.config.output.pyramid, scheduler=client)
+            attrs["pyramid"], attrs["pyramid_of"] = self._pyramid(group, attrs, axes, client)
         zarr.open_group(self.config.output.store, mode="r+").attrs["rqml"] = attrs  # opened anew: it has the OME metadata
         return report
+
+    def _pyramid(self, group: zarr.Group, attrs: dict[str, Any], axes: tuple[str, ...],
+                 client: Client | None) -> tuple[list[str], dict[str, Any]]:
+        """Make the output an OME image (:func:`rqml_dask.ome.write_image`, on ``client``'s
+        cluster) and return its levels' paths and what they were made from
+        (``pyramid_of``: a key of the results, axes, voxel size and levels, and the OME
+        metadata). Where the run before made them of the same (``attrs``' ``pyramid_of``,
+        kept by :meth:`create_output`) and its levels are there, its metadata is put back
+        and nothing is computed. Before the levels are written anew, the old record is taken
+        off the output, so a run that stops half way leaves none."""
+        store = str(self.config.output.store)
+        voxel = self.voxel_size
+        key = hashlib.sha256(json.dumps([attrs["results"], self.output_ref.path, list(axes), self.config.output.pyramid,
+                                         None if voxel is None else [list(voxel.scale), voxel.unit]]).encode()).hexdigest()[:32]
+        before = attrs.pop("pyramid_of", None)
+        if before is not None and before.get("key") == key and all(path in group for path in before["levels"]):
+            group.attrs.update(before["ome"])
+            return before["levels"], before
+        stored = dict(group.attrs["rqml"])
+        if stored.pop("pyramid_of", None) is not None:
+            group.attrs["rqml"] = stored
+        levels = ome.write_image(store, self.output_ref.path, axes, voxel, self.config.output.pyramid, scheduler=client)
+        image = zarr.open_group(store, mode="r").attrs
+        return levels, {"key": key, "levels": levels, "ome": {name: image[name] for name in ome.IMAGE_ATTRIBUTES if name in image}}
+
+
+def results_digest(outcomes: list[TaskOutcome]) -> str:
+    """A digest of the results a run's output holds: each task's core (its digest, ``None``
+    where it has no result), by task: equal for two runs whose output arrays are equal."""
+    return hashlib.sha256("\n".join(sorted(f"{o.task_id} {o.result_digest}" for o in outcomes)).encode()).hexdigest()[:32]
 
 
 def _configuration(tasks: list[RQMLTask]) -> str:
