@@ -148,7 +148,10 @@ def test_a_refinement_step_is_checked_at_once_whatever_the_pipelines_check_every
 
 @pytest.mark.parametrize("name", ["jacobi", "conjugate_gradient", "mixed_precision"])
 def test_each_rung_runs_under_the_strict_array_api_and_resumes_exactly(name, small_systems):
-    """What would break on CuPy (NumPy-only calls, implicit casts) breaks here, without a GPU."""
+    """What would break on CuPy (NumPy-only calls, implicit casts) breaks here, without a GPU.
+    The mixed-precision rung's spectral preconditioner transforms in float32 with SciPy's FFT on NumPy and
+    with NumPy's (in float64, then rounded) under the strict namespace: their iterates agree
+    to float32's rounding, amplified by a few CG steps, not bit for bit."""
     import array_api_strict
 
     from rqml_dask.arrays import ArrayBackend
@@ -165,7 +168,8 @@ def test_each_rung_runs_under_the_strict_array_api_and_resumes_exactly(name, sma
         on_strict.step()
     got = strict.to_numpy(on_strict.estimate)
     assert got.dtype == np.float64
-    np.testing.assert_allclose(got, on_numpy.estimate, rtol=1e-6, atol=1e-9 * np.abs(on_numpy.estimate).max())
+    atol = (1e-5 if name == "mixed_precision" else 1e-9) * np.abs(on_numpy.estimate).max()
+    np.testing.assert_allclose(got, on_numpy.estimate, rtol=1e-6, atol=atol)
     assert on_strict.misfit() == pytest.approx(on_numpy.misfit(), rel=1e-5)
     resumed = cls(problem, strict)
     resumed.restore(on_strict.state())

@@ -6,14 +6,18 @@ from collections.abc import Mapping
 
 from rqml_dask.models import Array, ArrayBackend
 from rqml_plugins.linear_solve._operator import DiffusionModel, cg_iteration, dot
+from rqml_plugins.linear_solve._operator import preconditioner as make_preconditioner
 
 
 class MixedPrecisionRefinement(DiffusionModel):
     """One step is one refinement: the residual ``r = b - A x`` in float64, the correction
-    ``A d = r`` solved approximately in float32 (Jacobi-preconditioned CG, at most
+    ``A d = r`` solved approximately in float32 (preconditioned CG, at most
     ``inner_iterations`` iterations or until its residual fell by ``inner_tolerance``), and
-    ``x += d`` in float64. Each step gains about ``-log10(inner_tolerance)`` digits while
-    float32 can resolve the correction (``cond(A) * 1e-7 < 1``, with the preconditioner),
+    ``x += d`` in float64; the inner solve is preconditioned by ``preconditioner``
+    (``spectral``, the default, or ``jacobi``: see
+    :func:`~rqml_plugins.linear_solve._operator.preconditioner`). Each step gains about
+    ``-log10(inner_tolerance)`` digits while float32 can resolve the correction
+    (``cond(M^-1 A) * 1e-7 < 1``),
     so float32 solves reach a float64-grade true residual. A system whose residual did not
     halve over the last step has reached what float64 can resolve: it is left as it is
     (no more solves), so steps after convergence cost one residual, not a solve."""
@@ -24,12 +28,13 @@ class MixedPrecisionRefinement(DiffusionModel):
     check_every = 1  # a step is a whole inner solve: a check (one residual) costs next to nothing beside it
 
     def __init__(self, problem: Mapping[str, Array], backend: ArrayBackend, *, inner_iterations: int = 1000,
-                 inner_tolerance: float = 1e-4) -> None:
+                 inner_tolerance: float = 1e-4, preconditioner: str = "spectral") -> None:
         if inner_iterations < 1 or not 0 < inner_tolerance < 1:
             raise ValueError(f"inner_iterations ({inner_iterations}) must be >= 1 and inner_tolerance "
                              f"({inner_tolerance}) in (0, 1)")
         super().__init__(problem, backend)
         self.inner_iterations, self.inner_tolerance = int(inner_iterations), float(inner_tolerance)
+        self.precondition = make_preconditioner(preconditioner, self.operator, problem["coefficients"], backend)
         self.start()
 
     def start(self, estimate: Array | None = None) -> None:
@@ -53,14 +58,14 @@ class MixedPrecisionRefinement(DiffusionModel):
         self._x = self._x + xp.astype(correction, xp.float64) * scale
 
     def _solve32(self, r: Array) -> Array:
-        """Approximately solve ``A d = r`` in float32 (Jacobi-preconditioned CG from 0)."""
+        """Approximately solve ``A d = r`` in float32 (preconditioned CG from 0)."""
         xp, operator = self.xp, self.operator
         d = xp.zeros_like(r)
-        z = r / operator.diagonal32
+        z = self.precondition(r)
         p, rz = z, dot(xp, r, z)
         stop = rz * self.inner_tolerance**2
         for _ in range(self.inner_iterations):
-            step, r, p, rz = cg_iteration(xp, operator, r, p, rz)
+            step, r, p, rz = cg_iteration(xp, operator, self.precondition, r, p, rz)
             d = d + step
             if bool(xp.all(rz <= stop)):
                 break
