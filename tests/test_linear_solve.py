@@ -66,6 +66,51 @@ def test_mixed_precision_reaches_a_float64_residual_from_float32_solves(small_sy
         np.testing.assert_allclose(refinement.estimate[i], truth[i], rtol=0, atol=1e-9 * np.abs(truth[i]).max())
 
 
+def test_the_spectral_preconditioner_inverts_the_constant_coefficient_operator_exactly():
+    """With constant (anisotropic) diffusivities the scaling is 1 and the preconditioner is
+    the inverse of the operator whose values are mirrored with opposite sign half a cell
+    outside the grid (``-x`` beyond each edge: 3 on the boundary's diagonal per axis, where
+    ``A`` has 2): applied to that operator's product it gives the vector back."""
+    from rqml_plugins.linear_solve._operator import SpectralPreconditioner
+
+    grid, scales = (7, 10), (2.0, 0.5)
+    coefficients = np.stack([np.full(grid, c) for c in scales])[None]  # (1, rank, *grid)
+
+    def line(n: int) -> scipy.sparse.spmatrix:
+        diagonal = 2 * np.ones(n)
+        diagonal[[0, -1]] = 3  # the mirrored value beyond the edge
+        return scipy.sparse.diags([-np.ones(n - 1), diagonal, -np.ones(n - 1)], [-1, 0, 1])
+
+    operator = scipy.sparse.kron(scales[0] * line(grid[0]), scipy.sparse.eye(grid[1])) + \
+        scipy.sparse.kron(scipy.sparse.eye(grid[0]), scales[1] * line(grid[1]))
+    x = np.random.default_rng(1).standard_normal(grid)
+    precondition = SpectralPreconditioner(DiffusionOperator(coefficients, numpy_backend()), coefficients, numpy_backend())
+    got = precondition((operator @ x.ravel()).reshape(1, *grid).astype(np.float32))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got[0], x, rtol=0, atol=1e-5 * np.abs(x).max())
+
+
+def test_the_spectral_preconditioner_cuts_the_inner_iterations_of_mixed_precision(small_systems):
+    """On the high-contrast systems both preconditioners reach a float64-grade residual; the
+    spectral one with under a fifth of the inner CG iterations (counted as preconditioner
+    applications)."""
+    rhs, coefficients, truth = systems(small_systems, slice(0, 2))
+    problem = {"image": rhs, "observed": rhs, "coefficients": coefficients}
+    applications = {}
+    for name in ("jacobi", "spectral"):
+        refinement = MixedPrecisionRefinement(problem, numpy_backend(), preconditioner=name)
+        calls, precondition = [], refinement.precondition
+        refinement.precondition = lambda r: (calls.append(1), precondition(r))[1]
+        for _ in range(12):
+            refinement.step()
+        assert refinement.misfit() < 1e-12, name
+        np.testing.assert_allclose(refinement.estimate, truth, rtol=0, atol=1e-9 * np.abs(truth).max())
+        applications[name] = len(calls)
+    assert applications["spectral"] * 5 < applications["jacobi"], applications  # 80 against 610 here
+    with pytest.raises(ValueError, match="preconditioner must be one of"):
+        MixedPrecisionRefinement(problem, numpy_backend(), preconditioner="ilu")
+
+
 @pytest.mark.slow
 def test_a_run_agrees_with_spsolve_on_every_task_and_its_escalations_show(tmp_path, small_systems, client):
     seen = []
