@@ -145,6 +145,36 @@ def test_richardson_lucy_is_the_boundary_normalised_update(image_shape, psf_shap
     np.testing.assert_allclose(ours, x[window], rtol=1e-4, atol=1e-5 * x.max())
 
 
+@pytest.mark.parametrize(("image_shape", "psf_shape"), [((16, 20, 24), (5, 7, 3)), ((33, 40), (15, 15))])
+def test_circular_richardson_lucy_is_the_update_on_a_torus_at_the_window_s_own_shape(image_shape, psf_shape):
+    """``boundary: circular``: step for step, RL with the PSF centred on the origin of a
+    torus the size of the window (written here with NumPy's complex FFTs, float64), the
+    transforms at the window's own shape; a voxel blurs into the PSF around it, and one at
+    an edge wraps to the other side."""
+    psf = gaussian_psf(psf_shape) * (1 + np.random.default_rng(2).random(psf_shape, dtype=np.float32))  # not symmetric
+    psf /= psf.sum()
+    _, image = blurred_beads(image_shape, gaussian_psf(psf_shape))
+    centred = np.zeros(image_shape)
+    centred[tuple(slice(0, p) for p in psf_shape)] = psf
+    transfer = np.fft.fftn(np.roll(centred, [-(p // 2) for p in psf_shape], axis=tuple(range(len(psf_shape)))))
+    blur = lambda x: np.real(np.fft.ifftn(np.fft.fftn(x) * transfer))  # noqa: E731
+    correlate = lambda x: np.real(np.fft.ifftn(np.fft.fftn(x) * np.conj(transfer)))  # noqa: E731
+    model = RichardsonLucy({"image": image, "psf": psf}, numpy_backend(), boundary="circular")
+    assert model.convolver.fft_shape == image_shape
+    x = model.estimate.astype(np.float64)
+    for _ in range(20):
+        x = x * correlate(image / (blur(x) + 1e-12))
+    np.testing.assert_allclose(run(model, 20), x, rtol=1e-4, atol=1e-5 * x.max())
+
+    delta = np.zeros(image_shape, np.float32)
+    delta[(0,) * len(image_shape)] = 1.0  # a corner: its blur wraps around every axis
+    blurred = model.convolver.forward(delta)
+    expected = np.roll(centred, [-(p // 2) for p in psf_shape], axis=tuple(range(len(psf_shape))))
+    np.testing.assert_allclose(blurred, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="boundary must be one of"):
+        RichardsonLucy({"image": image, "psf": psf}, numpy_backend(), boundary="mirror")
+
+
 def test_a_tile_agrees_with_the_whole_volume_under_a_wide_psf():
     """The core of a window refined alone equals the same voxels refined in the whole image
     (the window's edge invents no data): within 2 % with the halo :func:`halo_for` gives,

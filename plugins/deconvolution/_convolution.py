@@ -80,9 +80,19 @@ class Convolver:
     valid part sits in the transform (a circular correlation of length at least the object
     domain's wraps nothing into it). :meth:`richardson_lucy_factor` and :meth:`gradient`
     take the prediction a check of the same estimate just made and work in its buffer.
+
+    ``boundary="circular"`` is the other model, that of most FFT deconvolution tools
+    (RedLionfish, DeconvolutionLab2): the window is a torus, what blurs out of one side comes
+    back in at the other. The object domain is then the window itself, transformed at its
+    own shape (no padding: fast where that shape is, wrong near the edges of a volume that
+    does not wrap, which is why it is not the default), the PSF centred on the origin and
+    the normalisation 1 everywhere.
     """
 
-    def __init__(self, psf: Array, image_shape: tuple[int, ...], backend: ArrayBackend, background: float = 0.0) -> None:
+    def __init__(self, psf: Array, image_shape: tuple[int, ...], backend: ArrayBackend, background: float = 0.0,
+                 boundary: str = "exact") -> None:
+        if boundary not in BOUNDARIES:
+            raise ValueError(f"boundary must be one of {BOUNDARIES}, not {boundary!r}")
         if psf.ndim != len(image_shape) or any(p > n for p, n in zip(psf.shape, image_shape, strict=True)):
             raise ValueError(
                 f"psf of shape {psf.shape} does not fit images of shape {image_shape}: "
@@ -92,16 +102,19 @@ class Convolver:
         self.backend = backend
         self.background = float(background)
         self.image_shape = tuple(int(n) for n in image_shape)
-        self.object_shape = tuple(n + p - 1 for n, p in zip(image_shape, psf.shape, strict=True))
-        self.window = tuple(slice(p // 2, p // 2 + n) for n, p in zip(image_shape, psf.shape, strict=True))
+        self.circular = boundary == "circular"
+        self.object_shape = self.image_shape if self.circular else tuple(n + p - 1 for n, p in zip(image_shape, psf.shape, strict=True))
+        self.window = tuple(slice(0 if self.circular else p // 2, (0 if self.circular else p // 2) + n)
+                            for n, p in zip(image_shape, psf.shape, strict=True))
         """Where the image's voxels sit in the object domain."""
         self._predicted_for: Array | None = None
         self._blurred: Array | None = None
         """The transform-shaped buffer whose valid part is :meth:`prediction` of ``_predicted_for``."""
         self._image_norm: tuple[Array, float] | None = None
         """The last image :meth:`residual_norm` was given, and its squared norm."""
-        self.fft_shape = transform_shape(self.image_shape, tuple(psf.shape))
-        self._valid = tuple(slice(p - 1, p - 1 + n) for n, p in zip(image_shape, psf.shape, strict=True))
+        self.fft_shape = self.image_shape if self.circular else transform_shape(self.image_shape, tuple(psf.shape))
+        self._valid = tuple(slice(0 if self.circular else p - 1, (0 if self.circular else p - 1) + n)
+                            for n, p in zip(image_shape, psf.shape, strict=True))
         self.domain = tuple(slice(0, m) for m in self.object_shape)
         """Where the object domain sits in a transform-shaped array."""
         total = float(xp.sum(xp.astype(psf, xp.float64)))
@@ -112,13 +125,13 @@ class Convolver:
         self._psf = psf32
         self.psf_digest = hashlib.sha256(np.ascontiguousarray(backend.to_numpy(psf32)).data).hexdigest()
         """Equal digests (and image shapes) mean equal transfer functions: batchable."""
-        key = (backend.name, _device(backend), self.psf_digest, tuple(psf.shape), self.image_shape, self.fft_shape)
+        key = (backend.name, _device(backend), self.psf_digest, tuple(psf.shape), self.image_shape, self.fft_shape, boundary)
         with _OPERATORS_LOCK:
             cached = _OPERATORS.get(key)
             if cached is None:
                 _OPERATORS.clear()  # the last task's arrays go before this one's are made
         if cached is None:
-            self._otf = backend.rfftn(psf32, self.fft_shape)
+            self._otf = backend.rfftn(_centred(xp, psf32, self.fft_shape) if self.circular else psf32, self.fft_shape)
             weight = self._back_project(backend.rfftn(self._placed(xp.ones(self.image_shape, dtype=xp.float32)), self.fft_shape))
             self._zero_outside(weight, self.domain)
             observed = weight >= UNOBSERVED_WEIGHT
@@ -215,7 +228,8 @@ class Convolver:
         spectrum = self.backend.rfftn(blurred, self.fft_shape)
         del blurred, ratio
         correction = self._back_project(spectrum)
-        correction *= self.normalisation
+        if not self.circular:  # else 1 everywhere
+            correction *= self.normalisation
         return correction
 
     def gradient(self, estimate: Array, image: Array) -> Array:
@@ -273,6 +287,19 @@ class Convolver:
         image_sq = self._image_norm[1]
         residual_sq = sum_of_squares(xp, self.prediction(estimate), image)
         return (residual_sq / (image_sq if image_sq > 0.0 else 1.0)) ** 0.5
+
+
+BOUNDARIES = ("exact", "circular")
+"""The blur models of :class:`Convolver`: ``exact`` (an object one PSF larger than the window,
+nothing assumed past it) and ``circular`` (the window wraps around)."""
+
+
+def _centred(xp, psf: Array, shape: tuple[int, ...]) -> Array:
+    """``psf`` zero-padded to ``shape`` and rolled so that its centre voxel (``p // 2``) is at
+    the origin: its transform is the transfer function of a centred circular convolution."""
+    placed = xp.zeros(shape, dtype=psf.dtype)
+    placed[tuple(slice(0, p) for p in psf.shape)] = psf
+    return xp.roll(placed, tuple(-(p // 2) for p in psf.shape), axis=tuple(range(psf.ndim)))
 
 
 PASS_COST = {4: 1.0, 2: 0.9, 3: 1.2, 5: 2.0, 7: 3.1}

@@ -45,11 +45,11 @@ class RichardsonLucy(RefinementModel):
     size = 1
     immutable_state = True
 
-    def __init__(self, problem: Mapping[str, Array], backend: ArrayBackend) -> None:
+    def __init__(self, problem: Mapping[str, Array], backend: ArrayBackend, *, boundary: str = "exact") -> None:
         super().__init__(problem, backend)
         xp = self.xp
         self.image = xp.astype(problem["image"], xp.float32, copy=False)
-        self.convolver = Convolver(problem["psf"], tuple(self.image.shape), backend, problem.get("background", 0.0))
+        self.convolver = Convolver(problem["psf"], tuple(self.image.shape), backend, problem.get("background", 0.0), boundary)
         self.start()
 
     def start(self, estimate: Array | None = None) -> None:
@@ -78,7 +78,7 @@ class RichardsonLucy(RefinementModel):
         if type(self) is not RichardsonLucy:
             return None
         return (RichardsonLucy, tuple(self.image.shape), self.convolver.psf_digest, self.convolver.background,
-                self.backend.name)
+                self.convolver.circular, self.backend.name)
 
     @classmethod
     def step_batch(cls, models: Sequence[RefinementModel]) -> None:
@@ -192,11 +192,12 @@ class TotalVariationRichardsonLucy(RichardsonLucy):
         backend: ArrayBackend,
         *,
         regularization: float = 0.002,
+        boundary: str = "exact",
     ) -> None:
         if not 0.0 <= regularization < float("inf"):
             raise ValueError(f"regularization must be finite and >= 0, not {regularization!r}")
         self.regularization = float(regularization)
-        super().__init__(problem, backend)
+        super().__init__(problem, backend, boundary=boundary)
 
     def step(self) -> None:
         xp = self.xp
