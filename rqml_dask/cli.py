@@ -226,6 +226,10 @@ def run(pipeline_file: Path, scheduler: str | None, connect_timeout: float, clus
     if config.cluster.kind == "address" and not scheduler:
         scheduler = config.cluster.address
     kind = "address" if scheduler else config.cluster.kind
+    if kind == "local":  # its workers fork from it: it imports their modules while this process reads the input
+        from rqml_dask.deploy.local import fork_server
+
+        fork_server()
     if secure and kind not in ("local", "slurm", "pbs"):
         raise click.ClickException("--secure starts a cluster over pqtls:// (local, slurm or pbs); for a cluster of your "
                                    "own, give --scheduler pqtls://... and this host's rqml.trust credentials; Kubernetes "

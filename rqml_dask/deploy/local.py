@@ -15,6 +15,12 @@ checkpoint and I/O threads), the freed memory they held ratcheted up run after r
 the memory in use stayed flat (issue 30, BENCHMARKS.md). In the one arena the pad bounds
 what is kept, with the same iterations (no page faults).
 
+On a host without a GPU the workers are forked from a fork server this process starts once
+(:func:`fork_server`, ``rqml run`` at its start), which has imported Dask, the array stack
+and the node plugin and holds :data:`WORKER_ENVIRON` in its environment: a worker starts in
+about a tenth of a second instead of importing them itself (0.5 s of a core each;
+``bench/bench_start.py``, BENCHMARKS.md).
+
 They also run without Dask's statistical profiler (:data:`WORKER_CONFIG`): it samples every
 thread's stack every 10 ms and keeps a tree of them per second for the last 1,000 seconds
 (``distributed.admin.low-level-log-length``), 2 MiB of Python objects a 64-task run here and
@@ -26,9 +32,11 @@ Dask's Profile page is empty for these workers; a cluster of one's own keeps it.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,8 +68,52 @@ def embedded_cluster(spec: ClusterSpec) -> Cluster:
 
 
 def _worker_config() -> dict[str, object]:
-    """:data:`WORKER_CONFIG` and :data:`WORKER_ENVIRON`, as the Dask config the nannies take when they start."""
-    return {**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}, **WORKER_CONFIG}
+    """:data:`WORKER_CONFIG` and :data:`WORKER_ENVIRON`, as the Dask config the nannies take
+    when they start; on a host without a GPU, worker processes forked from this process's
+    fork server (:func:`fork_server`)."""
+    config = {**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}, **WORKER_CONFIG}
+    if fork_server():
+        config["distributed.worker.multiprocessing-method"] = "forkserver"
+    return config
+
+
+FORK_SERVER_PRELOAD = ["distributed", "numpy", "scipy.fft", "zarr", "lmdb", "rqml_dask.node.plugin", "rqml_dask.node.worker"]
+"""What the fork server imports once, so that a worker process forked from it starts with
+Dask, the array stack and the node plugin loaded (a spawned one imports them itself: about
+0.5 s of a core per worker, BENCHMARKS.md)."""
+_FORK_SERVER_LOCK = threading.Lock()
+_fork_server_started = False
+
+
+def fork_server() -> bool:
+    """Start this process's ``multiprocessing`` fork server, once, with
+    :data:`FORK_SERVER_PRELOAD` imported and :data:`WORKER_ENVIRON` in its environment: glibc
+    reads the ``MALLOC_*`` settings when a process starts, and a forked worker keeps its fork
+    server's (Dask's ``pre-spawn-environ`` cannot reach a forked process; its ``environ`` and
+    config still do). Its ``sys.path`` is this process's now. Whether the embedded cluster's
+    workers fork from it: not where a GPU is visible (dask-cuda's workers are spawned, and
+    nothing here may touch CUDA before they start)."""
+    from multiprocessing import forkserver
+
+    if gpu_count() > 0:
+        return False
+    global _fork_server_started
+    with _FORK_SERVER_LOCK:
+        if _fork_server_started:
+            return True
+        multiprocessing.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
+        saved = {name: os.environ.get(name) for name in WORKER_ENVIRON}
+        os.environ.update(WORKER_ENVIRON)
+        try:
+            forkserver.ensure_running()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        _fork_server_started = True
+    return True
 
 
 def secure_authority() -> Path:
