@@ -45,7 +45,7 @@ def test_preparing_a_run_reads_a_small_part_of_its_input(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_of_128_tasks_exits_0_with_its_report_and_slices(tmp_path):
+def test_a_run_of_128_tasks_exits_0_with_its_report_and_slices_and_its_rerun_needs_no_cluster(tmp_path):
     store = tmp_path / "vol.zarr"
     done = rqml("data", "synth", str(store), "--shape", "32,64,128", "--psf-sigma", "1,1,1", "--seed", "5")
     assert done.returncode == 0, done.stderr
@@ -65,3 +65,7 @@ def test_a_run_of_128_tasks_exits_0_with_its_report_and_slices(tmp_path):
     png, report = tmp_path / "out.png", tmp_path / "out.report.html"
     assert png.read_bytes().startswith(b"\x89PNG") and f"slices       {png}" in done.stdout
     assert report.stat().st_size > 0 and f"report       {report}" in done.stdout
+    again = rqml("run", str(tmp_path / "p.yaml"), "--no-progress")  # every record checked in the client
+    assert again.returncode == 0, again.stderr
+    assert "cluster      none started" in again.stderr and "128 reused from an earlier run" in again.stdout
+    assert np.array_equal(zarr.open_group(out, mode="r")["deconvolved"][...], result)
