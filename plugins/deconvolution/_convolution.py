@@ -104,8 +104,8 @@ class Convolver:
         self.image_shape = tuple(int(n) for n in image_shape)
         self.circular = boundary == "circular"
         self.object_shape = self.image_shape if self.circular else tuple(n + p - 1 for n, p in zip(image_shape, psf.shape, strict=True))
-        self.window = tuple(slice(0 if self.circular else p // 2, (0 if self.circular else p // 2) + n)
-                            for n, p in zip(image_shape, psf.shape, strict=True))
+        window_at = [0 if self.circular else p // 2 for p in psf.shape]
+        self.window = tuple(slice(a, a + n) for a, n in zip(window_at, self.image_shape, strict=True))
         """Where the image's voxels sit in the object domain."""
         self._predicted_for: Array | None = None
         self._blurred: Array | None = None
@@ -113,8 +113,8 @@ class Convolver:
         self._image_norm: tuple[Array, float] | None = None
         """The last image :meth:`residual_norm` was given, and its squared norm."""
         self.fft_shape = self.image_shape if self.circular else transform_shape(self.image_shape, tuple(psf.shape))
-        self._valid = tuple(slice(0 if self.circular else p - 1, (0 if self.circular else p - 1) + n)
-                            for n, p in zip(image_shape, psf.shape, strict=True))
+        valid_at = [0 if self.circular else p - 1 for p in psf.shape]  # where forward()'s valid part sits
+        self._valid = tuple(slice(a, a + n) for a, n in zip(valid_at, self.image_shape, strict=True))
         self.domain = tuple(slice(0, m) for m in self.object_shape)
         """Where the object domain sits in a transform-shaped array."""
         total = float(xp.sum(xp.astype(psf, xp.float64)))

@@ -70,7 +70,7 @@ class PipelineError(RuntimeError):
 SUBMISSIONS = 3
 """How many times a run submits a task whose result does not verify before it gives up on it."""
 RECORDS_CHECKED_HERE = 256 * 2**20
-"""The largest input (bytes of its image) whose recorded results :meth:`Pipeline.recorded_outcomes`
+"""The largest input (bytes of its image) whose recorded results :meth:`Pipeline.run_recorded`
 checks in the client's process (it reads every task's window to digest it): a larger one is
 checked by the nodes, where the data is read anyway."""
 KEPT_FROM_BEFORE = ("pyramid_of", "drawn")
@@ -434,19 +434,43 @@ class Pipeline:
         self.check_output(tasks, overwrite)
         return tasks
 
-    def recorded_outcomes(self, tasks: list[RQMLTask]) -> list[TaskOutcome] | None:
-        """Every task's outcome as an earlier run recorded it on this host, checked here as a
-        node of the embedded cluster checks it before reusing it
-        (:func:`~rqml_dask.node.results.recorded_outcome`: the done marker in this host's
-        LMDB, made from the task's input as it reads now, its result in the output or
-        copied there), in task order; ``None`` as soon as one task has none (it needs
-        computing), and at once where the nodes must check them: checkpoints off, votes
-        (a voter's verdict is a computation), an input over :data:`RECORDS_CHECKED_HERE`.
-        Reads each task's window; writes only results copied into the output (create it
-        first). Unsigned records: a ``pqtls://`` cluster's nodes check their signatures."""
+    def run_recorded(self, tasks: list[RQMLTask]) -> RunReport | None:
+        """The run answered from this host's records, with no cluster: where every task's
+        result is recorded and valid (:meth:`_recorded_outcomes`), the output is finalized
+        with those outcomes (all ``reused``) as :meth:`run` would, and the report returned;
+        else ``None`` (results copied into the output on the way stay there, and a run on a
+        cluster reuses them). ``tasks`` is what :meth:`prepare` returned."""
         local = self._records_here(tasks)
         if local is None:
             return None
+        with writing(Path(self.config.output.store)):
+            started = time.perf_counter()
+            self.create_output(tasks)
+            outcomes = self._recorded_outcomes(tasks, local)
+            if outcomes is None:
+                return None
+            return self.finalize(sorted(outcomes, key=lambda o: o.task_id), time.perf_counter() - started, tasks)
+
+    def _records_here(self, tasks: list[RQMLTask]) -> str | None:
+        """The URL of this host's LMDB of done markers, where :meth:`run_recorded` checks
+        them in this process; ``None`` where the nodes must check them (checkpoints off;
+        votes: a voter's verdict is a computation; an input over :data:`RECORDS_CHECKED_HERE`)
+        or there is none."""
+        settings = self.checkpoint_settings
+        if (not settings.enabled or any(task.validation.vote_models for task in tasks)
+                or open_array(self.input_refs.image).nbytes > RECORDS_CHECKED_HERE):
+            return None
+        local = settings.local.replace("{host}", socket.gethostname())
+        return local if Path(local.removeprefix("lmdb://")).exists() else None
+
+    def _recorded_outcomes(self, tasks: list[RQMLTask], local: str) -> list[TaskOutcome] | None:
+        """Every task's outcome as an earlier run recorded it in the LMDB at ``local``,
+        checked here as a node of the embedded cluster checks it before reusing it
+        (:func:`~rqml_dask.node.results.recorded_outcome`: the done marker made from the
+        task's input as it reads now, its result in the output or copied there), in task
+        order; ``None`` as soon as one task has none (it needs computing). Reads each task's
+        window; writes only results copied into the output (create it first). Unsigned
+        records: a ``pqtls://`` cluster's nodes check their signatures."""
         store = open_store(local)
         settings = self.checkpoint_settings
         shared = open_store(settings.shared) if settings.shared else None
@@ -462,32 +486,6 @@ class Pipeline:
         finally:
             checkpointer.stop()
             store.close()
-
-    def _records_here(self, tasks: list[RQMLTask]) -> str | None:
-        """The URL of this host's LMDB of done markers where :meth:`recorded_outcomes` checks
-        them in this process; ``None`` where it does not (see there), or there is none."""
-        settings = self.checkpoint_settings
-        if (not settings.enabled or any(task.validation.vote_models for task in tasks)
-                or open_array(self.input_refs.image).nbytes > RECORDS_CHECKED_HERE):
-            return None
-        local = settings.local.replace("{host}", socket.gethostname())
-        return local if Path(local.removeprefix("lmdb://")).exists() else None
-
-    def run_recorded(self, tasks: list[RQMLTask]) -> RunReport | None:
-        """The run answered from this host's records, with no cluster: where every task's
-        result is recorded and valid (:meth:`recorded_outcomes`), the output is finalized
-        with those outcomes (all ``reused``) as :meth:`run` would, and the report returned;
-        else ``None`` (results copied into the output on the way stay there, and a run on a
-        cluster reuses them). ``tasks`` is what :meth:`prepare` returned."""
-        if self._records_here(tasks) is None:
-            return None
-        with writing(Path(self.config.output.store)):
-            started = time.perf_counter()
-            self.create_output(tasks)
-            outcomes = self.recorded_outcomes(tasks)
-            if outcomes is None:
-                return None
-            return self.finalize(sorted(outcomes, key=lambda o: o.task_id), time.perf_counter() - started, tasks)
 
     def submit(self, client: Client, overwrite: bool = False, tasks: list[RQMLTask] | None = None) -> list[Future]:
         """Create the output and submit one Dask task per RQML task (and its voters, if it
