@@ -8,11 +8,13 @@ fast at. Two rules, timed interleaved in one process (best of ``--repeats``, one
 * ``transform_shape``: the shape :func:`~rqml_plugins.deconvolution._convolution.transform_shape`
   picks now (the cheapest by a per-factor cost model among 7-smooth lengths up to 25 % longer).
 
-Per rule: the transform shape, one RL step, and the FFT floor at that shape (two real
+Per rule: the transform shape, one step of ``--model`` (plain RL by default;
+``richardson_lucy_accelerated``, the shipped ladders' first rung, adds its extrapolation and
+two inner products), and the FFT floor at that shape (two real
 forward and two inverse transforms, what a step cannot do without), and the step's ratio
 to that floor. Last lines: ``window=... step_ratio=<old/new> floor_ratio=<step/floor>``.
 
-Usage: python bench/bench_fft_sizes.py [--repeats 5]
+Usage: python bench/bench_fft_sizes.py [--repeats 5] [--model richardson_lucy_accelerated]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import scipy.fft
 from rqml_dask.arrays import numpy_backend
 from rqml_dask.synthetic import gaussian_psf, widefield_psf
 from rqml_plugins.deconvolution import _convolution
-from rqml_plugins.deconvolution.richardson_lucy import RichardsonLucy
+from rqml_dask.models import load_model
 
 CASES = [  # (name, window shape, psf)
     ("quickstart interior tile", (70, 86, 86), lambda: gaussian_psf((2.0, 1.2, 1.2))),
@@ -64,9 +66,11 @@ def floor(shape: tuple[int, ...]):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default="richardson_lucy")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     new_rule = _convolution.transform_shape
+    model_class = load_model(args.model)
     for name, window, make_psf in CASES:
         image = rng.poisson(20.0, window).astype(np.float32)
         psf = make_psf().astype(np.float32)
@@ -75,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         for rule, shape_of in (("next_fast_len", old_shape), ("transform_shape", new_rule)):
             _convolution.transform_shape = shape_of
             try:
-                model = RichardsonLucy({"image": image, "psf": psf}, numpy_backend())
+                model = model_class({"image": image, "psf": psf}, numpy_backend())
             finally:
                 _convolution.transform_shape = new_rule
+            model.step()
+            model.step()  # the accelerated model extrapolates from its third step on
             model.step()
             rows[rule] = (model, model.convolver.fft_shape, floor(model.convolver.fft_shape))
         times = {rule: [float("inf"), float("inf")] for rule in rows}

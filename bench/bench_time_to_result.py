@@ -3,10 +3,12 @@ scikit-image's Richardson-Lucy, on the same tiles, in one run, with errors again
 
 For each scene (synthetic cells; the quickstart's own volume too), in one process:
 
-* ``engine LADDER``: the quickstart pipeline (its stopping rule, guard, refit and
-  checkpoints) on the embedded cluster ``rqml run`` starts, with each ladder given
-  (``--ladders``; the first is the quickstart file's own): wall time from submission to the
-  output marked, every iteration counted (refits included);
+* ``engine SCORE LADDER``: the quickstart pipeline (its stopping rule, guard, refit and
+  checkpoints) on the embedded cluster ``rqml run`` starts, with each ladder, held-out
+  score and patience given (``--ladders``, ``SCORE,PATIENCE:LADDER``; by default the
+  quickstart as it was before issue 32's object-error rule, RL first, scored by the
+  deviance, patience 10, then the quickstart file's own): wall time from submission to the
+  output marked, and the iterations the run reports (a refit's replay is not counted);
 * ``map_overlap skimage N``: ``dask.array.map_overlap`` of
   ``skimage.restoration.richardson_lucy`` at N iterations (``--fixed``, 30 by default: a
   typical pick), over chunks of the tile's size with the same halo (mirrored at the border:
@@ -22,6 +24,7 @@ interleaved ``--repeats`` times and the best wall time kept. Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import tempfile
@@ -62,6 +65,17 @@ def map_overlap_skimage(store: Path, out: Path, tile: tuple[int, ...], halo: tup
         da.to_zarr(result, str(out), overwrite=True)
 
 
+def engine_settings(entry: str, quickstart) -> tuple[str, int, tuple[str, ...]]:
+    """``SCORE,PATIENCE:LADDER`` (or ``quickstart``: the file's own) as the held-out score,
+    the patience and the ladder."""
+    if entry == "quickstart":
+        settings = quickstart.convergence
+        return settings.held_out_score, settings.held_out_patience, tuple(quickstart.models.ladder)
+    head, _, ladder = entry.partition(":")
+    score, _, patience = head.partition(",")
+    return score, int(patience), tuple(ladder.split("+"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photons", default="100,1000", help="photon levels of the cells scene")
@@ -69,16 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", default="32,128,128")
     parser.add_argument("--quickstart", action=argparse.BooleanOptionalAction, default=True,
                         help="also the quickstart's own volume and tiles")
-    parser.add_argument("--ladders", default="richardson_lucy+richardson_lucy_accelerated+richardson_lucy_tv;"
-                                              "richardson_lucy_accelerated+richardson_lucy_tv",
-                        help="ladders to run, ';' between ladders, '+' between models")
+    parser.add_argument("--ladders", default="deviance,10:richardson_lucy+richardson_lucy_accelerated+richardson_lucy_tv;"
+                                              "quickstart",
+                        help="SCORE,PATIENCE:LADDER to run (convergence.held_out_score and held_out_patience, then "
+                             "the models), ';' between them, '+' between models; 'quickstart' for the file's own")
     parser.add_argument("--fixed", default="30", help="map_overlap iteration counts")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    ladders = [tuple(ladder.split("+")) for ladder in args.ladders.split(";")]
     fixed = [int(n) for n in args.fixed.split(",")]
     quickstart = load_pipeline_config(ROOT / "pipelines" / "quickstart.yaml")
+    ladders = [engine_settings(entry, quickstart) for entry in args.ladders.split(";")]
     tmp = Path(tempfile.mkdtemp(prefix="rqml-ttr-"))
     scenes = [(f"cells {p} photons", SynthSpec(kind="cells", shape=tuple(int(v) for v in args.shape.split(",")),
                                                photons=float(p), seed=11), tuple(int(v) for v in args.tile.split(",")))
@@ -100,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 best = rows.get(name)
                 rows[name] = (min(seconds, best[0]) if best else seconds, iterations, error)
 
-            def engine(ladder: tuple[str, ...]) -> tuple[int, ...]:
+            def engine(score: str, patience: int, ladder: tuple[str, ...]) -> tuple[int, ...]:
                 run = next(runs)
                 params = {m: p for m, p in quickstart.models.params.items() if m in ladder}
                 config = quickstart.model_copy(update={
@@ -109,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     "output": quickstart.output.model_copy(update={"store": tmp / f"out-{run}.zarr"}),
                     "tiling": quickstart.tiling.model_copy(update={"tile": tile}),
                     "models": quickstart.models.model_copy(update={"ladder": list(ladder), "params": params}),
+                    "convergence": dataclasses.replace(quickstart.convergence, held_out_score=score,
+                                                       held_out_patience=patience),
                     "checkpoint": quickstart.checkpoint.model_copy(update={"artifacts": tmp / f"ckpt-{run}"}),
                 })
                 pipeline = Pipeline(config)
@@ -116,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 report = pipeline.run(client, progress=False)
                 seconds = time.perf_counter() - started
                 assert all(o.accepted for o in report.outcomes), [o.state for o in report.outcomes]
-                record(f"engine {'+'.join(m.removeprefix('richardson_lucy') or 'rl' for m in ladder)}", seconds,
+                record(f"engine {score} {patience} {'+'.join(m.removeprefix('richardson_lucy_') for m in ladder)}", seconds,
                        report.iterations, report.output_error)
                 # the halo of an interior tile: what the engine read around each core
                 return tuple(max(c0 - w0 for task in pipeline.tasks() for (c0, _), (w0, _) in [(task.region.core[a], task.region.window[a])])
@@ -124,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
             halo = None
             for _ in range(args.repeats):
-                for ladder in ladders:
-                    halo = engine(ladder)
+                for score, patience, ladder in ladders:
+                    halo = engine(score, patience, ladder)
                 for n in fixed:
                     out = tmp / f"skimage-{next(runs)}.zarr"
                     started = time.perf_counter()
@@ -135,12 +152,14 @@ def main(argv: list[str] | None = None) -> int:
                            relative_error(zarr.open_array(str(out), mode="r")[...], truth))
             print(f"\n{title}: volume {truth.shape}, tiles {tile}, halo {halo}, input error "
                   f"{relative_error(group['observed'][...].astype(np.float64), truth):.4f}")
-            print(f"{'run':<28}{'wall s':>9}{'iterations':>12}{'error':>9}")
+            print(f"{'run':<44}{'wall s':>9}{'iterations':>12}{'error':>9}")
             for name, (seconds, iterations, error) in rows.items():
-                print(f"{name:<28}{seconds:>9.2f}{iterations:>12}{error:>9.4f}")
+                print(f"{name:<44}{seconds:>9.2f}{iterations:>12}{error:>9.4f}")
             first = next(iter(rows.values()))
+            overlap = rows[f"map_overlap skimage {fixed[0]}"]
             for name, (seconds, _, error) in rows.items():
-                print(f"  {name}: wall {seconds / first[0]:.2f}x the first engine row, error {error / first[2]:.3f}x")
+                print(f"  {name}: wall {seconds / first[0]:.2f}x the first engine row and {seconds / overlap[0]:.2f}x "
+                      f"map_overlap {fixed[0]}; error {error / first[2]:.3f}x and {error / overlap[2]:.3f}x")
     return 0
 
 

@@ -65,6 +65,13 @@ class ArrayBackend:
         else:
             x[...] = numerator / x
 
+    def clip_below_into(self, x: Array, floor: float) -> None:
+        """``x[...] = max(x, floor)``: in place, without a temporary, on NumPy and CuPy."""
+        if self.name in ("numpy", "cupy"):
+            self.xp.maximum(x, floor, out=x)
+        else:
+            x[...] = self.xp.maximum(x, floor)
+
     def asarray(self, host: np.ndarray, dtype: Any = None) -> Array:
         """Move a host (NumPy) array onto this backend."""
         out = self.xp.asarray(host)
@@ -92,7 +99,7 @@ def slabs(length: int) -> list[tuple[slice, ...]]:
     """Indices of the :data:`SLABS` (or fewer) consecutive slabs of an axis of ``length``
     (a first axis: each index is ``(slice, ...)``)."""
     step = max(1, -(-length // SLABS))
-    return [(slice(start, start + step), ...) for start in range(0, length, step)]
+    return [(slice(start, min(start + step, length)), ...) for start in range(0, length, step)]
 
 
 def sum_of_squares(xp: ModuleType, a: Array, b: Array | None = None) -> float:
@@ -107,6 +114,20 @@ def sum_of_squares(xp: ModuleType, a: Array, b: Array | None = None) -> float:
             part *= part
         total += float(xp.sum(part, dtype=xp.float64))
     return total
+
+
+def inner_products(xp: ModuleType, a: Array, b: Array) -> tuple[float, float]:
+    """``sum(a * b)`` and ``sum(b * b)``, accumulated in float64: by ``einsum`` where the
+    namespace has it (NumPy, CuPy: no temporary), else slab by slab (:func:`slabs`)."""
+    if hasattr(xp, "einsum"):
+        return (float(xp.einsum("i,i->", xp.reshape(a, (-1,)), xp.reshape(b, (-1,)), dtype=xp.float64)),
+                float(xp.einsum("i,i->", xp.reshape(b, (-1,)), xp.reshape(b, (-1,)), dtype=xp.float64)))
+    across = total = 0.0
+    for slab in slabs(a.shape[0]):
+        part = b[slab]
+        across += float(xp.sum(a[slab] * part, dtype=xp.float64))
+        total += float(xp.sum(part * part, dtype=xp.float64))
+    return across, total
 
 
 def numpy_backend(fft_workers: int = 1) -> ArrayBackend:

@@ -40,7 +40,7 @@ class ConvergenceMonitor:
 
     def observe(self, iteration: int, change: float, misfit: float, held_out: float | None = None) -> Verdict:
         """Record a check at ``iteration`` (iterations counted within this model's run).
-        ``held_out`` is the held-out deviance where the task holds data out: consistency is
+        ``held_out`` is the held-out score where the task holds data out: consistency is
         then its relative change per iteration instead of the misfit's; with ``target_misfit``
         it is the misfit itself."""
         s = self.settings

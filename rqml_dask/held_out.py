@@ -52,11 +52,14 @@ class HeldOutFigures:
     the input's squared error against the object).
 
     ``strength``: the regularisation strength the held-out counts chose (0: none beat the
-    unregularised result), where the task searched for one (:mod:`rqml_dask.strength`); then
-    also ``object_significance``, the guard's third test: how many standard errors the
-    result's held-out object error (:meth:`HeldOutScore.object_significance`) lies below the
-    input's. Regularisation trades the prediction's fit for a better object, so the first two
-    tests, which judge predictions, pass over results that are better where it counts."""
+    unregularised result), where the task searched for one (:mod:`rqml_dask.strength`).
+    ``object_significance``, where the iterate or the strength was chosen by the held-out
+    object error (``held_out_score: object``, or a strength search), is the guard's third
+    test: how many standard errors the result's held-out object error
+    (:meth:`HeldOutScore.object_significance`) lies below the input's. Regularisation, and
+    iterating past the best prediction, trade the prediction's fit for a better object, so
+    the first two tests, which judge predictions, pass over results that are better where it
+    counts."""
 
     input: float
     result: float
@@ -72,8 +75,8 @@ class HeldOutFigures:
         :data:`SIGNIFICANCE` standard errors better (where the blur dominates the input's
         error), or it departs from the blurred object by less than :data:`NOISE_REGIME` of the
         input's noise (where the noise does: a smoothed input beats it, whatever it predicts),
-        or, for a result whose strength was searched for, its object error is
-        :data:`SIGNIFICANCE` standard errors lower.
+        or, where the object error chose it, that error is :data:`SIGNIFICANCE` standard
+        errors lower than the input's.
         Without the two figures, whether the result's deviance is below the input's."""
         if self.significance is None or self.departure is None:
             return self.result <= self.input

@@ -26,11 +26,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from rqml_dask.arrays import Array, ArrayBackend, sum_of_squares
+from rqml_dask.arrays import Array, ArrayBackend, inner_products, sum_of_squares
 
 __all__ = [
     "Array", "ArrayBackend", "ModelCheckError", "RefinementModel", "TaskClass", "allow_plugin_module", "check_model",
-    "is_plugin_module", "load_model", "load_task_class", "registered_models", "registered_task_classes", "sum_of_squares",
+    "inner_products", "is_plugin_module", "load_model", "load_task_class", "registered_models", "registered_task_classes", "sum_of_squares",
 ]
 
 ENTRY_POINT_GROUP = "rqml_dask.models"

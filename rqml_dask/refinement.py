@@ -80,6 +80,14 @@ class Refinement:
     best_held_out: float = math.inf
     best_iteration: int = 0
     best_estimate: Array | None = None
+    by_object_error: bool = False
+    """Whether the rule scores iterates by their held-out object error: ``held_out_score:
+    object`` and every model of the ladder has ``object_weights()`` (else by the deviance, as
+    a ladder with a model the object error cannot score must be)."""
+    best_deviance: tuple[float, int] | None = None
+    """Where the rule chooses by the object error (``held_out_score: object``), outside a
+    strength search: the lowest held-out deviance of a checked iterate, and its iteration,
+    the iterate the guard tries where the chosen one fails it (:meth:`validate`)."""
     fitted_noise: bool = False
     segments: list[tuple[str, int, int, float | None]] = field(default_factory=list)
     """Each model run as (model, the iteration its start estimate is at, the iteration it
@@ -105,6 +113,8 @@ class Refinement:
             settings = self.task.convergence
             self.held_out = HeldOutScore(self.problem["held_out"], self.task.input.counts_per_unit,
                                          settings.held_out_fraction, self.backend, self.task.region.core_in_window)
+            self.by_object_error = settings.held_out_score == "object" and all(
+                load_model(name).object_weights is not RefinementModel.object_weights for name in self.models)
 
     @classmethod
     def start(cls, task: RQMLTask, problem: dict[str, Array], backend: ArrayBackend) -> Refinement:
@@ -112,7 +122,7 @@ class Refinement:
         refinement._switch_model(0, estimate=None)
         if refinement.held_out is not None:  # the input taken as the estimate: what a result must beat
             refinement.model.start(refinement.input_estimate())
-            refinement.held_out_input = refinement._score()
+            refinement.held_out_input = refinement.held_out.deviance(refinement.model.prediction())
             refinement.model.start(None)
         return refinement
 
@@ -123,38 +133,41 @@ class Refinement:
         return self.backend.xp.maximum(image - background, 0.0) if background else image
 
     def _score(self) -> float | None:
-        """The held-out deviance of the model's current prediction, if the rule is on; for a
-        candidate of a strength search its held-out object error (the iterate and the
-        strength are chosen together, by the criterion that ranks regularised estimates)."""
+        """The held-out score of the model's current prediction, if the rule is on: its
+        object error, or its deviance where ``held_out_score`` asks for it (a candidate of a
+        strength search is always scored by its object error: the iterate and the strength
+        are chosen together, by the criterion that ranks regularised estimates)."""
         if self.held_out is None:
             return None
         prediction = self.model.prediction()
         if prediction is None:
             return None
-        if self.search is not None and self.search.running:
+        if self.by_object_error or (self.search is not None and self.search.running):
             return self.held_out.object_error(prediction, self._object_weights())
         return self.held_out.deviance(prediction)
 
     def held_out_figures(self) -> HeldOutFigures | None:
-        """What the held-out rule saw, for the outcome; once finished, with the guard's
-        figures of the estimate (the chosen iterate) against the input (those it passed
-        with, once kept: a result refitted on all the counts cannot be scored by them)."""
+        """What the held-out rule saw, for the outcome, once the task is over: the held-out
+        deviance of the input and of the chosen iterate (the model holds it), with the guard's
+        figures of the one against the other (those it passed with, once kept: a result
+        refitted on all the counts cannot be scored by them). ``None`` while it runs, where
+        nothing was held out, or where no iterate was checked."""
         if self.guard is not None:
             return self.guard
-        if self.held_out_input is None or self.best_estimate is None:
+        if self.held_out_input is None or self.best_estimate is None or not self.done:
             return None
-        significance = departure = in_object = None
-        prediction = self.model.prediction() if self.done else None
-        if prediction is not None:
-            baseline = self._build(self.model_name, self.problem)
-            baseline.start(self.input_estimate())
-            significance = self.held_out.significance(prediction, baseline.prediction())
-            departure = self.held_out.departure(self.estimate, self.problem["observed"],
-                                                float(self.problem.get("background", 0.0)))
-            if self.search is not None:
-                in_object = self.held_out.object_significance(prediction, baseline.prediction(), self._object_weights())
-        return HeldOutFigures(self.held_out_input, self.best_held_out, self.best_iteration, self.held_out.fraction,
-                              significance, departure, self.search.chosen if self.search is not None else None, in_object)
+        prediction = self.model.prediction()
+        baseline = self._build(self.model_name, self.problem)
+        baseline.start(self.input_estimate())
+        significance = self.held_out.significance(prediction, baseline.prediction())
+        departure = self.held_out.departure(self.estimate, self.problem["observed"],
+                                            float(self.problem.get("background", 0.0)))
+        in_object = None
+        if self.by_object_error or self.search is not None:  # the criterion that chose the iterate
+            in_object = self.held_out.object_significance(prediction, baseline.prediction(), self._object_weights())
+        return HeldOutFigures(self.held_out_input, self.held_out.deviance(prediction), self.best_iteration,
+                              self.held_out.fraction, significance, departure,
+                              self.search.chosen if self.search is not None else None, in_object)
 
     @property
     def done(self) -> bool:
@@ -208,6 +221,10 @@ class Refinement:
         if previous is not None:
             change = _relative_change(xp, self.model.estimate, previous)
             held_out = self._score()
+            if held_out is not None and self.by_object_error and self.search is None:
+                deviance = self.held_out.deviance(self.model.prediction())
+                if self.best_deviance is None or deviance < self.best_deviance[0]:
+                    self.best_deviance = (deviance, self.iteration)
             if held_out is not None and held_out < self.best_held_out:
                 self.best_held_out, self.best_iteration = held_out, self.iteration
                 self.best_estimate = self._keep(self.model.state()["estimate"])
@@ -321,6 +338,9 @@ class Refinement:
         xp = self.backend.xp
         failures = []
         figures = self.held_out_figures()
+        if figures is not None and (not figures.better_than_input() or figures.result > figures.input) \
+                and self._fall_back_to_best_prediction():
+            figures = self.held_out_figures()
         self.fitted_noise = figures is not None and not figures.better_than_input()
         if self.fitted_noise:
             in_object = "" if figures.object_significance is None else \
@@ -343,6 +363,25 @@ class Refinement:
                 failures.append(f"misfit {misfit:.4g} above max_misfit {rules.max_misfit:.4g}")
         self.validation_failures = failures
         return failures
+
+    def _fall_back_to_best_prediction(self) -> bool:
+        """Where the iterate the object error chose fails the guard, or predicts the held-out
+        counts worse than the input does: hold the one with the lowest held-out deviance
+        instead (recomputed by :meth:`_replay`), whose prediction the guard's tests judge more
+        sharply at low counts. False, and nothing changes, where there is none or it is the
+        same iterate."""
+        if self.best_deviance is None or self.search is not None or self.best_deviance[1] == self.best_iteration:
+            return False
+        deviance, iteration = self.best_deviance
+        replayed = self._replay(iteration, self.problem)
+        self.model = self._build(self.model_name, self.problem)
+        self.model.start(replayed.state()["estimate"])
+        self.best_estimate, self.best_iteration, self.estimate_iteration = self.model.state()["estimate"], iteration, iteration
+        self.best_held_out = self._score()
+        self.best_deviance = None  # tried
+        self.record_event("rolled_back", model=self.model_name, to_iteration=iteration, held_out=deviance,
+                          because="the object error's choice is not shown better than the input")
+        return True
 
     def _refit(self) -> None:
         """Compute the chosen iterate again on all the counts (``observed``): the same models,
@@ -544,6 +583,7 @@ class Refinement:
             "monitor_held_out": list(self.monitor.held_out) if self.monitor.held_out is not None else None,
             "held_out_input": self.held_out_input,
             "held_out_best": [self.best_held_out, self.best_iteration] if self.best_estimate is not None else None,
+            "best_deviance": list(self.best_deviance) if self.best_deviance is not None else None,
             "segments": [list(segment) for segment in self.segments],
             "search": self.search.state() if self.search is not None else None,
             "estimate_iteration": self.estimate_iteration,
@@ -603,6 +643,8 @@ class Refinement:
         if (held := state.get("monitor_held_out")) is not None:  # the score settling is judged against
             refinement.monitor.held_out = (int(held[0]), float(held[1]))
         refinement.held_out_input = state.get("held_out_input")
+        if (deviance := state.get("best_deviance")) is not None:
+            refinement.best_deviance = (float(deviance[0]), int(deviance[1]))
         refinement.last_figures = ConvergenceFigures(**state["last_figures"]) if state["last_figures"] else None
         refinement.trace = [TracePoint(*point) for point in state.get("trace", [])]
         refinement.iteration = checkpoint.iteration

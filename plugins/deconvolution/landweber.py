@@ -64,3 +64,6 @@ class Landweber(RefinementModel):
 
     def prediction(self) -> Array:
         return self.convolver.prediction(self._object)
+
+    def object_weights(self, shape: tuple[int, ...]) -> Array:
+        return self.convolver.object_weights(shape)

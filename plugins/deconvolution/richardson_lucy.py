@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 
-from rqml_dask.models import Array, ArrayBackend, RefinementModel
+from rqml_dask.models import Array, ArrayBackend, RefinementModel, inner_products
 from rqml_plugins.deconvolution._convolution import Convolver, _along
 
 EPSILON = 1e-12
@@ -139,14 +139,14 @@ class AcceleratedRichardsonLucy(RichardsonLucy):
             predicted = x - self._previous
             predicted *= self._alpha
             predicted += x
-            predicted = xp.maximum(predicted, 0.0)
-        updated = predicted * self._correction(predicted)
+            self.backend.clip_below_into(predicted, 0.0)
+        updated = self._correction(predicted)
+        updated *= predicted
         change = updated - predicted
         if self._change is not None:
-            numerator = xp.sum(change * self._change, dtype=xp.float64)
-            denominator = xp.sum(self._change * self._change, dtype=xp.float64)
-            ratio = numerator / xp.maximum(denominator, 1e-300)
-            self._alpha = xp.astype(xp.clip(ratio, 0.0, 1.0), xp.float32)
+            numerator, denominator = inner_products(xp, change, self._change)
+            ratio = numerator / max(denominator, 1e-300)
+            self._alpha = xp.asarray(min(max(ratio, 0.0), 1.0), dtype=xp.float32)
         self._previous, self._object, self._change = x, updated, change
 
     def state(self) -> dict[str, Array]:
