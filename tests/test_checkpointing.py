@@ -97,9 +97,11 @@ def test_a_resumed_refinement_under_the_held_out_rule_returns_what_an_uninterrup
             assert checkpointer.flush()
     resume = checkpointer.latest(task)
     assert resume.checkpoint.iteration > figures.iteration and "held_out_best" in resume.arrays
+    assert resume.checkpoint.supervision_state["best_deviance"] is not None  # the guard's second choice, too
     resumed = Refinement.resume(task, problem(), numpy_backend(), resume.checkpoint, resume.arrays)
     resumed.run_to_end()
     assert resumed.held_out_figures() == figures and resumed.iteration == uninterrupted.iteration
+    assert uninterrupted.by_object_error and resumed.best_deviance == uninterrupted.best_deviance
     np.testing.assert_array_equal(resumed.estimate, uninterrupted.estimate)
 
 
