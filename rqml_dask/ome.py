@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-import dask.array as da
 import zarr
 
 PYRAMID_MIN_SIZE = 256
@@ -99,6 +98,7 @@ def write_image(store: str, array: str, axes: tuple[str, ...], voxel: VoxelSize 
     of 1 and no unit), then validate the group with ``ome-zarr-models``. Returns the
     levels' array paths. Level 0 is only read, by ``scheduler`` (a Dask scheduler name, or a
     ``distributed.Client`` to read it on the cluster, where the data is)."""
+    import dask.array as da  # here: a run that writes no pyramid (all reused) never needs it
     from ome_zarr.writer import write_multiscales_metadata
     from ome_zarr_models.v05.image import Image
 
