@@ -122,7 +122,8 @@ class Refinement:
         refinement._switch_model(0, estimate=None)
         if refinement.held_out is not None:  # the input taken as the estimate: what a result must beat
             refinement.model.start(refinement.input_estimate())
-            refinement.held_out_input = refinement.held_out.deviance(refinement.model.prediction())
+            if (prediction := refinement.model.prediction()) is not None:  # else nothing is scored
+                refinement.held_out_input = refinement.held_out.deviance(prediction)
             refinement.model.start(None)
         return refinement
 
