@@ -10,11 +10,13 @@ input against the truth, a *false acceptance* one accepted whose core does not.
     .venv/bin/python bench/bench_stopping.py [--shape 48,96,96] [--tile 24,48,48] [--kinds cells,beads]
         [--camera 100,2,2]   # uint16 camera data: offset (ADU), gain (ADU/photon), read noise (ADU)
         [--ladder richardson_lucy_accelerated,richardson_lucy_tv]   # another ladder than the quickstart's
+        [--score object --patience 5]   # convergence.held_out_score and held_out_patience other than the quickstart's
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import tempfile
 from pathlib import Path
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--camera", default=None, help="OFFSET,GAIN[,READ_NOISE]: uint16 camera data (ADU), read with input.camera given")
     parser.add_argument("--oracle-iterations", type=int, default=150)
     parser.add_argument("--ladder", default=None, help="models, comma-separated (default: the quickstart file's ladder)")
+    parser.add_argument("--score", default=None, help="convergence.held_out_score (default: the quickstart file's)")
+    parser.add_argument("--patience", type=int, default=None, help="convergence.held_out_patience (default: the quickstart file's)")
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     tile = tuple(int(v) for v in args.tile.split(","))
@@ -68,7 +72,14 @@ def main() -> None:
         ladder = args.ladder.split(",")
         quickstart = quickstart.model_copy(update={"models": quickstart.models.model_copy(update={
             "ladder": ladder, "params": {m: p for m, p in quickstart.models.params.items() if m in ladder}})})
-    print(f"ladder: {', '.join(quickstart.models.ladder)}")
+    convergence = quickstart.convergence
+    if args.score is not None:
+        convergence = dataclasses.replace(convergence, held_out_score=args.score)
+    if args.patience is not None:
+        convergence = dataclasses.replace(convergence, held_out_patience=args.patience)
+    quickstart = quickstart.model_copy(update={"convergence": convergence})
+    print(f"ladder: {', '.join(quickstart.models.ladder)}; held-out score {convergence.held_out_score}, "
+          f"patience {convergence.held_out_patience}")
     print("| object | PSF | photons | observed error | pipeline error | oracle best (iteration) | pipeline / oracle "
           "| iterations: pipeline / oracle | states | false rejections | false acceptances |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

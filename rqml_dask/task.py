@@ -41,13 +41,12 @@ class ConvergenceSettings:
     it), and a task converges only once the score has not improved for
     ``held_out_patience`` iterations (settling iterates stopped high-count data far before
     their optimum); its result is the iterate where it was lowest. ``held_out_score`` is
-    ``object`` (the default: the held-out *object* error,
+    ``deviance`` (the default: the held-out Poisson deviance of the prediction, the best
+    prediction of the data) or ``object`` (the held-out *object* error,
     :meth:`~rqml_dask.held_out.HeldOutScore.object_error`, which ranks estimates as their
-    error against the object does; for a ladder whose every model has ``object_weights()``,
-    else the deviance) or ``deviance`` (the held-out Poisson deviance of the
-    prediction: the best prediction of the data, which comes earlier, before the object
-    is as sharp as the counts allow; BENCHMARKS: "Choosing the iterate by its object
-    error"). ``0`` refines the whole image and stops by the iterates alone (for fixed-budget
+    error against the object does, later than the deviance's optimum; for a ladder whose
+    every model has ``object_weights()``, else the deviance; on tiles whose core is smaller
+    than the PSF it did worse: BENCHMARKS, "Choosing the iterate by its object error"). ``0`` refines the whole image and stops by the iterates alone (for fixed-budget
     runs, or data that are not photon counts). With ``refit_all_counts`` (the default), a
     result that passes the guard is then computed again on all the counts, along the same
     models and iteration counts that led to the chosen iterate: the held-out counts chose
@@ -75,7 +74,7 @@ class ConvergenceSettings:
     accept_max_iterations: bool = False
     held_out_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     held_out_patience: PositiveInt = 15
-    held_out_score: Literal["object", "deviance"] = "object"
+    held_out_score: Literal["deviance", "object"] = "deviance"
     refit_all_counts: bool = True
     target_misfit: NonNegativeFloat | None = None
 

@@ -66,12 +66,13 @@ def test_resumed_refinement_continues_exactly_as_uninterrupted(tmp_path, checkpo
     assert [dataclasses.astuple(r) for r in resumed.runs] == [dataclasses.astuple(r) for r in uninterrupted.runs]
 
 
-def test_a_resumed_refinement_under_the_held_out_rule_returns_what_an_uninterrupted_one_does(tmp_path, checkpointer):
+@pytest.mark.parametrize("score", ["deviance", "object"])
+def test_a_resumed_refinement_under_the_held_out_rule_returns_what_an_uninterrupted_one_does(tmp_path, checkpointer, score):
     from rqml_dask.held_out import thin
     from rqml_dask.task import TaskInput
 
     settings = ConvergenceSettings(max_iterations=200, check_every=5, stability_tol=0, consistency_tol=0,
-                                   novelty_window=10**6, held_out_fraction=0.2, held_out_patience=10)
+                                   novelty_window=10**6, held_out_fraction=0.2, held_out_patience=10, held_out_score=score)
     task = task_with_checkpoints(tmp_path, ladder=("richardson_lucy",), every_iterations=5)
     task = dataclasses.replace(task, convergence=settings, input=TaskInput(task.input.image, task.input.operator, counts_per_unit=50.0))
 
@@ -97,11 +98,12 @@ def test_a_resumed_refinement_under_the_held_out_rule_returns_what_an_uninterrup
             assert checkpointer.flush()
     resume = checkpointer.latest(task)
     assert resume.checkpoint.iteration > figures.iteration and "held_out_best" in resume.arrays
-    assert resume.checkpoint.supervision_state["best_deviance"] is not None  # the guard's second choice, too
+    if score == "object":  # the guard's second choice is kept too
+        assert resume.checkpoint.supervision_state["best_deviance"] is not None
     resumed = Refinement.resume(task, problem(), numpy_backend(), resume.checkpoint, resume.arrays)
     resumed.run_to_end()
     assert resumed.held_out_figures() == figures and resumed.iteration == uninterrupted.iteration
-    assert uninterrupted.by_object_error and resumed.best_deviance == uninterrupted.best_deviance
+    assert uninterrupted.by_object_error == (score == "object") and resumed.best_deviance == uninterrupted.best_deviance
     np.testing.assert_array_equal(resumed.estimate, uninterrupted.estimate)
 
 

@@ -21,7 +21,7 @@ def refused(tmp_path, data) -> str:
 
 def test_the_shipped_pipelines_are_valid():
     pipeline = Pipeline.from_yaml("pipelines/quickstart.yaml")
-    assert pipeline.config.models.ladder[0] == "richardson_lucy_accelerated"
+    assert pipeline.config.models.ladder[0] == "richardson_lucy"
     assert pipeline.config.output.store.is_absolute()
 
 

@@ -113,8 +113,9 @@ def test_where_every_model_fits_the_noise_the_task_is_not_accepted_and_the_run_s
     assert noise and all(o.state == "rejected" and "every model fitted the noise" in o.validation_failures[0] for o in noise)
     for outcome in noise:  # it climbed toward regularisation, not toward faster noise-fitting
         models = [run.model for run in outcome.models]
-        # where TV-RL stalled, the policy's diversity model (another family) ran last
-        assert models[:2] == ["richardson_lucy_accelerated", "richardson_lucy_tv"] and len(models) <= 3, models
+        # a stall may have escalated to the accelerated model first; the rejection went straight to TV-RL
+        assert models in (["richardson_lucy", "richardson_lucy_tv"],
+                          ["richardson_lucy", "richardson_lucy_accelerated", "richardson_lucy_tv"]), models
         assert "every model fitted the noise" in outcome.validation_failures[0]
     assert "every model fitted the noise" in report.summary()
     assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["rqml"]["status"] == "rejected"
@@ -206,13 +207,19 @@ def test_a_result_refitted_and_checkpointed_resumes_without_refitting_again(tmp_
     np.testing.assert_array_equal(np.array(resumed.estimate), np.array(refinement.estimate))
 
 
+FAST = ("richardson_lucy_accelerated", "richardson_lucy_tv")
+"""The ladder the object error lets go first (BENCHMARKS: "Choosing the iterate by its object error")."""
+
+
 def refined_by(task, score: str):
-    """``task`` refined to its end and validated with ``held_out_score: score``: the
-    refinement, its validation failures and its core's squared error against the truth."""
+    """``task`` refined along :data:`FAST` to its end and validated with ``held_out_score:
+    score`` and patience 5: the refinement, its validation failures and its core's squared
+    error against the truth."""
     from rqml_dask.problem import load_problem
     from rqml_dask.refinement import Refinement
 
-    task = dataclasses.replace(task, convergence=dataclasses.replace(task.convergence, held_out_score=score))
+    task = dataclasses.replace(task, model_ladder=FAST, convergence=dataclasses.replace(
+        task.convergence, held_out_score=score, held_out_patience=5))
     task, problem = load_problem(task, numpy_backend())
     refinement = Refinement.start(task, problem, numpy_backend())
     refinement.run_to_end()
@@ -227,7 +234,7 @@ def test_the_object_error_chooses_a_later_iterate_than_the_deviance_and_it_is_cl
     counts allow; the held-out object error (the default score) waits for the latter."""
     store = write_synthetic(tmp_path / "in.zarr", SynthSpec(shape=(32, 64, 64), psf="gaussian", photons=1000, seed=5))
     tasks = quickstart_on(store, tmp_path / "out.zarr").tasks()
-    assert tasks[0].convergence.held_out_score == "object"
+    assert tasks[0].convergence.held_out_score == "deviance"  # the default
     for task in (tasks[0], tasks[3], tasks[7]):
         by_deviance, failures, deviance_error = refined_by(task, "deviance")
         assert failures == [] and not by_deviance.by_object_error

@@ -82,8 +82,8 @@ def test_where_no_strength_beats_the_unregularised_result_it_is_the_result_bit_f
     """Bright data and a strength far too strong: the search keeps strength 0, and the task's
     result is exactly the one without the search (refitted along the same path)."""
     params = {"richardson_lucy_tv": {"regularization": [0.3]}}
-    ((task, problem),) = tasks_of(tmp_path, "gaussian", 1000, ["richardson_lucy_accelerated", "richardson_lucy_tv"], params, count=1)
-    ((plain_task, plain_problem),) = tasks_of(tmp_path, "gaussian", 1000, ["richardson_lucy_accelerated"], {}, count=1)
+    ((task, problem),) = tasks_of(tmp_path, "gaussian", 1000, ["richardson_lucy", "richardson_lucy_tv"], params, count=1)
+    ((plain_task, plain_problem),) = tasks_of(tmp_path, "gaussian", 1000, ["richardson_lucy"], {}, count=1)
     searched, plain = refined(task, problem), refined(plain_task, plain_problem)
     assert searched.search.chosen == 0.0 and searched.held_out_figures().strength == 0.0
     assert [run.strength for run in searched.runs] == [None, 0.3]
