@@ -9,7 +9,7 @@ fast at. Two rules, timed interleaved in one process (best of ``--repeats``, one
   picks now (the cheapest by a per-factor cost model among 7-smooth lengths up to 25 % longer).
 
 Per rule: the transform shape, one step of ``--model`` (plain RL by default;
-``richardson_lucy_accelerated``, the shipped ladders' first rung, adds its extrapolation and
+``richardson_lucy_accelerated``, the fast recipe's first rung, adds its extrapolation and
 two inner products), and the FFT floor at that shape (two real
 forward and two inverse transforms, what a step cannot do without), and the step's ratio
 to that floor. Last lines: ``window=... step_ratio=<old/new> floor_ratio=<step/floor>``.
