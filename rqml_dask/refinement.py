@@ -374,9 +374,7 @@ class Refinement:
         if self.best_deviance is None or self.search is not None or self.best_deviance[1] == self.best_iteration:
             return False
         deviance, iteration = self.best_deviance
-        replayed = self._replay(iteration, self.problem)
-        self.model = self._build(self.model_name, self.problem)
-        self.model.start(replayed.state()["estimate"])
+        self._hold_replayed(iteration, self.problem)
         self.best_estimate, self.best_iteration, self.estimate_iteration = self.model.state()["estimate"], iteration, iteration
         self.best_held_out = self._score()
         self.best_deviance = None  # tried
@@ -390,11 +388,16 @@ class Refinement:
         chose the stopping point; they are data too, and the result uses them."""
         problem = {name: array for name, array in self.problem.items() if name != "held_out"}
         problem["image"] = self.problem["observed"]
-        replayed = self._replay(self.best_iteration, problem)
-        self.model = self._build(self.model_name, problem)  # the model the task ended on holds it, as after a rollback
-        self.model.start(replayed.state()["estimate"])
+        self._hold_replayed(self.best_iteration, problem)
         self.refitted = True
         self.record_event("refitted", model=self.model_name, iterations=self.best_iteration)
+
+    def _hold_replayed(self, target: int, problem: dict[str, Array]) -> None:
+        """Iterate ``target`` recomputed on ``problem`` (:meth:`_replay`), held by a fresh
+        model of the one the task ended on, as after a rollback."""
+        replayed = self._replay(target, problem)
+        self.model = self._build(self.model_name, problem)
+        self.model.start(replayed.state()["estimate"])
 
     def _replay(self, target: int, problem: dict[str, Array]) -> RefinementModel:
         """The model holding iterate ``target`` recomputed on ``problem``: back from
