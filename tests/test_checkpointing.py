@@ -4,6 +4,7 @@ damaged checkpoints rejected for the previous valid one, retention."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from pathlib import Path
 
@@ -217,6 +218,49 @@ def test_only_the_kept_records_artifacts_stay_on_disk_and_finish_cleans_up(tmp_p
     assert checkpointer.local.checkpoints(task.key) == [] and checkpointer.outcome(task) == b'{"outcome": 1}'
     checkpointer.finish(task, b'{"outcome": 2}')
     assert checkpointer.outcome(task) == b'{"outcome": 1}'  # the first recorded outcome stays
+
+
+class HeldLMDBStore(LMDBStore):
+    """The real node store, whose checkpoint writes wait at their start until ``release``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.writing, self.release = threading.Event(), threading.Event()
+
+    def put_checkpoint(self, key, entry):
+        self.writing.set()
+        assert self.release.wait(10)
+        return super().put_checkpoint(key, entry)
+
+
+def test_a_task_finishing_while_its_snapshot_is_written_leaves_no_checkpoint_behind(tmp_path, caplog):
+    """``retention: delete``, and the finish arrives while the writer writes the task's last
+    snapshot (its artifacts are on disk, its record not yet in LMDB). Deleting under the
+    writer left that record behind, pointing at deleted artifacts (or, when the deletion met
+    Zarr mid-write, failed the write with a FileNotFoundError); the writer now deletes the
+    finished task's checkpoints itself once its write is over, and finish does not wait."""
+    local = HeldLMDBStore(tmp_path / "node.lmdb")
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    checkpointer = Checkpointer(local, None, artifacts, "node-a")
+    try:
+        task = task_with_checkpoints(tmp_path, every_iterations=5)
+        refinement = Refinement.start(task, make_problem(7), numpy_backend())
+        for _ in range(5):
+            refinement.step()
+        checkpointer.submit(refinement.snapshot("iterations"))
+        assert local.writing.wait(10)  # the artifacts are written, the record is next
+        assert artifacts.task_dir(task.key).exists()
+        checkpointer.finish(task, b'{"outcome": 1}')
+        assert not checkpointer.idle  # finish returned with the write still going
+        local.release.set()
+        assert checkpointer.flush() and checkpointer.idle
+        assert local.checkpoints(task.key) == [] and checkpointer.state() == {}
+        assert not artifacts.task_dir(task.key).exists()
+        assert checkpointer.outcome(task) == b'{"outcome": 1}'
+        assert "checkpoint writer failed" not in caplog.text
+    finally:
+        local.release.set()
+        checkpointer.stop()
 
 
 def test_model_switch_and_failed_validation_take_a_checkpoint(tmp_path, checkpointer):

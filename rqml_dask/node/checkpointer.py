@@ -175,16 +175,25 @@ class Checkpointer:
         if self.shared is not None:
             self._replicate_done(done_key(task), outcome)
         if task.checkpoint is None or task.checkpoint.retention == "delete":
-            self.local.forget(key)
-            if self.shared is not None:
-                try:
-                    self.shared.forget(key)
-                except StoreUnavailable:
-                    pass  # its records only ever refer to a finished task's artifacts: harmless
-            self.artifacts.delete_task(key)
             with self._cond:
-                self.written.pop(key, None)
-                self._pending.discard(key)
+                if self._writing_key == key:  # the writer deletes them once its write is over
+                    self._delete_after_write = True
+                    return
+            self._delete_checkpoints(key)
+
+    def _delete_checkpoints(self, key: str) -> None:
+        """Forget every checkpoint record of ``key`` and delete its artifacts (``retention:
+        delete`` of a finished task)."""
+        self.local.forget(key)
+        if self.shared is not None:
+            try:
+                self.shared.forget(key)
+            except StoreUnavailable:
+                pass  # its records only ever refer to a finished task's artifacts: harmless
+        self.artifacts.delete_task(key)
+        with self._cond:
+            self.written.pop(key, None)
+            self._pending.discard(key)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until nothing is queued (replication may still be pending); False if that
@@ -247,6 +256,8 @@ class Checkpointer:
     # -- writer thread -------------------------------------------------------------------
 
     _writing = False
+    _writing_key: str | None = None  # the task whose snapshot is being written
+    _delete_after_write = False  # it finished meanwhile under ``retention: delete``
 
     def _loop(self) -> None:
         while True:
@@ -258,6 +269,7 @@ class Checkpointer:
                 snapshot = None
                 if self._queued and time.monotonic() >= self._next_write:
                     snapshot = self._queued.pop(next(iter(self._queued)))
+                    self._writing_key = snapshot.task.key
                     self._writing = True
             try:
                 if snapshot is not None:
@@ -270,6 +282,14 @@ class Checkpointer:
             except Exception:
                 logger.exception("checkpoint writer failed")
             finally:
+                with self._cond:
+                    finished, self._delete_after_write = self._delete_after_write, False
+                    self._writing_key = None
+                if finished:
+                    try:
+                        self._delete_checkpoints(snapshot.task.key)
+                    except Exception:
+                        logger.exception("deleting the checkpoints of finished task %s failed", snapshot.task.key)
                 with self._cond:
                     self._writing = False
                     self._cond.notify_all()
