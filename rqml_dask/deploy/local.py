@@ -85,14 +85,27 @@ _FORK_SERVER_LOCK = threading.Lock()
 _fork_server_started = False
 
 
+def worker_start_environ() -> dict[str, str]:
+    """What a worker process must hold in its environment when it starts: Dask's
+    ``distributed.nanny.pre-spawn-environ`` (one BLAS and OpenMP thread per worker:
+    ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``; glibc's
+    ``MALLOC_TRIM_THRESHOLD_``) and :data:`WORKER_ENVIRON` over it."""
+    dask_environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    return {**{str(k): str(v) for k, v in dask_environ.items()}, **WORKER_ENVIRON}
+
+
 def fork_server() -> bool:
     """Start this process's ``multiprocessing`` fork server, once, with
-    :data:`FORK_SERVER_PRELOAD` imported and :data:`WORKER_ENVIRON` in its environment: glibc
-    reads the ``MALLOC_*`` settings when a process starts, and a forked worker keeps its fork
-    server's (Dask's ``pre-spawn-environ`` cannot reach a forked process; its ``environ`` and
-    config still do). Its ``sys.path`` is this process's now. Whether the embedded cluster's
-    workers fork from it: not where a GPU is visible (dask-cuda's workers are spawned, and
-    nothing here may touch CUDA before they start)."""
+    :data:`FORK_SERVER_PRELOAD` imported and :func:`worker_start_environ` in its
+    environment: glibc reads the ``MALLOC_*`` settings and OpenBLAS its thread count when a
+    process starts or the library loads, and a forked worker keeps its fork server's (Dask's
+    ``pre-spawn-environ`` cannot reach a forked process; its ``environ`` and config still
+    do). Without it, each worker's NumPy ran as many BLAS threads as the host has cores, on
+    top of the other workers': on 2 cores, two workers of SciPy's ``cg`` on 128x128
+    systems ran 4.3x slower (BENCHMARKS.md, linear_solve). Its ``sys.path`` is this
+    process's now. Whether the embedded cluster's workers fork from it: not where a GPU is
+    visible (dask-cuda's workers are spawned, and nothing here may touch CUDA before they
+    start)."""
     from multiprocessing import forkserver
 
     if gpu_count() > 0:
@@ -102,8 +115,9 @@ def fork_server() -> bool:
         if _fork_server_started:
             return True
         multiprocessing.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
-        saved = {name: os.environ.get(name) for name in WORKER_ENVIRON}
-        os.environ.update(WORKER_ENVIRON)
+        environ = worker_start_environ()
+        saved = {name: os.environ.get(name) for name in environ}
+        os.environ.update(environ)
         try:
             forkserver.ensure_running()
         finally:
