@@ -64,9 +64,22 @@ class ConvergenceMonitor:
         tolerance = s.consistency_tol if s.target_misfit is None else s.target_misfit
         if consistency is not None and change <= s.stability_tol and consistency <= tolerance:
             return "converged"
-        if novelty is not None and novelty < s.min_progress:
+        if novelty is not None and (novelty < s.min_progress or self._out_of_reach(iteration, misfit)):
             return "stalled"
         return "continue"
+
+    def _out_of_reach(self, iteration: int, misfit: float) -> bool:
+        """With ``target_misfit`` and ``max_iterations_per_model``: whether the misfit, falling
+        on at its geometric rate over the novelty window, would reach the target only past
+        the model's budget (a model that would be stopped there anyway, after spending it)."""
+        s = self.settings
+        if not s.target_misfit or s.max_iterations_per_model is None or misfit <= s.target_misfit:
+            return False
+        first_iteration, first_misfit = self.history[0]
+        if not 0 < misfit < first_misfit:
+            return False  # no fall to project (a rise is the novelty's to judge)
+        rate = math.log(misfit / first_misfit) / (iteration - first_iteration)  # < 0: log misfit per iteration
+        return iteration + math.log(s.target_misfit / misfit) / rate > s.max_iterations_per_model
 
     def _novelty(self, iteration: int, misfit: float) -> float | None:
         """Relative misfit improvement over the last ``novelty_window`` iterations."""

@@ -8,6 +8,7 @@ nodes; decoding validates every field, so a malformed message is refused with th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import functools
 import hashlib
 from typing import Any, Literal, Self
 
@@ -53,7 +54,10 @@ class ConvergenceSettings:
     the stopping point, and are data too.
 
     With ``target_misfit`` set (a solver's requested tolerance, where the misfit is the true
-    residual), consistency is the misfit itself, and holds once it is at most the target.
+    residual), consistency is the misfit itself, and holds once it is at most the target;
+    with ``max_iterations_per_model`` too, a model whose misfit, falling on at its rate over
+    the novelty window, would reach the target only past that budget is a stall as well
+    (the ladder moves on at once rather than after spending the budget).
 
     A task converges when stability and consistency both hold. The heuristics are evaluated
     every ``check_every`` iterations (each check costs a float64 misfit and one state copy).
@@ -222,9 +226,11 @@ class RQMLTask:
         (``dataclasses.replace``, as a node does on loading a task's data) and validation."""
         check_task_id(self.task_id)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """``task_id@fingerprint``: names the task's checkpoints and result in every store.
+        Computed once per instance (a task is frozen) and never pickled with it: every
+        process that receives a task fingerprints it itself.
 
         The fingerprint covers what determines the result (where the data is, region, ladder,
         parameters, shipped model code, convergence and validation settings), not where the result goes nor
@@ -241,6 +247,9 @@ class RQMLTask:
             del body["input"]["camera"]
         digest = hashlib.sha256(msgpack.packb(body)).hexdigest()[:16]
         return f"{self.task_id}@{digest}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "key"}
 
     def to_dict(self) -> dict[str, Any]:
         return _TASK.dump_python(self, mode="json")

@@ -68,3 +68,19 @@ def test_window_stops_at_the_border_and_a_foreign_region_is_refused(tmp_path):
     np.testing.assert_array_equal(read_window(ref, region), volume[:, :4])  # nothing invented past the border
     with pytest.raises(InputError, match=r"does not hold the window \[-1:6, 0:4\]"):
         read_window(ref, Region(core=((0, 5), (0, 3)), window=((-1, 6), (0, 4))))
+
+
+def test_a_solver_whose_rate_cannot_reach_its_target_within_the_models_budget_stalls_at_the_first_window():
+    """With a target and a per-model budget, a misfit falling 30 % per check of 5 iterations
+    (well above ``min_progress``) would need about 280 more iterations from 0.05 at
+    iteration 15 to 1e-10: past a budget of 200 it is a stall at the first full window (the
+    ladder moves on now, not after the budget is spent); within a budget of 1,000 it goes
+    on, and so does one falling 10x per check under the budget of 200. Without a budget,
+    novelty alone decides."""
+    slow = [1e-1 * 0.7**i for i in range(4)]
+    fast = [1e-1 * 0.1**i for i in range(4)]
+    within = dict(check_every=5, stability_tol=1.0, novelty_window=10, min_progress=1e-2, target_misfit=1e-10)
+    assert run_monitor(ConvergenceSettings(max_iterations_per_model=200, **within), slow)[0][:3] == ["continue", "continue", "stalled"]
+    assert run_monitor(ConvergenceSettings(max_iterations_per_model=1000, **within), slow)[0] == ["continue"] * 4
+    assert run_monitor(ConvergenceSettings(max_iterations_per_model=200, **within), fast)[0] == ["continue"] * 4
+    assert run_monitor(ConvergenceSettings(**within), slow)[0] == ["continue"] * 4
