@@ -51,6 +51,20 @@ class ArrayBackend:
             return self._scipy_fft.irfftn(x, s=s, axes=axes, workers=self.fft_workers, overwrite_x=True)
         return self.xp.fft.irfftn(x, s=s, axes=axes)
 
+    @property
+    def has_sine_transforms(self) -> bool:
+        """Whether :meth:`sine_transform` is there: SciPy's, on NumPy. (CuPy's
+        ``cupyx.scipy.fft`` has them too; not used until measured on a GPU.)"""
+        return self._scipy_fft is not None
+
+    def sine_transform(self, x: Array, ndim: int, inverse: bool = False) -> Array:
+        """The orthonormal type-II discrete sine transform over the last ``ndim`` axes
+        (``inverse``: its inverse, the type III), in ``x``'s precision; leading axes are a
+        batch. Only where :attr:`has_sine_transforms`."""
+        axes = tuple(range(-ndim, 0))
+        transform = self._scipy_fft.idstn if inverse else self._scipy_fft.dstn
+        return transform(x, type=2, axes=axes, norm="ortho", workers=self.fft_workers)
+
     def conjugate(self, x: Array) -> Array:
         """The complex conjugate of ``x``: ``x`` itself, conjugated in place, on NumPy and CuPy;
         a new array on namespaces without ``out=`` (the array API's ``conj``)."""

@@ -66,12 +66,19 @@ def test_mixed_precision_reaches_a_float64_residual_from_float32_solves(small_sy
         np.testing.assert_allclose(refinement.estimate[i], truth[i], rtol=0, atol=1e-9 * np.abs(truth[i]).max())
 
 
-def test_the_spectral_preconditioner_inverts_the_constant_coefficient_operator_exactly():
+@pytest.mark.parametrize("transforms", ["sine", "mirrored fft"])
+def test_the_spectral_preconditioner_inverts_the_constant_coefficient_operator_exactly(transforms):
     """With constant (anisotropic) diffusivities the scaling is 1 and the preconditioner is
     the inverse of the operator whose values are mirrored with opposite sign half a cell
     outside the grid (``-x`` beyond each edge: 3 on the boundary's diagonal per axis, where
-    ``A`` has 2): applied to that operator's product it gives the vector back."""
+    ``A`` has 2): applied to that operator's product it gives the vector back. By SciPy's
+    sine transforms (NumPy's backend) and by the real FFTs of the mirrored grid (a backend
+    without sine transforms: NumPy's own FFT here, CuPy's and the array API's elsewhere)."""
+    from rqml_dask.arrays import ArrayBackend
     from rqml_plugins.linear_solve._operator import SpectralPreconditioner
+
+    backend = numpy_backend() if transforms == "sine" else ArrayBackend(np, "numpy")
+    assert backend.has_sine_transforms == (transforms == "sine")
 
     grid, scales = (7, 10), (2.0, 0.5)
     coefficients = np.stack([np.full(grid, c) for c in scales])[None]  # (1, rank, *grid)
@@ -84,7 +91,7 @@ def test_the_spectral_preconditioner_inverts_the_constant_coefficient_operator_e
     operator = scipy.sparse.kron(scales[0] * line(grid[0]), scipy.sparse.eye(grid[1])) + \
         scipy.sparse.kron(scipy.sparse.eye(grid[0]), scales[1] * line(grid[1]))
     x = np.random.default_rng(1).standard_normal(grid)
-    precondition = SpectralPreconditioner(DiffusionOperator(coefficients, numpy_backend()), coefficients, numpy_backend())
+    precondition = SpectralPreconditioner(DiffusionOperator(coefficients, backend), coefficients, backend)
     got = precondition((operator @ x.ravel()).reshape(1, *grid).astype(np.float32))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got[0], x, rtol=0, atol=1e-5 * np.abs(x).max())
@@ -194,9 +201,10 @@ def test_a_refinement_step_is_checked_at_once_whatever_the_pipelines_check_every
 @pytest.mark.parametrize("name", ["jacobi", "conjugate_gradient", "mixed_precision"])
 def test_each_rung_runs_under_the_strict_array_api_and_resumes_exactly(name, small_systems):
     """What would break on CuPy (NumPy-only calls, implicit casts) breaks here, without a GPU.
-    The mixed-precision rung's spectral preconditioner transforms in float32 with SciPy's FFT on NumPy and
-    with NumPy's (in float64, then rounded) under the strict namespace: their iterates agree
-    to float32's rounding, amplified by a few CG steps, not bit for bit."""
+    The mixed-precision rung's spectral preconditioner transforms in float32 by SciPy's sine
+    transforms on NumPy and by NumPy's FFT of the mirrored grid (in float64, then rounded)
+    under the strict namespace: their iterates agree to float32's rounding, amplified by a
+    few CG steps, not bit for bit."""
     import array_api_strict
 
     from rqml_dask.arrays import ArrayBackend

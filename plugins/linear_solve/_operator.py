@@ -102,11 +102,14 @@ class SpectralPreconditioner:
     anisotropy is kept) with values mirrored with opposite sign one half cell outside the
     grid, and ``S = sqrt(diag(A) / diag(L))``, so that ``S L S`` matches ``A`` on its
     diagonal and follows a smoothly varying diffusivity. Symmetric positive definite, as CG
-    needs. ``L^-1`` is exact and costs two real FFTs: extended by that antisymmetric mirror
-    along every axis (twice the grid per axis), ``L`` is a periodic operator, diagonal in
-    Fourier space (eigenvalues ``sum_axis c_axis (2 - 2 cos(pi m / n))``; the mirror has no
-    constant mode). On the shipped high-contrast systems it cuts the CG iterations to a few
-    dozen where Jacobi's need thousands (BENCHMARKS.md)."""
+    needs. ``L^-1`` is exact: ``L`` is diagonal in the type-II sine basis (eigenvalues
+    ``sum_axis c_axis (2 - 2 cos(pi m / n))``, ``m = 1 .. n``), so it costs two sine
+    transforms where the backend has them (:attr:`~rqml_dask.arrays.ArrayBackend.has_sine_transforms`),
+    else two real FFTs of the antisymmetric extension along every axis (twice the grid per
+    axis: a periodic operator, with the same eigenvalues and no constant mode), which every
+    backend has and which costs about 3x the sine transforms on NumPy. On the shipped
+    high-contrast systems it cuts the CG iterations to a few dozen where Jacobi's need
+    thousands (BENCHMARKS.md)."""
 
     def __init__(self, operator: DiffusionOperator, coefficients: Array, backend: ArrayBackend) -> None:
         xp = self.xp = backend.xp
@@ -114,28 +117,43 @@ class SpectralPreconditioner:
         k = xp.astype(coefficients, xp.float64)
         self.grid = grid = tuple(k.shape[2:])
         self.extended = tuple(2 * n for n in grid)
+        self.by_sine_transforms = backend.has_sine_transforms
         scale = xp.exp(xp.mean(xp.log(k), axis=tuple(range(2, k.ndim))))  # (count, rank)
-        spectrum_shape = (*self.extended[:-1], grid[-1] + 1)  # a real FFT keeps half the last axis
-        eigenvalues = xp.zeros((k.shape[0], *spectrum_shape), dtype=xp.float64)
-        for axis, (n, m) in enumerate(zip(grid, spectrum_shape)):
-            wave = 2 - 2 * xp.cos(xp.pi * xp.arange(m, dtype=xp.float64) / n)
+        if self.by_sine_transforms:
+            modes = [xp.arange(1, n + 1, dtype=xp.float64) for n in grid]
+        else:  # a real FFT of the extension keeps half its last axis
+            modes = [xp.arange(m, dtype=xp.float64) for m in (*self.extended[:-1], grid[-1] + 1)]
+        eigenvalues = xp.zeros((k.shape[0], *(m.shape[0] for m in modes)), dtype=xp.float64)
+        for axis, (n, m) in enumerate(zip(grid, modes)):
             shape = [1] * (len(grid) + 1)
-            shape[axis + 1] = m
-            eigenvalues = eigenvalues + xp.reshape(scale[:, axis], (-1,) + (1,) * len(grid)) * xp.reshape(wave, tuple(shape))
+            shape[axis + 1] = m.shape[0]
+            wave = xp.reshape(2 - 2 * xp.cos(xp.pi * m / n), tuple(shape))
+            eigenvalues = eigenvalues + xp.reshape(scale[:, axis], (-1,) + (1,) * len(grid)) * wave
         positive = eigenvalues > 0  # zero only for the constant mode, which the mirror does not have
         self.inverse_eigenvalues = xp.astype(xp.where(positive, 1 / xp.where(positive, eigenvalues, 1.0), 0.0), xp.float32)
         diagonal_l = 2 * xp.reshape(xp.sum(scale, axis=1), (-1,) + (1,) * len(grid))
         self.inverse_root = xp.astype(1 / xp.sqrt(operator.diagonal / diagonal_l), xp.float32)
 
     def __call__(self, r: Array) -> Array:
+        scaled = self.inverse_root * r
+        solved = self._by_sine_transforms(scaled) if self.by_sine_transforms else self._by_mirrored_fft(scaled)
+        solved *= self.inverse_root
+        return solved
+
+    def _by_sine_transforms(self, r: Array) -> Array:
+        spectrum = self.backend.sine_transform(r, len(self.grid))
+        spectrum *= self.inverse_eigenvalues
+        return self.backend.sine_transform(spectrum, len(self.grid), inverse=True)
+
+    def _by_mirrored_fft(self, r: Array) -> Array:
         xp = self.xp
-        mirrored = self.inverse_root * r
+        mirrored = r
         for axis in range(1, mirrored.ndim):
             mirrored = _concat(xp)([mirrored, -xp.flip(mirrored, axis=axis)], axis=axis)
         spectrum = self.backend.rfftn(mirrored, self.extended)
         spectrum *= self.inverse_eigenvalues
         solved = self.backend.irfftn(spectrum, self.extended)
-        return self.inverse_root * solved[(slice(None), *(slice(0, n) for n in self.grid))]
+        return solved[(slice(None), *(slice(0, n) for n in self.grid))]
 
 
 def cg_iteration(xp, operator: DiffusionOperator, precondition: Callable[[Array], Array], r: Array, p: Array,
