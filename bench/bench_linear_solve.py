@@ -16,7 +16,7 @@
    Wall time, iterations (refinement steps for the
    mixed-precision rung, CG iterations for SciPy) and the worst true relative residual.
 
-Usage: python bench/bench_linear_solve.py [--grid 128,128] [--count 16] [--contrast 1000] [--workers 2]
+Usage: python bench/bench_linear_solve.py [--grid 128,128] [--count 16] [--contrast 1000] [--workers 2] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contrast", type=float, default=1000.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=200, help="for the per-iteration comparison")
+    parser.add_argument("--rounds", type=int, default=2, help="whole runs, interleaved; the best wall time of each kept")
     args = parser.parse_args(argv)
     grid = tuple(int(v) for v in args.grid.split(","))
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             return seconds, report.iterations, worst_residual(store, Path(p.output_ref.store))
 
         run_baseline()  # warm the workers' imports before anything is timed
-        for _ in range(2):  # interleaved, best wall time kept
+        for _ in range(args.rounds):  # interleaved, best wall time kept
             for name, run in (("client.map of scipy cg", run_baseline),
                               ("... spectral preconditioner", lambda: run_baseline("spectral")),
                               ("pipeline, full ladder", lambda: run_pipeline(list(shipped.models.ladder))),
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in rows or result[0] < rows[name][0]:
                     rows[name] = result
         print(f"\n{args.count} systems on {grid}, contrast {args.contrast:g}, anisotropy 4, {args.workers} workers x 1 thread, "
-              f"tolerance {tolerance:g} (best of 2):")
+              f"tolerance {tolerance:g} (best of {args.rounds}):")
         print(f"{'run':<30}{'wall s':>9}{'iterations':>12}{'worst residual':>16}{'/ baseline':>12}")
         base = rows["client.map of scipy cg"][0]
         for name, (seconds, iterations, residual) in rows.items():
