@@ -34,6 +34,7 @@ class ConvergenceMonitor:
     """Evaluates the heuristics of one model's run on one task."""
 
     settings: ConvergenceSettings
+    escalates: bool = False  # a stall moves the task on to another model (not the ladder's last)
     history: deque[tuple[int, float]] = field(default_factory=deque)
     latest: ConvergenceFigures | None = None
     held_out: tuple[int, float] | None = None
@@ -69,11 +70,13 @@ class ConvergenceMonitor:
         return "continue"
 
     def _out_of_reach(self, iteration: int, misfit: float) -> bool:
-        """With ``target_misfit`` and ``max_iterations_per_model``: whether the misfit, falling
-        on at its geometric rate over the novelty window, would reach the target only past
-        the model's budget (a model that would be stopped there anyway, after spending it)."""
+        """With ``target_misfit`` and ``max_iterations_per_model``, on a model the task can
+        escalate from: whether the misfit, falling on at its geometric rate over the novelty
+        window, would reach the target only past the model's budget (a model that would be
+        stopped there anyway, after spending it). Never on the ladder's last model, where a
+        stall ends the task: a rate that picks up (CG's does) may still reach the target."""
         s = self.settings
-        if not s.target_misfit or s.max_iterations_per_model is None or misfit <= s.target_misfit:
+        if not self.escalates or not s.target_misfit or s.max_iterations_per_model is None or misfit <= s.target_misfit:
             return False
         first_iteration, first_misfit = self.history[0]
         if not 0 < misfit < first_misfit:

@@ -669,7 +669,7 @@ class Refinement:
                               self._strength(name)))
         self.ladder_position = position
         self.model = model
-        self.monitor = ConvergenceMonitor(self.task.convergence)
+        self.monitor = ConvergenceMonitor(self.task.convergence, escalates=self.can_escalate)
         self.runs.append(ModelRun(name))
         if position > 0:
             self.checkpoint_reason = "model switch"

@@ -55,9 +55,10 @@ class ConvergenceSettings:
 
     With ``target_misfit`` set (a solver's requested tolerance, where the misfit is the true
     residual), consistency is the misfit itself, and holds once it is at most the target;
-    with ``max_iterations_per_model`` too, a model whose misfit, falling on at its rate over
-    the novelty window, would reach the target only past that budget is a stall as well
-    (the ladder moves on at once rather than after spending the budget).
+    with ``max_iterations_per_model`` too, a model (not the ladder's last) whose misfit,
+    falling on at its rate over the novelty window, would reach the target only past that
+    budget is a stall as well (the ladder moves on at once rather than after spending the
+    budget).
 
     A task converges when stability and consistency both hold. The heuristics are evaluated
     every ``check_every`` iterations (each check costs a float64 misfit and one state copy).

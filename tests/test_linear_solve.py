@@ -229,3 +229,29 @@ def test_each_rung_runs_under_the_strict_array_api_and_resumes_exactly(name, sma
     on_strict.step()
     resumed.step()
     np.testing.assert_array_equal(strict.to_numpy(resumed.estimate), strict.to_numpy(on_strict.estimate))
+
+
+def test_a_rung_too_slow_for_its_budget_escalates_at_its_first_window_and_the_last_rung_is_never_cut(small_systems, tmp_path):
+    """Jacobi on these systems improves by more than ``min_progress`` per window, but at a
+    rate that would reach 1e-10 only after thousands of iterations: with a per-model budget
+    of 1,000 it escalates at its first full window (iteration 25: the first check with 20
+    iterations of history), not after 60-180 iterations as when only novelty judged it. On
+    a ladder of Jacobi alone the same rate is no stall at the first window: the last rung is
+    only cut by novelty or its budget, and the task runs past iteration 25."""
+    from rqml_dask.problem import load_problem
+    from rqml_dask.refinement import Refinement
+
+    def first_run(ladder: list[str], budget: int) -> tuple[int, str]:
+        config = systems_dict(small_systems, tmp_path / "out.zarr", models={"ladder": ladder})
+        config["convergence"]["max_iterations_per_model"] = budget
+        config["convergence"]["max_iterations"] = budget
+        task = Pipeline.from_yaml(write_yaml(tmp_path / "p.yaml", config)).tasks()[0]
+        task, problem = load_problem(task, numpy_backend())
+        refinement = Refinement.start(task, problem, numpy_backend())
+        while refinement.model_name == ladder[0] and not refinement.done:
+            refinement.step()
+        return refinement.runs[0].iterations, refinement.runs[0].stop
+
+    assert first_run(["jacobi", "conjugate_gradient", "mixed_precision"], 1000) == (25, "stalled")
+    iterations, stop = first_run(["jacobi"], 1000)
+    assert iterations > 25 and stop in ("stalled", "max_iterations")
