@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from timing import bound
@@ -27,20 +28,39 @@ def _environ(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class DaskProcess:
-    """One ``dask`` command line, started with :meth:`start`, ended with :meth:`kill`."""
+    """One ``dask`` command line, started with :meth:`start`, ended with :meth:`kill`. With
+    ``ready``, :meth:`start` returns once that line is in the process's log (raising, with the
+    log's end, if the process exits first or takes longer than ``bound(60)``)."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.args, self.log, self.env = args, log, env
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, ready: str | None = None) -> None:
+        self.args, self.log, self.env, self.ready = args, log, env, ready
         self.process: subprocess.Popen | None = None
 
     def start(self) -> DaskProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
+            offset = log.tell()
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dask", *self.args], stdout=log, stderr=subprocess.STDOUT,
                 env=_environ(self.env), start_new_session=True,
             )
+        if self.ready is not None:
+            self._wait_ready(offset)
         return self
+
+    def _wait_ready(self, offset: int) -> None:
+        deadline = time.monotonic() + bound(60)
+        while True:
+            with open(self.log, "rb") as log:
+                log.seek(offset)
+                written = log.read().decode(errors="replace")
+            if self.ready in written:
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                ended = "exited" if self.process.returncode is not None else "is not ready"
+                raise RuntimeError(f"dask {' '.join(self.args[:1])} {ended} before {self.ready!r}; its log ends:\n{written[-2000:]}")
+            time.sleep(0.05)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (a worker's Nanny and its worker) and reap it."""
@@ -59,10 +79,12 @@ class DaskProcess:
 
 
 def dask_scheduler(port: int, log: Path) -> DaskProcess:
+    """``dask scheduler`` on ``port`` with the RQML preload, started once it listens (so that
+    nothing started after it, a worker's listener, can take its port first)."""
     return DaskProcess(
         ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0",
          "--preload", "rqml_dask.scheduler"],
-        log,
+        log, ready="Scheduler at:",
     )
 
 
