@@ -60,7 +60,7 @@ def systems_dict(store: Path, out: Path, **overrides) -> dict:
         "tiling": {"tile": [2, *SYSTEMS.grid], "halo": 0},
         "models": {"ladder": ["jacobi", "conjugate_gradient", "mixed_precision"]},
         "convergence": {"target_misfit": 1e-10, "max_iterations": 3000, "max_iterations_per_model": 1000, "check_every": 5,
-                        "stability_tol": 1e-4, "novelty_window": 20, "min_progress": 0.1},
+                        "stability_tol": 1e-4, "novelty_window": 10, "min_progress": 0.1},
         "validation": {"require_nonnegative": False, "max_misfit": 1e-10},
         "cluster": {"n_workers": 2, "dashboard_address": "127.0.0.1:0"},
         "checkpoint": {"every_iterations": 10},
