@@ -470,7 +470,7 @@ class Refinement:
         self.runs.append(ModelRun(search.model, strength=search.strength))
         self.best_held_out, self.best_iteration, self.best_estimate = math.inf, self.iteration, None
         self.estimate_iteration = 0
-        self.checkpoint_reason = "model switch"
+        self._checkpoint_at_switch()
 
     def _take_candidate(self, stop: str) -> None:
         """End the running candidate: its held-out optimum becomes the search's best if it
@@ -536,6 +536,14 @@ class Refinement:
     def record_event(self, kind: str, **payload) -> None:
         """Record a supervision event for the node to publish."""
         self.events.append({"kind": kind, "key": self.task.key, "task_id": self.task.task_id, "iteration": self.iteration, **payload})
+
+    def _checkpoint_at_switch(self) -> None:
+        """A model switch asks for a checkpoint where checkpoints are counted in iterations
+        only; with ``every_seconds`` the interval already bounds what a crash can lose, and
+        an early switch (a cheap rung's stall) adds no write."""
+        settings = self.task.checkpoint
+        if settings is not None and settings.every_seconds is None:
+            self.checkpoint_reason = "model switch"
 
     def checkpoint_due(self) -> str | None:
         """Why a checkpoint should be taken now (per the task's settings), or ``None``."""
@@ -672,7 +680,7 @@ class Refinement:
         self.monitor = ConvergenceMonitor(self.task.convergence, escalates=self.can_escalate)
         self.runs.append(ModelRun(name))
         if position > 0:
-            self.checkpoint_reason = "model switch"
+            self._checkpoint_at_switch()
 
     def _close_run(self, stop: str) -> None:
         run = self.runs[-1]

@@ -108,8 +108,9 @@ class CheckpointSettings:
     """When and where a task's checkpoints go.
 
     A checkpoint is taken every ``every_iterations`` iterations and/or every ``every_seconds``
-    seconds, and always on a model switch and on a failed validation (unless ``enabled`` is
-    false). ``local`` is the node's LMDB (``lmdb://PATH``; ``{host}`` in it becomes the
+    seconds, on a failed validation, and on a model switch where ``every_seconds`` is not
+    set (with it, the interval bounds what a crash can lose; unless ``enabled`` is false).
+    ``local`` is the node's LMDB (``lmdb://PATH``; ``{host}`` in it becomes the
     node's host name), ``shared`` an optional ``etcd://HOST:PORT`` or ``consul://HOST:PORT``,
     ``artifacts`` the directory every node can reach where the arrays go. ``retention``:
     ``delete`` removes a finished task's checkpoints and artifacts, ``keep`` leaves them.

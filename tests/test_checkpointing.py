@@ -275,3 +275,21 @@ def test_model_switch_and_failed_validation_take_a_checkpoint(tmp_path, checkpoi
     assert checkpointer.flush()
     resume = checkpointer.latest(task)
     assert resume.checkpoint.model_config.model == "landweber" and resume.checkpoint.iteration == 3
+
+
+def test_with_a_time_interval_a_model_switch_adds_no_checkpoint_and_the_interval_still_comes(tmp_path, checkpointer):
+    """``every_seconds`` bounds what a crash can lose: a switch within the interval (a cheap
+    rung's quick stall) asks for no write of its own, and the interval's checkpoint comes
+    as before, now of the new model."""
+    task = task_with_checkpoints(tmp_path, ladder=("richardson_lucy", "landweber"), every_seconds=1.0)
+    refinement = Refinement.start(task, make_problem(7), numpy_backend())
+    for _ in range(3):
+        refinement.step()
+    refinement.escalate("test")
+    assert refinement.model_name == "landweber" and refinement.checkpoint_due() is None
+    time.sleep(1.05)
+    assert refinement.checkpoint_due() == "interval"
+    checkpointer.submit(refinement.snapshot("interval"))
+    assert checkpointer.flush()
+    resume = checkpointer.latest(task)
+    assert resume.checkpoint.model_config.model == "landweber" and resume.checkpoint.iteration == 3
