@@ -12,10 +12,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-from timing import bound
+from timing import bound, wait_for
 
 TESTS = Path(__file__).parent
 
@@ -49,18 +48,19 @@ class DaskProcess:
         return self
 
     def _wait_ready(self, offset: int) -> None:
-        deadline = time.monotonic() + bound(60)
-        while True:
+        def written() -> str:
             with open(self.log, "rb") as log:
                 log.seek(offset)
-                written = log.read().decode(errors="replace")
-            if self.ready in written:
-                return
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                ended = "exited" if self.process.returncode is not None else "is not ready"
-                raise RuntimeError(f"dask {' '.join(self.args[:1])} {ended} before {self.ready!r}; its log ends:\n{written[-2000:]}")
-            time.sleep(0.05)
+                return log.read().decode(errors="replace")
+
+        try:
+            wait_for(lambda: self.ready in written() or self.process.poll() is not None, timeout=60,
+                     what=f"{self.ready!r} in {self.log}")
+        except AssertionError:
+            self.kill()
+            raise
+        if self.ready not in written():
+            raise RuntimeError(f"dask {self.args[0]} exited before {self.ready!r}; its log ends:\n{written()[-8000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (a worker's Nanny and its worker) and reap it."""
