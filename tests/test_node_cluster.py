@@ -22,7 +22,7 @@ from dask_processes import bare_worker, dask_scheduler
 from etcd_server import free_port
 from conftest import local_cluster, pipeline_dict, write_yaml
 from heterogeneous_cluster import sleepy_pipeline, sleepy_result
-from timing import bound, gather, wait_for
+from timing import bound, gather, until, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -185,6 +185,50 @@ def test_the_embedded_cluster_workers_start_with_one_blas_thread_and_dask_s_star
         assert blas and set(blas) == {1}, (address, blas)  # NumPy's OpenBLAS, one thread
         assert environ == {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MALLOC_TRIM_THRESHOLD_": "65536",
                            "MALLOC_TOP_PAD_": str(256 * 2**20)}, (address, environ)
+
+
+def test_a_node_closing_while_its_heartbeat_waits_for_the_scheduler_logs_no_error(tmp_path):
+    """A worker that closes (as every node does at the end of ``rqml run``) with a heartbeat
+    still waiting for the scheduler's answer: Dask closes its connections after the plugins'
+    teardown, and that heartbeat failed with an ERROR and a traceback on the user's terminal
+    (seen over pqtls:// in CI). It is cancelled instead; the worker closes and the scheduler
+    hears of it."""
+    import asyncio
+    import logging
+
+    from distributed import Scheduler
+
+    from rqml_dask.node import RQMLWorker
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+
+    async def test() -> None:
+        async with Scheduler(host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0") as scheduler:
+            answer, asked, release = scheduler.handlers["heartbeat_worker"], asyncio.Event(), asyncio.Event()
+
+            async def held_heartbeat(**message):
+                asked.set()
+                await release.wait()
+                return answer(**message)
+
+            async with RQMLWorker(scheduler.address, nthreads=1, dashboard=False, local_directory=str(tmp_path)) as worker:
+                scheduler.handlers["heartbeat_worker"] = held_heartbeat
+                beat = asyncio.ensure_future(worker.heartbeat())
+                await asyncio.wait_for(asked.wait(), bound(30))
+                await worker.close()
+                await beat
+                release.set()
+            await until(lambda: not scheduler.workers, "the scheduler hearing the worker closed")
+
+    logger = logging.getLogger("distributed.worker")
+    logger.addHandler(handler)
+    try:
+        asyncio.run(asyncio.wait_for(test(), bound(60)))
+    finally:
+        logger.removeHandler(handler)
+    assert not errors, [record.getMessage() for record in errors]
 
 
 def test_worker_killed_mid_task_the_pipeline_still_completes_correctly(tmp_path, small_volume):

@@ -9,7 +9,6 @@ Timings are ``bench/bench_scale.py``'s; these tests assert behaviour.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -26,19 +25,11 @@ from rqml_dask.scheduler.live_pages import CURVES_OVERLAID, NODES_DRAWN, TASKS_O
 from rqml_dask.scheduler.plugin import PLUGIN_NAME, RQMLSchedulerPlugin
 from rqml_dask.scheduler.records import DECISIONS_KEPT, LIVE_TRACE_POINTS, Runs, TaskRecord, Trace
 from simulated_nodes import SimulatedNodes, figures, rqml_graph
-from timing import bound
+from timing import bound, until
 
 
 def run(test: Callable[[], object]) -> None:
     asyncio.run(asyncio.wait_for(test(), bound(120)))
-
-
-async def until(predicate: Callable[[], object], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + bound(timeout)
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Every bound a test waits under, and the one way a test waits.
+"""Every bound a test waits under, and the one way a test waits (:func:`until` on an event loop).
 
 A test never sleeps to let something happen: it waits, with :func:`wait_for`, on the state
 it needs, read from the same source the code under test reads (a worker's HTTP endpoint,
@@ -12,6 +12,7 @@ much slower or busier than a two-core CI runner with other work beside it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -43,6 +44,17 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what or getattr(predicate, '__name__', 'condition')} not reached within {limit:.0f} s")
         time.sleep(interval)
+
+
+async def until(predicate: Callable[[], object], what: str, timeout: float = 30.0, interval: float = 0.02) -> None:
+    """:func:`wait_for` on an event loop: poll ``predicate`` every ``interval`` seconds
+    without blocking the loop (the code under test runs on it); fail after ``bound(timeout)``."""
+    limit = bound(timeout)
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {limit:.0f} s")
+        await asyncio.sleep(interval)
 
 
 def gather(client: distributed.Client, futures: list[distributed.Future], timeout: float = 120.0) -> list:

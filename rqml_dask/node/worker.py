@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from distributed import Worker
+from distributed.worker import WORKER_ANY_RUNNING
 from distributed.comm import Comm, connect
 from distributed.core import Status
 from distributed.worker_state_machine import FreeKeysEvent
@@ -58,6 +59,8 @@ class RQMLWorker(Worker):
 
     _without_scheduler = False
     """True from the loss of the scheduler until the worker is registered again."""
+    _heartbeat: asyncio.Future[None] | None = None
+    """The heartbeat in flight, if any."""
 
     @property
     def node_directory(self) -> Path:
@@ -81,9 +84,26 @@ class RQMLWorker(Worker):
             else:  # closing on request: as a stock worker
                 await self.close(reason="worker-handle-scheduler-connection-broken")
 
+    async def heartbeat(self) -> None:
+        """As Dask's, while the worker runs; none once it is closing (its ``close-stream``
+        tells the scheduler), and one in flight when it starts closing is cancelled
+        (:meth:`close`)."""
+        if self.status not in WORKER_ANY_RUNNING:
+            return
+        beat = self._heartbeat = asyncio.ensure_future(super().heartbeat())
+        await asyncio.wait([beat])
+        if not beat.cancelled():
+            beat.result()
+
     async def close(self, timeout: float = 30, executor_wait: bool = True, nanny: bool = True,
                     reason: str = "worker-close") -> str | None:
-        """As Dask's, except for a heartbeat answered "missing" once the scheduler is lost: the
+        """As Dask's, with two differences.
+
+        A heartbeat in flight is cancelled first: Dask closes the worker's connections after
+        its plugins' teardown, and a heartbeat still waiting for its answer then failed and
+        logged an ERROR with its traceback at the end of a run that went well.
+
+        A heartbeat answered "missing" once the scheduler is lost does not close it: the
         scheduler removed this worker because their link broke, and a heartbeat got through
         before or after (a flapping link). That is the loss degraded mode handles, not a
         request to close (a scheduler that means one sends it on the stream): the node goes
@@ -91,6 +111,9 @@ class RQMLWorker(Worker):
         if reason == "worker-heartbeat-missing" and self._without_scheduler:
             logger.info("the scheduler no longer knows this worker: still in degraded mode, registering again when it answers")
             return None
+        beat = self._heartbeat
+        if beat is not None and not beat.done() and beat is not asyncio.current_task():  # not the heartbeat closing it
+            beat.cancel()
         return await super().close(timeout=timeout, executor_wait=executor_wait, nanny=nanny, reason=reason)
 
     async def _degraded(self) -> None:
