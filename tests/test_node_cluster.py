@@ -82,7 +82,10 @@ def test_heartbeat_advertises_every_figure_and_follows_load(tmp_path, small_volu
 
 
 def test_node_endpoints_answer_over_http_on_every_worker(tmp_path, small_volume, client):
-    futures = long_pipeline(tmp_path, small_volume, iterations=300, name="http").submit(client)
+    # the paced model: every task refines for at least 1.5 s whatever the load, one after
+    # another on a node (6 s), so the nodes still refine while their pages are read (8 real
+    # RL tasks took 1.5 s in all, and a busy machine once saw a node finish before the reads)
+    futures = sleepy_pipeline(small_volume, tmp_path / "http.zarr", [12, 24, 24], iterations=150, delay=0.01, name="http").submit(client)
     # each node refining (a total of two could be one node refining both: the checks are per node)
     wait_for(lambda: (m := node_metrics(client)) and len(m) == 2 and all(f and f["refining"] >= 1 for f in m.values()),
              what="both nodes refining")
