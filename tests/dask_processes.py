@@ -124,12 +124,16 @@ def bare_worker(scheduler: str, name: str, log: Path) -> DaskProcess:
 
 class TcpLink:
     """A loopback TCP relay to ``target_port`` that can be cut (every connection through it
-    is aborted, new ones are closed at once) and restored."""
+    is aborted, new ones are closed at once) and restored, or leave one connection half-open."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.cut_off = False
         self._streams: set[asyncio.StreamWriter] = set()
+        self._by_port: dict[int, tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = {}
+        """The near end's port -> its writer and the far end's, for every connection relayed."""
+        self._silent: set[asyncio.StreamWriter] = set()
+        """Writers of half-open connections: never written to or closed again."""
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -157,16 +161,20 @@ class TcpLink:
             writer.transport.abort()
             return
         self._streams |= {writer, up_writer}
+        self._by_port[writer.get_extra_info("peername")[1]] = (writer, up_writer)
 
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
                 while data := await source.read(65536):
+                    if sink in self._silent:
+                        continue  # what the near end of a half-open connection sends goes nowhere
                     sink.write(data)
                     await sink.drain()
             except (ConnectionError, OSError):
                 pass
             finally:
-                sink.transport.abort()
+                if sink not in self._silent:
+                    sink.transport.abort()
                 self._streams.discard(sink)
 
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
@@ -181,6 +189,19 @@ class TcpLink:
             self._streams.clear()
 
         asyncio.run_coroutine_threadsafe(abort_all(), self._loop).result(bound(10))
+
+    def half_open(self, near_port: int) -> None:
+        """Break the connection whose near end (the client of the link) is at ``near_port`` as
+        a partition or a NAT that dropped it does: the far end is aborted, the near end stays
+        open and hears nothing more (what it sends is dropped). Other connections, and new
+        ones, are relayed as before."""
+
+        async def break_far_end() -> None:
+            near, far = self._by_port[near_port]
+            self._silent |= {near, far}
+            far.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(break_far_end(), self._loop).result(bound(10))
 
     def restore(self) -> None:
         self.cut_off = False

@@ -251,6 +251,44 @@ def test_a_node_cut_off_while_its_tasks_move_elsewhere_reconnects_and_duplicates
             link.close()
 
 
+def test_a_node_whose_link_is_left_half_open_registers_again_and_its_tasks_finish(tmp_path, small_volume):
+    """The node's stream to the scheduler breaks as a partition or a NAT that dropped it
+    breaks it: the scheduler sees the connection end, the node does not. The scheduler removes
+    the node, and the next heartbeat, which gets through, is answered "missing": a stock worker
+    closed then, its Nanny with it, and the run waited for a node that was gone. The node
+    waits for its stream to say why, ends it, goes on in degraded mode, registers again, and
+    the run completes bit for bit with the node's process never restarted."""
+    port, http = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = dask_scheduler(port, tmp_path / "scheduler.log").start()
+    link = TcpLink(port)
+    worker = rqml_worker(link.address, "node-0", http, tmp_path / "workers")
+    try:
+        with Client(address, timeout=bound(60)) as client:
+            worker.start()
+            client.wait_for_workers(1, timeout=bound(60))
+            client.sync(client.scheduler.rqml_policy, policy=POLICY)
+            pipeline = sleepy_pipeline(small_volume, tmp_path / "out.zarr", TILE, 300, 0.01, "half-open")
+            run = RunInBackground(pipeline, client)
+            wait_for(lambda: placed({"node-0": http}), timeout=60)
+            [(first, stream)] = client.run(lambda dask_worker: dask_worker.batched_stream.comm.local_address).items()
+            link.half_open(int(stream.rsplit(":", 1)[1]))
+            wait_for(lambda: first not in client.scheduler_info()["workers"], what="node-0 removed by the scheduler")
+            wait_for(lambda: first in client.scheduler_info()["workers"], what="node-0 registered again")
+            report = run.result(timeout=120)
+            alerts = [e["kind"] for _, e in client.get_events(events.ALERTS)]
+        assert worker.process.poll() is None, "the node's process ended"
+        assert len(report.outcomes) == 4 and all(o.iterations == 300 for o in report.outcomes)
+        np.testing.assert_array_equal(zarr.open_group(tmp_path / "out.zarr", mode="r")["deconvolved"][...],
+                                      sleepy_result(small_volume, 300))
+        assert "node-degraded" in alerts, alerts
+        assert "connection never said why (half-open" in worker.log.read_text()
+    finally:
+        worker.kill()
+        scheduler.kill()
+        link.close()
+
+
 def check_dashboard(browser, client: Client, far: str, near: str, discarded: int, screenshot: Path) -> None:
     """The scheduler dashboard's ``/rqml`` page, in Chromium, shows the far node's outage and
     the duplicates resolved (read from the page's Bokeh document, as the browser has it)."""

@@ -54,6 +54,10 @@ from rqml_dask.node.plugin import PLUGIN_NAME, NodePlugin
 
 logger = logging.getLogger(__name__)
 
+FORGOTTEN_GRACE = 5.0
+"""Seconds a worker the scheduler answered "missing" waits for its stream to say why before
+it takes the link for half-open (:meth:`RQMLWorker._forgotten_by_scheduler`)."""
+
 class RQMLWorker(Worker):
     """A Dask worker that survives the loss of its scheduler (see the module docstring)."""
 
@@ -61,6 +65,8 @@ class RQMLWorker(Worker):
     """True from the loss of the scheduler until the worker is registered again."""
     _heartbeat: asyncio.Future[None] | None = None
     """The heartbeat in flight, if any."""
+    _forgotten = False
+    """True while :meth:`_forgotten_by_scheduler` waits for the stream to say why."""
 
     @property
     def node_directory(self) -> Path:
@@ -103,18 +109,53 @@ class RQMLWorker(Worker):
         its plugins' teardown, and a heartbeat still waiting for its answer then failed and
         logged an ERROR with its traceback at the end of a run that went well.
 
-        A heartbeat answered "missing" once the scheduler is lost does not close it: the
-        scheduler removed this worker because their link broke, and a heartbeat got through
-        before or after (a flapping link). That is the loss degraded mode handles, not a
-        request to close (a scheduler that means one sends it on the stream): the node goes
-        on and registers again."""
-        if reason == "worker-heartbeat-missing" and self._without_scheduler:
-            logger.info("the scheduler no longer knows this worker: still in degraded mode, registering again when it answers")
+        A heartbeat answered "missing" does not close it. The scheduler removed this worker:
+        a scheduler that means it to close says so on the stream, and it closes then; one
+        whose link to it broke has lost it, which degraded mode handles (a heartbeat that got
+        through a flapping link after the loss: the node goes on and registers again; one
+        that got through before this worker saw the loss: :meth:`_forgotten_by_scheduler`)."""
+        if reason == "worker-heartbeat-missing":
+            if self._without_scheduler:
+                logger.info("the scheduler no longer knows this worker: still in degraded mode, registering again when it answers")
+            elif not self._forgotten:
+                self._forgotten = True
+                stop_heartbeats(self)  # they are answered "missing" too; registration starts them again
+                logger.warning("not shutting down: waiting up to %g s for the stream from the scheduler %s to say why "
+                               "(a close instruction, or its end)", FORGOTTEN_GRACE, self.scheduler.address)
+                in_background(self, self._forgotten_by_scheduler)
             return None
         beat = self._heartbeat
         if beat is not None and not beat.done() and beat is not asyncio.current_task():  # not the heartbeat closing it
             beat.cancel()
         return await super().close(timeout=timeout, executor_wait=executor_wait, nanny=nanny, reason=reason)
+
+    async def _forgotten_by_scheduler(self) -> None:
+        """The scheduler answered a heartbeat "missing" while this worker's stream to it is
+        open: wait :data:`FORGOTTEN_GRACE` seconds (heartbeats wait too) for the stream to say
+        why, a close instruction or its end. If it says nothing, the link is half-open: the
+        scheduler's end broke and this end never heard (a partition, a NAT or firewall that
+        dropped the connection). This worker then ends its end, and degraded mode takes over
+        and registers the node again. A stock worker closed at the first "missing": its node
+        and the tasks refining on it ended with a link that had come back. (A worker removed
+        without being told to close, ``retire_workers(close_workers=False)``, so registers
+        again: a stock one closed.)"""
+        try:
+            comm = self.batched_stream.comm
+            deadline = time.monotonic() + FORGOTTEN_GRACE
+            while self._stream_open(comm) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if self._stream_open(comm):
+                logger.warning("the scheduler %s no longer knows this worker and its connection never said why (half-open "
+                               "for %g s): ending it; the node goes on in degraded mode and registers again",
+                               self.scheduler.address, FORGOTTEN_GRACE)
+                comm.abort()
+        finally:
+            self._forgotten = False
+
+    def _stream_open(self, comm: Comm | None) -> bool:
+        """Whether ``comm`` is still the open scheduler stream of this running, registered worker."""
+        return (comm is not None and self.status in WORKER_ANY_RUNNING and not self._without_scheduler
+                and self.batched_stream.comm is comm and not comm.closed())
 
     async def _degraded(self) -> None:
         """Keep the node working without a scheduler; register again when one answers."""

@@ -653,7 +653,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         metric; none before its node plugin is installed): check them, once. Valid figures are
         kept on its record, and the progress of the tasks bound to it taken into theirs;
         invalid ones are refused, said once (an ``invalid-figures`` alert) and the node rests
-        until its figures pass again. Either way the node is marked for the next :meth:`_tick`."""
+        at once, until its figures pass again. Either way the node is marked for the next
+        :meth:`_tick`, which brings the rest of its row of the table up to date."""
         node = self.nodes.get(address)
         if node is None or not raw:
             return
@@ -664,6 +665,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
                 logger.warning("node %s sent invalid heartbeat figures, not used: %s", address, exc)
                 events.publish(self.scheduler, events.ALERTS, "invalid-figures", worker=address, error=str(exc))
             node.invalid_figures = str(exc)
+            if (i := self.table.index.get(address)) is not None:
+                self.table.refused[i] = True  # it rests from now, not from the next tick: no task is bound to it meanwhile
         else:
             node.invalid_figures = None
             self._record_progress(address, heartbeat.progress)
