@@ -65,13 +65,6 @@ class ArrayBackend:
         transform = self._scipy_fft.idstn if inverse else self._scipy_fft.dstn
         return transform(x, type=2, axes=axes, norm="ortho", workers=self.fft_workers)
 
-    def conjugate(self, x: Array) -> Array:
-        """The complex conjugate of ``x``: ``x`` itself, conjugated in place, on NumPy and CuPy;
-        a new array on namespaces without ``out=`` (the array API's ``conj``)."""
-        if self.name in ("numpy", "cupy"):
-            return self.xp.conjugate(x, out=x)
-        return self.xp.conj(x)
-
     def divide_into(self, numerator: Array, x: Array) -> None:
         """``x[...] = numerator / x``: in place, without a temporary, on NumPy and CuPy."""
         if self.name in ("numpy", "cupy"):

@@ -36,11 +36,12 @@ PASSBAND = 1e-4
 """Frequencies where ``|H|^2`` is at most this carry no signal: weight 0 there."""
 
 
-_OPERATORS: dict[tuple, tuple[Array, Array]] = {}
-"""The transfer function and normalisation of the last :class:`Convolver` built in this
-process, by backend, device, PSF digest and shape, image shape and transform shape: a node's next task of the
-same tile shape (most of a run's) reuses them instead of three transforms of its own. One
-entry, so a process keeps no operator of a shape it has moved on from."""
+_OPERATORS: dict[tuple, tuple[Array, Array, Array]] = {}
+"""The transfer function, its conjugate and the normalisation of the last :class:`Convolver`
+built in this process, by backend, device, PSF digest and shape, image shape and transform
+shape: a node's next task of the same tile shape (most of a run's) reuses them instead of
+three transforms of its own. One entry, so a process keeps no operator of a shape it has
+moved on from."""
 
 _OPERATORS_LOCK = threading.Lock()
 
@@ -75,10 +76,11 @@ class Convolver:
     callers may modify in place. The models keep their objects *transform-shaped*
     (:attr:`fft_shape`, zero past the object domain at :attr:`domain`: :meth:`extend`), so a
     forward transform pads nothing; :meth:`forward` and :meth:`prediction` take either
-    shape. The one transfer function is computed here; the adjoint
-    multiplies by its conjugate, with the image-shaped array placed where :meth:`forward`'s
-    valid part sits in the transform (a circular correlation of length at least the object
-    domain's wraps nothing into it). :meth:`richardson_lucy_factor` and :meth:`gradient`
+    shape. The one transfer function is computed here, and its conjugate kept beside it (a
+    second spectrum-sized array per process, shared: one complex pass an adjoint instead
+    of three); the adjoint multiplies by the conjugate, with the image-shaped array placed
+    where :meth:`forward`'s valid part sits in the transform (a circular correlation of
+    length at least the object domain's wraps nothing into it). :meth:`richardson_lucy_factor` and :meth:`gradient`
     take the prediction a check of the same estimate just made and work in its buffer.
 
     ``boundary="circular"`` is the other model, that of most FFT deconvolution tools
@@ -132,17 +134,18 @@ class Convolver:
                 _OPERATORS.clear()  # the last task's arrays go before this one's are made
         if cached is None:
             self._otf = backend.rfftn(_centred(xp, psf32, self.fft_shape) if self.circular else psf32, self.fft_shape)
+            self._otf_conjugate = xp.conj(self._otf)  # the adjoint multiplies by it: one pass, not three
             weight = self._back_project(backend.rfftn(self._placed(xp.ones(self.image_shape, dtype=xp.float32)), self.fft_shape))
             self._zero_outside(weight, self.domain)
             observed = weight >= UNOBSERVED_WEIGHT
             self.normalisation = xp.astype(xp.where(observed, 1.0 / xp.where(observed, weight, 1.0), 0.0), xp.float32)
             del weight, observed
-            _read_only(self._otf, self.normalisation)
+            _read_only(self._otf, self._otf_conjugate, self.normalisation)
             with _OPERATORS_LOCK:
                 _OPERATORS.clear()
-                _OPERATORS[key] = (self._otf, self.normalisation)
+                _OPERATORS[key] = (self._otf, self._otf_conjugate, self.normalisation)
         else:
-            self._otf, self.normalisation = cached
+            self._otf, self._otf_conjugate, self.normalisation = cached
         """Transform-shaped: ``1 / adjoint(ones)`` where the object domain is estimated (its
         weight in the window is not negligible), 0 elsewhere and past the object domain.
         Shared, with the transfer function, by every convolver of the process with the same
@@ -160,9 +163,7 @@ class Convolver:
         placed in the ``_valid`` part of an otherwise zero transform-shaped array:
         transform-shaped, the adjoint at :attr:`domain`, wrapped-around partial sums past it.
         Callers drop the placed array before this runs: it is not needed any more."""
-        spectrum = self.backend.conjugate(spectrum)  # spectrum * conj(otf), without a conjugated copy of the otf
-        spectrum *= self._otf
-        spectrum = self.backend.conjugate(spectrum)
+        spectrum *= self._otf_conjugate
         return self.backend.irfftn(spectrum, self.fft_shape)
 
     def _zero_outside(self, buffer: Array, region: tuple[slice, ...]) -> None:
