@@ -54,6 +54,15 @@ def test_a_worker_closes_when_its_scheduler_stream_breaks_and_registers_only_onc
     assert "self.batched_stream.start(comm)" in register and "handle_scheduler" in register
 
 
+def test_a_worker_closes_at_a_heartbeat_answered_missing_and_closes_its_connections_after_its_plugins():
+    heartbeat = source(Worker.heartbeat)
+    assert inspect.iscoroutinefunction(Worker.heartbeat)
+    assert 'response["status"] == "missing"' in heartbeat and 'reason="worker-heartbeat-missing"' in heartbeat  # RQMLWorker.close
+    assert "logger.exception" in heartbeat  # the ERROR a heartbeat cut short by close logged
+    close = source(Worker.close)
+    assert close.index("plugin_remove") < close.index("pc.stop()") < close.index("await self.rpc.close()")
+
+
 def test_registration_reads_the_heartbeat_digests_and_spans_a_new_scheduler_expects_empty():
     from distributed.core import Server
 

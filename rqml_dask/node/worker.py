@@ -10,9 +10,10 @@ Launch it with ``--worker-class``::
 scheduler that comes back (``../shared/notes/dask-extension-points.md``). A WorkerPlugin or
 preload cannot change that, and a supervisor restarting the process would throw away the
 warm models, the GPU context and every iteration since the last checkpoint. This class
-overrides only what happens on a broken connection (``handle_scheduler``) and registers again
-(``_register_with_scheduler``): the Dask internals that takes are in :mod:`rqml_dask.compat`,
-each checked by ``tests/test_compat.py``:
+overrides only what happens on a broken connection (``handle_scheduler``, and a heartbeat
+answered "missing" in ``close``), registers again (``_register_with_scheduler``), and keeps
+heartbeats out of its own close (``heartbeat``): the Dask internals that takes are in
+:mod:`rqml_dask.compat`, each checked by ``tests/test_compat.py``:
 
 1. *Degraded mode.* The node (:class:`~rqml_dask.node.NodePlugin`) is told the scheduler is
    gone: its refinement thread and inbound queue go on under the cached policy, results
@@ -26,6 +27,9 @@ each checked by ``tests/test_compat.py``:
    scheduler plugin, which settles each one (:meth:`RQMLSchedulerPlugin.reconcile`).
 
 A scheduler that closes normally tells its workers to close: they do, as stock workers do.
+A link left half-open (the scheduler saw it end, the worker did not) is found by the next
+heartbeat that gets through, answered "missing": the worker ends its end and goes into
+degraded mode (:meth:`RQMLWorker._forgotten_by_scheduler`).
 
 **Its own restarts.** A node with a stable name (``--name``) keeps its state in
 ``<local directory>/rqml-node/<name>/``: the cached policy and the LMDB of its jobs and
