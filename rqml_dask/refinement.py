@@ -152,10 +152,11 @@ class Refinement:
         deviance of the input and of the chosen iterate (the model holds it), with the guard's
         figures of the one against the other (those it passed with, once kept: a result
         refitted on all the counts cannot be scored by them). ``None`` while it runs, where
-        nothing was held out, or where no iterate was checked."""
+        nothing was held out, where no iterate was checked, or for a failed task: its
+        estimate is no result, and its model, which raised, is not asked again."""
         if self.guard is not None:
             return self.guard
-        if self.held_out_input is None or self.best_estimate is None or not self.done:
+        if self.held_out_input is None or self.best_estimate is None or not self.done or self.status == "failed":
             return None
         prediction = self.model.prediction()
         baseline = self._build(self.model_name, self.problem)

@@ -157,6 +157,35 @@ def one_task(tmp_path, ladder, photons=30.0, **convergence):
     return task, problem, Refinement.start(task, problem, numpy_backend())
 
 
+def test_a_model_that_raises_in_its_prediction_after_checks_gives_a_failed_outcome_not_an_error(tmp_path):
+    """A model that raises in ``prediction()`` once the held-out rule has scored some of its
+    iterates: the task fails, and its outcome says so. Building the outcome asked the model
+    for the held-out figures again, raised again, and the node's delivery failed: the run
+    ended with an error instead of reporting one failed task."""
+    import time
+
+    from rqml_dask.node.results import outcome_of
+
+    task, problem, refinement = one_task(tmp_path, ["richardson_lucy"])
+    model, calls = refinement.model, []
+
+    def prediction():
+        calls.append(None)
+        if len(calls) > 6:
+            raise RuntimeError("a bug in prediction")
+        return type(model).prediction(model)
+
+    model.prediction = prediction
+    with pytest.raises(RuntimeError, match="a bug in prediction"):
+        while not refinement.done:
+            refinement.step()
+    refinement.fail("model richardson_lucy raised in a check: RuntimeError: a bug in prediction")  # as the node does
+    assert refinement.best_estimate is not None  # iterates were scored before it raised
+    outcome = outcome_of(refinement, "node-0", None, time.time(), [])
+    assert outcome.state == "failed" and outcome.held_out is None and outcome.written_to is None
+    assert outcome.reason.endswith("a bug in prediction")
+
+
 @pytest.mark.parametrize("ladder,per_model", [(["richardson_lucy"], None),
                                                (["richardson_lucy", "richardson_lucy_accelerated"], 10)])
 def test_the_chosen_iterate_is_recomputed_on_all_the_counts_along_the_same_path(tmp_path, ladder, per_model):
