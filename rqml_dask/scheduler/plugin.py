@@ -653,8 +653,9 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         metric; none before its node plugin is installed): check them, once. Valid figures are
         kept on its record, and the progress of the tasks bound to it taken into theirs;
         invalid ones are refused, said once (an ``invalid-figures`` alert) and the node rests
-        at once, until its figures pass again. Either way the node is marked for the next
-        :meth:`_tick`, which brings the rest of its row of the table up to date."""
+        at once, until its figures pass again. The models warm on it count at once too (where
+        they changed: what ``rqml_status`` shows is what places tasks). Either way the node is
+        marked for the next :meth:`_tick`, which brings the rest of its row of the table up to date."""
         node = self.nodes.get(address)
         if node is None or not raw:
             return
@@ -670,6 +671,8 @@ class RQMLSchedulerPlugin(SchedulerPlugin):
         else:
             node.invalid_figures = None
             self._record_progress(address, heartbeat.progress)
+            if heartbeat.warm_models != node.figures.warm_models and address in self.table.index:
+                self.table.set_warm(address, heartbeat.warm_models)  # placement knows at once what rqml_status shows
             node.figures = replace(heartbeat, progress={})
         self._dirty.add(address)
         self._heard_from.add(address)
