@@ -80,8 +80,9 @@ class Convolver:
     second spectrum-sized array per process, shared: one complex pass an adjoint instead
     of three); the adjoint multiplies by the conjugate, with the image-shaped array placed
     where :meth:`forward`'s valid part sits in the transform (a circular correlation of
-    length at least the object domain's wraps nothing into it). :meth:`richardson_lucy_factor` and :meth:`gradient`
-    take the prediction a check of the same estimate just made and work in its buffer.
+    length at least the object domain's wraps nothing into it). :meth:`richardson_lucy_factor`
+    and :meth:`gradient` take the prediction a check of the same estimate just made and work
+    in its buffer.
 
     ``boundary="circular"`` is the other model, that of most FFT deconvolution tools
     (RedLionfish, DeconvolutionLab2): the window is a torus, what blurs out of one side comes

@@ -48,9 +48,9 @@ import time
 from pathlib import Path
 
 from distributed import Worker
-from distributed.worker import WORKER_ANY_RUNNING
 from distributed.comm import Comm, connect
 from distributed.core import Status
+from distributed.worker import WORKER_ANY_RUNNING
 from distributed.worker_state_machine import FreeKeysEvent
 
 from rqml_dask.compat import in_background, prepare_registration, stop_heartbeats
@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 FORGOTTEN_GRACE = 5.0
 """Seconds a worker the scheduler answered "missing" waits for its stream to say why before
 it takes the link for half-open (:meth:`RQMLWorker._forgotten_by_scheduler`)."""
+
 
 class RQMLWorker(Worker):
     """A Dask worker that survives the loss of its scheduler (see the module docstring)."""
